@@ -1,0 +1,141 @@
+//! Command-line interface. Every flag also has an environment variable; flags win over the
+//! environment, which wins over the config file.
+
+mod drill;
+mod runner;
+mod signals;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shoal::config::{ConfigLoader, ShoalConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "A sharded actor cluster on PostgreSQL"
+)]
+pub(crate) struct Cli {
+    /// Config file (TOML). Default: cluster-config/default.toml when it exists.
+    #[arg(long, global = true, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate(DatabaseArgs),
+    /// Run a runner: own shards and host their entities.
+    Runner(runner::RunnerArgs),
+    /// Print the cluster's runners and shard ownership.
+    Status(status::StatusArgs),
+    /// Failover drills.
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
+}
+
+/// `--database-url`, shared by most commands.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DatabaseArgs {
+    /// PostgreSQL URL.
+    #[arg(long, env = "SHOAL__DATABASE__URL")]
+    pub(crate) database_url: Option<String>,
+}
+
+/// `--cluster`, shared by commands that address one cluster.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ClusterArgs {
+    /// Cluster name.
+    #[arg(long, env = "SHOAL__CLUSTER__NAME")]
+    pub(crate) cluster: Option<String>,
+}
+
+impl Cli {
+    /// Loads the config layers with this invocation's flags on top.
+    fn load_config(
+        &self,
+        flags: impl FnOnce(ConfigLoader) -> ConfigLoader,
+    ) -> anyhow::Result<ShoalConfig> {
+        let loader = ConfigLoader::new()
+            .file_or_default(self.config.as_deref())
+            .env(std::env::vars());
+        Ok(flags(loader).load()?)
+    }
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Migrate(db) => {
+            let config = cli.load_config(|l| l.set("database.url", db.database_url.clone()))?;
+            migrate(&config).await
+        }
+        Command::Runner(args) => {
+            let config = cli.load_config(|l| args.apply(l))?;
+            runner::run(config).await
+        }
+        Command::Status(args) => {
+            let config = cli.load_config(|l| args.apply(l))?;
+            status::run(config, args.json).await
+        }
+        Command::Drill(drill) => {
+            let config = cli.load_config(|l| drill.apply(l))?;
+            drill.run(config).await
+        }
+    }
+}
+
+async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
+    let pool = connect(config).await?;
+    shoal::MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying migrations")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// Connects a small pool for one-shot commands.
+pub(crate) async fn connect(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
+    let db = &config.database;
+    shoal::runner_storage::postgres::connect_pool(&db.url, 2, db.connect_timeout)
+        .await
+        .with_context(|| format!("connecting to {}", redact(&db.url)))
+}
+
+/// A database URL without its password, for messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Sets up logging from the config (RUST_LOG wins).
+pub(crate) fn init_logging(config: &ShoalConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match config.log.format {
+        shoal::config::LogFormat::Json => builder.json().try_init(),
+        shoal::config::LogFormat::Text => builder.try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("warning: logging already initialized: {error}");
+    }
+}

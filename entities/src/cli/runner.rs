@@ -1,0 +1,47 @@
+//! `shoal runner`.
+
+use std::sync::Arc;
+
+use clap::Args;
+use shoal::config::{ConfigLoader, ShoalConfig};
+use shoal::ownership::NoShardWork;
+use shoal::runner::RunnerParams;
+
+use super::{ClusterArgs, DatabaseArgs};
+
+#[derive(Debug, Args)]
+pub(crate) struct RunnerArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Address of the runner's HTTP endpoint (HOST:PORT; port 0 picks one).
+    #[arg(long, env = "SHOAL__RUNNER__LISTEN")]
+    listen: Option<String>,
+    /// Address other nodes use to reach this runner (HOST:PORT).
+    #[arg(long, env = "SHOAL__RUNNER__ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+impl RunnerArgs {
+    pub(crate) fn apply(&self, loader: ConfigLoader) -> ConfigLoader {
+        loader
+            .set("database.url", self.db.database_url.clone())
+            .set("runner.listen", self.listen.clone())
+            .set("runner.advertise-address", self.advertise_address.clone())
+            .set("cluster.name", self.cluster.cluster.clone())
+    }
+}
+
+pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
+    super::init_logging(&config);
+    let shutdown = super::signals::shutdown_on_signals()?;
+    let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
+    let params = RunnerParams {
+        config,
+        lifecycle: Arc::new(NoShardWork),
+        metrics: Some(metrics),
+    };
+    shoal::runner::run(params, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,465 @@
+//! Configuration: one [`ShoalConfig`] tree, loaded once at start-up from layers
+//! (defaults < `cluster-config/<name>.toml` < `SHOAL__SECTION__KEY` environment < CLI flags)
+//! and validated into typed values. Unknown keys and bad values are refused with an error
+//! that names the key. Sub-structs are handed to the components that own them; there is no
+//! global config.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ClusterName;
+use crate::sharding::Sharding;
+
+/// The prefix of environment variables that override configuration keys:
+/// `SHOAL__RUNNER__POLL_INTERVAL=500ms` sets `runner.poll-interval`.
+pub const ENV_PREFIX: &str = "SHOAL__";
+
+/// The config file read when none is named and it exists in the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "cluster-config/default.toml";
+
+/// Why configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a key had the wrong type or was unknown.
+    #[error("configuration error: {0}")]
+    Load(String),
+    /// A value parsed but is not acceptable.
+    #[error("configuration error: `{key}` {problem}")]
+    Invalid {
+        /// The dotted key, e.g. `runner.lock-deadline`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        // One line per problem: the dotted key, what is wrong, and the file if one is to blame.
+        let message = error
+            .into_iter()
+            .map(|e| {
+                let key = e
+                    .path
+                    .iter()
+                    .filter(|p| p.as_str() != "default")
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(".");
+                let origin = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref())
+                    .and_then(|s| s.file_path())
+                    .map(|p| format!(" (in {})", p.display()))
+                    .unwrap_or_default();
+                if key.is_empty() {
+                    format!("{}{origin}", e.kind)
+                } else {
+                    format!("`{key}`: {}{origin}", e.kind)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self::Load(message)
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ShoalConfig {
+    /// `[cluster]`: identity and shape of the cluster.
+    pub cluster: ClusterConfig,
+    /// `[database]`: the PostgreSQL connection.
+    pub database: DatabaseConfig,
+    /// `[runner]`: shard ownership timings of a runner process.
+    pub runner: RunnerConfig,
+    /// `[log]`: logging.
+    pub log: LogConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Cluster name; advisory-lock keys are namespaced by it. Default `shoal`.
+    pub name: ClusterName,
+    /// Shards per shard group; must match the value stored for the cluster. Default 1024.
+    pub shards_per_group: NonZeroU32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            name: ClusterName::default(),
+            shards_per_group: NonZeroU32::new(Sharding::DEFAULT_SHARDS).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. Default `postgres://postgres@127.0.0.1:5432/shoal`.
+    pub url: String,
+    /// Pool size (the dedicated lock connection is extra). Default 10.
+    pub pool_max_connections: u32,
+    /// Time allowed to open a connection. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/shoal".to_owned(),
+            pool_max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[runner]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// Address the runner's HTTP endpoint listens on. Default `127.0.0.1:7070`; port 0 picks
+    /// a free port.
+    pub listen: SocketAddr,
+    /// Address other nodes use to reach this runner (`host:port`). Default: the bound
+    /// listen address.
+    pub advertise_address: Option<String>,
+    /// How often live runners are read and the assignment recomputed. Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often held locks are re-confirmed on the dedicated session. Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub lock_check_interval: Duration,
+    /// If locks cannot be confirmed for this long, the runner fences itself. Must stay well
+    /// below the server's dead-peer detection (`keepalive-*`). Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub lock_deadline: Duration,
+    /// Time a released shard's work may take to drain before its lock is let go anyway.
+    /// Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Time graceful shutdown may take before the process exits anyway. Default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Server-side TCP keepalive idle time on the lock session. Default `3s`.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    /// Server-side TCP keepalive probe interval on the lock session. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Server-side TCP keepalive probes before the peer is declared dead. Default 3.
+    pub keepalive_count: u32,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            advertise_address: None,
+            poll_interval: Duration::from_millis(250),
+            lock_check_interval: Duration::from_millis(250),
+            lock_deadline: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(15),
+            keepalive_idle: Duration::from_secs(3),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_count: 3,
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// How long the server takes at most to declare a silent lock session dead (and free
+    /// its locks): keepalive idle plus all probes. Also used as `tcp_user_timeout`.
+    pub fn server_dead_peer_timeout(&self) -> Duration {
+        self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info,shoal=debug`. `RUST_LOG` wins when set. Default
+    /// `info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Builds a [`ShoalConfig`] from its layers.
+#[derive(Debug, Default)]
+pub struct ConfigLoader {
+    file: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    overrides: Vec<(String, Value)>,
+}
+
+impl ConfigLoader {
+    /// A loader with defaults only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads `path` over the defaults (it must exist).
+    pub fn file(mut self, path: impl AsRef<Path>) -> Self {
+        self.file = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Reads `path` if given, else [`DEFAULT_CONFIG_FILE`] when it exists.
+    pub fn file_or_default(self, path: Option<&Path>) -> Self {
+        match path {
+            Some(path) => self.file(path),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => self.file(DEFAULT_CONFIG_FILE),
+            None => self,
+        }
+    }
+
+    /// Applies the `SHOAL__*` entries of `vars` (pass `std::env::vars()`).
+    pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.env = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        self
+    }
+
+    /// Sets `key` (dotted, kebab-case: `runner.listen`) from a command-line flag, if given.
+    pub fn set(mut self, key: &str, value: Option<impl Into<Value>>) -> Self {
+        if let Some(value) = value {
+            self.overrides.push((key.to_owned(), value.into()));
+        }
+        self
+    }
+
+    /// Merges the layers, then validates.
+    pub fn load(self) -> Result<ShoalConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(ShoalConfig::default()));
+        if let Some(file) = &self.file {
+            if !file.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        for (var, raw) in &self.env {
+            let key = env_key(var);
+            let value = raw
+                .parse::<Value>()
+                .unwrap_or_else(|_| Value::from(raw.clone()));
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        for (key, value) in self.overrides {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        let config: ShoalConfig = figment.extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `SHOAL__RUNNER__POLL_INTERVAL` → `runner.poll-interval`.
+fn env_key(var: &str) -> String {
+    var[ENV_PREFIX.len()..]
+        .to_ascii_lowercase()
+        .split("__")
+        .map(|part| part.replace('_', "-"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+impl ShoalConfig {
+    /// Checks relations between values that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let shards = self.cluster.shards_per_group.get();
+        if shards > 1 << 20 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.shards-per-group",
+                problem: format!("is {shards}; the limit is {}", 1 << 20),
+            });
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "database.url",
+                problem: "must not be empty".to_owned(),
+            });
+        }
+        if self.database.pool_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "database.pool-max-connections",
+                problem: "must be at least 1".to_owned(),
+            });
+        }
+        self.runner.validate()
+    }
+
+    /// The sharding this configuration describes.
+    pub fn sharding(&self) -> Sharding {
+        Sharding::new(self.cluster.shards_per_group)
+    }
+}
+
+impl RunnerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("runner.poll-interval", self.poll_interval),
+            ("runner.lock-check-interval", self.lock_check_interval),
+            ("runner.lock-deadline", self.lock_deadline),
+            ("runner.keepalive-idle", self.keepalive_idle),
+            ("runner.keepalive-interval", self.keepalive_interval),
+        ];
+        for (key, value) in positive {
+            if value < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!("is {value:?}; it must be at least 10ms"),
+                });
+            }
+        }
+        if self.keepalive_count == 0 {
+            return Err(ConfigError::Invalid {
+                key: "runner.keepalive-count",
+                problem: "must be at least 1".to_owned(),
+            });
+        }
+        if self.lock_check_interval >= self.lock_deadline {
+            return Err(ConfigError::Invalid {
+                key: "runner.lock-check-interval",
+                problem: format!(
+                    "({:?}) must be below runner.lock-deadline ({:?})",
+                    self.lock_check_interval, self.lock_deadline
+                ),
+            });
+        }
+        // Fencing must happen well before the server could free our locks for a silent peer.
+        if self.lock_deadline * 3 / 2 > self.server_dead_peer_timeout() {
+            return Err(ConfigError::Invalid {
+                key: "runner.lock-deadline",
+                problem: format!(
+                    "({:?}) must be at most 2/3 of the server's dead-peer detection \
+                     (keepalive-idle + keepalive-interval × keepalive-count = {:?})",
+                    self.lock_deadline,
+                    self.server_dead_peer_timeout()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = ConfigLoader::new().load().expect("defaults load");
+        assert_eq!(config, ShoalConfig::default());
+    }
+
+    #[test]
+    fn env_overrides_defaults_and_flags_override_env() {
+        let config = ConfigLoader::new()
+            .env(env(&[
+                ("SHOAL__RUNNER__POLL_INTERVAL", "500ms"),
+                ("SHOAL__CLUSTER__NAME", "from-env"),
+                ("SHOAL__CLUSTER__SHARDS_PER_GROUP", "64"),
+                ("UNRELATED", "x"),
+            ]))
+            .set("cluster.name", Some("from-flag"))
+            .load()
+            .expect("loads");
+        assert_eq!(config.runner.poll_interval, Duration::from_millis(500));
+        assert_eq!(config.cluster.name.as_str(), "from-flag");
+        assert_eq!(config.cluster.shards_per_group.get(), 64);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let error = ConfigLoader::new()
+            .env(env(&[("SHOAL__RUNNER__POLL_INTERVL", "1s")]))
+            .load()
+            .expect_err("unknown key");
+        assert!(error.to_string().contains("poll-intervl"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let error = ConfigLoader::new()
+            .env(env(&[("SHOAL__CLUSTER__SHARDS_PER_GROUP", "0")]))
+            .load()
+            .expect_err("zero shards");
+        assert!(error.to_string().contains("shards-per-group"), "{error}");
+
+        let error = ConfigLoader::new()
+            .env(env(&[("SHOAL__RUNNER__LOCK_DEADLINE", "10s")]))
+            .load()
+            .expect_err("deadline above keepalive detection");
+        assert!(
+            error.to_string().contains("runner.lock-deadline"),
+            "{error}"
+        );
+
+        let error = ConfigLoader::new()
+            .env(env(&[("SHOAL__CLUSTER__NAME", "has space")]))
+            .load()
+            .expect_err("bad name");
+        assert!(error.to_string().contains("cluster name"), "{error}");
+    }
+
+    #[test]
+    fn shipped_config_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster-config");
+        for name in ["default.toml", "dev.toml", "docker.toml"] {
+            let path = dir.join(name);
+            ConfigLoader::new()
+                .file(&path)
+                .load()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Shoal: a sharded actor cluster on PostgreSQL.
+//!
+//! Many **runner** processes share the shards of a cluster. Each runner holds a dedicated
+//! Postgres session with an advisory lock per owned shard; a runner is alive exactly while
+//! its session holds its liveness lock, so a killed runner's shards move to the survivors as
+//! soon as they next poll.
+//!
+//! How data flows through the components:
+//!
+//! - [`config`] loads one validated [`ShoalConfig`] from files, environment and flags.
+//! - [`sharding`] maps an entity id to its shard and computes, on every node alone, which
+//!   live runner should own each shard (bounded-load rendezvous hashing).
+//! - [`runner_storage`] registers runners, reads liveness and takes shard locks (Postgres,
+//!   or memory for tests), bumping each shard's epoch on acquisition.
+//! - [`ownership`] is the loop in each runner that acquires, drains, releases and
+//!   re-confirms shard locks, and fences the runner when it cannot.
+//! - [`runner`] wires a runner process together: pool, ownership loop, HTTP endpoint,
+//!   graceful shutdown.
+//! - [`metrics`] names every metric and exports them for Prometheus.
+
+pub mod config;
+pub mod ids;
+pub mod metrics;
+pub mod ownership;
+pub mod runner;
+pub mod runner_storage;
+pub mod sharding;
+pub mod status;
+
+pub use config::{ConfigLoader, ShoalConfig};
+pub use ids::{ClusterName, EntityAddress, EntityId, EntityType, Epoch, RunnerId, ShardId};
+pub use sharding::Sharding;
+
+/// The migrations of every Shoal table, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// This build's version, as runners register it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

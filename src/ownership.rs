@@ -1,0 +1,476 @@
+//! The ownership loop: one task per runner that owns the runner's dedicated lock session.
+//!
+//! Every `poll_interval` it reads the live runners, computes the assignment, acquires the
+//! shards assigned to it that are free, and drains then releases the shards no longer
+//! assigned to it. Every `lock_check_interval` it re-confirms its locks on the session.
+//!
+//! Invariants:
+//! - A shard is reported as owned (in [`OwnershipView`] and to the [`ShardLifecycle`]) only
+//!   between a successful acquisition and the moment its lock is released or the runner
+//!   fences itself.
+//! - Every call on the session runs under a deadline of `last confirmation + lock_deadline`.
+//!   When it passes, the runner **fences**: it stops every shard at once and drops the
+//!   session, before the server (whose dead-peer detection is configured well above the
+//!   deadline) could free the locks and hand the shards to anyone else. It then rejoins as a
+//!   new runner incarnation.
+//! - A shard's lock is released only after its work has drained (or `drain_timeout`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::{Epoch, RunnerId, ShardId};
+use crate::metrics as m;
+use crate::runner_storage::{
+    LockSession, RunnerInfo, RunnerRegistration, RunnerStorage, StorageError,
+};
+use crate::sharding::{Sharding, assign};
+
+/// What the layer above (the entity runtime) is told about shards.
+pub trait ShardLifecycle: Send + Sync + 'static {
+    /// The runner now owns `shard` under `epoch`.
+    fn acquired(&self, shard: ShardId, epoch: Epoch);
+    /// The shard is being given up: stop taking work for it and finish what is in flight.
+    /// The lock is released when the returned future completes (or `drain_timeout` passes).
+    fn drain(&self, shard: ShardId) -> BoxFuture<'static, ()>;
+    /// The runner fenced itself: stop the work of these shards at once, completing nothing.
+    fn fenced(&self, shards: &[ShardId]);
+}
+
+/// A lifecycle for runners that host nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoShardWork;
+
+impl ShardLifecycle for NoShardWork {
+    fn acquired(&self, _: ShardId, _: Epoch) {}
+    fn drain(&self, _: ShardId) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+    fn fenced(&self, _: &[ShardId]) {}
+}
+
+/// Timings of the loop (from `[runner]` in the config).
+#[derive(Debug, Clone)]
+pub struct OwnershipConfig {
+    /// The cluster's sharding.
+    pub sharding: Sharding,
+    /// How often live runners are read and the assignment recomputed.
+    pub poll_interval: Duration,
+    /// How often locks are re-confirmed.
+    pub lock_check_interval: Duration,
+    /// Unconfirmed for this long → fence.
+    pub lock_deadline: Duration,
+    /// Longest wait for a shard's work to drain before its lock is released.
+    pub drain_timeout: Duration,
+    /// What the runner registers as.
+    pub registration: RunnerRegistration,
+}
+
+/// Where the loop is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnershipPhase {
+    /// Registering (first start, or rejoining after fencing).
+    #[default]
+    Joining,
+    /// Registered and balancing.
+    Active,
+    /// Fenced itself; rejoining.
+    Fenced,
+    /// Draining and releasing everything.
+    ShuttingDown,
+    /// Done: every lock released.
+    Stopped,
+}
+
+/// What this runner believes it owns, published after every change.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OwnershipView {
+    /// The current incarnation's id, once registered.
+    pub runner_id: Option<RunnerId>,
+    /// Lifecycle phase.
+    pub phase: OwnershipPhase,
+    /// Shards owned, with the epoch they were acquired under.
+    pub owned: BTreeMap<ShardId, Epoch>,
+    /// Owned shards being drained before release.
+    pub draining: BTreeSet<ShardId>,
+    /// Live runners as last read.
+    pub live_runners: Vec<RunnerInfo>,
+    /// How many times this process fenced itself.
+    pub fenced_count: u64,
+}
+
+/// The sending side of a running ownership loop.
+#[derive(Debug, Clone)]
+pub struct OwnershipHandle {
+    view_rx: watch::Receiver<OwnershipView>,
+}
+
+impl OwnershipHandle {
+    /// The latest view.
+    pub fn view(&self) -> OwnershipView {
+        self.view_rx.borrow().clone()
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<OwnershipView> {
+        self.view_rx.clone()
+    }
+}
+
+/// Starts the loop on `tasks`; it runs until `shutdown` is cancelled, then drains, releases
+/// every lock and unregisters. The returned future resolves when that is done.
+pub fn spawn_ownership(
+    storage: Arc<dyn RunnerStorage>,
+    lifecycle: Arc<dyn ShardLifecycle>,
+    config: OwnershipConfig,
+    shutdown: CancellationToken,
+) -> (OwnershipHandle, tokio::task::JoinHandle<()>) {
+    let (view_tx, view_rx) = watch::channel(OwnershipView::default());
+    let owner = OwnershipLoop {
+        storage,
+        lifecycle,
+        config,
+        shutdown,
+        view_tx,
+    };
+    let join = tokio::spawn(owner.run());
+    (OwnershipHandle { view_rx }, join)
+}
+
+struct OwnershipLoop {
+    storage: Arc<dyn RunnerStorage>,
+    lifecycle: Arc<dyn ShardLifecycle>,
+    config: OwnershipConfig,
+    shutdown: CancellationToken,
+    view_tx: watch::Sender<OwnershipView>,
+}
+
+/// Why a session's loop ended.
+enum SessionEnd {
+    Shutdown,
+    Fenced,
+}
+
+/// One registered incarnation: the session and what it holds.
+struct Incarnation {
+    session: Box<dyn LockSession>,
+    owned: BTreeMap<ShardId, Epoch>,
+    draining: BTreeSet<ShardId>,
+    drains: JoinSet<ShardId>,
+    /// Start of the last session call that succeeded.
+    confirmed_at: Instant,
+    polls: u64,
+}
+
+/// The session could not be confirmed in time: fence.
+struct Lost(&'static str);
+
+impl OwnershipLoop {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            self.publish(|v| v.phase = v.phase_after_join());
+            let registered = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                r = self.storage.register(&self.config.registration) => r,
+            };
+            let session = match registered {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "runner registration failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            match self.run_incarnation(session).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Fenced => continue,
+            }
+        }
+        self.publish(|v| {
+            v.phase = OwnershipPhase::Stopped;
+            v.owned.clear();
+            v.draining.clear();
+        });
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut OwnershipView)) {
+        self.view_tx.send_modify(change);
+    }
+
+    fn publish_holdings(&self, inc: &Incarnation) {
+        let owned = inc.owned.clone();
+        let draining = inc.draining.clone();
+        m::shards_owned(owned.len());
+        self.publish(|v| {
+            v.owned = owned;
+            v.draining = draining;
+        });
+    }
+
+    async fn run_incarnation(&self, session: Box<dyn LockSession>) -> SessionEnd {
+        let runner_id = session.runner_id();
+        tracing::info!(runner_id = %runner_id, "registered; holding liveness lock");
+        self.publish(|v| {
+            v.runner_id = Some(runner_id);
+            v.phase = OwnershipPhase::Active;
+        });
+        let mut inc = Incarnation {
+            session,
+            owned: BTreeMap::new(),
+            draining: BTreeSet::new(),
+            drains: JoinSet::new(),
+            confirmed_at: Instant::now(),
+            polls: 0,
+        };
+        let mut poll = tokio::time::interval(self.config.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(self.config.lock_check_interval);
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        let result = loop {
+            let step = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break self.shut_down(inc).await,
+                _ = check.tick() => self.confirm(&mut inc).await,
+                Some(drained) = inc.drains.join_next() => {
+                    let mut shards: Vec<ShardId> = drained.ok().into_iter().collect();
+                    while let Some(more) = inc.drains.try_join_next() {
+                        shards.extend(more.ok());
+                    }
+                    self.release(&mut inc, shards).await
+                }
+                _ = poll.tick() => self.rebalance(&mut inc).await,
+            };
+            if let Err(Lost(why)) = step {
+                break self.fence(inc, why);
+            }
+        };
+        result
+    }
+
+    /// Runs a session call under the fencing deadline.
+    async fn guarded<'a, T>(
+        &self,
+        confirmed_at: &mut Instant,
+        call: BoxFuture<'a, Result<T, StorageError>>,
+    ) -> Result<T, Lost> {
+        let started = Instant::now();
+        let deadline = *confirmed_at + self.config.lock_deadline;
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(value)) => {
+                *confirmed_at = started;
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "lock session call failed");
+                Err(Lost("lock session failed"))
+            }
+            Err(_) => Err(Lost("locks not confirmed within lock-deadline")),
+        }
+    }
+
+    async fn confirm(&self, inc: &mut Incarnation) -> Result<(), Lost> {
+        if inc.confirmed_at.elapsed() < self.config.lock_check_interval / 2 {
+            return Ok(());
+        }
+        let held = inc.owned.len();
+        let call = inc.session.confirm(held);
+        let intact = self.guarded(&mut inc.confirmed_at, call).await?;
+        if intact {
+            Ok(())
+        } else {
+            Err(Lost("a held lock is no longer held"))
+        }
+    }
+
+    async fn rebalance(&self, inc: &mut Incarnation) -> Result<(), Lost> {
+        inc.polls += 1;
+        // Pool calls never fence, but they must not hold the loop past the next check.
+        let budget = self
+            .config
+            .lock_check_interval
+            .max(self.config.poll_interval)
+            * 2;
+        let live = match tokio::time::timeout(budget, self.storage.live_runners()).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not read live runners; keeping current shards");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!("reading live runners timed out; keeping current shards");
+                return Ok(());
+            }
+        };
+        let me = inc.session.runner_id();
+        m::runners_alive(live.len());
+        let ids: Vec<RunnerId> = live.iter().map(|r| r.id).collect();
+        self.publish(|v| v.live_runners = live);
+        if !ids.contains(&me) {
+            // Our liveness lock is not visible: the confirmation decides what that means.
+            return Ok(());
+        }
+        let assignment = assign(self.config.sharding, &ids);
+        let desired: BTreeSet<ShardId> = assignment.shards_of(me).collect();
+
+        let to_drain: Vec<ShardId> = inc
+            .owned
+            .keys()
+            .filter(|s| !desired.contains(s) && !inc.draining.contains(s))
+            .copied()
+            .collect();
+        for shard in to_drain {
+            self.start_drain(inc, shard);
+        }
+
+        let to_acquire: Vec<ShardId> = desired
+            .iter()
+            .filter(|s| !inc.owned.contains_key(s))
+            .copied()
+            .collect();
+        if !to_acquire.is_empty() {
+            let call = inc.session.try_acquire(&to_acquire);
+            let acquired = self.guarded(&mut inc.confirmed_at, call).await?;
+            for (shard, epoch) in &acquired {
+                inc.owned.insert(*shard, *epoch);
+                self.lifecycle.acquired(*shard, *epoch);
+            }
+            if !acquired.is_empty() {
+                m::lock_acquisitions(acquired.len());
+                tracing::debug!(count = acquired.len(), "acquired shards");
+            }
+        }
+        self.publish_holdings(inc);
+        if inc.polls % 240 == 0 {
+            self.prune_dead_registrations().await;
+        }
+        Ok(())
+    }
+
+    fn start_drain(&self, inc: &mut Incarnation, shard: ShardId) {
+        inc.draining.insert(shard);
+        let drain = self.lifecycle.drain(shard);
+        let timeout = self.config.drain_timeout;
+        inc.drains.spawn(async move {
+            // A drain that panics or overruns still ends in the release of its shard.
+            match tokio::time::timeout(timeout, AssertUnwindSafe(drain).catch_unwind()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!(%shard, "shard drain panicked; releasing"),
+                Err(_) => tracing::warn!(%shard, "shard did not drain in time; releasing anyway"),
+            }
+            shard
+        });
+    }
+
+    async fn release(&self, inc: &mut Incarnation, shards: Vec<ShardId>) -> Result<(), Lost> {
+        // Stop reporting the shards as owned before their locks can be taken by anyone.
+        for shard in &shards {
+            inc.owned.remove(shard);
+            inc.draining.remove(shard);
+        }
+        self.publish_holdings(inc);
+        let call = inc.session.release(&shards);
+        self.guarded(&mut inc.confirmed_at, call).await?;
+        m::shard_releases(shards.len());
+        tracing::debug!(count = shards.len(), "released shards");
+        Ok(())
+    }
+
+    async fn prune_dead_registrations(&self) {
+        let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
+        if let Ok(Ok(pruned)) =
+            tokio::time::timeout(Duration::from_secs(1), self.storage.prune_dead(cutoff)).await
+            && pruned > 0
+        {
+            tracing::info!(pruned, "pruned registrations of dead runners");
+        }
+    }
+
+    fn fence(&self, inc: Incarnation, why: &'static str) -> SessionEnd {
+        let shards: Vec<ShardId> = inc.owned.keys().copied().collect();
+        tracing::error!(
+            runner_id = %inc.session.runner_id(),
+            reason = why,
+            shards = shards.len(),
+            "fencing: stopping every shard and rejoining as a new runner"
+        );
+        self.lifecycle.fenced(&shards);
+        m::fencing_event();
+        m::lock_losses(shards.len());
+        m::shards_owned(0);
+        self.publish(|v| {
+            v.owned.clear();
+            v.draining.clear();
+            v.phase = OwnershipPhase::Fenced;
+            v.fenced_count += 1;
+        });
+        // Dropping the session closes the socket if it can; a partitioned one is freed by
+        // the server's keepalive detection.
+        drop(inc);
+        SessionEnd::Fenced
+    }
+
+    async fn shut_down(&self, mut inc: Incarnation) -> SessionEnd {
+        self.publish(|v| v.phase = OwnershipPhase::ShuttingDown);
+        let runner_id = inc.session.runner_id();
+        tracing::info!(%runner_id, shards = inc.owned.len(), "shutting down: draining shards");
+        let remaining: Vec<ShardId> = inc
+            .owned
+            .keys()
+            .filter(|s| !inc.draining.contains(s))
+            .copied()
+            .collect();
+        for shard in remaining {
+            self.start_drain(&mut inc, shard);
+        }
+        while let Some(drained) = inc.drains.join_next().await {
+            let Ok(shard) = drained else { continue };
+            // Shard by shard, so each becomes available to the others as soon as it drains.
+            if let Err(Lost(why)) = self.release(&mut inc, vec![shard]).await {
+                tracing::warn!(
+                    reason = why,
+                    "releasing failed; the session's end frees the rest"
+                );
+                self.fence(inc, why);
+                return SessionEnd::Shutdown;
+            }
+        }
+        let close = inc.session.close();
+        match tokio::time::timeout(self.config.lock_deadline, close).await {
+            Ok(Ok(())) => tracing::info!(%runner_id, "released every shard and unregistered"),
+            Ok(Err(error)) => tracing::warn!(%error, "unregistering failed"),
+            Err(_) => tracing::warn!("unregistering timed out"),
+        }
+        m::shards_owned(0);
+        SessionEnd::Shutdown
+    }
+}
+
+impl OwnershipView {
+    fn phase_after_join(&self) -> OwnershipPhase {
+        match self.phase {
+            OwnershipPhase::Fenced => OwnershipPhase::Fenced,
+            _ => OwnershipPhase::Joining,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

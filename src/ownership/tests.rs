@@ -1,0 +1,255 @@
+//! The ownership loop against in-memory storage, on paused time.
+
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+
+use super::*;
+use crate::runner_storage::memory::MemoryRunnerStorage;
+
+#[derive(Debug, Default)]
+struct Recorder {
+    events: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<String> {
+        self.events.lock().expect("not poisoned").clone()
+    }
+}
+
+impl ShardLifecycle for Recorder {
+    fn acquired(&self, shard: ShardId, epoch: Epoch) {
+        self.events
+            .lock()
+            .expect("not poisoned")
+            .push(format!("acquired {shard}@{epoch}"));
+    }
+    fn drain(&self, shard: ShardId) -> BoxFuture<'static, ()> {
+        self.events
+            .lock()
+            .expect("not poisoned")
+            .push(format!("drain {shard}"));
+        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+    }
+    fn fenced(&self, shards: &[ShardId]) {
+        self.events
+            .lock()
+            .expect("not poisoned")
+            .push(format!("fenced {}", shards.len()));
+    }
+}
+
+const SHARDS: u32 = 64;
+
+fn config() -> OwnershipConfig {
+    OwnershipConfig {
+        sharding: Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero")),
+        poll_interval: Duration::from_millis(250),
+        lock_check_interval: Duration::from_millis(250),
+        lock_deadline: Duration::from_secs(2),
+        drain_timeout: Duration::from_secs(5),
+        registration: RunnerRegistration {
+            address: "test".to_owned(),
+            version: "test".to_owned(),
+        },
+    }
+}
+
+struct TestRunner {
+    handle: OwnershipHandle,
+    join: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+    recorder: Arc<Recorder>,
+}
+
+fn start(storage: &MemoryRunnerStorage) -> TestRunner {
+    let recorder = Arc::new(Recorder::default());
+    let shutdown = CancellationToken::new();
+    let (handle, join) = spawn_ownership(
+        Arc::new(storage.clone()),
+        recorder.clone(),
+        config(),
+        shutdown.clone(),
+    );
+    TestRunner {
+        handle,
+        join,
+        shutdown,
+        recorder,
+    }
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn balanced(runners: &[TestRunner]) -> bool {
+    let cap = (SHARDS as usize).div_ceil(runners.len());
+    let counts: Vec<usize> = runners
+        .iter()
+        .map(|r| r.handle.view().owned.len())
+        .collect();
+    counts.iter().sum::<usize>() == SHARDS as usize && counts.iter().all(|c| *c <= cap)
+}
+
+async fn owners(storage: &MemoryRunnerStorage) -> BTreeMap<ShardId, RunnerId> {
+    storage.snapshot().await.expect("snapshot").owners
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_runners_split_every_shard_within_the_cap() {
+    let storage = MemoryRunnerStorage::new();
+    let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
+    until("balanced ownership", || balanced(&runners)).await;
+    let cap = (SHARDS as usize).div_ceil(3);
+    let mut seen = BTreeSet::new();
+    for runner in &runners {
+        let view = runner.handle.view();
+        assert!(
+            view.owned.len() <= cap,
+            "{} above cap {cap}",
+            view.owned.len()
+        );
+        for shard in view.owned.keys() {
+            assert!(seen.insert(*shard), "shard {shard} believed owned twice");
+        }
+    }
+    assert_eq!(owners(&storage).await.len(), SHARDS as usize);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_runners_shards_move_to_the_survivors() {
+    let storage = MemoryRunnerStorage::new();
+    let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
+    until("full ownership", || {
+        runners
+            .iter()
+            .map(|r| r.handle.view().owned.len())
+            .sum::<usize>()
+            == SHARDS as usize
+    })
+    .await;
+    // Aborting the task drops its session: the crash path.
+    runners[0].join.abort();
+    until("survivors own everything", || {
+        runners[1..]
+            .iter()
+            .map(|r| r.handle.view().owned.len())
+            .sum::<usize>()
+            == SHARDS as usize
+    })
+    .await;
+    let snapshot = storage.snapshot().await.expect("snapshot");
+    assert!(snapshot.epochs.values().all(|e| e.get() >= 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_runner_fences_before_its_locks_are_freed() {
+    let storage = MemoryRunnerStorage::new();
+    let runners: Vec<TestRunner> = (0..2).map(|_| start(&storage)).collect();
+    until("full ownership", || {
+        runners
+            .iter()
+            .map(|r| r.handle.view().owned.len())
+            .sum::<usize>()
+            == SHARDS as usize
+    })
+    .await;
+    let victim = runners[0].handle.view();
+    let victim_id = victim.runner_id.expect("registered");
+    let victim_shards: Vec<ShardId> = victim.owned.keys().copied().collect();
+    let partitioned_at = Instant::now();
+    storage.partition(victim_id);
+
+    until("victim fences", || {
+        runners[0].handle.view().fenced_count == 1
+    })
+    .await;
+    let fenced_after = partitioned_at.elapsed();
+    assert!(
+        fenced_after <= Duration::from_millis(2300),
+        "fenced after {fenced_after:?}"
+    );
+    assert!(runners[0].handle.view().owned.is_empty());
+    assert_eq!(
+        runners[0].recorder.events().last().map(String::as_str),
+        Some(format!("fenced {}", victim_shards.len()).as_str())
+    );
+    // The "server" still counts the victim's locks: nobody else has its shards yet.
+    let held = owners(&storage).await;
+    assert!(
+        victim_shards
+            .iter()
+            .all(|s| held.get(s) == Some(&victim_id))
+    );
+
+    // The server notices the dead peer: the survivor and the victim's new incarnation
+    // take the shards over; the old incarnation never holds them again.
+    storage.expire(victim_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = owners(&storage).await;
+        assert!(held.values().all(|r| *r != victim_id));
+        if victim_shards.iter().all(|s| held.contains_key(s)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "victim's shards not taken over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rejoined = runners[0].handle.view().runner_id.expect("rejoined");
+    assert_ne!(
+        rejoined, victim_id,
+        "a fenced runner rejoins as a new incarnation"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_before_releasing_and_unregisters() {
+    let storage = MemoryRunnerStorage::new();
+    let runner = start(&storage);
+    until("full ownership", || {
+        runner.handle.view().owned.len() == SHARDS as usize
+    })
+    .await;
+    runner.shutdown.cancel();
+    runner.join.await.expect("loop ends cleanly");
+    assert_eq!(runner.handle.view().phase, OwnershipPhase::Stopped);
+    let events = runner.recorder.events();
+    let drains = events.iter().filter(|e| e.starts_with("drain")).count();
+    assert_eq!(drains, SHARDS as usize);
+    let snapshot = storage.snapshot().await.expect("snapshot");
+    assert!(
+        snapshot.owners.is_empty(),
+        "locks left: {:?}",
+        snapshot.owners
+    );
+    assert!(snapshot.runners.is_empty(), "registration left");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joining_runner_takes_shards_only_after_they_drain() {
+    let storage = MemoryRunnerStorage::new();
+    let first = start(&storage);
+    until("full ownership", || {
+        first.handle.view().owned.len() == SHARDS as usize
+    })
+    .await;
+    let second = start(&storage);
+    until("balanced", || {
+        second.handle.view().owned.len() == (SHARDS / 2) as usize
+            && first.handle.view().owned.len() == (SHARDS / 2) as usize
+    })
+    .await;
+    let events = first.recorder.events();
+    assert_eq!(
+        events.iter().filter(|e| e.starts_with("drain")).count(),
+        (SHARDS / 2) as usize
+    );
+    // Every shard the newcomer holds was acquired at epoch 2: once by the first runner,
+    // once by the second; never concurrently (the memory locks are exclusive).
+    assert!(second.handle.view().owned.values().all(|e| e.get() == 2));
+}

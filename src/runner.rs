@@ -1,0 +1,142 @@
+//! A runner process: the pool, the ownership loop, the runner's HTTP endpoint, and ordered
+//! shutdown (stop acquiring → drain → release shard by shard → unregister → close pools).
+
+mod http;
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ShoalConfig;
+use crate::ownership::{OwnershipConfig, OwnershipHandle, ShardLifecycle, spawn_ownership};
+use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
+use crate::runner_storage::{RunnerRegistration, RunnerStorage, StorageError};
+
+/// Why a runner could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The database refused or the schema is wrong.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Graceful shutdown took longer than `runner.shutdown-timeout`.
+    #[error("shutdown did not finish within {0:?}")]
+    ShutdownTimedOut(std::time::Duration),
+}
+
+/// What a runner process is started with.
+#[derive(Debug)]
+pub struct RunnerParams {
+    /// The validated configuration.
+    pub config: ShoalConfig,
+    /// Told about shard acquisitions, drains and fencing.
+    pub lifecycle: Arc<dyn ShardLifecycle>,
+    /// The process's metrics exporter, served at `/metrics`.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for dyn ShardLifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShardLifecycle")
+    }
+}
+
+/// Runs a runner until `shutdown` is cancelled, then shuts it down in order.
+pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<(), RunnerError> {
+    let config = &params.config;
+    let db = &config.database;
+    let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
+    let storage = PgRunnerStorage::new(
+        pool.clone(),
+        &db.url,
+        config.cluster.name.clone(),
+        LockSessionSettings {
+            keepalive_idle: config.runner.keepalive_idle,
+            keepalive_interval: config.runner.keepalive_interval,
+            keepalive_count: config.runner.keepalive_count,
+        },
+    )?;
+    storage
+        .ensure_cluster(config.cluster.shards_per_group.get())
+        .await?;
+
+    let listener = TcpListener::bind(config.runner.listen)
+        .await
+        .map_err(|source| RunnerError::Bind {
+            address: config.runner.listen.to_string(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| RunnerError::Bind {
+        address: config.runner.listen.to_string(),
+        source,
+    })?;
+    let address = config
+        .runner
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+
+    let loop_shutdown = CancellationToken::new();
+    let (ownership, ownership_done) = spawn_ownership(
+        Arc::new(storage),
+        params.lifecycle.clone(),
+        OwnershipConfig {
+            sharding: config.sharding(),
+            poll_interval: config.runner.poll_interval,
+            lock_check_interval: config.runner.lock_check_interval,
+            lock_deadline: config.runner.lock_deadline,
+            drain_timeout: config.runner.drain_timeout,
+            registration: RunnerRegistration {
+                address: address.clone(),
+                version: crate::VERSION.to_owned(),
+            },
+        },
+        loop_shutdown.clone(),
+    );
+    tracing::info!(listen = %bound, %address, cluster = %config.cluster.name, "runner started");
+
+    let http_shutdown = CancellationToken::new();
+    let server = tokio::spawn(http::serve(
+        listener,
+        http::RunnerHttp {
+            ownership: ownership.clone(),
+            metrics: params.metrics.clone(),
+        },
+        http_shutdown.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    let result = shut_down(&params, ownership, ownership_done, loop_shutdown).await;
+    http_shutdown.cancel();
+    let _ = server.await;
+    pool.close().await;
+    result
+}
+
+async fn shut_down(
+    params: &RunnerParams,
+    ownership: OwnershipHandle,
+    ownership_done: tokio::task::JoinHandle<()>,
+    loop_shutdown: CancellationToken,
+) -> Result<(), RunnerError> {
+    let deadline = params.config.runner.shutdown_timeout;
+    let owned = ownership.view().owned.len();
+    tracing::info!(owned, ?deadline, "shutting down");
+    loop_shutdown.cancel();
+    match tokio::time::timeout(deadline, ownership_done).await {
+        Ok(_) => {
+            tracing::info!("runner stopped");
+            Ok(())
+        }
+        Err(_) => Err(RunnerError::ShutdownTimedOut(deadline)),
+    }
+}
