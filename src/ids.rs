@@ -282,6 +282,41 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A persisted message's id (a snowflake: time-ordered, unique per cluster).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct MessageId(i64);
+
+impl MessageId {
+    /// Wraps a stored id.
+    pub const fn new(value: i64) -> Self {
+        Self(value)
+    }
+
+    /// The id as stored.
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self).map_err(|_| IdError::NotANumber {
+            kind: "message id",
+            value: s.to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

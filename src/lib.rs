@@ -14,21 +14,29 @@
 //!   or memory for tests), bumping each shard's epoch on acquisition.
 //! - [`ownership`] is the loop in each runner that acquires, drains, releases and
 //!   re-confirms shard locks, and fences the runner when it cannot.
+//! - [`message_storage`] persists messages before delivery (group commit), stores exactly
+//!   one reply per message, and completes work only under the shard's current epoch.
 //! - [`runner`] wires a runner process together: pool, ownership loop, HTTP endpoint,
 //!   graceful shutdown.
 //! - [`metrics`] names every metric and exports them for Prometheus.
 
 pub mod config;
+pub mod entity;
+pub mod entity_runtime;
 pub mod ids;
+pub mod message_storage;
 pub mod metrics;
 pub mod ownership;
 pub mod runner;
 pub mod runner_storage;
 pub mod sharding;
+pub mod snowflake;
 pub mod status;
 
 pub use config::{ConfigLoader, ShoalConfig};
-pub use ids::{ClusterName, EntityAddress, EntityId, EntityType, Epoch, RunnerId, ShardId};
+pub use ids::{
+    ClusterName, EntityAddress, EntityId, EntityType, Epoch, MessageId, RunnerId, ShardId,
+};
 pub use sharding::Sharding;
 
 /// The migrations of every Shoal table, embedded in the binary.

@@ -20,6 +20,17 @@ pub const SHARD_RELEASES: &str = "shoal_shard_releases_total";
 /// Times this runner fenced itself.
 pub const FENCING_EVENTS: &str = "shoal_fencing_events_total";
 
+/// Entities resident on this runner.
+pub const ENTITIES_RESIDENT: &str = "shoal_entities_resident";
+/// Persisted messages completed.
+pub const MESSAGES_PROCESSED: &str = "shoal_messages_processed_total";
+/// Persisted messages delivered again by a backlog scan.
+pub const MESSAGES_REDELIVERED: &str = "shoal_messages_redelivered_total";
+/// Volatile sends refused because the entity's mailbox was full.
+pub const MAILBOX_FULL: &str = "shoal_mailbox_full_total";
+/// Entity restarts after a handler panic or retryable error.
+pub const ENTITY_RESTARTS: &str = "shoal_entity_restarts_total";
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
@@ -34,7 +45,32 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(LOCK_LOSSES, "Shard locks lost without a release (fencing).");
     describe_counter!(SHARD_RELEASES, "Shard locks released after draining.");
     describe_counter!(FENCING_EVENTS, "Times this runner fenced itself.");
+    describe_gauge!(ENTITIES_RESIDENT, "Entities resident on this runner.");
+    describe_counter!(MESSAGES_PROCESSED, "Persisted messages completed.");
+    describe_counter!(MESSAGES_REDELIVERED, "Persisted messages delivered again by a scan.");
+    describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
+    describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
     Ok(handle)
+}
+
+pub(crate) fn entities_resident(n: usize) {
+    gauge!(ENTITIES_RESIDENT).set(n as f64);
+}
+
+pub(crate) fn message_processed() {
+    counter!(MESSAGES_PROCESSED).increment(1);
+}
+
+pub(crate) fn messages_redelivered(n: usize) {
+    counter!(MESSAGES_REDELIVERED).increment(n as u64);
+}
+
+pub(crate) fn mailbox_full() {
+    counter!(MAILBOX_FULL).increment(1);
+}
+
+pub(crate) fn entity_restart() {
+    counter!(ENTITY_RESTARTS).increment(1);
 }
 
 pub(crate) fn runners_alive(n: usize) {

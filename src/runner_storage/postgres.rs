@@ -97,6 +97,20 @@ fn unavailable(error: sqlx::Error) -> StorageError {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
             StorageError::SchemaMissing(db.message().to_owned())
         }
+        // The session broke or the server refuses sessions for now (connection exceptions,
+        // administrator shutdown/termination, crash recovery, too many connections): the
+        // same call may succeed later on a new session, as the memory backend reports too.
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+        {
+            StorageError::Unavailable(format!(
+                "{} (SQLSTATE {})",
+                db.message(),
+                db.code().as_deref().unwrap_or("?")
+            ))
+        }
         sqlx::Error::Database(db) => StorageError::Other(format!(
             "{} (SQLSTATE {})",
             db.message(),
@@ -139,6 +153,41 @@ impl PgRunnerStorage {
     /// The lock namespaces in use.
     pub fn namespaces(&self) -> LockNamespaces {
         self.namespaces
+    }
+
+    /// [`RunnerStorage::register`] with the concrete session type, whose
+    /// [`PgLockSession::show`] lets tests check the session's server settings.
+    pub async fn register_pg(
+        &self,
+        registration: &RunnerRegistration,
+    ) -> Result<PgLockSession, StorageError> {
+        let mut conn = self.open_session().await?;
+        let id: i32 = sqlx::query_scalar(
+            "INSERT INTO shoal_runners (cluster, address, version) VALUES ($1, $2, $3)
+             RETURNING id",
+        )
+        .bind(self.cluster.as_str())
+        .bind(&registration.address)
+        .bind(&registration.version)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(unavailable)?;
+        let runner_id = RunnerId::new(id).map_err(|e| StorageError::Other(e.to_string()))?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(self.namespaces.runners)
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if !locked {
+            return Err(StorageError::AlreadyRegistered(runner_id));
+        }
+        Ok(PgLockSession {
+            conn,
+            runner_id,
+            cluster: self.cluster.clone(),
+            namespaces: self.namespaces,
+        })
     }
 
     async fn open_session(&self) -> Result<PgConnection, StorageError> {
@@ -217,33 +266,7 @@ impl RunnerStorage for PgRunnerStorage {
         &self,
         registration: &RunnerRegistration,
     ) -> Result<Box<dyn LockSession>, StorageError> {
-        let mut conn = self.open_session().await?;
-        let id: i32 = sqlx::query_scalar(
-            "INSERT INTO shoal_runners (cluster, address, version) VALUES ($1, $2, $3)
-             RETURNING id",
-        )
-        .bind(self.cluster.as_str())
-        .bind(&registration.address)
-        .bind(&registration.version)
-        .fetch_one(&mut conn)
-        .await
-        .map_err(unavailable)?;
-        let runner_id = RunnerId::new(id).map_err(|e| StorageError::Other(e.to_string()))?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(self.namespaces.runners)
-            .bind(id)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if !locked {
-            return Err(StorageError::AlreadyRegistered(runner_id));
-        }
-        Ok(Box::new(PgLockSession {
-            conn,
-            runner_id,
-            cluster: self.cluster.clone(),
-            namespaces: self.namespaces,
-        }))
+        Ok(Box::new(self.register_pg(registration).await?))
     }
 
     async fn live_runners(&self) -> Result<Vec<RunnerInfo>, StorageError> {

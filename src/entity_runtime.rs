@@ -1,0 +1,320 @@
+//! The entity runtime of one runner: a ractor supervisor per owned shard, an actor per live
+//! entity under it.
+//!
+//! - Deliveries (pushed by the transport, or found by a backlog scan) go to the shard's
+//!   [`shard::ShardActor`], which admits them against the entity's mailbox capacity and the
+//!   runner's resident-entity cap and hands them to the entity's [`entity_actor`].
+//! - A persisted message that finds no room stays in storage; the entity is marked
+//!   *overflowed*, newer pushes for it are left in storage too (so order is kept), and a
+//!   backlog scan delivers them in id order once room frees.
+//! - Each shard scans its backlog on acquisition, on a timer (messages older than a grace
+//!   period, so it does not race pushes in flight), when room frees, and when the earliest
+//!   scheduled message falls due.
+//! - A handler that panics or fails retryably kills only its entity actor: the shard actor
+//!   restarts it with backoff and replays its in-flight persisted messages from storage;
+//!   after `max_attempts` a message is completed with an error reply instead of looping.
+//! - On drain the shard refuses new work, waits for in-flight work, then stops; on fencing
+//!   it stops at once (its completions would be refused by the epoch check anyway).
+
+mod entity_actor;
+mod shard;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::entity::EntityRegistry;
+use crate::ids::{EntityAddress, Epoch, MessageId, RunnerId, ShardId};
+use crate::message_storage::{MessageStorage, Reply, StoredMessage};
+use crate::ownership::ShardLifecycle;
+use crate::sharding::Sharding;
+
+use shard::{ShardActor, ShardArgs, ShardMsg};
+
+/// Why a delivery was not handled. Each variant says whether the sender may retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "code", content = "detail")]
+pub enum DeliveryError {
+    /// This runner does not own the entity's shard (any more): find the owner and retry.
+    #[error("this runner does not own shard {0}")]
+    NotOwner(ShardId),
+    /// The entity has too many unfinished requests; retry after a short wait.
+    #[error("mailbox of {0} is full")]
+    MailboxFull(String),
+    /// The runner hosts as many entities as it may; retry later.
+    #[error("runner at its resident-entity limit")]
+    Overloaded,
+    /// No such entity type.
+    #[error("unknown entity type `{0}`")]
+    UnknownEntityType(String),
+    /// The message does not decode for the type.
+    #[error("{0}")]
+    BadMessage(String),
+    /// The handler panicked or failed retryably while handling this volatile message.
+    #[error("the handler failed: {0}")]
+    HandlerFailed(String),
+    /// The shard is being drained or was fenced: retry with the next owner.
+    #[error("shard {0} is moving to another runner")]
+    ShardMoving(ShardId),
+    /// Waiting for the reply took too long (the message may still be processed).
+    #[error("timed out waiting for the reply")]
+    Timeout,
+}
+
+impl DeliveryError {
+    /// Whether retrying the same request may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            Self::UnknownEntityType(_) | Self::BadMessage(_)
+        )
+    }
+}
+
+/// A message handed to the runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// A message already in storage.
+    Persisted {
+        /// The stored message.
+        message: StoredMessage,
+        /// The sender met an earlier message with the same key: only wait for its reply
+        /// (the stored one is what runs).
+        duplicate: bool,
+    },
+    /// A message that lives only in this request.
+    Volatile {
+        /// The entity.
+        address: EntityAddress,
+        /// Message name.
+        tag: String,
+        /// Message body.
+        payload: serde_json::Value,
+    },
+}
+
+impl Delivery {
+    fn address(&self) -> &EntityAddress {
+        match self {
+            Self::Persisted { message, .. } => &message.address,
+            Self::Volatile { address, .. } => address,
+        }
+    }
+}
+
+/// Runtime settings (from `[runner]` in the config).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The cluster's sharding.
+    pub sharding: Sharding,
+    /// Most entities resident on this runner at once.
+    pub max_resident_entities: usize,
+    /// Interval of the backlog scan.
+    pub scan_interval: Duration,
+    /// A periodic scan ignores messages younger than this (they are being pushed).
+    pub scan_grace: Duration,
+    /// Rows read per scan.
+    pub scan_batch: usize,
+    /// Delivery attempts before a message that keeps failing gets an error reply.
+    pub max_attempts: i32,
+    /// First restart backoff of a failed entity (doubles up to 30 × this).
+    pub restart_backoff: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            sharding: Sharding::default(),
+            max_resident_entities: 100_000,
+            scan_interval: Duration::from_secs(1),
+            scan_grace: Duration::from_millis(1500),
+            scan_batch: 1000,
+            max_attempts: 5,
+            restart_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What the runtime reports about one entity (for the explain endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EntityStatus {
+    /// Whether an actor is live for it.
+    pub resident: bool,
+    /// Unfinished requests.
+    pub mailbox_depth: usize,
+    /// The last handler error or panic, if any.
+    pub last_error: Option<String>,
+}
+
+pub(crate) struct Shared {
+    registry: EntityRegistry,
+    storage: Arc<dyn MessageStorage>,
+    config: RuntimeConfig,
+    runner_id: watch::Receiver<Option<RunnerId>>,
+    resident: AtomicUsize,
+}
+
+impl Shared {
+    fn runner_id(&self) -> Option<RunnerId> {
+        *self.runner_id.borrow()
+    }
+}
+
+/// The entity runtime of one runner. Cheap to clone.
+#[derive(Clone)]
+pub struct EntityRuntime {
+    shared: Arc<Shared>,
+    shards: Arc<Mutex<HashMap<ShardId, ActorRef<ShardMsg>>>>,
+}
+
+impl std::fmt::Debug for EntityRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntityRuntime")
+            .field("shards", &self.shards_lock().len())
+            .field("resident", &self.resident())
+            .finish()
+    }
+}
+
+impl EntityRuntime {
+    /// A runtime hosting `registry`'s types, backed by `storage`. `runner_id` follows the
+    /// runner's current incarnation.
+    pub fn new(
+        registry: EntityRegistry,
+        storage: Arc<dyn MessageStorage>,
+        config: RuntimeConfig,
+        runner_id: watch::Receiver<Option<RunnerId>>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                registry,
+                storage,
+                config,
+                runner_id,
+                resident: AtomicUsize::new(0),
+            }),
+            shards: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shards_lock(&self) -> MutexGuard<'_, HashMap<ShardId, ActorRef<ShardMsg>>> {
+        self.shards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Entities resident on this runner.
+    pub fn resident(&self) -> usize {
+        self.shared.resident.load(Ordering::Relaxed)
+    }
+
+    /// The registry of types this runtime hosts.
+    pub fn registry(&self) -> &EntityRegistry {
+        &self.shared.registry
+    }
+
+    /// The shards this runtime currently runs.
+    pub fn shards(&self) -> Vec<ShardId> {
+        let mut shards: Vec<ShardId> = self.shards_lock().keys().copied().collect();
+        shards.sort();
+        shards
+    }
+
+    /// Hands a message to its entity and waits for the reply.
+    pub async fn deliver(&self, delivery: Delivery) -> Result<Reply, DeliveryError> {
+        let address = delivery.address();
+        if self.shared.registry.get(&address.entity_type).is_none() {
+            return Err(DeliveryError::UnknownEntityType(
+                address.entity_type.to_string(),
+            ));
+        }
+        let shard = self.shared.config.sharding.shard_of(&address.entity_id);
+        let actor = self
+            .shards_lock()
+            .get(&shard)
+            .cloned()
+            .ok_or(DeliveryError::NotOwner(shard))?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        actor
+            .send_message(ShardMsg::Deliver(delivery, reply_tx))
+            .map_err(|_| DeliveryError::ShardMoving(shard))?;
+        reply_rx
+            .await
+            .unwrap_or(Err(DeliveryError::ShardMoving(shard)))
+    }
+
+    /// What the runtime knows about one entity.
+    pub async fn entity_status(&self, address: &EntityAddress) -> EntityStatus {
+        let shard = self.shared.config.sharding.shard_of(&address.entity_id);
+        let Some(actor) = self.shards_lock().get(&shard).cloned() else {
+            return EntityStatus::default();
+        };
+        let (tx, rx) = oneshot::channel();
+        if actor
+            .send_message(ShardMsg::Status(address.clone(), tx))
+            .is_err()
+        {
+            return EntityStatus::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    async fn start_shard(self, shard: ShardId, epoch: Epoch) {
+        let args = ShardArgs {
+            shard,
+            epoch,
+            shared: self.shared.clone(),
+        };
+        match ractor::Actor::spawn(None, ShardActor, args).await {
+            Ok((actor, _)) => {
+                if let Some(old) = self.shards_lock().insert(shard, actor) {
+                    old.stop(Some("replaced by a newer acquisition".to_owned()));
+                }
+            }
+            Err(error) => tracing::error!(%shard, %error, "cannot start shard supervisor"),
+        }
+    }
+}
+
+impl ShardLifecycle for EntityRuntime {
+    fn acquired(&self, shard: ShardId, epoch: Epoch) {
+        tokio::spawn(self.clone().start_shard(shard, epoch));
+    }
+
+    fn drain(&self, shard: ShardId) -> BoxFuture<'static, ()> {
+        let actor = self.shards_lock().remove(&shard);
+        Box::pin(async move {
+            let Some(actor) = actor else { return };
+            let (done_tx, done_rx) = oneshot::channel();
+            if actor.send_message(ShardMsg::Drain(done_tx)).is_ok() {
+                let _ = done_rx.await;
+            }
+        })
+    }
+
+    fn fenced(&self, shards: &[ShardId]) {
+        let mut map = self.shards_lock();
+        for shard in shards {
+            if let Some(actor) = map.remove(shard) {
+                let _ = actor.send_message(ShardMsg::Fence);
+            }
+        }
+    }
+}
+
+/// Ids of messages older than `grace` (snowflake ids carry their creation millisecond).
+pub(crate) fn older_than(id: MessageId, grace: Duration) -> bool {
+    let created_ms = (id.get() >> 22) as u64 + 1_735_689_600_000;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(u64::MAX);
+    now_ms.saturating_sub(created_ms) >= grace.as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests;

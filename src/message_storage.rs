@@ -1,0 +1,207 @@
+//! Message storage: persisted messages, their single final reply, and entity state.
+//!
+//! Guarantees every backend gives (checked by one conformance suite,
+//! `tests/message_storage.rs`):
+//! - [`MessageStorage::save`] stores a message once per idempotency key and entity: a
+//!   duplicate gets the first message's id and its reply if there is one.
+//! - [`MessageStorage::unprocessed`] lists a shard's backlog in id (insertion) order, only
+//!   rows whose `deliver_at` has come.
+//! - [`MessageStorage::complete`] marks a message processed, stores its one reply and
+//!   writes the entity's new state **in one transaction that commits only if the shard's
+//!   epoch is still the completing owner's** and the message was not already processed.
+//!   Otherwise nothing at all is written.
+//!
+//! Backends: [`postgres`] (group commit: concurrent saves and completions are batched into
+//! multi-row statements) and [`memory`].
+
+pub mod memory;
+pub mod postgres;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
+
+/// Errors of message storage.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MessageStorageError {
+    /// The database could not be reached; retrying is safe (saves are idempotent by id).
+    #[error("message storage unavailable: {0}")]
+    Unavailable(String),
+    /// The storage is shutting down.
+    #[error("message storage is shutting down")]
+    Shutdown,
+    /// Anything else.
+    #[error("message storage error: {0}")]
+    Other(String),
+}
+
+impl MessageStorageError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// A message to persist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// Its id (snowflake, from the sender).
+    pub id: MessageId,
+    /// The shard of its entity.
+    pub shard: ShardId,
+    /// Its entity.
+    pub address: EntityAddress,
+    /// The message's name (`increment`).
+    pub tag: String,
+    /// The message's body.
+    pub payload: serde_json::Value,
+    /// Deduplication key, unique per entity.
+    pub idempotency_key: Option<String>,
+    /// Not delivered before this instant.
+    pub deliver_at: Option<DateTime<Utc>>,
+}
+
+/// A stored, unprocessed message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    /// Its id.
+    pub id: MessageId,
+    /// Its shard.
+    pub shard: ShardId,
+    /// Its entity.
+    pub address: EntityAddress,
+    /// The message's name.
+    pub tag: String,
+    /// The body as stored (decoding may still fail: that is the entity's to report).
+    pub payload: serde_json::Value,
+    /// Its deduplication key.
+    pub idempotency_key: Option<String>,
+    /// When it becomes due.
+    pub deliver_at: Option<DateTime<Utc>>,
+    /// How many times delivery was started before.
+    pub attempts: i32,
+}
+
+impl From<NewMessage> for StoredMessage {
+    fn from(m: NewMessage) -> Self {
+        Self {
+            id: m.id,
+            shard: m.shard,
+            address: m.address,
+            tag: m.tag,
+            payload: m.payload,
+            idempotency_key: m.idempotency_key,
+            deliver_at: m.deliver_at,
+            attempts: 0,
+        }
+    }
+}
+
+/// A final reply: the handler's value, or its error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Reply {
+    /// The handler succeeded.
+    Ok {
+        /// The reply value.
+        value: serde_json::Value,
+    },
+    /// The handler failed for good (or the message could not be decoded).
+    Err {
+        /// A machine-readable code.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// What [`MessageStorage::save`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveOutcome {
+    /// Stored as a new message.
+    Stored(MessageId),
+    /// A message with the same idempotency key exists: its id, and its reply if done.
+    Duplicate {
+        /// The first message's id.
+        id: MessageId,
+        /// Its reply, if it was processed.
+        reply: Option<Reply>,
+    },
+}
+
+impl SaveOutcome {
+    /// The id of the message the caller should wait for.
+    pub fn id(&self) -> MessageId {
+        match self {
+            Self::Stored(id) | Self::Duplicate { id, .. } => *id,
+        }
+    }
+}
+
+/// Completing one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The message.
+    pub message_id: MessageId,
+    /// Its shard.
+    pub shard: ShardId,
+    /// The epoch the completing owner holds the shard under.
+    pub epoch: Epoch,
+    /// The final reply.
+    pub reply: Reply,
+    /// The entity's new state, written in the same transaction.
+    pub state: Option<(EntityAddress, serde_json::Value)>,
+}
+
+/// What [`MessageStorage::complete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionOutcome {
+    /// Reply, processed flag and state committed together.
+    Committed,
+    /// The message was already processed (a redelivery): nothing written.
+    AlreadyProcessed,
+    /// The shard's epoch moved on (the owner was fenced): nothing written.
+    Fenced,
+}
+
+/// Persisted message storage of one cluster.
+#[async_trait]
+pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a message unless its idempotency key was seen for the entity.
+    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError>;
+
+    /// Unprocessed messages of `shard` due by `now`, in id order, at most `limit`.
+    async fn unprocessed(
+        &self,
+        shard: ShardId,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, MessageStorageError>;
+
+    /// The earliest `deliver_at` after `now` among `shard`'s unprocessed messages.
+    async fn next_due(
+        &self,
+        shard: ShardId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, MessageStorageError>;
+
+    /// Completes a message (see the module doc for the guarantee).
+    async fn complete(
+        &self,
+        completion: Completion,
+    ) -> Result<CompletionOutcome, MessageStorageError>;
+
+    /// Counts one more delivery attempt of `ids`.
+    async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError>;
+
+    /// The stored reply of a message, if it was processed.
+    async fn reply(&self, id: MessageId) -> Result<Option<Reply>, MessageStorageError>;
+
+    /// The state last committed for an entity.
+    async fn load_state(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<Option<serde_json::Value>, MessageStorageError>;
+}

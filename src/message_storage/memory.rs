@@ -1,0 +1,149 @@
+//! In-memory message storage, for tests of the runtime in one process. Shard epochs come
+//! from a [`MemoryRunnerStorage`]-like source: the storage is told the current epoch of
+//! each shard through [`MemoryMessageStorage::set_epoch`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{
+    Completion, CompletionOutcome, MessageStorage, MessageStorageError, NewMessage, Reply,
+    SaveOutcome, StoredMessage,
+};
+use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
+
+#[derive(Debug, Default)]
+struct State {
+    messages: BTreeMap<MessageId, (StoredMessage, bool)>,
+    keys: HashMap<(EntityAddress, String), MessageId>,
+    replies: HashMap<MessageId, Reply>,
+    states: HashMap<EntityAddress, serde_json::Value>,
+    epochs: HashMap<ShardId, Epoch>,
+}
+
+/// Message storage held in memory. Clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMessageStorage {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryMessageStorage {
+    /// Empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the shard's current epoch (the owner's acquisition does this in Postgres).
+    pub fn set_epoch(&self, shard: ShardId, epoch: Epoch) {
+        self.lock().epochs.insert(shard, epoch);
+    }
+
+    /// Whether a message is marked processed.
+    pub fn is_processed(&self, id: MessageId) -> bool {
+        self.lock().messages.get(&id).is_some_and(|(_, p)| *p)
+    }
+}
+
+#[async_trait]
+impl MessageStorage for MemoryMessageStorage {
+    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
+        let mut state = self.lock();
+        if state.messages.contains_key(&message.id) {
+            return Ok(SaveOutcome::Stored(message.id));
+        }
+        if let Some(key) = &message.idempotency_key {
+            let slot = (message.address.clone(), key.clone());
+            if let Some(first) = state.keys.get(&slot).copied() {
+                return Ok(SaveOutcome::Duplicate {
+                    id: first,
+                    reply: state.replies.get(&first).cloned(),
+                });
+            }
+            state.keys.insert(slot, message.id);
+        }
+        let id = message.id;
+        state.messages.insert(id, (message.into(), false));
+        Ok(SaveOutcome::Stored(id))
+    }
+
+    async fn unprocessed(
+        &self,
+        shard: ShardId,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, MessageStorageError> {
+        Ok(self
+            .lock()
+            .messages
+            .values()
+            .filter(|(m, processed)| {
+                !processed && m.shard == shard && m.deliver_at.is_none_or(|at| at <= now)
+            })
+            .take(limit)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+
+    async fn next_due(
+        &self,
+        shard: ShardId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, MessageStorageError> {
+        Ok(self
+            .lock()
+            .messages
+            .values()
+            .filter(|(m, processed)| !processed && m.shard == shard)
+            .filter_map(|(m, _)| m.deliver_at)
+            .filter(|at| *at > now)
+            .min())
+    }
+
+    async fn complete(
+        &self,
+        completion: Completion,
+    ) -> Result<CompletionOutcome, MessageStorageError> {
+        let mut state = self.lock();
+        if state.epochs.get(&completion.shard) != Some(&completion.epoch) {
+            return Ok(CompletionOutcome::Fenced);
+        }
+        match state.messages.get_mut(&completion.message_id) {
+            Some((_, processed)) if !*processed => *processed = true,
+            _ => return Ok(CompletionOutcome::AlreadyProcessed),
+        }
+        state
+            .replies
+            .insert(completion.message_id, completion.reply);
+        if let Some((address, value)) = completion.state {
+            state.states.insert(address, value);
+        }
+        Ok(CompletionOutcome::Committed)
+    }
+
+    async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
+        let mut state = self.lock();
+        for id in ids {
+            if let Some((m, _)) = state.messages.get_mut(id) {
+                m.attempts += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reply(&self, id: MessageId) -> Result<Option<Reply>, MessageStorageError> {
+        Ok(self.lock().replies.get(&id).cloned())
+    }
+
+    async fn load_state(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<Option<serde_json::Value>, MessageStorageError> {
+        Ok(self.lock().states.get(address).cloned())
+    }
+}
