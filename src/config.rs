@@ -21,6 +21,9 @@ use crate::sharding::Sharding;
 /// `SHOAL__RUNNER__POLL_INTERVAL=500ms` sets `runner.poll-interval`.
 pub const ENV_PREFIX: &str = "SHOAL__";
 
+/// The cluster secret used when none is configured (local clusters only).
+pub const DEFAULT_SECRET: &str = "shoal-local-secret";
+
 /// The config file read when none is named and it exists in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "cluster-config/default.toml";
 
@@ -94,6 +97,9 @@ pub struct ClusterConfig {
     pub name: ClusterName,
     /// Shards per shard group; must match the value stored for the cluster. Default 1024.
     pub shards_per_group: NonZeroU32,
+    /// Shared secret runners require from peers on the runner transport. Set it in
+    /// production (`SHOAL__CLUSTER__SECRET`); the default is for local clusters only.
+    pub secret: String,
 }
 
 impl Default for ClusterConfig {
@@ -101,6 +107,7 @@ impl Default for ClusterConfig {
         Self {
             name: ClusterName::default(),
             shards_per_group: NonZeroU32::new(Sharding::DEFAULT_SHARDS).unwrap_or(NonZeroU32::MIN),
+            secret: DEFAULT_SECRET.to_owned(),
         }
     }
 }
@@ -116,6 +123,9 @@ pub struct DatabaseConfig {
     /// Time allowed to open a connection. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Batch concurrent message saves and completions into multi-row statements (group
+    /// commit). Default true.
+    pub group_commit: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -124,6 +134,7 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/shoal".to_owned(),
             pool_max_connections: 10,
             connect_timeout: Duration::from_secs(5),
+            group_commit: true,
         }
     }
 }
@@ -163,6 +174,13 @@ pub struct RunnerConfig {
     pub keepalive_interval: Duration,
     /// Server-side TCP keepalive probes before the peer is declared dead. Default 3.
     pub keepalive_count: u32,
+    /// Most entities resident on this runner; new ones wait in storage. Default 100000.
+    pub max_resident_entities: usize,
+    /// Interval of each shard's backlog scan. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub scan_interval: Duration,
+    /// Delivery attempts before a failing message is completed with an error. Default 5.
+    pub max_delivery_attempts: i32,
 }
 
 impl Default for RunnerConfig {
@@ -178,6 +196,9 @@ impl Default for RunnerConfig {
             keepalive_idle: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(1),
             keepalive_count: 3,
+            max_resident_entities: 100_000,
+            scan_interval: Duration::from_secs(1),
+            max_delivery_attempts: 5,
         }
     }
 }
@@ -321,6 +342,12 @@ impl ShoalConfig {
                 problem: "must not be empty".to_owned(),
             });
         }
+        if self.cluster.secret.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "cluster.secret",
+                problem: "must not be empty".to_owned(),
+            });
+        }
         if self.database.pool_max_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "database.pool-max-connections",
@@ -352,6 +379,12 @@ impl RunnerConfig {
                     problem: format!("is {value:?}; it must be at least 10ms"),
                 });
             }
+        }
+        if self.max_resident_entities == 0 || self.max_delivery_attempts < 1 {
+            return Err(ConfigError::Invalid {
+                key: "runner.max-resident-entities",
+                problem: "and runner.max-delivery-attempts must be at least 1".to_owned(),
+            });
         }
         if self.keepalive_count == 0 {
             return Err(ConfigError::Invalid {

@@ -20,6 +20,7 @@
 //!   graceful shutdown.
 //! - [`metrics`] names every metric and exports them for Prometheus.
 
+pub mod client;
 pub mod config;
 pub mod entity;
 pub mod entity_runtime;
@@ -32,6 +33,7 @@ pub mod runner_storage;
 pub mod sharding;
 pub mod snowflake;
 pub mod status;
+pub mod transport;
 
 pub use config::{ConfigLoader, ShoalConfig};
 pub use ids::{

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 
 /// Errors of message storage.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageStorageError {
     /// The database could not be reached; retrying is safe (saves are idempotent by id).
     #[error("message storage unavailable: {0}")]

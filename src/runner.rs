@@ -9,10 +9,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::watch;
+
+use crate::client::{ClientConfig, ClientParts, ShoalClient};
 use crate::config::ShoalConfig;
-use crate::ownership::{OwnershipConfig, OwnershipHandle, ShardLifecycle, spawn_ownership};
+use crate::entity::EntityRegistry;
+use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
+use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
+use crate::ownership::{OwnershipConfig, OwnershipHandle, spawn_ownership};
 use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
 use crate::runner_storage::{RunnerRegistration, RunnerStorage, StorageError};
+use crate::transport::http::HttpTransport;
 
 /// Why a runner could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +35,9 @@ pub enum RunnerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The transport client could not be built.
+    #[error("{0}")]
+    Transport(String),
     /// Graceful shutdown took longer than `runner.shutdown-timeout`.
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimedOut(std::time::Duration),
@@ -38,16 +48,10 @@ pub enum RunnerError {
 pub struct RunnerParams {
     /// The validated configuration.
     pub config: ShoalConfig,
-    /// Told about shard acquisitions, drains and fencing.
-    pub lifecycle: Arc<dyn ShardLifecycle>,
+    /// The entity types this runner hosts.
+    pub registry: EntityRegistry,
     /// The process's metrics exporter, served at `/metrics`.
     pub metrics: Option<PrometheusHandle>,
-}
-
-impl std::fmt::Debug for dyn ShardLifecycle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShardLifecycle")
-    }
 }
 
 /// Runs a runner until `shutdown` is cancelled, then shuts it down in order.
@@ -68,6 +72,20 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     storage
         .ensure_cluster(config.cluster.shards_per_group.get())
         .await?;
+    let storage = Arc::new(storage);
+    if config.cluster.secret == crate::config::DEFAULT_SECRET {
+        tracing::warn!("cluster.secret is the built-in default: set your own outside local clusters");
+    }
+    let batching = if db.group_commit {
+        BatchConfig::GROUP_COMMIT
+    } else {
+        BatchConfig::ONE_BY_ONE
+    };
+    let messages = Arc::new(PgMessageStorage::new(
+        pool.clone(),
+        config.cluster.name.clone(),
+        batching,
+    ));
 
     let listener = TcpListener::bind(config.runner.listen)
         .await
@@ -85,10 +103,23 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         .clone()
         .unwrap_or_else(|| bound.to_string());
 
+    let (runner_id_tx, runner_id_rx) = watch::channel(None);
+    let runtime = EntityRuntime::new(
+        params.registry.clone(),
+        messages.clone(),
+        RuntimeConfig {
+            sharding: config.sharding(),
+            max_resident_entities: config.runner.max_resident_entities,
+            scan_interval: config.runner.scan_interval,
+            max_attempts: config.runner.max_delivery_attempts,
+            ..RuntimeConfig::default()
+        },
+        runner_id_rx,
+    );
     let loop_shutdown = CancellationToken::new();
     let (ownership, ownership_done) = spawn_ownership(
-        Arc::new(storage),
-        params.lifecycle.clone(),
+        storage.clone(),
+        Arc::new(runtime.clone()),
         OwnershipConfig {
             sharding: config.sharding(),
             poll_interval: config.runner.poll_interval,
@@ -103,6 +134,21 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         loop_shutdown.clone(),
     );
     tracing::info!(listen = %bound, %address, cluster = %config.cluster.name, "runner started");
+    tokio::spawn(follow_runner_id(ownership.clone(), runner_id_tx));
+
+    let client_shutdown = CancellationToken::new();
+    let transport = HttpTransport::new(config.cluster.secret.clone()).map_err(RunnerError::Transport)?;
+    let client = ShoalClient::start(
+        ClientParts {
+            sharding: config.sharding(),
+            runners: storage.clone(),
+            messages: messages.clone(),
+            transport: Arc::new(transport),
+            machine_id: std::process::id(),
+            config: ClientConfig::default(),
+        },
+        client_shutdown.clone(),
+    );
 
     let http_shutdown = CancellationToken::new();
     let server = tokio::spawn(http::serve(
@@ -110,6 +156,9 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         http::RunnerHttp {
             ownership: ownership.clone(),
             metrics: params.metrics.clone(),
+            runtime: runtime.clone(),
+            secret: config.cluster.secret.clone(),
+            client,
         },
         http_shutdown.clone(),
     ));
@@ -117,9 +166,27 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     shutdown.cancelled().await;
     let result = shut_down(&params, ownership, ownership_done, loop_shutdown).await;
     http_shutdown.cancel();
+    client_shutdown.cancel();
     let _ = server.await;
     pool.close().await;
     result
+}
+
+/// Keeps the runtime's view of the runner id in step with the ownership loop (it changes
+/// when the runner rejoins after fencing).
+async fn follow_runner_id(ownership: OwnershipHandle, tx: watch::Sender<Option<crate::ids::RunnerId>>) {
+    let mut views = ownership.subscribe();
+    loop {
+        let id = views.borrow_and_update().runner_id;
+        tx.send_if_modified(|current| {
+            let changed = *current != id;
+            *current = id;
+            changed
+        });
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn shut_down(

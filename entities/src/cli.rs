@@ -1,6 +1,7 @@
 //! Command-line interface. Every flag also has an environment variable; flags win over the
 //! environment, which wins over the config file.
 
+mod bench;
 mod drill;
 mod runner;
 mod signals;
@@ -34,6 +35,8 @@ enum Command {
     Runner(runner::RunnerArgs),
     /// Print the cluster's runners and shard ownership.
     Status(status::StatusArgs),
+    /// Closed-loop load generator; prints JSON.
+    Bench(bench::BenchArgs),
     /// Failover drills.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
@@ -81,6 +84,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
             status::run(config, args.json).await
+        }
+        Command::Bench(args) => {
+            let config = cli.load_config(|l| args.apply(l))?;
+            bench::run(args, config).await
         }
         Command::Drill(drill) => {
             let config = cli.load_config(|l| drill.apply(l))?;

@@ -1,0 +1,314 @@
+//! The runtime against in-memory message storage.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+
+use tokio::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::entity::{Entity, EntityContext, EntityOptions, HandlerError};
+use crate::ids::{EntityId, EntityType};
+use crate::message_storage::memory::MemoryMessageStorage;
+use crate::message_storage::{NewMessage, SaveOutcome};
+use crate::snowflake::Snowflake;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TestMsg {
+    Add { n: i64 },
+    Get {},
+    Sleep { ms: u64 },
+    PanicFirst {},
+}
+
+/// Handler runs per entity id.
+static HANDLED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn handled(entity: &str) -> usize {
+    HANDLED
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|e| *e == entity)
+        .count()
+}
+
+struct TestEntity {
+    capacity: usize,
+    max_idle: Duration,
+}
+
+impl Entity for TestEntity {
+    type Message = TestMsg;
+    type Reply = i64;
+    type State = i64;
+
+    fn entity_type(&self) -> EntityType {
+        EntityType::new("test").expect("valid")
+    }
+
+    fn options(&self) -> EntityOptions {
+        EntityOptions {
+            mailbox_capacity: NonZeroUsize::new(self.capacity).expect("non-zero"),
+            max_idle: self.max_idle,
+            persist_state: true,
+            ..EntityOptions::default()
+        }
+    }
+
+    fn is_persisted(&self, message: &TestMsg) -> bool {
+        matches!(message, TestMsg::Add { .. } | TestMsg::PanicFirst {})
+    }
+
+    async fn handle(
+        &self,
+        ctx: &EntityContext,
+        state: &mut i64,
+        message: TestMsg,
+    ) -> Result<i64, HandlerError> {
+        HANDLED
+            .lock()
+            .expect("not poisoned")
+            .push(ctx.address.entity_id.to_string());
+        match message {
+            TestMsg::Add { n } => *state += n,
+            TestMsg::Get {} => {}
+            TestMsg::Sleep { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+            TestMsg::PanicFirst {} => {
+                assert!(ctx.attempts > 0, "first attempt of this message panics");
+                *state += 1000;
+            }
+        }
+        Ok(*state)
+    }
+}
+
+const SHARDS: u32 = 4;
+
+struct Fixture {
+    runtime: EntityRuntime,
+    storage: MemoryMessageStorage,
+    ids: Snowflake,
+    sharding: Sharding,
+}
+
+async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
+    let storage = MemoryMessageStorage::new();
+    let mut registry = EntityRegistry::new();
+    registry
+        .register(TestEntity { capacity, max_idle })
+        .expect("registers");
+    let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
+    let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
+    let runtime = EntityRuntime::new(
+        registry,
+        Arc::new(storage.clone()),
+        RuntimeConfig {
+            sharding,
+            scan_interval: Duration::from_millis(100),
+            scan_grace: Duration::from_millis(200),
+            restart_backoff: Duration::from_millis(20),
+            ..RuntimeConfig::default()
+        },
+        rx,
+    );
+    for shard in sharding.all() {
+        storage.set_epoch(shard, Epoch::new(1));
+        runtime.acquired(shard, Epoch::new(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime.shards().len() < SHARDS as usize {
+        assert!(Instant::now() < deadline, "shards did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Fixture {
+        runtime,
+        storage,
+        ids: Snowflake::new(1),
+        sharding,
+    }
+}
+
+fn address(id: &str) -> EntityAddress {
+    EntityAddress {
+        entity_type: EntityType::new("test").expect("valid"),
+        entity_id: EntityId::new(id).expect("valid"),
+    }
+}
+
+impl Fixture {
+    async fn persist(&self, entity: &str, tag: &str, payload: serde_json::Value, key: Option<&str>) -> (StoredMessage, bool) {
+        let address = address(entity);
+        let message = NewMessage {
+            id: self.ids.next_id(),
+            shard: self.sharding.shard_of(&address.entity_id),
+            address,
+            tag: tag.to_owned(),
+            payload,
+            idempotency_key: key.map(str::to_owned),
+            deliver_at: None,
+        };
+        let outcome = self.storage.save(message.clone()).await.expect("saved");
+        let duplicate = matches!(outcome, SaveOutcome::Duplicate { .. });
+        let mut stored: StoredMessage = message.into();
+        stored.id = outcome.id();
+        (stored, duplicate)
+    }
+
+    async fn ask_persisted(&self, entity: &str, tag: &str, payload: serde_json::Value) -> Result<Reply, DeliveryError> {
+        let (message, duplicate) = self.persist(entity, tag, payload, None).await;
+        self.runtime
+            .deliver(Delivery::Persisted { message, duplicate })
+            .await
+    }
+
+    async fn ask_volatile(&self, entity: &str, tag: &str, payload: serde_json::Value) -> Result<Reply, DeliveryError> {
+        self.runtime
+            .deliver(Delivery::Volatile {
+                address: address(entity),
+                tag: tag.to_owned(),
+                payload,
+            })
+            .await
+    }
+}
+
+fn value(reply: Result<Reply, DeliveryError>) -> i64 {
+    match reply {
+        Ok(Reply::Ok { value }) => value.as_i64().expect("an integer reply"),
+        other => panic!("expected a value, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn persisted_messages_update_state_and_volatile_reads_it() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    assert_eq!(value(f.ask_persisted("a", "add", serde_json::json!({"n": 2})).await), 2);
+    assert_eq!(value(f.ask_persisted("a", "add", serde_json::json!({"n": 3})).await), 5);
+    assert_eq!(value(f.ask_volatile("a", "get", serde_json::json!({})).await), 5);
+    let stored = f.storage.load_state(&address("a")).await.expect("loads");
+    assert_eq!(stored, Some(serde_json::json!(5)));
+}
+
+#[tokio::test]
+async fn a_full_mailbox_refuses_volatile_and_keeps_persisted() {
+    let f = Arc::new(fixture(2, Duration::from_secs(60)).await);
+    // Two slow volatile requests fill the mailbox of "m".
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let f = f.clone();
+        slow.push(tokio::spawn(async move {
+            f.ask_volatile("m", "sleep", serde_json::json!({"ms": 300})).await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.runtime.entity_status(&address("m")).await.mailbox_depth < 2 {
+        assert!(Instant::now() < deadline, "mailbox did not fill");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = f.ask_volatile("m", "get", serde_json::json!({})).await;
+    assert!(matches!(refused, Err(DeliveryError::MailboxFull(_))), "{refused:?}");
+    // A persisted message waits in storage and is processed once room frees.
+    let persisted = f.ask_persisted("m", "add", serde_json::json!({"n": 7})).await;
+    assert_eq!(value(persisted), 7);
+    for handle in slow {
+        assert!(handle.await.expect("joins").is_ok());
+    }
+}
+
+#[tokio::test]
+async fn idle_entities_passivate_and_come_back_with_their_state() {
+    let f = fixture(8, Duration::from_millis(100)).await;
+    assert_eq!(value(f.ask_persisted("p", "add", serde_json::json!({"n": 4})).await), 4);
+    assert!(f.runtime.entity_status(&address("p")).await.resident);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.runtime.entity_status(&address("p")).await.resident {
+        assert!(Instant::now() < deadline, "entity was not passivated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.runtime.resident(), 0);
+    // Reactivation loads the persisted state.
+    assert_eq!(value(f.ask_volatile("p", "get", serde_json::json!({})).await), 4);
+    assert_eq!(f.runtime.resident(), 1);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_restarts_its_entity_and_replays_the_message() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    assert_eq!(value(f.ask_persisted("x", "add", serde_json::json!({"n": 1})).await), 1);
+    // Panics on its first attempt; the entity restarts and the message is replayed.
+    let replayed = f.ask_persisted("x", "panic_first", serde_json::json!({})).await;
+    assert_eq!(value(replayed), 1001);
+    let status = f.runtime.entity_status(&address("x")).await;
+    assert!(status.last_error.is_some_and(|e| e.contains("first attempt")));
+    // And the entity keeps working.
+    assert_eq!(value(f.ask_persisted("x", "add", serde_json::json!({"n": 1})).await), 1002);
+}
+
+#[tokio::test]
+async fn duplicates_wait_for_the_first_message_and_run_it_once() {
+    let f = Arc::new(fixture(8, Duration::from_secs(60)).await);
+    let mut callers = Vec::new();
+    for _ in 0..10 {
+        let f = f.clone();
+        callers.push(tokio::spawn(async move {
+            let (message, duplicate) = f
+                .persist("d", "add", serde_json::json!({"n": 5}), Some("once"))
+                .await;
+            f.runtime
+                .deliver(Delivery::Persisted { message, duplicate })
+                .await
+        }));
+    }
+    for caller in callers {
+        assert_eq!(value(caller.await.expect("joins")), 5);
+    }
+    assert_eq!(handled("d"), 1, "ten callers with one key ran the handler once");
+    assert_eq!(value(f.ask_volatile("d", "get", serde_json::json!({})).await), 5);
+}
+
+#[tokio::test]
+async fn a_fenced_shard_completes_nothing() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    let (message, _) = f.persist("f", "add", serde_json::json!({"n": 1}), None).await;
+    // Another owner took the shard over.
+    f.storage.set_epoch(message.shard, Epoch::new(2));
+    let id = message.id;
+    let result = f
+        .runtime
+        .deliver(Delivery::Persisted {
+            message,
+            duplicate: false,
+        })
+        .await;
+    assert!(matches!(result, Err(DeliveryError::ShardMoving(_))), "{result:?}");
+    assert!(!f.storage.is_processed(id));
+    assert_eq!(f.storage.reply(id).await.expect("reads"), None);
+    assert_eq!(f.storage.load_state(&address("f")).await.expect("reads"), None);
+}
+
+#[tokio::test]
+async fn unknown_types_and_bad_bodies_are_refused() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    let unknown = f
+        .runtime
+        .deliver(Delivery::Volatile {
+            address: EntityAddress {
+                entity_type: EntityType::new("nope").expect("valid"),
+                entity_id: EntityId::new("a").expect("valid"),
+            },
+            tag: "get".to_owned(),
+            payload: serde_json::json!({}),
+        })
+        .await;
+    assert!(matches!(unknown, Err(DeliveryError::UnknownEntityType(_))));
+    // A stored message whose body does not decode gets an error reply, once.
+    let reply = f
+        .ask_persisted("b", "add", serde_json::json!({"n": "not a number"}))
+        .await;
+    assert!(
+        matches!(&reply, Ok(Reply::Err { code, .. }) if code == "bad_message"),
+        "{reply:?}"
+    );
+}

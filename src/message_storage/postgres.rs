@@ -51,6 +51,17 @@ impl Default for BatchConfig {
 
 fn db_error(error: sqlx::Error) -> MessageStorageError {
     match error {
+        // A deadlock or serialization failure aborted the statement: nothing was written,
+        // and saves (idempotent by id) and completions (epoch-checked) may simply run again.
+        sqlx::Error::Database(db)
+            if matches!(db.code().as_deref(), Some("40P01") | Some("40001")) =>
+        {
+            MessageStorageError::Unavailable(format!(
+                "{} (SQLSTATE {}); retry",
+                db.message(),
+                db.code().as_deref().unwrap_or("?")
+            ))
+        }
         sqlx::Error::Database(db) => MessageStorageError::Other(format!(
             "{} (SQLSTATE {})",
             db.message(),
@@ -188,6 +199,10 @@ fn reply_columns(reply: &Reply) -> (bool, serde_json::Value) {
 }
 
 impl Inner {
+    /// Inserts a batch in one statement. Rows go in sorted by idempotency key, then id: an
+    /// insert waits on a conflicting row another batch has not committed yet, so two batches
+    /// holding the same keys in opposite orders would deadlock (two nodes retrying the same
+    /// sends do that); one global order makes them queue instead.
     async fn save_batch(
         &self,
         batch: Vec<NewMessage>,
@@ -201,7 +216,7 @@ impl Inner {
                FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::text[],
                            $7::jsonb[], $8::text[], $9::timestamptz[])
                     AS m(id, shard, entity_type, entity_id, tag, payload, key, deliver_at)
-             ORDER BY m.id
+             ORDER BY m.key IS NULL, m.entity_type, m.entity_id, m.key, m.id
              ON CONFLICT DO NOTHING
              RETURNING id",
         )

@@ -10,20 +10,29 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::ShoalClient;
+use crate::entity_runtime::EntityRuntime;
 use crate::ownership::{OwnershipHandle, OwnershipView};
 
 #[derive(Debug, Clone)]
 pub(crate) struct RunnerHttp {
     pub(crate) ownership: OwnershipHandle,
     pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) runtime: EntityRuntime,
+    pub(crate) secret: String,
+    /// Kept for routes that reach other entities from this runner.
+    #[allow(dead_code)]
+    pub(crate) client: ShoalClient,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: CancellationToken) {
+    let transport = crate::transport::http::router(state.runtime.clone(), state.secret.clone());
     let app = Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(state)
+        .merge(transport);
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -1,10 +1,7 @@
 //! `shoal runner`.
 
-use std::sync::Arc;
-
 use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
-use shoal::ownership::NoShardWork;
 use shoal::runner::RunnerParams;
 
 use super::{ClusterArgs, DatabaseArgs};
@@ -39,7 +36,7 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
     let params = RunnerParams {
         config,
-        lifecycle: Arc::new(NoShardWork),
+        registry: shoal_entities::registry()?,
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;

@@ -1,0 +1,16 @@
+//! Shoal's built-in entity types, built on the runtime's public API only.
+//!
+//! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
+//! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+
+pub mod counter;
+pub mod probe;
+
+use shoal::entity::{EntityRegistry, RegistryError};
+
+/// Every built-in entity type, ready to register on a runner.
+pub fn registry() -> Result<EntityRegistry, RegistryError> {
+    let mut registry = EntityRegistry::new();
+    registry.register(counter::Counter)?.register(probe::Probe)?;
+    Ok(registry)
+}

@@ -1,0 +1,101 @@
+//! `probe`: a diagnostic entity for drills and tests.
+//!
+//! - `echo {value}` (volatile): replies with `value`.
+//! - `sleep {ms}` (volatile): holds the entity for `ms` milliseconds (fills mailboxes).
+//! - `record {value}` (persisted): appends `value` to the entity's state, replies with the
+//!   list so far (shows persisted ordering).
+//! - `fail_until {attempts}` (persisted): panics while the message has had fewer than
+//!   `attempts` earlier delivery attempts, then succeeds (shows restart and replay).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal::entity::{Entity, EntityContext, EntityOptions, HandlerError};
+use shoal::ids::EntityType;
+
+/// The probe entity type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Probe;
+
+/// A probe's messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProbeMessage {
+    /// Replies with `value`.
+    Echo {
+        /// Anything.
+        value: serde_json::Value,
+    },
+    /// Holds the entity for `ms` milliseconds.
+    Sleep {
+        /// Milliseconds, at most 60000.
+        ms: u64,
+    },
+    /// Appends `value` to the state.
+    Record {
+        /// Anything.
+        value: serde_json::Value,
+    },
+    /// Panics until the message has been attempted `attempts` times.
+    FailUntil {
+        /// Earlier attempts needed before success.
+        attempts: i32,
+    },
+}
+
+/// A probe's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeState {
+    /// Values recorded, in handling order.
+    pub recorded: Vec<serde_json::Value>,
+}
+
+impl Entity for Probe {
+    type Message = ProbeMessage;
+    type Reply = serde_json::Value;
+    type State = ProbeState;
+
+    fn entity_type(&self) -> EntityType {
+        EntityType::new("probe").expect("`probe` is a valid entity type name")
+    }
+
+    fn options(&self) -> EntityOptions {
+        EntityOptions {
+            persist_state: true,
+            mailbox_capacity: std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN),
+            ..EntityOptions::default()
+        }
+    }
+
+    fn is_persisted(&self, message: &ProbeMessage) -> bool {
+        matches!(
+            message,
+            ProbeMessage::Record { .. } | ProbeMessage::FailUntil { .. }
+        )
+    }
+
+    async fn handle(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ProbeState,
+        message: ProbeMessage,
+    ) -> Result<serde_json::Value, HandlerError> {
+        match message {
+            ProbeMessage::Echo { value } => Ok(value),
+            ProbeMessage::Sleep { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                Ok(serde_json::json!({ "slept_ms": ms }))
+            }
+            ProbeMessage::Record { value } => {
+                state.recorded.push(value);
+                Ok(serde_json::json!({ "recorded": state.recorded }))
+            }
+            ProbeMessage::FailUntil { attempts } => {
+                if ctx.attempts < attempts {
+                    panic!("probe failing on attempt {} of {attempts}", ctx.attempts);
+                }
+                Ok(serde_json::json!({ "succeeded_on_attempt": ctx.attempts }))
+            }
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The client API: [`ShoalClient::ask`] and [`ShoalClient::send`] reach an entity from any
+//! node (runner, gateway, a handler).
+//!
+//! Routing: the client keeps the live runners (refreshed every `refresh_interval`, and at
+//! once when a runner answers `NotOwner` or cannot be reached) and the assignment computed
+//! from them. A persisted message is stored first, then its owner is told; on `NotOwner`,
+//! a lost connection or a timeout the client checks storage for the reply, refreshes, and
+//! tries again with backoff until the request's deadline. The owner also finds stored
+//! messages by scanning, so a notification that never arrives only delays the work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::entity_runtime::DeliveryError;
+use crate::ids::{EntityAddress, MessageId, RunnerId};
+use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
+use crate::runner_storage::{RunnerInfo, RunnerStorage};
+use crate::sharding::{Assignment, Sharding, assign};
+use crate::snowflake::Snowflake;
+use crate::transport::{ENVELOPE_VERSION, Envelope, PersistedInfo, Transport, TransportError};
+
+/// One request to an entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The entity.
+    pub address: EntityAddress,
+    /// Message name.
+    pub tag: String,
+    /// Message body.
+    pub payload: serde_json::Value,
+    /// Store before delivery (at-least-once) or deliver directly (volatile).
+    pub persisted: bool,
+    /// Deduplication key (persisted only).
+    pub idempotency_key: Option<String>,
+    /// Deliver no earlier than this (persisted only).
+    pub deliver_at: Option<DateTime<Utc>>,
+    /// Deadline for the reply; the client's default when None.
+    pub timeout: Option<Duration>,
+}
+
+impl Request {
+    /// A volatile request.
+    pub fn volatile(address: EntityAddress, tag: impl Into<String>, payload: serde_json::Value) -> Self {
+        Self {
+            address,
+            tag: tag.into(),
+            payload,
+            persisted: false,
+            idempotency_key: None,
+            deliver_at: None,
+            timeout: None,
+        }
+    }
+
+    /// A persisted request.
+    pub fn persisted(address: EntityAddress, tag: impl Into<String>, payload: serde_json::Value) -> Self {
+        Self {
+            persisted: true,
+            ..Self::volatile(address, tag, payload)
+        }
+    }
+
+    /// With an idempotency key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// With a deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// Why a request got no reply.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    /// The owner refused the message for good (unknown type, bad message) or for now
+    /// (mailbox full).
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    /// No runner is alive.
+    #[error("no live runners")]
+    NoRunners,
+    /// A volatile message's owner was lost mid-request: it may or may not have run.
+    #[error("the owner was lost while handling a volatile message: {0}")]
+    OwnerLost(String),
+    /// The deadline passed. A persisted message stays stored and will run; its reply can be
+    /// read later by id.
+    #[error("no reply within {timeout:?}")]
+    Timeout {
+        /// The deadline that passed.
+        timeout: Duration,
+        /// The stored message, if persisted.
+        message_id: Option<MessageId>,
+    },
+    /// Message storage failed.
+    #[error(transparent)]
+    Storage(#[from] MessageStorageError),
+    /// A runner refused this node's cluster secret.
+    #[error("a runner refused this node's cluster secret")]
+    Unauthorized,
+}
+
+impl ClientError {
+    /// Whether the same request may succeed if sent again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Delivery(e) => e.is_retryable(),
+            Self::Storage(e) => e.is_retryable(),
+            Self::Unauthorized => false,
+            Self::NoRunners | Self::OwnerLost(_) | Self::Timeout { .. } => true,
+        }
+    }
+}
+
+/// Client timings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Deadline of a request that names none.
+    pub default_timeout: Duration,
+    /// How often live runners are re-read.
+    pub refresh_interval: Duration,
+    /// Longest single delivery attempt before storage is checked again.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(30),
+            refresh_interval: Duration::from_millis(250),
+            attempt_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who should own what, as this client last saw it.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// Live runners.
+    pub runners: Vec<RunnerInfo>,
+    /// The assignment computed from them.
+    pub assignment: Assignment,
+}
+
+impl Routing {
+    fn address_of(&self, runner: RunnerId) -> Option<&str> {
+        self.runners
+            .iter()
+            .find(|r| r.id == runner)
+            .map(|r| r.address.as_str())
+    }
+}
+
+/// Reaches entities. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShoalClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    sharding: Sharding,
+    messages: Arc<dyn MessageStorage>,
+    transport: Arc<dyn Transport>,
+    ids: Snowflake,
+    routing: watch::Receiver<Arc<Routing>>,
+    refresh_now: Arc<Notify>,
+    config: ClientConfig,
+}
+
+/// The parts a client is made of.
+#[derive(Debug)]
+pub struct ClientParts {
+    /// The cluster's sharding.
+    pub sharding: Sharding,
+    /// Where runners are registered.
+    pub runners: Arc<dyn RunnerStorage>,
+    /// Where persisted messages go.
+    pub messages: Arc<dyn MessageStorage>,
+    /// How runners are reached.
+    pub transport: Arc<dyn Transport>,
+    /// Machine id for this node's message ids.
+    pub machine_id: u32,
+    /// Timings.
+    pub config: ClientConfig,
+}
+
+impl ShoalClient {
+    /// Starts a client; its routing refresher runs until `shutdown`.
+    pub fn start(parts: ClientParts, shutdown: CancellationToken) -> Self {
+        let (routing_tx, routing) = watch::channel(Arc::new(Routing::default()));
+        let refresh_now = Arc::new(Notify::new());
+        tokio::spawn(refresh_routing(
+            parts.runners,
+            parts.sharding,
+            parts.config.refresh_interval,
+            routing_tx,
+            refresh_now.clone(),
+            shutdown,
+        ));
+        Self {
+            inner: Arc::new(Inner {
+                sharding: parts.sharding,
+                messages: parts.messages,
+                transport: parts.transport,
+                ids: Snowflake::new(parts.machine_id),
+                routing,
+                refresh_now,
+                config: parts.config,
+            }),
+        }
+    }
+
+    /// The sharding this client routes by.
+    pub fn sharding(&self) -> Sharding {
+        self.inner.sharding
+    }
+
+    /// The routing as last refreshed.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.inner.routing.borrow().clone()
+    }
+
+    /// Waits until the first routing refresh saw at least one runner, or `timeout`.
+    pub async fn wait_for_runners(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.routing.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|r| !r.runners.is_empty()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn ask(&self, request: Request) -> Result<Reply, ClientError> {
+        let timeout = request.timeout.unwrap_or(self.inner.config.default_timeout);
+        let deadline = Instant::now() + timeout;
+        if request.persisted {
+            let (id, saved) = self.store(&request).await?;
+            if let SaveOutcome::Duplicate {
+                reply: Some(reply), ..
+            } = &saved
+            {
+                return Ok(reply.clone());
+            }
+            let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
+            self.await_persisted(&request, id, duplicate, deadline, timeout)
+                .await
+        } else {
+            self.ask_volatile(&request, deadline, timeout).await
+        }
+    }
+
+    /// Stores a persisted request and tells its owner, without waiting for the reply.
+    /// Returns the id under which the reply will be stored.
+    pub async fn send(&self, request: Request) -> Result<MessageId, ClientError> {
+        let (id, saved) = self.store(&request).await?;
+        let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
+        let envelope = self.envelope(&request, Some((id, duplicate)));
+        if let Ok(address) = self.owner_address(&request.address) {
+            // Best effort: a lost notification only delays delivery until the owner scans.
+            let transport = self.inner.transport.clone();
+            let timeout = self.inner.config.attempt_timeout;
+            tokio::spawn(async move {
+                let _ = transport.deliver(&address, envelope, timeout).await;
+            });
+        }
+        Ok(id)
+    }
+
+    /// The stored reply of a persisted message, if it was processed.
+    pub async fn reply_of(&self, id: MessageId) -> Result<Option<Reply>, ClientError> {
+        Ok(self.inner.messages.reply(id).await?)
+    }
+
+    async fn store(&self, request: &Request) -> Result<(MessageId, SaveOutcome), ClientError> {
+        let shard = self.inner.sharding.shard_of(&request.address.entity_id);
+        let saved = self
+            .inner
+            .messages
+            .save(NewMessage {
+                id: self.inner.ids.next_id(),
+                shard,
+                address: request.address.clone(),
+                tag: request.tag.clone(),
+                payload: request.payload.clone(),
+                idempotency_key: request.idempotency_key.clone(),
+                deliver_at: request.deliver_at,
+            })
+            .await?;
+        Ok((saved.id(), saved))
+    }
+
+    fn envelope(&self, request: &Request, persisted: Option<(MessageId, bool)>) -> Envelope {
+        Envelope {
+            version: ENVELOPE_VERSION,
+            entity_type: request.address.entity_type.clone(),
+            entity_id: request.address.entity_id.clone(),
+            tag: request.tag.clone(),
+            payload: request.payload.clone(),
+            persisted: persisted.map(|(message_id, duplicate)| PersistedInfo {
+                message_id,
+                shard: self.inner.sharding.shard_of(&request.address.entity_id),
+                idempotency_key: request.idempotency_key.clone(),
+                deliver_at: request.deliver_at,
+                duplicate,
+            }),
+        }
+    }
+
+    fn owner_address(&self, address: &EntityAddress) -> Result<String, ClientError> {
+        let shard = self.inner.sharding.shard_of(&address.entity_id);
+        let routing = self.inner.routing.borrow();
+        routing
+            .assignment
+            .owner(shard)
+            .and_then(|runner| routing.address_of(runner))
+            .map(str::to_owned)
+            .ok_or(ClientError::NoRunners)
+    }
+
+    async fn await_persisted(
+        &self,
+        request: &Request,
+        id: MessageId,
+        duplicate: bool,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let envelope = self.envelope(request, Some((id, duplicate)));
+        let mut backoff = Backoff::new();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ClientError::Timeout {
+                    timeout,
+                    message_id: Some(id),
+                });
+            }
+            let attempt = remaining.min(self.inner.config.attempt_timeout);
+            match self.owner_address(&request.address) {
+                Ok(address) => {
+                    match self.inner.transport.deliver(&address, envelope.clone(), attempt).await {
+                        Ok(reply) => return Ok(reply),
+                        Err(TransportError::Delivery(error)) if !error.is_retryable() => {
+                            return Err(error.into());
+                        }
+                        Err(TransportError::Unauthorized(_)) => return Err(ClientError::Unauthorized),
+                        Err(error) => {
+                            tracing::debug!(%error, message_id = %id, "persisted delivery attempt failed");
+                            self.inner.refresh_now.notify_one();
+                        }
+                    }
+                }
+                Err(_) => self.inner.refresh_now.notify_one(),
+            }
+            // Whoever owns it now may already have answered.
+            if let Some(reply) = self.inner.messages.reply(id).await? {
+                return Ok(reply);
+            }
+            backoff.wait(deadline).await;
+        }
+    }
+
+    async fn ask_volatile(
+        &self,
+        request: &Request,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let envelope = self.envelope(request, None);
+        let mut backoff = Backoff::new();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ClientError::Timeout {
+                    timeout,
+                    message_id: None,
+                });
+            }
+            let address = match self.owner_address(&request.address) {
+                Ok(address) => address,
+                Err(error) => {
+                    self.inner.refresh_now.notify_one();
+                    if Instant::now() + backoff.current >= deadline {
+                        return Err(error);
+                    }
+                    backoff.wait(deadline).await;
+                    continue;
+                }
+            };
+            match self.inner.transport.deliver(&address, envelope.clone(), remaining).await {
+                Ok(reply) => return Ok(reply),
+                Err(TransportError::Delivery(
+                    DeliveryError::NotOwner(_) | DeliveryError::ShardMoving(_),
+                ))
+                | Err(TransportError::Unreachable { .. }) => {
+                    // Nothing ran: safe to try the next owner.
+                    self.inner.refresh_now.notify_one();
+                }
+                Err(TransportError::Delivery(error)) => return Err(error.into()),
+                Err(TransportError::Unauthorized(_)) => return Err(ClientError::Unauthorized),
+                Err(error @ (TransportError::Lost { .. } | TransportError::Protocol { .. })) => {
+                    return Err(ClientError::OwnerLost(error.to_string()));
+                }
+            }
+            backoff.wait(deadline).await;
+        }
+    }
+}
+
+struct Backoff {
+    current: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            current: Duration::from_millis(20),
+        }
+    }
+
+    async fn wait(&mut self, deadline: Instant) {
+        let until = (Instant::now() + self.current).min(deadline);
+        tokio::time::sleep_until(until).await;
+        self.current = (self.current * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn refresh_routing(
+    runners: Arc<dyn RunnerStorage>,
+    sharding: Sharding,
+    interval: Duration,
+    routing_tx: watch::Sender<Arc<Routing>>,
+    refresh_now: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match runners.live_runners().await {
+            Ok(live) => {
+                let changed = {
+                    let current = routing_tx.borrow();
+                    current.runners.iter().map(|r| (r.id, &r.address)).ne(live
+                        .iter()
+                        .map(|r| (r.id, &r.address)))
+                };
+                if changed {
+                    let ids: Vec<RunnerId> = live.iter().map(|r| r.id).collect();
+                    let assignment = assign(sharding, &ids);
+                    let _ = routing_tx.send(Arc::new(Routing {
+                        runners: live,
+                        assignment,
+                    }));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not refresh live runners"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = refresh_now.notified() => {}
+        }
+    }
+}
