@@ -263,6 +263,38 @@ impl EntityRuntime {
         rx.await.unwrap_or_default()
     }
 
+    /// Every `scan_interval`, asks storage once which owned shards have a backlog older
+    /// than the scan grace (pushes lost on the way, a previous owner's leftovers) and has
+    /// those shards scan. One query per runner, however many shards it owns.
+    pub async fn sweep_backlog(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut interval = tokio::time::interval(self.shared.config.scan_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let shards = self.shards();
+            let before = crate::snowflake::id_before(self.shared.config.scan_grace);
+            let found = self
+                .shared
+                .storage
+                .shards_with_backlog(&shards, before, chrono::Utc::now())
+                .await;
+            match found {
+                Ok(found) => {
+                    let map = self.shards_lock();
+                    for shard in found {
+                        if let Some(actor) = map.get(&shard) {
+                            let _ = actor.send_message(ShardMsg::Scan { initial: false });
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "backlog sweep failed"),
+            }
+        }
+    }
+
     async fn start_shard(self, shard: ShardId, epoch: Epoch) {
         let args = ShardArgs {
             shard,
@@ -308,12 +340,8 @@ impl ShardLifecycle for EntityRuntime {
 
 /// Ids of messages older than `grace` (snowflake ids carry their creation millisecond).
 pub(crate) fn older_than(id: MessageId, grace: Duration) -> bool {
-    let created_ms = (id.get() >> 22) as u64 + 1_735_689_600_000;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(u64::MAX);
-    now_ms.saturating_sub(created_ms) >= grace.as_millis() as u64
+    crate::snowflake::now_ms().saturating_sub(crate::snowflake::created_ms(id))
+        >= grace.as_millis() as u64
 }
 
 #[cfg(test)]

@@ -193,6 +193,15 @@ pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
         completion: Completion,
     ) -> Result<CompletionOutcome, MessageStorageError>;
 
+    /// Which of `shards` have unprocessed, due messages created before `created_before`
+    /// (one cheap query for a runner's periodic backlog sweep).
+    async fn shards_with_backlog(
+        &self,
+        shards: &[ShardId],
+        created_before: MessageId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ShardId>, MessageStorageError>;
+
     /// Counts one more delivery attempt of `ids`.
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError>;
 

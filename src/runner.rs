@@ -116,6 +116,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         },
         runner_id_rx,
     );
+    let sweep_shutdown = CancellationToken::new();
+    tokio::spawn(runtime.clone().sweep_backlog(sweep_shutdown.clone()));
     let loop_shutdown = CancellationToken::new();
     let (ownership, ownership_done) = spawn_ownership(
         storage.clone(),
@@ -167,6 +169,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     let result = shut_down(&params, ownership, ownership_done, loop_shutdown).await;
     http_shutdown.cancel();
     client_shutdown.cancel();
+    sweep_shutdown.cancel();
     let _ = server.await;
     pool.close().await;
     result

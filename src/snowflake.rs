@@ -51,7 +51,19 @@ impl Snowflake {
     }
 }
 
-fn now_ms() -> u64 {
+/// The smallest id a generator could produce `age` ago: every id below it is older.
+pub fn id_before(age: std::time::Duration) -> MessageId {
+    let ms = now_ms().saturating_sub(age.as_millis() as u64);
+    MessageId::new((ms << (MACHINE_BITS + SEQUENCE_BITS)) as i64)
+}
+
+/// Milliseconds since the snowflake epoch at which `id` was generated.
+pub fn created_ms(id: MessageId) -> u64 {
+    (id.get() as u64) >> (MACHINE_BITS + SEQUENCE_BITS)
+}
+
+/// Milliseconds since the snowflake epoch, now.
+pub fn now_ms() -> u64 {
     let since_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -94,7 +94,6 @@ pub(crate) struct ShardState {
     last_errors: HashMap<EntityAddress, String>,
     scanning: bool,
     rescan: bool,
-    last_scan: Instant,
     draining: Option<oneshot::Sender<()>>,
     ticker: Option<JoinHandle<()>>,
     due_timer: Option<(chrono::DateTime<Utc>, JoinHandle<()>)>,
@@ -110,7 +109,8 @@ impl Actor for ShardActor {
         myself: ActorRef<ShardMsg>,
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let tick_every = (args.shared.config.scan_interval / 4).max(Duration::from_millis(50));
+        // Passivation granularity; backlog scans are driven by the runtime's sweep.
+        let tick_every = args.shared.config.scan_interval.max(Duration::from_millis(50));
         let ticker_ref = myself.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick_every);
@@ -137,7 +137,6 @@ impl Actor for ShardActor {
             last_errors: HashMap::new(),
             scanning: false,
             rescan: false,
-            last_scan: Instant::now(),
             draining: None,
             ticker: Some(ticker),
             due_timer: None,
@@ -523,7 +522,6 @@ impl ShardState {
         }
         self.scanning = true;
         self.rescan = false;
-        self.last_scan = Instant::now();
         let storage = self.shared.storage.clone();
         let shard = self.shard;
         let limit = self.shared.config.scan_batch;
@@ -634,7 +632,9 @@ impl ShardState {
             self.remove_slot(&address, "passivated");
         }
         self.backoff.retain(|_, (_, until)| *until + Duration::from_secs(60) > now);
-        if now.duration_since(self.last_scan) >= self.shared.config.scan_interval {
+        // Entities whose backlog waits in storage (full mailbox, resident cap) get another
+        // chance even if no completion woke us.
+        if !self.overflowed.is_empty() {
             self.request_scan(myself);
         }
     }

@@ -113,6 +113,11 @@ async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
         },
         rx,
     );
+    tokio::spawn(
+        runtime
+            .clone()
+            .sweep_backlog(tokio_util::sync::CancellationToken::new()),
+    );
     for shard in sharding.all() {
         storage.set_epoch(shard, Epoch::new(1));
         runtime.acquired(shard, Epoch::new(1));

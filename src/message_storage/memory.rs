@@ -126,6 +126,29 @@ impl MessageStorage for MemoryMessageStorage {
         Ok(CompletionOutcome::Committed)
     }
 
+    async fn shards_with_backlog(
+        &self,
+        shards: &[ShardId],
+        created_before: MessageId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ShardId>, MessageStorageError> {
+        let mut found: Vec<ShardId> = self
+            .lock()
+            .messages
+            .values()
+            .filter(|(m, processed)| {
+                !processed
+                    && shards.contains(&m.shard)
+                    && m.id < created_before
+                    && m.deliver_at.is_none_or(|at| at <= now)
+            })
+            .map(|(m, _)| m.shard)
+            .collect();
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
         let mut state = self.lock();
         for id in ids {

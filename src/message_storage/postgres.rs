@@ -549,6 +549,30 @@ impl MessageStorage for PgMessageStorage {
         submit(&self.complete_tx, completion).await
     }
 
+    async fn shards_with_backlog(
+        &self,
+        shards: &[ShardId],
+        created_before: MessageId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ShardId>, MessageStorageError> {
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<i32> = sqlx::query_scalar(
+            "SELECT DISTINCT shard FROM shoal_messages
+              WHERE cluster = $1 AND shard = ANY($2) AND NOT processed AND id < $3
+                AND (deliver_at IS NULL OR deliver_at <= $4)",
+        )
+        .bind(self.inner.cluster.as_str())
+        .bind(shards.iter().map(|s| s.lock_key()).collect::<Vec<_>>())
+        .bind(created_before.get())
+        .bind(now)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(found.into_iter().map(|s| ShardId::new(s as u32)).collect())
+    }
+
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
         if ids.is_empty() {
             return Ok(());
