@@ -1,0 +1,261 @@
+//! Persisted message throughput against a real PostgreSQL: 64 concurrent callers saving,
+//! then completing, messages through [`PgMessageStorage`] with group commit on
+//! ([`BatchConfig::GROUP_COMMIT`]) and off ([`BatchConfig::ONE_BY_ONE`]). One criterion
+//! iteration is one message, so the reported throughput is messages per second.
+//!
+//! Connects to `SHOAL_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), creates a fresh `shoal_b_<uuid>`
+//! database and drops it at the end. Without a reachable Postgres it prints why and measures
+//! nothing, so `cargo bench` still succeeds on machines without one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
+use shoal::message_storage::{Completion, MessageStorage, MessageStorageError, NewMessage, Reply};
+use shoal::snowflake::Snowflake;
+use shoal::{ClusterName, EntityAddress, EntityId, EntityType, Epoch, ShardId};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::runtime::Runtime;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Concurrent callers, as many request handlers of a busy runner would be.
+const CALLERS: u64 = 64;
+/// Shards the messages spread over (each gets an epoch so completions are not fenced).
+const SHARDS: u32 = 64;
+const EPOCH: Epoch = Epoch::new(1);
+
+/// A fresh database with Shoal's schema.
+struct BenchDb {
+    admin_url: String,
+    database: String,
+    pool: PgPool,
+}
+
+/// `url` pointing at `database` instead (keeps user, host and query parameters).
+fn with_database(url: &str, database: &str) -> Result<String, String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").ok_or("database url without scheme")? + 3;
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut out = format!("{}/{database}", &base[..path]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+impl BenchDb {
+    async fn create() -> Result<Self, String> {
+        let admin_url =
+            std::env::var("SHOAL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let connect = PgConnection::connect(&admin_url);
+        let mut admin = tokio::time::timeout(Duration::from_secs(3), connect)
+            .await
+            .map_err(|_| format!("no answer from {admin_url} within 3 s"))?
+            .map_err(|e| format!("cannot connect to {admin_url}: {e}"))?;
+        let database = format!("shoal_b_{}", uuid::Uuid::now_v7().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&mut admin)
+            .await
+            .map_err(|e| format!("cannot create a database: {e}"))?;
+        let _ = admin.close().await;
+        let url = with_database(&admin_url, &database)?;
+        let pool = shoal::runner_storage::postgres::connect_pool(&url, 48, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("cannot connect to {database}: {e}"))?;
+        shoal::MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| format!("cannot migrate: {e}"))?;
+        Ok(Self {
+            admin_url,
+            database,
+            pool,
+        })
+    }
+
+    /// A storage for a new cluster whose shards all have an owner at [`EPOCH`].
+    async fn storage(&self, batching: BatchConfig) -> (ClusterName, Arc<PgMessageStorage>) {
+        let cluster = ClusterName::new(format!("b{}", uuid::Uuid::now_v7().simple()))
+            .expect("a valid cluster name");
+        sqlx::query(
+            "INSERT INTO shoal_shards (cluster, shard, epoch, runner_id)
+             SELECT $1, s, $2, 1 FROM generate_series(0, $3 - 1) AS s",
+        )
+        .bind(cluster.as_str())
+        .bind(EPOCH.get())
+        .bind(SHARDS as i32)
+        .execute(&self.pool)
+        .await
+        .expect("shard epochs are written");
+        let storage = PgMessageStorage::new(self.pool.clone(), cluster.clone(), batching);
+        (cluster, Arc::new(storage))
+    }
+
+    async fn drop_database(self) {
+        self.pool.close().await;
+        let dropped = async {
+            let mut admin = PgConnection::connect(&self.admin_url).await?;
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await?;
+            admin.close().await
+        };
+        if let Err(error) = dropped.await {
+            println!("could not drop bench database {}: {error}", self.database);
+        }
+    }
+}
+
+/// Message `i` of a run: spread over shards and entities, no idempotency key.
+fn message(ids: &Snowflake, i: u64) -> NewMessage {
+    let address = EntityAddress {
+        entity_type: EntityType::new("counter").expect("a valid entity type"),
+        entity_id: EntityId::new(format!("e{}", i % 1024)).expect("a valid entity id"),
+    };
+    NewMessage {
+        id: ids.next_id(),
+        shard: ShardId::new((i % u64::from(SHARDS)) as u32),
+        address,
+        tag: "increment".to_owned(),
+        payload: json!({ "by": 1 }),
+        idempotency_key: None,
+        deliver_at: None,
+    }
+}
+
+/// Runs `call(0..count)` from [`CALLERS`] concurrent tasks; the time until all are done.
+async fn drive<F, Fut>(count: u64, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), MessageStorageError>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (next, call) = (next.clone(), call.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    call(i).await.expect("storage call failed");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("caller panicked");
+    }
+    start.elapsed()
+}
+
+/// Saves `count` messages; returns the time it took.
+async fn save_messages(
+    storage: Arc<PgMessageStorage>,
+    ids: Arc<Snowflake>,
+    count: u64,
+) -> Duration {
+    drive(count, move |i| {
+        let (storage, message) = (storage.clone(), message(&ids, i));
+        async move { storage.save(message).await.map(drop) }
+    })
+    .await
+}
+
+/// Saves `count` messages through `loader` (not timed), then completes them through
+/// `storage`; returns the time the completions took.
+async fn complete_messages(
+    loader: Arc<PgMessageStorage>,
+    storage: Arc<PgMessageStorage>,
+    ids: Arc<Snowflake>,
+    count: u64,
+) -> Duration {
+    let messages: Vec<NewMessage> = (0..count).map(|i| message(&ids, i)).collect();
+    let messages = Arc::new(messages);
+    let stored = messages.clone();
+    drive(count, move |i| {
+        let (loader, message) = (loader.clone(), stored[i as usize].clone());
+        async move { loader.save(message).await.map(drop) }
+    })
+    .await;
+    drive(count, move |i| {
+        let message = &messages[i as usize];
+        let completion = Completion {
+            message_id: message.id,
+            shard: message.shard,
+            epoch: EPOCH,
+            reply: Reply::Ok {
+                value: json!({ "total": i }),
+            },
+            state: None,
+        };
+        let storage = storage.clone();
+        async move { storage.complete(completion).await.map(drop) }
+    })
+    .await
+}
+
+fn message_storage(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("a tokio runtime");
+    let db = match runtime.block_on(BenchDb::create()) {
+        Ok(db) => db,
+        Err(why) => {
+            println!("message_storage bench skipped: PostgreSQL is not usable ({why})");
+            return;
+        }
+    };
+    let ids = Arc::new(Snowflake::new(7));
+    let modes = [
+        ("group_commit", BatchConfig::GROUP_COMMIT),
+        ("one_by_one", BatchConfig::ONE_BY_ONE),
+    ];
+
+    let mut group = c.benchmark_group("message_storage");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(1));
+    for (name, batching) in modes {
+        let (_, storage) = runtime.block_on(db.storage(batching));
+        group.bench_function(BenchmarkId::new("save", name), |b| {
+            b.to_async(&runtime)
+                .iter_custom(|count| save_messages(storage.clone(), ids.clone(), count));
+        });
+    }
+    for (name, batching) in modes {
+        let (cluster, storage) = runtime.block_on(db.storage(batching));
+        let loader = {
+            let _entered = runtime.enter();
+            Arc::new(PgMessageStorage::new(
+                db.pool.clone(),
+                cluster,
+                BatchConfig::GROUP_COMMIT,
+            ))
+        };
+        group.bench_function(BenchmarkId::new("complete", name), |b| {
+            b.to_async(&runtime).iter_custom(|count| {
+                complete_messages(loader.clone(), storage.clone(), ids.clone(), count)
+            });
+        });
+    }
+    group.finish();
+    runtime.block_on(db.drop_database());
+}
+
+criterion_group!(benches, message_storage);
+criterion_main!(benches);

@@ -1,0 +1,961 @@
+//! Conformance suite of [`MessageStorage`]: every case is written once, over `&dyn Fixture`,
+//! and runs against the memory backend (`memory::`) and against PostgreSQL (`postgres::`,
+//! group commit on, a fresh database and a unique cluster name per test). A few
+//! Postgres-only cases check what only the schema and the batchers can show: the unique
+//! reply constraint, malformed rows, cluster isolation and saves under load.
+//!
+//! The Postgres tests connect to `SHOAL_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), create `shoal_t_<uuid>` there and drop it
+//! afterwards, also when the case fails.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::future::BoxFuture;
+use serde_json::json;
+use shoal::message_storage::{
+    Completion, CompletionOutcome, MessageStorage, NewMessage, Reply, SaveOutcome, StoredMessage,
+};
+use shoal::snowflake::Snowflake;
+use shoal::{EntityAddress, EntityId, EntityType, Epoch, MessageId, ShardId};
+use tokio::sync::Barrier;
+
+/// How long one case may run before it counts as hung.
+const CASE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What a case needs from a backend besides the trait: a way to move a shard's epoch on,
+/// as an owner's acquisition does.
+#[async_trait]
+trait Fixture: Send + Sync {
+    /// The storage under test (shared, so cases can spawn tasks on it).
+    fn storage(&self) -> Arc<dyn MessageStorage>;
+    /// Makes `epoch` the shard's current epoch.
+    async fn set_epoch(&self, shard: ShardId, epoch: Epoch) -> anyhow::Result<()>;
+}
+
+fn address(entity_type: &str, entity_id: &str) -> anyhow::Result<EntityAddress> {
+    Ok(EntityAddress {
+        entity_type: EntityType::new(entity_type)?,
+        entity_id: EntityId::new(entity_id)?,
+    })
+}
+
+/// A `counter` message to `entity` on `shard`.
+fn message(
+    id: MessageId,
+    shard: u32,
+    entity: &str,
+    key: Option<&str>,
+) -> anyhow::Result<NewMessage> {
+    Ok(NewMessage {
+        id,
+        shard: ShardId::new(shard),
+        address: address("counter", entity)?,
+        tag: "increment".to_owned(),
+        payload: json!({ "by": 1, "sent_as": id.get() }),
+        idempotency_key: key.map(str::to_owned),
+        deliver_at: None,
+    })
+}
+
+fn completion(message: &NewMessage, epoch: i64, reply: Reply) -> Completion {
+    Completion {
+        message_id: message.id,
+        shard: message.shard,
+        epoch: Epoch::new(epoch),
+        reply,
+        state: None,
+    }
+}
+
+fn ok(value: serde_json::Value) -> Reply {
+    Reply::Ok { value }
+}
+
+/// An instant a whole number of seconds from now, so it survives Postgres' microsecond
+/// timestamps unchanged.
+fn whole_seconds_from_now(seconds: i64) -> anyhow::Result<DateTime<Utc>> {
+    DateTime::from_timestamp(Utc::now().timestamp() + seconds, 0).context("instant in range")
+}
+
+fn ids_of(messages: &[StoredMessage]) -> Vec<MessageId> {
+    messages.iter().map(|m| m.id).collect()
+}
+
+/// The cases every backend must pass.
+mod suite {
+    use super::*;
+
+    pub async fn save_returns_stored(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let m = message(ids.next_id(), 3, "a", None)?;
+
+        assert_eq!(storage.save(m.clone()).await?, SaveOutcome::Stored(m.id));
+        // Stored as given, with no attempts yet, and not answered.
+        let listed = storage.unprocessed(m.shard, Utc::now(), 10).await?;
+        assert_eq!(listed, vec![StoredMessage::from(m.clone())]);
+        assert_eq!(storage.reply(m.id).await?, None);
+        Ok(())
+    }
+
+    pub async fn duplicate_key_returns_first_id_then_its_reply(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let first = message(ids.next_id(), 1, "a", Some("k"))?;
+        let second = message(ids.next_id(), 1, "a", Some("k"))?;
+
+        assert_eq!(
+            storage.save(first.clone()).await?,
+            SaveOutcome::Stored(first.id)
+        );
+        let pending = SaveOutcome::Duplicate {
+            id: first.id,
+            reply: None,
+        };
+        assert_eq!(storage.save(second.clone()).await?, pending);
+        let listed = storage.unprocessed(first.shard, Utc::now(), 10).await?;
+        assert_eq!(
+            ids_of(&listed),
+            vec![first.id],
+            "the duplicate was not stored"
+        );
+
+        let reply = ok(json!({ "total": 1 }));
+        let done = storage
+            .complete(completion(&first, 1, reply.clone()))
+            .await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        let answered = SaveOutcome::Duplicate {
+            id: first.id,
+            reply: Some(reply),
+        };
+        // A retry of the duplicate, and a brand-new send with the key, both meet the reply.
+        assert_eq!(storage.save(second).await?, answered);
+        let third = message(ids.next_id(), 1, "a", Some("k"))?;
+        assert_eq!(storage.save(third).await?, answered);
+        Ok(())
+    }
+
+    pub async fn same_key_on_another_entity_is_a_new_message(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let a = message(ids.next_id(), 1, "a", Some("k"))?;
+        let b = message(ids.next_id(), 1, "b", Some("k"))?;
+        // Same entity id, other entity type: another entity too.
+        let mut c = message(ids.next_id(), 1, "a", Some("k"))?;
+        c.address = address("job", "a")?;
+
+        for m in [&a, &b, &c] {
+            assert_eq!(storage.save(m.clone()).await?, SaveOutcome::Stored(m.id));
+        }
+        let listed = storage.unprocessed(a.shard, Utc::now(), 10).await?;
+        assert_eq!(ids_of(&listed), vec![a.id, b.id, c.id]);
+        Ok(())
+    }
+
+    pub async fn saving_the_same_id_twice_is_stored(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(2), Epoch::new(1)).await?;
+        let keyed = message(ids.next_id(), 2, "a", Some("k"))?;
+        let plain = message(ids.next_id(), 2, "b", None)?;
+
+        for m in [&keyed, &plain, &keyed, &plain] {
+            assert_eq!(storage.save(m.clone()).await?, SaveOutcome::Stored(m.id));
+        }
+        let listed = storage.unprocessed(keyed.shard, Utc::now(), 10).await?;
+        assert_eq!(
+            ids_of(&listed),
+            vec![keyed.id, plain.id],
+            "stored once each"
+        );
+
+        // A retry that arrives after completion does not bring the message back.
+        let done = storage
+            .complete(completion(&keyed, 1, ok(json!(1))))
+            .await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        assert_eq!(
+            storage.save(keyed.clone()).await?,
+            SaveOutcome::Stored(keyed.id)
+        );
+        let listed = storage.unprocessed(keyed.shard, Utc::now(), 10).await?;
+        assert_eq!(ids_of(&listed), vec![plain.id]);
+        Ok(())
+    }
+
+    pub async fn concurrent_saves_with_one_key_store_one_message(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        const SENDERS: usize = 10;
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let start = Arc::new(Barrier::new(SENDERS));
+        let mut tasks = Vec::new();
+        for _ in 0..SENDERS {
+            let m = message(ids.next_id(), 2, "a", Some("once"))?;
+            let (storage, start) = (storage.clone(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                storage.save(m).await
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await??);
+        }
+
+        let stored: Vec<MessageId> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                SaveOutcome::Stored(id) => Some(*id),
+                SaveOutcome::Duplicate { .. } => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 1, "exactly one save stores: {outcomes:?}");
+        let winner = stored[0];
+        let duplicate = SaveOutcome::Duplicate {
+            id: winner,
+            reply: None,
+        };
+        let duplicates = outcomes.iter().filter(|o| **o == duplicate).count();
+        assert_eq!(duplicates, SENDERS - 1, "{outcomes:?}");
+        let listed = storage
+            .unprocessed(ShardId::new(2), Utc::now(), 100)
+            .await?;
+        assert_eq!(ids_of(&listed), vec![winner]);
+        Ok(())
+    }
+
+    pub async fn unprocessed_lists_one_shard_in_id_order_up_to_limit(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let a = message(ids.next_id(), 4, "a", None)?;
+        let b = message(ids.next_id(), 4, "b", None)?;
+        let other_shard = message(ids.next_id(), 5, "c", None)?;
+        let c = message(ids.next_id(), 4, "a", None)?;
+        // Saved out of id order: the listing still follows ids.
+        for m in [&c, &other_shard, &a, &b] {
+            storage.save(m.clone()).await?;
+        }
+
+        let now = Utc::now();
+        let shard = ShardId::new(4);
+        assert_eq!(
+            ids_of(&storage.unprocessed(shard, now, 10).await?),
+            vec![a.id, b.id, c.id]
+        );
+        assert_eq!(
+            ids_of(&storage.unprocessed(shard, now, 2).await?),
+            vec![a.id, b.id]
+        );
+        assert_eq!(storage.unprocessed(shard, now, 0).await?, vec![]);
+        let fifth = storage.unprocessed(ShardId::new(5), now, 10).await?;
+        assert_eq!(ids_of(&fifth), vec![other_shard.id]);
+        assert_eq!(storage.unprocessed(ShardId::new(6), now, 10).await?, vec![]);
+        Ok(())
+    }
+
+    pub async fn scheduled_message_waits_for_its_instant(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let now = Utc::now();
+        let at = whole_seconds_from_now(3600)?;
+        let later = at + TimeDelta::hours(1);
+        let mut scheduled = message(ids.next_id(), 7, "a", None)?;
+        scheduled.deliver_at = Some(at);
+        let mut last = message(ids.next_id(), 7, "b", None)?;
+        last.deliver_at = Some(later);
+        let plain = message(ids.next_id(), 7, "c", None)?;
+        for m in [&scheduled, &last, &plain] {
+            storage.save(m.clone()).await?;
+        }
+        let shard = ShardId::new(7);
+
+        assert_eq!(
+            ids_of(&storage.unprocessed(shard, now, 10).await?),
+            vec![plain.id]
+        );
+        assert_eq!(storage.next_due(shard, now).await?, Some(at));
+        let just_before = at - TimeDelta::milliseconds(1);
+        assert_eq!(
+            ids_of(&storage.unprocessed(shard, just_before, 10).await?),
+            vec![plain.id]
+        );
+
+        let due = storage.unprocessed(shard, at, 10).await?;
+        assert_eq!(ids_of(&due), vec![scheduled.id, plain.id]);
+        assert_eq!(
+            due[0],
+            StoredMessage::from(scheduled),
+            "deliver_at kept as saved"
+        );
+        assert_eq!(storage.next_due(shard, at).await?, Some(later));
+        assert_eq!(storage.next_due(shard, later).await?, None);
+        assert_eq!(storage.next_due(ShardId::new(8), now).await?, None);
+        Ok(())
+    }
+
+    pub async fn complete_commits_once_then_already_processed(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(3)).await?;
+        let m = message(ids.next_id(), 1, "a", None)?;
+        storage.save(m.clone()).await?;
+
+        let reply = Reply::Err {
+            code: "insufficient_funds".to_owned(),
+            message: "balance is 0".to_owned(),
+        };
+        let done = storage.complete(completion(&m, 3, reply.clone())).await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        assert_eq!(storage.unprocessed(m.shard, Utc::now(), 10).await?, vec![]);
+        assert_eq!(storage.reply(m.id).await?, Some(reply.clone()));
+
+        let again = storage
+            .complete(completion(&m, 3, ok(json!("other"))))
+            .await?;
+        assert_eq!(again, CompletionOutcome::AlreadyProcessed);
+        assert_eq!(
+            storage.reply(m.id).await?,
+            Some(reply),
+            "the first reply stays"
+        );
+        Ok(())
+    }
+
+    pub async fn stale_epoch_is_fenced_and_writes_nothing(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let shard = ShardId::new(2);
+        fx.set_epoch(shard, Epoch::new(1)).await?;
+        let m = message(ids.next_id(), 2, "a", None)?;
+        storage.save(m.clone()).await?;
+        fx.set_epoch(shard, Epoch::new(2)).await?;
+
+        let account = address("counter", "a")?;
+        let mut stale = completion(&m, 1, ok(json!("stale")));
+        stale.state = Some((account.clone(), json!({ "n": 1 })));
+        assert_eq!(storage.complete(stale).await?, CompletionOutcome::Fenced);
+        // An epoch from the future, or a shard nobody acquired, is no better.
+        let ahead = completion(&m, 3, ok(json!("ahead")));
+        assert_eq!(storage.complete(ahead).await?, CompletionOutcome::Fenced);
+        let unowned = message(ids.next_id(), 9, "z", None)?;
+        storage.save(unowned.clone()).await?;
+        let orphan = completion(&unowned, 1, ok(json!("orphan")));
+        assert_eq!(storage.complete(orphan).await?, CompletionOutcome::Fenced);
+
+        // Nothing was written: still unprocessed, no reply, no state.
+        let listed = storage.unprocessed(shard, Utc::now(), 10).await?;
+        assert_eq!(listed, vec![StoredMessage::from(m.clone())]);
+        assert_eq!(storage.reply(m.id).await?, None);
+        assert_eq!(storage.load_state(&account).await?, None);
+        assert_eq!(storage.reply(unowned.id).await?, None);
+
+        // The current owner can still complete it.
+        let current = completion(&m, 2, ok(json!("current")));
+        assert_eq!(
+            storage.complete(current).await?,
+            CompletionOutcome::Committed
+        );
+        assert_eq!(storage.reply(m.id).await?, Some(ok(json!("current"))));
+        Ok(())
+    }
+
+    pub async fn state_commits_only_with_its_completion(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let shard = ShardId::new(1);
+        fx.set_epoch(shard, Epoch::new(1)).await?;
+        let account = address("counter", "acct")?;
+        let first = message(ids.next_id(), 1, "acct", None)?;
+        let second = message(ids.next_id(), 1, "acct", None)?;
+        let third = message(ids.next_id(), 1, "acct", None)?;
+        for m in [&first, &second, &third] {
+            storage.save(m.clone()).await?;
+        }
+        let with_state = |m: &NewMessage, epoch: i64, state: serde_json::Value| Completion {
+            state: Some((account.clone(), state)),
+            ..completion(m, epoch, ok(json!(null)))
+        };
+
+        let done = storage
+            .complete(with_state(&first, 1, json!({ "balance": 10 })))
+            .await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        let committed = Some(json!({ "balance": 10 }));
+        assert_eq!(storage.load_state(&account).await?, committed);
+
+        let redelivered = storage
+            .complete(with_state(&first, 1, json!({ "balance": 20 })))
+            .await?;
+        assert_eq!(redelivered, CompletionOutcome::AlreadyProcessed);
+        assert_eq!(storage.load_state(&account).await?, committed);
+
+        fx.set_epoch(shard, Epoch::new(2)).await?;
+        let fenced = storage
+            .complete(with_state(&second, 1, json!({ "balance": -1 })))
+            .await?;
+        assert_eq!(fenced, CompletionOutcome::Fenced);
+        assert_eq!(storage.load_state(&account).await?, committed);
+
+        // A completion without state leaves the stored state alone.
+        let plain = storage
+            .complete(completion(&second, 2, ok(json!(null))))
+            .await?;
+        assert_eq!(plain, CompletionOutcome::Committed);
+        assert_eq!(storage.load_state(&account).await?, committed);
+        // The next committed state replaces it.
+        let next = storage
+            .complete(with_state(&third, 2, json!({ "balance": 25 })))
+            .await?;
+        assert_eq!(next, CompletionOutcome::Committed);
+        let replaced = Some(json!({ "balance": 25 }));
+        assert_eq!(storage.load_state(&account).await?, replaced);
+        assert_eq!(
+            storage.load_state(&address("counter", "other")?).await?,
+            None
+        );
+        Ok(())
+    }
+
+    pub async fn concurrent_completions_store_exactly_one_reply(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        const OWNERS: usize = 20;
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let account = address("counter", "a")?;
+        let m = message(ids.next_id(), 1, "a", None)?;
+        storage.save(m.clone()).await?;
+
+        let start = Arc::new(Barrier::new(OWNERS));
+        let mut tasks = Vec::new();
+        for i in 0..OWNERS {
+            let mut c = completion(&m, 1, ok(json!({ "winner": i })));
+            c.state = Some((account.clone(), json!({ "winner": i })));
+            let (storage, start) = (storage.clone(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                storage.complete(c).await
+            }));
+        }
+        let mut committed = Vec::new();
+        let mut already = 0;
+        for (i, task) in tasks.into_iter().enumerate() {
+            match task.await?? {
+                CompletionOutcome::Committed => committed.push(i),
+                CompletionOutcome::AlreadyProcessed => already += 1,
+                CompletionOutcome::Fenced => anyhow::bail!("completion {i} was fenced"),
+            }
+        }
+        assert_eq!(committed.len(), 1, "one winner: {committed:?}");
+        assert_eq!(already, OWNERS - 1);
+        let winner = committed[0];
+        // The stored reply and state are the winner's, not a later loser's.
+        let expected = Some(ok(json!({ "winner": winner })));
+        assert_eq!(storage.reply(m.id).await?, expected);
+        let state = storage.load_state(&account).await?;
+        assert_eq!(state, Some(json!({ "winner": winner })));
+        Ok(())
+    }
+
+    pub async fn record_attempts_counts_deliveries(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let a = message(ids.next_id(), 3, "a", None)?;
+        let b = message(ids.next_id(), 3, "b", None)?;
+        storage.save(a.clone()).await?;
+        storage.save(b.clone()).await?;
+
+        storage.record_attempts(&[]).await?;
+        storage.record_attempts(&[a.id]).await?;
+        storage.record_attempts(&[a.id, b.id]).await?;
+        storage.record_attempts(&[a.id, ids.next_id()]).await?;
+
+        let listed = storage.unprocessed(a.shard, Utc::now(), 10).await?;
+        let attempts: Vec<(MessageId, i32)> = listed.iter().map(|m| (m.id, m.attempts)).collect();
+        assert_eq!(attempts, vec![(a.id, 3), (b.id, 1)]);
+        Ok(())
+    }
+}
+
+/// Declares one `#[tokio::test]` per conformance case, each run through `$run` (a function
+/// that builds the backend's fixture, runs the case and cleans up).
+macro_rules! conformance_tests {
+    ($run:path) => {
+        conformance_tests!(@cases $run;
+            save_returns_stored,
+            duplicate_key_returns_first_id_then_its_reply,
+            same_key_on_another_entity_is_a_new_message,
+            saving_the_same_id_twice_is_stored,
+            concurrent_saves_with_one_key_store_one_message,
+            unprocessed_lists_one_shard_in_id_order_up_to_limit,
+            scheduled_message_waits_for_its_instant,
+            complete_commits_once_then_already_processed,
+            stale_epoch_is_fenced_and_writes_nothing,
+            state_commits_only_with_its_completion,
+            concurrent_completions_store_exactly_one_reply,
+            record_attempts_counts_deliveries,
+        );
+    };
+    (@cases $run:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() -> anyhow::Result<()> {
+                $run(|fx| Box::pin(crate::suite::$case(fx))).await
+            }
+        )*
+    };
+}
+
+mod memory {
+    use shoal::message_storage::memory::MemoryMessageStorage;
+
+    use super::*;
+
+    struct MemoryFixture(MemoryMessageStorage);
+
+    #[async_trait]
+    impl Fixture for MemoryFixture {
+        fn storage(&self) -> Arc<dyn MessageStorage> {
+            Arc::new(self.0.clone())
+        }
+
+        async fn set_epoch(&self, shard: ShardId, epoch: Epoch) -> anyhow::Result<()> {
+            self.0.set_epoch(shard, epoch);
+            Ok(())
+        }
+    }
+
+    async fn run<F>(case: F) -> anyhow::Result<()>
+    where
+        F: for<'a> FnOnce(&'a MemoryFixture) -> BoxFuture<'a, anyhow::Result<()>>,
+    {
+        let fx = MemoryFixture(MemoryMessageStorage::new());
+        tokio::time::timeout(CASE_DEADLINE, case(&fx))
+            .await
+            .context("case did not finish in time")?
+    }
+
+    conformance_tests!(run);
+}
+
+mod postgres {
+    use std::panic::AssertUnwindSafe;
+
+    use futures::FutureExt;
+    use shoal::ClusterName;
+    use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
+    use sqlx::{Connection, PgConnection, PgPool};
+
+    use super::*;
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    /// A fresh database with Shoal's schema and a storage for a unique cluster in it.
+    struct PgFixture {
+        admin_url: String,
+        database: String,
+        pool: PgPool,
+        cluster: ClusterName,
+        storage: Arc<PgMessageStorage>,
+    }
+
+    /// `url` pointing at `database` instead (keeps user, host and query parameters).
+    fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+        let (base, query) = match url.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (url, None),
+        };
+        let authority = base.find("://").context("database url without scheme")? + 3;
+        let path = base[authority..]
+            .find('/')
+            .map_or(base.len(), |i| authority + i);
+        let mut out = format!("{}/{database}", &base[..path]);
+        if let Some(query) = query {
+            out.push('?');
+            out.push_str(query);
+        }
+        Ok(out)
+    }
+
+    fn unique_cluster() -> anyhow::Result<ClusterName> {
+        Ok(ClusterName::new(format!(
+            "t{}",
+            uuid::Uuid::now_v7().simple()
+        ))?)
+    }
+
+    impl PgFixture {
+        async fn create() -> anyhow::Result<Self> {
+            let admin_url =
+                std::env::var("SHOAL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+            let database = format!("shoal_t_{}", uuid::Uuid::now_v7().simple());
+            let mut admin = PgConnection::connect(&admin_url)
+                .await
+                .with_context(|| format!("connecting to {admin_url}"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+                .execute(&mut admin)
+                .await
+                .context("creating the test database")?;
+            let _ = admin.close().await;
+            let url = with_database(&admin_url, &database)?;
+            let pool =
+                shoal::runner_storage::postgres::connect_pool(&url, 16, Duration::from_secs(10))
+                    .await
+                    .context("connecting to the test database")?;
+            shoal::MIGRATOR.run(&pool).await.context("migrating")?;
+            let cluster = unique_cluster()?;
+            let storage =
+                PgMessageStorage::new(pool.clone(), cluster.clone(), BatchConfig::GROUP_COMMIT);
+            Ok(Self {
+                admin_url,
+                database,
+                pool,
+                cluster,
+                storage: Arc::new(storage),
+            })
+        }
+
+        /// Closes the pool and drops the database; best effort.
+        async fn teardown(self) {
+            self.pool.close().await;
+            let dropped = async {
+                let mut admin = PgConnection::connect(&self.admin_url).await?;
+                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await
+            };
+            if let Err(error) = dropped.await {
+                eprintln!("could not drop test database {}: {error}", self.database);
+            }
+        }
+    }
+
+    async fn set_cluster_epoch(
+        pool: &PgPool,
+        cluster: &ClusterName,
+        shard: ShardId,
+        epoch: Epoch,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO shoal_shards (cluster, shard, epoch, runner_id) VALUES ($1, $2, $3, 1)
+             ON CONFLICT (cluster, shard) DO UPDATE SET epoch = EXCLUDED.epoch",
+        )
+        .bind(cluster.as_str())
+        .bind(shard.lock_key())
+        .bind(epoch.get())
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    #[async_trait]
+    impl Fixture for PgFixture {
+        fn storage(&self) -> Arc<dyn MessageStorage> {
+            self.storage.clone()
+        }
+
+        async fn set_epoch(&self, shard: ShardId, epoch: Epoch) -> anyhow::Result<()> {
+            set_cluster_epoch(&self.pool, &self.cluster, shard, epoch).await
+        }
+    }
+
+    async fn run<F>(case: F) -> anyhow::Result<()>
+    where
+        F: for<'a> FnOnce(&'a PgFixture) -> BoxFuture<'a, anyhow::Result<()>>,
+    {
+        let fx = PgFixture::create().await?;
+        let outcome = AssertUnwindSafe(tokio::time::timeout(CASE_DEADLINE, case(&fx)))
+            .catch_unwind()
+            .await;
+        fx.teardown().await;
+        match outcome {
+            Ok(result) => result.context("case did not finish in time")?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    conformance_tests!(run);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_second_reply_row_violates_the_unique_constraint() -> anyhow::Result<()> {
+        run(|fx| Box::pin(second_reply_row_is_refused(fx))).await
+    }
+
+    async fn second_reply_row_is_refused(fx: &PgFixture) -> anyhow::Result<()> {
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let m = message(ids.next_id(), 1, "a", None)?;
+        fx.storage.save(m.clone()).await?;
+        let done = fx
+            .storage
+            .complete(completion(&m, 1, ok(json!("first"))))
+            .await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+
+        let second = sqlx::query(
+            "INSERT INTO shoal_replies (message_id, ok, payload) VALUES ($1, true, '\"second\"')",
+        )
+        .bind(m.id.get())
+        .execute(&fx.pool)
+        .await;
+        let error = second.expect_err("a second reply row must be refused");
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code().map(|c| c.into_owned()));
+        assert_eq!(code.as_deref(), Some("23505"), "{error}");
+        assert_eq!(fx.storage.reply(m.id).await?, Some(ok(json!("first"))));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_malformed_row_gets_an_error_reply_once() -> anyhow::Result<()> {
+        run(|fx| Box::pin(malformed_row_is_rejected(fx))).await
+    }
+
+    async fn malformed_row_is_rejected(fx: &PgFixture) -> anyhow::Result<()> {
+        let ids = Snowflake::new(1);
+        let before = message(ids.next_id(), 1, "a", None)?;
+        let bad = ids.next_id();
+        let after = message(ids.next_id(), 1, "b", None)?;
+        fx.storage.save(before.clone()).await?;
+        fx.storage.save(after.clone()).await?;
+        sqlx::query(
+            "INSERT INTO shoal_messages (id, cluster, shard, entity_type, entity_id, tag, payload)
+             VALUES ($1, $2, 1, 'bad type!', 'x', 'increment', '{}')",
+        )
+        .bind(bad.get())
+        .bind(fx.cluster.as_str())
+        .execute(&fx.pool)
+        .await?;
+
+        let shard = ShardId::new(1);
+        let listed = fx.storage.unprocessed(shard, Utc::now(), 10).await?;
+        assert_eq!(ids_of(&listed), vec![before.id, after.id]);
+        let processed: bool =
+            sqlx::query_scalar("SELECT processed FROM shoal_messages WHERE id = $1")
+                .bind(bad.get())
+                .fetch_one(&fx.pool)
+                .await?;
+        assert!(processed, "the malformed row is taken out of the backlog");
+        let reply = fx.storage.reply(bad).await?;
+        let Some(Reply::Err { code, message }) = reply.clone() else {
+            anyhow::bail!("expected an error reply, got {reply:?}");
+        };
+        assert_eq!(code, "malformed_message");
+        assert!(message.contains("entity type"), "{message}");
+
+        // The next scan neither sees it nor reports it again.
+        let listed = fx.storage.unprocessed(shard, Utc::now(), 10).await?;
+        assert_eq!(ids_of(&listed), vec![before.id, after.id]);
+        assert_eq!(fx.storage.reply(bad).await?, reply);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn clusters_in_one_database_do_not_see_each_other() -> anyhow::Result<()> {
+        run(|fx| Box::pin(clusters_are_isolated(fx))).await
+    }
+
+    async fn clusters_are_isolated(fx: &PgFixture) -> anyhow::Result<()> {
+        let ids = Snowflake::new(1);
+        let shard = ShardId::new(1);
+        let other_cluster = unique_cluster()?;
+        let other = PgMessageStorage::new(
+            fx.pool.clone(),
+            other_cluster.clone(),
+            BatchConfig::GROUP_COMMIT,
+        );
+        fx.set_epoch(shard, Epoch::new(1)).await?;
+        set_cluster_epoch(&fx.pool, &other_cluster, shard, Epoch::new(1)).await?;
+        let account = address("counter", "a")?;
+        let mine = message(ids.next_id(), 1, "a", Some("k"))?;
+        let theirs = message(ids.next_id(), 1, "a", Some("k"))?;
+
+        assert_eq!(
+            fx.storage.save(mine.clone()).await?,
+            SaveOutcome::Stored(mine.id)
+        );
+        // The same entity and key in the other cluster is its own message.
+        assert_eq!(
+            other.save(theirs.clone()).await?,
+            SaveOutcome::Stored(theirs.id)
+        );
+        let now = Utc::now();
+        assert_eq!(
+            ids_of(&fx.storage.unprocessed(shard, now, 10).await?),
+            vec![mine.id]
+        );
+        assert_eq!(
+            ids_of(&other.unprocessed(shard, now, 10).await?),
+            vec![theirs.id]
+        );
+
+        // The other cluster cannot complete this cluster's message...
+        let mut foreign = completion(&mine, 1, ok(json!("foreign")));
+        foreign.state = Some((account.clone(), json!("foreign")));
+        assert_eq!(
+            other.complete(foreign).await?,
+            CompletionOutcome::AlreadyProcessed
+        );
+        assert_eq!(
+            ids_of(&fx.storage.unprocessed(shard, now, 10).await?),
+            vec![mine.id]
+        );
+        assert_eq!(fx.storage.reply(mine.id).await?, None);
+        // ...and its entity state is its own.
+        let mut own = completion(&theirs, 1, ok(json!("theirs")));
+        own.state = Some((account.clone(), json!("theirs")));
+        assert_eq!(other.complete(own).await?, CompletionOutcome::Committed);
+        assert_eq!(fx.storage.load_state(&account).await?, None);
+        assert_eq!(other.load_state(&account).await?, Some(json!("theirs")));
+
+        // A duplicate send meets its own cluster's first message and reply.
+        let done = fx
+            .storage
+            .complete(completion(&mine, 1, ok(json!("mine"))))
+            .await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        let again = message(ids.next_id(), 1, "a", Some("k"))?;
+        let expected = SaveOutcome::Duplicate {
+            id: mine.id,
+            reply: Some(ok(json!("mine"))),
+        };
+        assert_eq!(fx.storage.save(again.clone()).await?, expected);
+        let expected = SaveOutcome::Duplicate {
+            id: theirs.id,
+            reply: Some(ok(json!("theirs"))),
+        };
+        assert_eq!(other.save(again).await?, expected);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_thousand_concurrent_saves_are_all_stored() -> anyhow::Result<()> {
+        run(|fx| Box::pin(saves_under_load(fx))).await
+    }
+
+    async fn saves_under_load(fx: &PgFixture) -> anyhow::Result<()> {
+        const SAVES: usize = 2_000;
+        const SHARDS: u32 = 16;
+        let ids = Snowflake::new(1);
+        let mut sent = BTreeSet::new();
+        let mut tasks = Vec::with_capacity(SAVES);
+        for i in 0..SAVES {
+            let key = format!("k{i}");
+            let shard = i as u32 % SHARDS;
+            // Half of them keyed, so the conflict path runs under load too.
+            let m = message(
+                ids.next_id(),
+                shard,
+                &format!("e{i}"),
+                (i % 2 == 0).then_some(&*key),
+            )?;
+            sent.insert(m.id);
+            let storage = fx.storage.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = m.id;
+                (id, storage.save(m).await)
+            }));
+        }
+        for task in tasks {
+            let (id, outcome) = task.await?;
+            assert_eq!(outcome?, SaveOutcome::Stored(id));
+        }
+
+        let mut listed = BTreeSet::new();
+        for shard in 0..SHARDS {
+            let backlog = fx
+                .storage
+                .unprocessed(ShardId::new(shard), Utc::now(), SAVES)
+                .await?;
+            listed.extend(backlog.iter().map(|m| m.id));
+        }
+        assert_eq!(listed, sent, "every save is listed once");
+        // Rows written by one statement share their inserting transaction: fewer
+        // transactions than messages shows the saves were batched.
+        let transactions: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT xmin::text) FROM shoal_messages WHERE cluster = $1",
+        )
+        .bind(fx.cluster.as_str())
+        .fetch_one(&fx.pool)
+        .await?;
+        eprintln!("{SAVES} saves committed in {transactions} transactions");
+        assert!(
+            transactions <= (SAVES / 2) as i64,
+            "{SAVES} saves took {transactions} transactions"
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn duplicate_sends_in_opposite_orders_do_not_deadlock() -> anyhow::Result<()> {
+        run(|fx| Box::pin(crossed_duplicates(fx))).await
+    }
+
+    /// Two nodes (two storages of one cluster) send the same keyed messages at once, one
+    /// in the opposite order of the other: each key is stored once and nobody fails.
+    async fn crossed_duplicates(fx: &PgFixture) -> anyhow::Result<()> {
+        const ROUNDS: usize = 10;
+        const KEYS: usize = 100;
+        let ids = Snowflake::new(1);
+        let nodes = [false, true].map(|reversed| {
+            let storage = PgMessageStorage::new(
+                fx.pool.clone(),
+                fx.cluster.clone(),
+                BatchConfig::GROUP_COMMIT,
+            );
+            (Arc::new(storage), reversed)
+        });
+        for round in 0..ROUNDS {
+            let mut tasks = Vec::new();
+            for (storage, reversed) in &nodes {
+                for j in 0..KEYS {
+                    let k = if *reversed { KEYS - 1 - j } else { j };
+                    let key = format!("r{round}k{k}");
+                    let m = message(ids.next_id(), 1, "e", Some(&key))?;
+                    let storage = storage.clone();
+                    tasks.push(tokio::spawn(async move { (key, storage.save(m).await) }));
+                }
+            }
+            let mut by_key: std::collections::BTreeMap<String, Vec<SaveOutcome>> =
+                std::collections::BTreeMap::new();
+            for task in tasks {
+                let (key, outcome) = task.await?;
+                by_key
+                    .entry(key)
+                    .or_default()
+                    .push(outcome.context("save failed")?);
+            }
+            assert_eq!(by_key.len(), KEYS);
+            for (key, outcomes) in by_key {
+                let stored = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, SaveOutcome::Stored(_)))
+                    .count();
+                let same_id = outcomes.iter().all(|o| o.id() == outcomes[0].id());
+                assert!(stored == 1 && same_id, "{key}: {outcomes:?}");
+            }
+        }
+        Ok(())
+    }
+}
