@@ -41,11 +41,17 @@ pub struct Request {
     pub deliver_at: Option<DateTime<Utc>>,
     /// Deadline for the reply; the client's default when None.
     pub timeout: Option<Duration>,
+    /// The id of the outside request this one serves (logged by the runner).
+    pub request_id: Option<String>,
 }
 
 impl Request {
     /// A volatile request.
-    pub fn volatile(address: EntityAddress, tag: impl Into<String>, payload: serde_json::Value) -> Self {
+    pub fn volatile(
+        address: EntityAddress,
+        tag: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
         Self {
             address,
             tag: tag.into(),
@@ -54,11 +60,16 @@ impl Request {
             idempotency_key: None,
             deliver_at: None,
             timeout: None,
+            request_id: None,
         }
     }
 
     /// A persisted request.
-    pub fn persisted(address: EntityAddress, tag: impl Into<String>, payload: serde_json::Value) -> Self {
+    pub fn persisted(
+        address: EntityAddress,
+        tag: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
         Self {
             persisted: true,
             ..Self::volatile(address, tag, payload)
@@ -274,6 +285,27 @@ impl ShoalClient {
         Ok(id)
     }
 
+    /// Asks the owner of `address` what it knows about the entity.
+    pub async fn entity_status(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<crate::entity_runtime::EntityStatus, ClientError> {
+        let owner = self.owner_address(address)?;
+        self.inner
+            .transport
+            .entity_status(&owner, address)
+            .await
+            .map_err(|e| ClientError::OwnerLost(e.to_string()))
+    }
+
+    /// The runner that should own `address`'s shard, with its address.
+    pub fn owner_of(&self, address: &EntityAddress) -> Option<(RunnerId, String)> {
+        let shard = self.inner.sharding.shard_of(&address.entity_id);
+        let routing = self.inner.routing.borrow();
+        let runner = routing.assignment.owner(shard)?;
+        Some((runner, routing.address_of(runner)?.to_owned()))
+    }
+
     /// The stored reply of a persisted message, if it was processed.
     pub async fn reply_of(&self, id: MessageId) -> Result<Option<Reply>, ClientError> {
         Ok(self.inner.messages.reply(id).await?)
@@ -304,6 +336,7 @@ impl ShoalClient {
             entity_id: request.address.entity_id.clone(),
             tag: request.tag.clone(),
             payload: request.payload.clone(),
+            request_id: request.request_id.clone(),
             persisted: persisted.map(|(message_id, duplicate)| PersistedInfo {
                 message_id,
                 shard: self.inner.sharding.shard_of(&request.address.entity_id),
@@ -346,12 +379,19 @@ impl ShoalClient {
             let attempt = remaining.min(self.inner.config.attempt_timeout);
             match self.owner_address(&request.address) {
                 Ok(address) => {
-                    match self.inner.transport.deliver(&address, envelope.clone(), attempt).await {
+                    match self
+                        .inner
+                        .transport
+                        .deliver(&address, envelope.clone(), attempt)
+                        .await
+                    {
                         Ok(reply) => return Ok(reply),
                         Err(TransportError::Delivery(error)) if !error.is_retryable() => {
                             return Err(error.into());
                         }
-                        Err(TransportError::Unauthorized(_)) => return Err(ClientError::Unauthorized),
+                        Err(TransportError::Unauthorized(_)) => {
+                            return Err(ClientError::Unauthorized);
+                        }
                         Err(error) => {
                             tracing::debug!(%error, message_id = %id, "persisted delivery attempt failed");
                             self.inner.refresh_now.notify_one();
@@ -395,7 +435,12 @@ impl ShoalClient {
                     continue;
                 }
             };
-            match self.inner.transport.deliver(&address, envelope.clone(), remaining).await {
+            match self
+                .inner
+                .transport
+                .deliver(&address, envelope.clone(), remaining)
+                .await
+            {
                 Ok(reply) => return Ok(reply),
                 Err(TransportError::Delivery(
                     DeliveryError::NotOwner(_) | DeliveryError::ShardMoving(_),
@@ -446,9 +491,11 @@ async fn refresh_routing(
             Ok(live) => {
                 let changed = {
                     let current = routing_tx.borrow();
-                    current.runners.iter().map(|r| (r.id, &r.address)).ne(live
+                    current
+                        .runners
                         .iter()
-                        .map(|r| (r.id, &r.address)))
+                        .map(|r| (r.id, &r.address))
+                        .ne(live.iter().map(|r| (r.id, &r.address)))
                 };
                 if changed {
                     let ids: Vec<RunnerId> = live.iter().map(|r| r.id).collect();

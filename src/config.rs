@@ -85,8 +85,52 @@ pub struct ShoalConfig {
     pub database: DatabaseConfig,
     /// `[runner]`: shard ownership timings of a runner process.
     pub runner: RunnerConfig,
+    /// `[gateway]`: the HTTP front door.
+    pub gateway: GatewayConfig,
+    /// `[redis]`: shared limits, breakers and caches.
+    pub redis: RedisConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address the gateway listens on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Deadline of a request without `X-Request-Timeout`. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest request body accepted, in bytes. Default 1048576.
+    pub max_body_bytes: usize,
+    /// `/ready` turns red while an owned shard has an unprocessed message older than this.
+    /// Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub ready_max_backlog_age: Duration,
+    /// Time in-flight requests get to finish on shutdown. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            ready_max_backlog_age: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Redis URL (`redis://127.0.0.1:6379`). Unset: features that need Redis are off.
+    pub url: Option<String>,
 }
 
 /// `[cluster]`.

@@ -164,7 +164,9 @@ pub fn encode_message<M: Serialize>(message: &M) -> Result<(String, serde_json::
             let (tag, body) = map.into_iter().next().ok_or("empty message")?;
             Ok((tag, body))
         }
-        other => Err(format!("messages must be externally tagged enums, got {other}")),
+        other => Err(format!(
+            "messages must be externally tagged enums, got {other}"
+        )),
     }
 }
 
@@ -225,15 +227,28 @@ impl<E: Entity> ErasedEntity for Registered<E> {
 
     fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
         let tagged = serde_json::json!({ tag: payload.clone() });
-        match serde_json::from_value::<E::Message>(tagged) {
+        match serde_path_to_error::deserialize::<_, E::Message>(tagged) {
             Ok(message) => Ok(Box::new(message)),
             Err(error) => {
+                // The path starts with the message name; the rest names the field.
+                let field = error
+                    .path()
+                    .iter()
+                    .skip(1)
+                    .map(|segment| segment.to_string())
+                    .collect::<Vec<_>>()
+                    .join(".");
+                let error = error.into_inner();
                 // A unit variant is written as its bare name.
                 let empty = payload.is_null() || payload.as_object().is_some_and(|o| o.is_empty());
                 if empty && let Ok(m) = serde_json::from_value::<E::Message>(tag.into()) {
                     return Ok(Box::new(m));
                 }
-                let problem = error.to_string();
+                let problem = if field.is_empty() {
+                    error.to_string()
+                } else {
+                    format!("field `{field}`: {error}")
+                };
                 if problem.starts_with("unknown variant") {
                     Err(DecodeError::UnknownMessage {
                         entity_type: self.entity_type.clone(),
@@ -435,7 +450,9 @@ mod tests {
         assert!(adder.is_persisted(&add));
         let reply = adder.handle(&ctx, &mut state, add).await.expect("handled");
         assert_eq!(reply, serde_json::json!(42));
-        let get = adder.decode("get", serde_json::json!({})).expect("unit variant");
+        let get = adder
+            .decode("get", serde_json::json!({}))
+            .expect("unit variant");
         assert!(!adder.is_persisted(&get));
 
         assert!(matches!(
@@ -447,6 +464,7 @@ mod tests {
         else {
             panic!("a string amount must be refused");
         };
+        assert!(problem.contains("field `amount`"), "{problem}");
         assert!(problem.contains("invalid type"), "{problem}");
         assert!(matches!(
             registry.register(Adder),

@@ -70,10 +70,7 @@ pub enum DeliveryError {
 impl DeliveryError {
     /// Whether retrying the same request may succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            Self::UnknownEntityType(_) | Self::BadMessage(_)
-        )
+        !matches!(self, Self::UnknownEntityType(_) | Self::BadMessage(_))
     }
 }
 
@@ -142,7 +139,7 @@ impl Default for RuntimeConfig {
 }
 
 /// What the runtime reports about one entity (for the explain endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityStatus {
     /// Whether an actor is live for it.
     pub resident: bool,

@@ -283,9 +283,7 @@ impl fmt::Display for Epoch {
 }
 
 /// A persisted message's id (a snowflake: time-ordered, unique per cluster).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct MessageId(i64);
 

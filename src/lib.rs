@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod entity;
 pub mod entity_runtime;
+pub mod gateway;
 pub mod ids;
 pub mod message_storage;
 pub mod metrics;

@@ -202,6 +202,12 @@ pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
         now: DateTime<Utc>,
     ) -> Result<Vec<ShardId>, MessageStorageError>;
 
+    /// Unprocessed messages of one entity: how many, and when the oldest was created.
+    async fn entity_backlog(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<(u64, Option<DateTime<Utc>>), MessageStorageError>;
+
     /// Counts one more delivery attempt of `ids`.
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError>;
 

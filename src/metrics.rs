@@ -31,6 +31,11 @@ pub const MAILBOX_FULL: &str = "shoal_mailbox_full_total";
 /// Entity restarts after a handler panic or retryable error.
 pub const ENTITY_RESTARTS: &str = "shoal_entity_restarts_total";
 
+/// HTTP requests served, by route and status.
+pub const HTTP_REQUESTS: &str = "shoal_http_requests_total";
+/// HTTP request latency, by route.
+pub const HTTP_DURATION: &str = "shoal_http_request_duration_seconds";
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
@@ -47,10 +52,19 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(FENCING_EVENTS, "Times this runner fenced itself.");
     describe_gauge!(ENTITIES_RESIDENT, "Entities resident on this runner.");
     describe_counter!(MESSAGES_PROCESSED, "Persisted messages completed.");
-    describe_counter!(MESSAGES_REDELIVERED, "Persisted messages delivered again by a scan.");
+    describe_counter!(
+        MESSAGES_REDELIVERED,
+        "Persisted messages delivered again by a scan."
+    );
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
     Ok(handle)
+}
+
+pub(crate) fn http_request(route: &str, status: u16, elapsed: std::time::Duration) {
+    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }
 
 pub(crate) fn entities_resident(n: usize) {

@@ -244,7 +244,7 @@ impl OwnershipLoop {
         let mut check = tokio::time::interval(self.config.lock_check_interval);
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
-        let result = loop {
+        loop {
             let step = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break self.shut_down(inc).await,
@@ -261,8 +261,7 @@ impl OwnershipLoop {
             if let Err(Lost(why)) = step {
                 break self.fence(inc, why);
             }
-        };
-        result
+        }
     }
 
     /// Runs a session call under the fencing deadline.
@@ -358,7 +357,7 @@ impl OwnershipLoop {
             }
         }
         self.publish_holdings(inc);
-        if inc.polls % 240 == 0 {
+        if inc.polls.is_multiple_of(240) {
             self.prune_dead_registrations().await;
         }
         Ok(())

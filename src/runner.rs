@@ -74,7 +74,9 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         .await?;
     let storage = Arc::new(storage);
     if config.cluster.secret == crate::config::DEFAULT_SECRET {
-        tracing::warn!("cluster.secret is the built-in default: set your own outside local clusters");
+        tracing::warn!(
+            "cluster.secret is the built-in default: set your own outside local clusters"
+        );
     }
     let batching = if db.group_commit {
         BatchConfig::GROUP_COMMIT
@@ -139,7 +141,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     tokio::spawn(follow_runner_id(ownership.clone(), runner_id_tx));
 
     let client_shutdown = CancellationToken::new();
-    let transport = HttpTransport::new(config.cluster.secret.clone()).map_err(RunnerError::Transport)?;
+    let transport =
+        HttpTransport::new(config.cluster.secret.clone()).map_err(RunnerError::Transport)?;
     let client = ShoalClient::start(
         ClientParts {
             sharding: config.sharding(),
@@ -177,7 +180,10 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
 
 /// Keeps the runtime's view of the runner id in step with the ownership loop (it changes
 /// when the runner rejoins after fencing).
-async fn follow_runner_id(ownership: OwnershipHandle, tx: watch::Sender<Option<crate::ids::RunnerId>>) {
+async fn follow_runner_id(
+    ownership: OwnershipHandle,
+    tx: watch::Sender<Option<crate::ids::RunnerId>>,
+) {
     let mut views = ownership.subscribe();
     loop {
         let id = views.borrow_and_update().runner_id;

@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::ids::MessageId;
 
-const EPOCH_MS: u64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
+/// Unix milliseconds of the snowflake epoch (2025-01-01T00:00:00Z).
+pub const EPOCH_MS: u64 = 1_735_689_600_000;
 const MACHINE_BITS: u32 = 10;
 const SEQUENCE_BITS: u32 = 12;
 const MAX_SEQUENCE: u64 = (1 << SEQUENCE_BITS) - 1;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity_runtime::{Delivery, DeliveryError};
+use crate::entity_runtime::{Delivery, DeliveryError, EntityStatus};
 use crate::ids::{EntityAddress, EntityId, EntityType, MessageId, ShardId};
 use crate::message_storage::{Reply, StoredMessage};
 
@@ -38,6 +38,9 @@ pub struct Envelope {
     /// Set for persisted messages (already stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persisted: Option<PersistedInfo>,
+    /// The request id of the request that caused this message, for logs and spans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// What a persisted message carries besides its content.
@@ -138,4 +141,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
         envelope: Envelope,
         timeout: Duration,
     ) -> Result<Reply, TransportError>;
+
+    /// What the runner at `address` knows about `entity` (resident, mailbox, last error).
+    async fn entity_status(
+        &self,
+        address: &str,
+        entity: &EntityAddress,
+    ) -> Result<EntityStatus, TransportError>;
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod drill;
+mod gateway;
 mod runner;
 mod signals;
 mod status;
@@ -33,6 +34,8 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Run a runner: own shards and host their entities.
     Runner(runner::RunnerArgs),
+    /// Run the HTTP gateway (routes requests to the owning runners).
+    Gateway(gateway::GatewayArgs),
     /// Print the cluster's runners and shard ownership.
     Status(status::StatusArgs),
     /// Closed-loop load generator; prints JSON.
@@ -80,6 +83,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runner(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
             runner::run(config).await
+        }
+        Command::Gateway(args) => {
+            let config = cli.load_config(|l| args.apply(l))?;
+            gateway::run(config).await
         }
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;

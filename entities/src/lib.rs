@@ -11,6 +11,8 @@ use shoal::entity::{EntityRegistry, RegistryError};
 /// Every built-in entity type, ready to register on a runner.
 pub fn registry() -> Result<EntityRegistry, RegistryError> {
     let mut registry = EntityRegistry::new();
-    registry.register(counter::Counter)?.register(probe::Probe)?;
+    registry
+        .register(counter::Counter)?
+        .register(probe::Probe)?;
     Ok(registry)
 }

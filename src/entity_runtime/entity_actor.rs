@@ -76,7 +76,11 @@ impl EntityState {
         if self.state.is_none() {
             let def = &self.args.def;
             let stored = if def.options().persist_state {
-                self.args.shared.storage.load_state(&self.args.address).await?
+                self.args
+                    .shared
+                    .storage
+                    .load_state(&self.args.address)
+                    .await?
             } else {
                 None
             };

@@ -110,7 +110,11 @@ impl Actor for ShardActor {
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
         // Passivation granularity; backlog scans are driven by the runtime's sweep.
-        let tick_every = args.shared.config.scan_interval.max(Duration::from_millis(50));
+        let tick_every = args
+            .shared
+            .config
+            .scan_interval
+            .max(Duration::from_millis(50));
         let ticker_ref = myself.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick_every);
@@ -473,7 +477,12 @@ impl ShardState {
         }
     }
 
-    fn finish_persisted(&mut self, myself: &ActorRef<ShardMsg>, id: MessageId, outcome: WorkOutcome) {
+    fn finish_persisted(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        id: MessageId,
+        outcome: WorkOutcome,
+    ) {
         match outcome {
             WorkOutcome::Replied(reply) | WorkOutcome::Volatile(reply) => {
                 crate::metrics::message_processed();
@@ -631,7 +640,8 @@ impl ShardState {
         for address in idle {
             self.remove_slot(&address, "passivated");
         }
-        self.backoff.retain(|_, (_, until)| *until + Duration::from_secs(60) > now);
+        self.backoff
+            .retain(|_, (_, until)| *until + Duration::from_secs(60) > now);
         // Entities whose backlog waits in storage (full mailbox, resident cap) get another
         // chance even if no completion woke us.
         if !self.overflowed.is_empty() {
@@ -664,10 +674,13 @@ impl ShardState {
         };
         tracing::error!(shard = %self.shard, entity = %address, %error, "entity failed; restarting with backoff");
         crate::metrics::entity_restart();
-        let culprit = self.entities.get(&address).and_then(|slot| match slot.pending.front() {
-            Some(Pending::Persisted(id)) => Some(*id),
-            _ => None,
-        });
+        let culprit = self
+            .entities
+            .get(&address)
+            .and_then(|slot| match slot.pending.front() {
+                Some(Pending::Persisted(id)) => Some(*id),
+                _ => None,
+            });
         self.last_errors.insert(address.clone(), error.clone());
         self.remove_slot(&address, &format!("handler failed: {error}"));
         let (count, until) = self
@@ -718,7 +731,8 @@ impl ShardState {
     }
 
     fn drained(&self) -> bool {
-        self.draining.is_some() && self.entities.values().all(|s| s.pending.is_empty())
+        self.draining.is_some()
+            && self.entities.values().all(|s| s.pending.is_empty())
             && self.in_flight.is_empty()
     }
 

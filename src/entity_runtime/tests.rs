@@ -143,7 +143,13 @@ fn address(id: &str) -> EntityAddress {
 }
 
 impl Fixture {
-    async fn persist(&self, entity: &str, tag: &str, payload: serde_json::Value, key: Option<&str>) -> (StoredMessage, bool) {
+    async fn persist(
+        &self,
+        entity: &str,
+        tag: &str,
+        payload: serde_json::Value,
+        key: Option<&str>,
+    ) -> (StoredMessage, bool) {
         let address = address(entity);
         let message = NewMessage {
             id: self.ids.next_id(),
@@ -161,14 +167,24 @@ impl Fixture {
         (stored, duplicate)
     }
 
-    async fn ask_persisted(&self, entity: &str, tag: &str, payload: serde_json::Value) -> Result<Reply, DeliveryError> {
+    async fn ask_persisted(
+        &self,
+        entity: &str,
+        tag: &str,
+        payload: serde_json::Value,
+    ) -> Result<Reply, DeliveryError> {
         let (message, duplicate) = self.persist(entity, tag, payload, None).await;
         self.runtime
             .deliver(Delivery::Persisted { message, duplicate })
             .await
     }
 
-    async fn ask_volatile(&self, entity: &str, tag: &str, payload: serde_json::Value) -> Result<Reply, DeliveryError> {
+    async fn ask_volatile(
+        &self,
+        entity: &str,
+        tag: &str,
+        payload: serde_json::Value,
+    ) -> Result<Reply, DeliveryError> {
         self.runtime
             .deliver(Delivery::Volatile {
                 address: address(entity),
@@ -189,9 +205,24 @@ fn value(reply: Result<Reply, DeliveryError>) -> i64 {
 #[tokio::test]
 async fn persisted_messages_update_state_and_volatile_reads_it() {
     let f = fixture(8, Duration::from_secs(60)).await;
-    assert_eq!(value(f.ask_persisted("a", "add", serde_json::json!({"n": 2})).await), 2);
-    assert_eq!(value(f.ask_persisted("a", "add", serde_json::json!({"n": 3})).await), 5);
-    assert_eq!(value(f.ask_volatile("a", "get", serde_json::json!({})).await), 5);
+    assert_eq!(
+        value(
+            f.ask_persisted("a", "add", serde_json::json!({"n": 2}))
+                .await
+        ),
+        2
+    );
+    assert_eq!(
+        value(
+            f.ask_persisted("a", "add", serde_json::json!({"n": 3}))
+                .await
+        ),
+        5
+    );
+    assert_eq!(
+        value(f.ask_volatile("a", "get", serde_json::json!({})).await),
+        5
+    );
     let stored = f.storage.load_state(&address("a")).await.expect("loads");
     assert_eq!(stored, Some(serde_json::json!(5)));
 }
@@ -204,7 +235,8 @@ async fn a_full_mailbox_refuses_volatile_and_keeps_persisted() {
     for _ in 0..2 {
         let f = f.clone();
         slow.push(tokio::spawn(async move {
-            f.ask_volatile("m", "sleep", serde_json::json!({"ms": 300})).await
+            f.ask_volatile("m", "sleep", serde_json::json!({"ms": 300}))
+                .await
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -213,9 +245,14 @@ async fn a_full_mailbox_refuses_volatile_and_keeps_persisted() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let refused = f.ask_volatile("m", "get", serde_json::json!({})).await;
-    assert!(matches!(refused, Err(DeliveryError::MailboxFull(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(DeliveryError::MailboxFull(_))),
+        "{refused:?}"
+    );
     // A persisted message waits in storage and is processed once room frees.
-    let persisted = f.ask_persisted("m", "add", serde_json::json!({"n": 7})).await;
+    let persisted = f
+        .ask_persisted("m", "add", serde_json::json!({"n": 7}))
+        .await;
     assert_eq!(value(persisted), 7);
     for handle in slow {
         assert!(handle.await.expect("joins").is_ok());
@@ -225,7 +262,13 @@ async fn a_full_mailbox_refuses_volatile_and_keeps_persisted() {
 #[tokio::test]
 async fn idle_entities_passivate_and_come_back_with_their_state() {
     let f = fixture(8, Duration::from_millis(100)).await;
-    assert_eq!(value(f.ask_persisted("p", "add", serde_json::json!({"n": 4})).await), 4);
+    assert_eq!(
+        value(
+            f.ask_persisted("p", "add", serde_json::json!({"n": 4}))
+                .await
+        ),
+        4
+    );
     assert!(f.runtime.entity_status(&address("p")).await.resident);
     let deadline = Instant::now() + Duration::from_secs(5);
     while f.runtime.entity_status(&address("p")).await.resident {
@@ -234,21 +277,42 @@ async fn idle_entities_passivate_and_come_back_with_their_state() {
     }
     assert_eq!(f.runtime.resident(), 0);
     // Reactivation loads the persisted state.
-    assert_eq!(value(f.ask_volatile("p", "get", serde_json::json!({})).await), 4);
+    assert_eq!(
+        value(f.ask_volatile("p", "get", serde_json::json!({})).await),
+        4
+    );
     assert_eq!(f.runtime.resident(), 1);
 }
 
 #[tokio::test]
 async fn a_panicking_handler_restarts_its_entity_and_replays_the_message() {
     let f = fixture(8, Duration::from_secs(60)).await;
-    assert_eq!(value(f.ask_persisted("x", "add", serde_json::json!({"n": 1})).await), 1);
+    assert_eq!(
+        value(
+            f.ask_persisted("x", "add", serde_json::json!({"n": 1}))
+                .await
+        ),
+        1
+    );
     // Panics on its first attempt; the entity restarts and the message is replayed.
-    let replayed = f.ask_persisted("x", "panic_first", serde_json::json!({})).await;
+    let replayed = f
+        .ask_persisted("x", "panic_first", serde_json::json!({}))
+        .await;
     assert_eq!(value(replayed), 1001);
     let status = f.runtime.entity_status(&address("x")).await;
-    assert!(status.last_error.is_some_and(|e| e.contains("first attempt")));
+    assert!(
+        status
+            .last_error
+            .is_some_and(|e| e.contains("first attempt"))
+    );
     // And the entity keeps working.
-    assert_eq!(value(f.ask_persisted("x", "add", serde_json::json!({"n": 1})).await), 1002);
+    assert_eq!(
+        value(
+            f.ask_persisted("x", "add", serde_json::json!({"n": 1}))
+                .await
+        ),
+        1002
+    );
 }
 
 #[tokio::test]
@@ -269,14 +333,23 @@ async fn duplicates_wait_for_the_first_message_and_run_it_once() {
     for caller in callers {
         assert_eq!(value(caller.await.expect("joins")), 5);
     }
-    assert_eq!(handled("d"), 1, "ten callers with one key ran the handler once");
-    assert_eq!(value(f.ask_volatile("d", "get", serde_json::json!({})).await), 5);
+    assert_eq!(
+        handled("d"),
+        1,
+        "ten callers with one key ran the handler once"
+    );
+    assert_eq!(
+        value(f.ask_volatile("d", "get", serde_json::json!({})).await),
+        5
+    );
 }
 
 #[tokio::test]
 async fn a_fenced_shard_completes_nothing() {
     let f = fixture(8, Duration::from_secs(60)).await;
-    let (message, _) = f.persist("f", "add", serde_json::json!({"n": 1}), None).await;
+    let (message, _) = f
+        .persist("f", "add", serde_json::json!({"n": 1}), None)
+        .await;
     // Another owner took the shard over.
     f.storage.set_epoch(message.shard, Epoch::new(2));
     let id = message.id;
@@ -287,10 +360,16 @@ async fn a_fenced_shard_completes_nothing() {
             duplicate: false,
         })
         .await;
-    assert!(matches!(result, Err(DeliveryError::ShardMoving(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(DeliveryError::ShardMoving(_))),
+        "{result:?}"
+    );
     assert!(!f.storage.is_processed(id));
     assert_eq!(f.storage.reply(id).await.expect("reads"), None);
-    assert_eq!(f.storage.load_state(&address("f")).await.expect("reads"), None);
+    assert_eq!(
+        f.storage.load_state(&address("f")).await.expect("reads"),
+        None
+    );
 }
 
 #[tokio::test]

@@ -149,6 +149,24 @@ impl MessageStorage for MemoryMessageStorage {
         Ok(found)
     }
 
+    async fn entity_backlog(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<(u64, Option<DateTime<Utc>>), MessageStorageError> {
+        let state = self.lock();
+        let backlog: Vec<MessageId> = state
+            .messages
+            .values()
+            .filter(|(m, processed)| !processed && &m.address == address)
+            .map(|(m, _)| m.id)
+            .collect();
+        let oldest = backlog.iter().min().and_then(|id| {
+            let ms = crate::snowflake::created_ms(*id) as i64 + crate::snowflake::EPOCH_MS as i64;
+            DateTime::from_timestamp_millis(ms)
+        });
+        Ok((backlog.len() as u64, oldest))
+    }
+
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
         let mut state = self.lock();
         for id in ids {

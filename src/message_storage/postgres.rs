@@ -95,9 +95,12 @@ impl PgMessageStorage {
         let capacity = batching.max_batch.max(64) * 4;
         let (save_tx, save_rx) = mpsc::channel(capacity);
         let (complete_tx, complete_rx) = mpsc::channel(capacity);
-        tokio::spawn(run_batcher(inner.clone(), save_rx, batching, |inner, batch| {
-            Box::pin(async move { inner.save_batch(batch).await })
-        }));
+        tokio::spawn(run_batcher(
+            inner.clone(),
+            save_rx,
+            batching,
+            |inner, batch| Box::pin(async move { inner.save_batch(batch).await }),
+        ));
         tokio::spawn(run_batcher(
             inner.clone(),
             complete_rx,
@@ -112,10 +115,11 @@ impl PgMessageStorage {
     }
 }
 
-type BatchFn<Req, Out> = fn(
-    Arc<Inner>,
-    Vec<Req>,
-) -> futures::future::BoxFuture<'static, Result<Vec<Out>, MessageStorageError>>;
+type BatchFn<Req, Out> =
+    fn(
+        Arc<Inner>,
+        Vec<Req>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<Out>, MessageStorageError>>;
 
 /// Collects queued requests into batches and runs up to `max_in_flight` at once. Ends when
 /// every sender is gone.
@@ -223,11 +227,26 @@ impl Inner {
         .bind(self.cluster.as_str())
         .bind(batch.iter().map(|m| m.id.get()).collect::<Vec<_>>())
         .bind(batch.iter().map(|m| m.shard.lock_key()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|m| m.address.entity_type.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|m| m.address.entity_id.as_str().to_owned()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|m| m.address.entity_type.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|m| m.address.entity_id.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
         .bind(batch.iter().map(|m| m.tag.clone()).collect::<Vec<_>>())
         .bind(batch.iter().map(|m| m.payload.clone()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|m| m.idempotency_key.clone()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|m| m.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        )
         .bind(batch.iter().map(|m| m.deliver_at).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await
@@ -281,9 +300,24 @@ impl Inner {
                LEFT JOIN shoal_replies r ON r.message_id = m.id",
         )
         .bind(self.cluster.as_str())
-        .bind(messages.iter().map(|m| m.address.entity_type.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(messages.iter().map(|m| m.address.entity_id.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(messages.iter().map(|m| m.idempotency_key.clone().unwrap_or_default()).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.address.entity_type.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.address.entity_id.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.idempotency_key.clone().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
@@ -292,7 +326,8 @@ impl Inner {
             let key = (
                 row.try_get::<String, _>("entity_type").map_err(db_error)?,
                 row.try_get::<String, _>("entity_id").map_err(db_error)?,
-                row.try_get::<String, _>("idempotency_key").map_err(db_error)?,
+                row.try_get::<String, _>("idempotency_key")
+                    .map_err(db_error)?,
             );
             let id = MessageId::new(row.try_get("id").map_err(db_error)?);
             let ok: Option<bool> = row.try_get("ok").map_err(db_error)?;
@@ -342,7 +377,12 @@ impl Inner {
                   RETURNING m.id",
             )
             .bind(self.cluster.as_str())
-            .bind(current.iter().map(|c| c.message_id.get()).collect::<Vec<_>>())
+            .bind(
+                current
+                    .iter()
+                    .map(|c| c.message_id.get())
+                    .collect::<Vec<_>>(),
+            )
             .bind(current.iter().map(|c| c.epoch.get()).collect::<Vec<_>>())
             .fetch_all(&mut *tx)
             .await
@@ -393,7 +433,12 @@ impl Inner {
             "INSERT INTO shoal_replies (message_id, ok, payload)
              SELECT * FROM unnest($1::int8[], $2::bool[], $3::jsonb[])",
         )
-        .bind(winners.iter().map(|c| c.message_id.get()).collect::<Vec<_>>())
+        .bind(
+            winners
+                .iter()
+                .map(|c| c.message_id.get())
+                .collect::<Vec<_>>(),
+        )
         .bind(oks)
         .bind(payloads)
         .execute(&mut *tx)
@@ -408,8 +453,7 @@ impl Inner {
         winners: &[&Completion],
     ) -> Result<(), MessageStorageError> {
         // One row per entity: the state after its latest message in this batch.
-        let mut latest: HashMap<&EntityAddress, (&Completion, &serde_json::Value)> =
-            HashMap::new();
+        let mut latest: HashMap<&EntityAddress, (&Completion, &serde_json::Value)> = HashMap::new();
         for c in winners {
             if let Some((address, state)) = &c.state {
                 let entry = latest.entry(address).or_insert((c, state));
@@ -421,7 +465,9 @@ impl Inner {
         if latest.is_empty() {
             return Ok(());
         }
-        let rows: Vec<_> = latest.into_iter().collect();
+        // A fixed order, so concurrent batches touching the same entities cannot deadlock.
+        let mut rows: Vec<_> = latest.into_iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
         sqlx::query(
             "INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
              SELECT $1, s.entity_type, s.entity_id, s.state, s.message_id
@@ -432,10 +478,26 @@ impl Inner {
                     updated_at = now()",
         )
         .bind(self.cluster.as_str())
-        .bind(rows.iter().map(|(a, _)| a.entity_type.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(a, _)| a.entity_id.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, (_, s))| (*s).clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, (c, _))| c.message_id.get()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(a, _)| a.entity_type.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(a, _)| a.entity_id.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, (_, s))| (*s).clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, (c, _))| c.message_id.get())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -445,7 +507,11 @@ impl Inner {
     /// Completes a row whose address cannot be parsed with an error reply, so it is
     /// reported once instead of being scanned forever.
     async fn reject_malformed(&self, id: i64, problem: &str) -> Result<(), MessageStorageError> {
-        tracing::error!(message_id = id, problem, "malformed message in storage; rejecting it");
+        tracing::error!(
+            message_id = id,
+            problem,
+            "malformed message in storage; rejecting it"
+        );
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         sqlx::query(
             "UPDATE shoal_messages SET processed = true, processed_at = now()
@@ -571,6 +637,24 @@ impl MessageStorage for PgMessageStorage {
         .await
         .map_err(db_error)?;
         Ok(found.into_iter().map(|s| ShardId::new(s as u32)).collect())
+    }
+
+    async fn entity_backlog(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<(u64, Option<DateTime<Utc>>), MessageStorageError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, min(created_at) AS oldest FROM shoal_messages
+              WHERE cluster = $1 AND entity_type = $2 AND entity_id = $3 AND NOT processed",
+        )
+        .bind(self.inner.cluster.as_str())
+        .bind(address.entity_type.as_str())
+        .bind(address.entity_id.as_str())
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        let n: i64 = row.try_get("n").map_err(db_error)?;
+        Ok((n.max(0) as u64, row.try_get("oldest").map_err(db_error)?))
     }
 
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::extract::{Json, State};
+use axum::extract::{Json, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 
 use super::{ENVELOPE_VERSION, Envelope, Transport, TransportError};
-use crate::entity_runtime::{DeliveryError, EntityRuntime};
+use crate::entity_runtime::{DeliveryError, EntityRuntime, EntityStatus};
+use crate::ids::{EntityAddress, EntityId, EntityType};
 use crate::message_storage::Reply;
 
 /// The header that carries the cluster secret.
@@ -22,6 +23,10 @@ pub const SECRET_HEADER: &str = "x-shoal-secret";
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
 /// The delivery route.
 pub const DELIVER_PATH: &str = "/_shoal/v1/deliver";
+/// The entity-status route (followed by `/{type}/{id}`).
+pub const ENTITY_PATH: &str = "/_shoal/v1/entities";
+/// The header that carries the request id across the transport.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The HTTP/2 transport client.
 #[derive(Debug, Clone)]
@@ -51,6 +56,36 @@ impl HttpTransport {
 
 #[async_trait]
 impl Transport for HttpTransport {
+    async fn entity_status(
+        &self,
+        address: &str,
+        entity: &EntityAddress,
+    ) -> Result<EntityStatus, TransportError> {
+        let url = format!(
+            "http://{address}{ENTITY_PATH}/{}/{}",
+            entity.entity_type,
+            urlencode(entity.entity_id.as_str())
+        );
+        let response = self
+            .client
+            .get(url)
+            .header(SECRET_HEADER, &self.secret)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| TransportError::Unreachable {
+                address: address.to_owned(),
+                reason: e.to_string(),
+            })?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(TransportError::Unauthorized(address.to_owned()));
+        }
+        response.json().await.map_err(|e| TransportError::Protocol {
+            address: address.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
     async fn deliver(
         &self,
         address: &str,
@@ -58,9 +93,11 @@ impl Transport for HttpTransport {
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
         let url = format!("http://{address}{DELIVER_PATH}");
-        let response = self
-            .client
-            .post(url)
+        let mut request = self.client.post(url);
+        if let Some(request_id) = &envelope.request_id {
+            request = request.header(REQUEST_ID_HEADER, request_id);
+        }
+        let response = request
             .header(SECRET_HEADER, &self.secret)
             .header(TIMEOUT_HEADER, timeout.as_millis().to_string())
             .timeout(timeout + Duration::from_millis(250))
@@ -114,7 +151,59 @@ struct ServerState {
 pub fn router(runtime: EntityRuntime, secret: String) -> Router {
     Router::new()
         .route(DELIVER_PATH, post(deliver))
+        .route(
+            &format!("{ENTITY_PATH}/{{entity_type}}/{{entity_id}}"),
+            get(entity_status),
+        )
         .with_state(ServerState { runtime, secret })
+}
+
+/// Percent-encodes an entity id for a path segment.
+fn urlencode(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn authorized(headers: &HeaderMap, secret: &str) -> bool {
+    let given = headers
+        .get(SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    same_secret(given, secret.as_bytes())
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({"error": "missing or wrong cluster secret"})),
+    )
+        .into_response()
+}
+
+async fn entity_status(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+) -> Response {
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
+    }
+    let (Ok(entity_type), Ok(entity_id)) = (EntityType::new(entity_type), EntityId::new(entity_id))
+    else {
+        return (StatusCode::BAD_REQUEST, Json(EntityStatus::default())).into_response();
+    };
+    let address = EntityAddress {
+        entity_type,
+        entity_id,
+    };
+    Json(state.runtime.entity_status(&address).await).into_response()
 }
 
 fn status_of(error: &DeliveryError) -> StatusCode {
@@ -143,16 +232,8 @@ async fn deliver(
     headers: HeaderMap,
     envelope: Result<Json<Envelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let given = headers
-        .get(SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !same_secret(given, state.secret.as_bytes()) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(serde_json::json!({"error": "missing or wrong cluster secret"})),
-        )
-            .into_response();
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
     }
     let Json(envelope) = match envelope {
         Ok(envelope) => envelope,
@@ -173,8 +254,15 @@ async fn deliver(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(Duration::from_secs(30), Duration::from_millis);
+    let span = tracing::info_span!(
+        "deliver",
+        request_id = envelope.request_id.as_deref().unwrap_or(""),
+        entity = %envelope.address(),
+        tag = %envelope.tag,
+    );
     let delivery = envelope.into_delivery();
-    let result = match tokio::time::timeout(timeout, state.runtime.deliver(delivery)).await {
+    let delivered = tracing::Instrument::instrument(state.runtime.deliver(delivery), span);
+    let result = match tokio::time::timeout(timeout, delivered).await {
         Ok(result) => result,
         Err(_) => Err(DeliveryError::Timeout),
     };

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{ENVELOPE_VERSION, Envelope, Transport, TransportError};
-use crate::entity_runtime::EntityRuntime;
+use crate::entity_runtime::{EntityRuntime, EntityStatus};
+use crate::ids::EntityAddress;
 use crate::message_storage::Reply;
 
 /// Routes envelopes to runtimes registered under an address.
@@ -30,6 +31,18 @@ impl LocalTransport {
             .insert(address.into(), runtime);
     }
 
+    fn runtime(&self, address: &str) -> Result<EntityRuntime, TransportError> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(address)
+            .cloned()
+            .ok_or_else(|| TransportError::Unreachable {
+                address: address.to_owned(),
+                reason: "no such runner".to_owned(),
+            })
+    }
+
     /// Makes `address` unreachable (a dead runner).
     pub fn remove(&self, address: &str) {
         self.runtimes
@@ -41,6 +54,15 @@ impl LocalTransport {
 
 #[async_trait]
 impl Transport for LocalTransport {
+    async fn entity_status(
+        &self,
+        address: &str,
+        entity: &EntityAddress,
+    ) -> Result<EntityStatus, TransportError> {
+        let runtime = self.runtime(address)?;
+        Ok(runtime.entity_status(entity).await)
+    }
+
     async fn deliver(
         &self,
         address: &str,
@@ -53,16 +75,7 @@ impl Transport for LocalTransport {
                 reason: format!("unknown envelope version {}", envelope.version),
             });
         }
-        let runtime = self
-            .runtimes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(address)
-            .cloned()
-            .ok_or_else(|| TransportError::Unreachable {
-                address: address.to_owned(),
-                reason: "no such runner".to_owned(),
-            })?;
+        let runtime = self.runtime(address)?;
         match tokio::time::timeout(timeout, runtime.deliver(envelope.into_delivery())).await {
             Ok(result) => result.map_err(TransportError::Delivery),
             Err(_) => Err(TransportError::Lost {

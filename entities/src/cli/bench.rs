@@ -107,7 +107,8 @@ pub(crate) async fn connect_client(
         LockSessionSettings::default(),
     )?;
     let messages = PgMessageStorage::new(pool, config.cluster.name.clone(), BatchConfig::default());
-    let transport = HttpTransport::new(config.cluster.secret.clone()).map_err(anyhow::Error::msg)?;
+    let transport =
+        HttpTransport::new(config.cluster.secret.clone()).map_err(anyhow::Error::msg)?;
     Ok(ShoalClient::start(
         ClientParts {
             sharding: config.sharding(),
@@ -121,7 +122,11 @@ pub(crate) async fn connect_client(
     ))
 }
 
-async fn drive(client: &ShoalClient, args: &BenchArgs, prefix: &str) -> anyhow::Result<BenchReport> {
+async fn drive(
+    client: &ShoalClient,
+    args: &BenchArgs,
+    prefix: &str,
+) -> anyhow::Result<BenchReport> {
     let counter = EntityType::new("counter")?;
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
@@ -172,7 +177,11 @@ async fn drive(client: &ShoalClient, args: &BenchArgs, prefix: &str) -> anyhow::
     latencies.sort();
     let pick = |q: f64| percentile_ms(&latencies, q);
     Ok(BenchReport {
-        mode: if args.persisted { "persisted" } else { "volatile" },
+        mode: if args.persisted {
+            "persisted"
+        } else {
+            "volatile"
+        },
         requests: args.requests,
         entities: args.entities,
         concurrency: args.concurrency,

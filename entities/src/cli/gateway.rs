@@ -1,0 +1,44 @@
+//! `shoal gateway`.
+
+use clap::Args;
+use shoal::config::{ConfigLoader, ShoalConfig};
+use shoal::gateway::GatewayParams;
+
+use super::{ClusterArgs, DatabaseArgs};
+
+#[derive(Debug, Args)]
+pub(crate) struct GatewayArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Address to listen on (HOST:PORT; port 0 picks one).
+    #[arg(long, env = "SHOAL__GATEWAY__LISTEN")]
+    listen: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Redis URL (rate limits, breakers, caches; checked by /ready).
+    #[arg(long, env = "SHOAL__REDIS__URL")]
+    redis_url: Option<String>,
+}
+
+impl GatewayArgs {
+    pub(crate) fn apply(&self, loader: ConfigLoader) -> ConfigLoader {
+        loader
+            .set("database.url", self.db.database_url.clone())
+            .set("gateway.listen", self.listen.clone())
+            .set("cluster.name", self.cluster.cluster.clone())
+            .set("redis.url", self.redis_url.clone())
+    }
+}
+
+pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
+    super::init_logging(&config);
+    let shutdown = super::signals::shutdown_on_signals()?;
+    let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
+    let params = GatewayParams {
+        config,
+        registry: shoal_entities::registry()?,
+        metrics: Some(metrics),
+    };
+    shoal::gateway::run(params, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! The HTTP gateway: a stateless, client-only node (it hosts no entities) that validates
+//! each request against the entity types it knows and routes it to the owning runner
+//! through the client API.
+//!
+//! Every response carries an `X-Request-Id` (taken from the request or generated, uuid v7);
+//! the id is in the request's span and travels to the runner in the envelope. Errors are
+//! [`ApiError`]s. Shutdown stops accepting and gives in-flight requests
+//! `gateway.shutdown-timeout` to finish.
+
+mod error;
+pub mod openapi;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::client::{ClientConfig, ClientParts, ShoalClient};
+use crate::config::ShoalConfig;
+use crate::entity::EntityRegistry;
+use crate::message_storage::MessageStorage;
+use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
+use crate::runner_storage::StorageError;
+use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
+use crate::transport::http::HttpTransport;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The database refused.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Redis or the transport client could not be set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What the gateway is started with.
+#[derive(Debug)]
+pub struct GatewayParams {
+    /// The validated configuration.
+    pub config: ShoalConfig,
+    /// The entity types requests are validated against (the runners' types).
+    pub registry: EntityRegistry,
+    /// The process's metrics exporter, served at `/metrics`.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Shared by every request.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) config: Arc<ShoalConfig>,
+    pub(crate) registry: EntityRegistry,
+    pub(crate) client: ShoalClient,
+    pub(crate) runners: Arc<PgRunnerStorage>,
+    pub(crate) messages: Arc<dyn MessageStorage>,
+    pub(crate) pool: PgPool,
+    pub(crate) redis: Option<redis::aio::ConnectionManager>,
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+/// The request id of the request being handled.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Runs the gateway until `shutdown`, then drains in-flight requests (bounded).
+pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let config = Arc::new(params.config);
+    let db = &config.database;
+    let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
+    let runners = Arc::new(PgRunnerStorage::new(
+        pool.clone(),
+        &db.url,
+        config.cluster.name.clone(),
+        LockSessionSettings::default(),
+    )?);
+    let messages: Arc<dyn MessageStorage> = Arc::new(PgMessageStorage::new(
+        pool.clone(),
+        config.cluster.name.clone(),
+        BatchConfig::GROUP_COMMIT,
+    ));
+    let redis = match &config.redis.url {
+        Some(url) => Some(connect_redis(url).await?),
+        None => None,
+    };
+    let transport =
+        HttpTransport::new(config.cluster.secret.clone()).map_err(GatewayError::Setup)?;
+    let client_shutdown = CancellationToken::new();
+    let client = ShoalClient::start(
+        ClientParts {
+            sharding: config.sharding(),
+            runners: runners.clone(),
+            messages: messages.clone(),
+            transport: Arc::new(transport),
+            machine_id: std::process::id(),
+            config: ClientConfig {
+                default_timeout: config.gateway.request_timeout,
+                ..ClientConfig::default()
+            },
+        },
+        client_shutdown.clone(),
+    );
+    let listener = TcpListener::bind(config.gateway.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            address: config.gateway.listen.to_string(),
+            source,
+        })?;
+    let state = AppState {
+        config: config.clone(),
+        registry: params.registry,
+        client,
+        runners,
+        messages,
+        pool: pool.clone(),
+        redis,
+        metrics: params.metrics,
+    };
+    let address = listener.local_addr().map_err(|source| GatewayError::Bind {
+        address: config.gateway.listen.to_string(),
+        source,
+    })?;
+    tracing::info!(listen = %address, cluster = %config.cluster.name, "gateway started");
+    let app = router(state);
+    let serve =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let grace = config.gateway.shutdown_timeout;
+    tokio::select! {
+        result = serve => {
+            if let Err(error) = result {
+                tracing::error!(%error, "gateway server failed");
+            }
+        }
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests did not finish in time; closing");
+        }
+    }
+    client_shutdown.cancel();
+    pool.close().await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, GatewayError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| GatewayError::Setup(format!("invalid redis url: {e}")))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(1)));
+    redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| GatewayError::Setup(format!("cannot connect to redis: {e}")))
+}
+
+/// Every route of the gateway (the OpenAPI document lists the same ones; a test keeps them
+/// in step).
+pub(crate) fn router(state: AppState) -> Router {
+    let max_body = state.config.gateway.max_body_bytes;
+    Router::new()
+        .route(
+            "/entities/{entity_type}/{entity_id}/{message}",
+            post(routes::send_message),
+        )
+        .route("/entities/{entity_type}/{entity_id}", get(routes::explain))
+        .route("/cluster", get(routes::cluster))
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi_json))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+/// Assigns the request id, opens the request's span, records metrics.
+async fn request_context(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = tracing::info_span!("request", request_id = %id, %method, route = %route);
+    let started = Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    crate::metrics::http_request(&route, response.status().as_u16(), started.elapsed());
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}

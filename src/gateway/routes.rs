@@ -1,0 +1,552 @@
+//! Gateway handlers. Each validates its input into typed ids first and answers every
+//! problem with an [`ApiError`]; none can answer 500 for bad input.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState, RequestId};
+use crate::client::Request;
+use crate::entity::{DecodeError, ErasedEntity};
+use crate::ids::{EntityAddress, EntityId, EntityType, RunnerId};
+use crate::message_storage::Reply;
+use crate::runner_storage::RunnerStorage;
+use crate::status::ClusterStatus;
+
+/// Longest deadline a request may ask for.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A message's reply.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SendResponse {
+    /// The handler's reply.
+    #[schema(value_type = Object)]
+    pub reply: serde_json::Value,
+    /// `type/id` of the entity.
+    pub entity: String,
+    /// Whether the message was persisted before delivery.
+    pub persisted: bool,
+}
+
+/// The error body every failure answers with.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// An error's fields.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable code, e.g. `mailbox_full`.
+    pub code: String,
+    /// What went wrong, naming the field where one is to blame.
+    pub message: String,
+    /// Whether sending the same request again may succeed.
+    pub retryable: bool,
+}
+
+/// `?persisted=`: must agree with the message's type when given.
+#[derive(Debug, Deserialize)]
+pub struct SendQuery {
+    persisted: Option<bool>,
+}
+
+fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request("bad_path", rejection.body_text())
+}
+
+fn parse_address(
+    entity_type: String,
+    entity_id: String,
+    state: &AppState,
+) -> Result<(EntityAddress, std::sync::Arc<dyn ErasedEntity>), ApiError> {
+    let entity_type = EntityType::new(entity_type)
+        .map_err(|e| ApiError::bad_request("bad_entity_type", e.to_string()))?;
+    let def = state
+        .registry
+        .get(&entity_type)
+        .cloned()
+        .ok_or_else(|| ApiError::NotFound {
+            code: "unknown_entity_type",
+            message: format!("no entity type `{entity_type}`"),
+        })?;
+    let entity_id = EntityId::new(entity_id)
+        .map_err(|e| ApiError::bad_request("bad_entity_id", e.to_string()))?;
+    Ok((
+        EntityAddress {
+            entity_type,
+            entity_id,
+        },
+        def,
+    ))
+}
+
+/// `X-Request-Timeout`: milliseconds, or a duration such as `5s`.
+fn request_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
+    let Some(value) = headers.get("x-request-timeout") else {
+        return Ok(default);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("bad_timeout", "X-Request-Timeout is not text"))?;
+    let timeout = match text.parse::<u64>() {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(_) => humantime_serde::re::humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request("bad_timeout", format!("X-Request-Timeout `{text}`: {e}"))
+        })?,
+    };
+    if timeout.is_zero() || timeout > MAX_REQUEST_TIMEOUT {
+        return Err(ApiError::bad_request(
+            "bad_timeout",
+            format!("X-Request-Timeout must be between 1ms and {MAX_REQUEST_TIMEOUT:?}"),
+        ));
+    }
+    Ok(timeout)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("bad_idempotency_key", "Idempotency-Key is not text"))?;
+    if key.is_empty() || key.len() > 255 {
+        return Err(ApiError::bad_request(
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1 to 255 characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Send a message to an entity and wait for its reply.
+#[utoipa::path(
+    post,
+    path = "/entities/{entity_type}/{entity_id}/{message}",
+    params(
+        ("entity_type" = String, Path, description = "Entity type, e.g. `counter`"),
+        ("entity_id" = String, Path, description = "Entity id"),
+        ("message" = String, Path, description = "Message name, e.g. `increment`"),
+        ("persisted" = Option<bool>, Query, description = "Must match the message's kind when given"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Deduplicates persisted sends to this entity"),
+        ("X-Request-Timeout" = Option<String>, Header, description = "Deadline: milliseconds or a duration like `5s`"),
+    ),
+    request_body(content = Object, description = "The message body (JSON object)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The entity's reply", body = SendResponse),
+        (status = 400, description = "Bad input; the message names the field", body = ErrorBody),
+        (status = 404, description = "Unknown entity type", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "The handler answered with an error", body = ErrorBody),
+        (status = 429, description = "Mailbox full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Owner unavailable; retryable", body = ErrorBody),
+        (status = 504, description = "No reply before the deadline", body = ErrorBody),
+    ),
+    tag = "entities"
+)]
+pub(crate) async fn send_message(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<SendQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<SendResponse>, ApiError> {
+    let Path((entity_type, entity_id, message)) = path.map_err(path_error)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let (address, def) = parse_address(entity_type, entity_id, &state)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+            "the body is larger than {} bytes",
+            state.config.gateway.max_body_bytes
+        )),
+        _ => ApiError::bad_request("bad_body", e.body_text()),
+    })?;
+    let payload: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+        })?
+    };
+    if !payload.is_object() {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "the body must be a JSON object",
+        ));
+    }
+    let decoded = def.decode(&message, payload.clone()).map_err(|e| match e {
+        DecodeError::UnknownMessage { .. } => {
+            ApiError::bad_request("unknown_message", e.to_string())
+        }
+        other => ApiError::bad_request("bad_message", other.to_string()),
+    })?;
+    let persisted = def.is_persisted(&decoded);
+    if let Some(wanted) = query.persisted
+        && wanted != persisted
+    {
+        return Err(ApiError::bad_request(
+            "persistence_mismatch",
+            format!(
+                "message `{message}` of `{}` is {}",
+                address.entity_type,
+                if persisted {
+                    "always persisted"
+                } else {
+                    "volatile"
+                }
+            ),
+        ));
+    }
+    let key = idempotency_key(&headers)?.or_else(|| def.idempotency_key(&decoded));
+    if key.is_some() && !persisted {
+        return Err(ApiError::bad_request(
+            "not_persisted",
+            format!(
+                "message `{message}` is volatile; Idempotency-Key applies to persisted messages"
+            ),
+        ));
+    }
+    let timeout = request_timeout(&headers, state.config.gateway.request_timeout)?;
+    let mut request = if persisted {
+        Request::persisted(address.clone(), message, payload)
+    } else {
+        Request::volatile(address.clone(), message, payload)
+    };
+    request.idempotency_key = key;
+    request.timeout = Some(timeout);
+    request.request_id = Some(request_id.0);
+    match state.client.ask(request).await? {
+        Reply::Ok { value } => Ok(Json(SendResponse {
+            reply: value,
+            entity: address.to_string(),
+            persisted,
+        })),
+        Reply::Err { code, message } => Err(ApiError::HandlerError { code, message }),
+    }
+}
+
+/// Where an entity lives and how it is doing.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Explain {
+    /// `type/id`.
+    pub entity: String,
+    /// Its shard.
+    pub shard: u32,
+    /// The runner whose session holds the shard's lock (none while unowned).
+    #[schema(value_type = Option<i32>)]
+    pub owner_runner_id: Option<RunnerId>,
+    /// That runner's address.
+    pub owner_address: Option<String>,
+    /// The shard's epoch.
+    pub epoch: Option<i64>,
+    /// Whether an actor is live for it.
+    pub resident: bool,
+    /// Unfinished requests in its mailbox.
+    pub mailbox_depth: usize,
+    /// Unprocessed persisted messages.
+    pub unprocessed: u64,
+    /// Age of the oldest unprocessed persisted message, in milliseconds.
+    pub oldest_unprocessed_age_ms: Option<i64>,
+    /// The last handler error or panic.
+    pub last_error: Option<String>,
+}
+
+/// Explain an entity: shard, owner, epoch, mailbox, backlog, last error.
+#[utoipa::path(
+    get,
+    path = "/entities/{entity_type}/{entity_id}",
+    params(
+        ("entity_type" = String, Path, description = "Entity type"),
+        ("entity_id" = String, Path, description = "Entity id"),
+    ),
+    responses(
+        (status = 200, description = "What the cluster knows about the entity", body = Explain),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 404, description = "Unknown entity type", body = ErrorBody),
+    ),
+    tag = "entities"
+)]
+pub(crate) async fn explain(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Explain>, ApiError> {
+    let Path((entity_type, entity_id)) = path.map_err(path_error)?;
+    let (address, _) = parse_address(entity_type, entity_id, &state)?;
+    let shard = state.config.sharding().shard_of(&address.entity_id);
+    let snapshot = state
+        .runners
+        .snapshot()
+        .await
+        .map_err(storage_unavailable)?;
+    let owner = snapshot.owners.get(&shard).copied();
+    let owner_address = owner.and_then(|id| {
+        snapshot
+            .runners
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.address.clone())
+    });
+    let (unprocessed, oldest) =
+        state
+            .messages
+            .entity_backlog(&address)
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                code: "storage_unavailable",
+                message: e.to_string(),
+            })?;
+    let status = state
+        .client
+        .entity_status(&address)
+        .await
+        .unwrap_or_default();
+    Ok(Json(Explain {
+        entity: address.to_string(),
+        shard: shard.get(),
+        owner_runner_id: owner,
+        owner_address,
+        epoch: snapshot.epochs.get(&shard).map(|e| e.get()),
+        resident: status.resident,
+        mailbox_depth: status.mailbox_depth,
+        unprocessed,
+        oldest_unprocessed_age_ms: oldest
+            .map(|t: DateTime<Utc>| (Utc::now() - t).num_milliseconds()),
+        last_error: status.last_error,
+    }))
+}
+
+fn storage_unavailable(error: crate::runner_storage::StorageError) -> ApiError {
+    ApiError::Unavailable {
+        code: "storage_unavailable",
+        message: error.to_string(),
+    }
+}
+
+/// One shard's owner and epoch.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ShardLine {
+    /// Owning runner (none while unowned).
+    #[schema(value_type = Option<i32>)]
+    pub owner: Option<RunnerId>,
+    /// Current epoch.
+    pub epoch: Option<i64>,
+}
+
+/// The cluster map.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClusterMap {
+    /// Summary: runners with liveness and shard counts.
+    #[schema(value_type = Object)]
+    pub status: serde_json::Value,
+    /// Shard → owner and epoch.
+    pub shards: BTreeMap<u32, ShardLine>,
+    /// Shards nobody owns.
+    pub unowned: Vec<u32>,
+}
+
+/// Runners, shard → owner map with epochs, unowned shards.
+#[utoipa::path(
+    get,
+    path = "/cluster",
+    responses(
+        (status = 200, description = "The cluster map", body = ClusterMap),
+        (status = 503, description = "Postgres unavailable", body = ErrorBody),
+    ),
+    tag = "cluster"
+)]
+pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Json<ClusterMap>, ApiError> {
+    let snapshot = state
+        .runners
+        .snapshot()
+        .await
+        .map_err(storage_unavailable)?;
+    let sharding = state.config.sharding();
+    let status =
+        ClusterStatus::from_snapshot(state.config.cluster.name.clone(), sharding, &snapshot);
+    let mut shards = BTreeMap::new();
+    let mut unowned = Vec::new();
+    for shard in sharding.all() {
+        let owner = snapshot.owners.get(&shard).copied();
+        if owner.is_none() {
+            unowned.push(shard.get());
+        }
+        shards.insert(
+            shard.get(),
+            ShardLine {
+                owner,
+                epoch: snapshot.epochs.get(&shard).map(|e| e.get()),
+            },
+        );
+    }
+    Ok(Json(ClusterMap {
+        status: serde_json::to_value(status).map_err(|e| ApiError::Internal(e.to_string()))?,
+        shards,
+        unowned,
+    }))
+}
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Up")), tag = "operations")]
+pub(crate) async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: Postgres, Redis (when configured), every shard owned, no stalled shard.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    responses(
+        (status = 200, description = "Ready; every check passed"),
+        (status = 503, description = "Not ready; the failing checks are named"),
+    ),
+    tag = "operations"
+)]
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ok = true;
+    let mut check = |name: &str, result: Result<serde_json::Value, String>| {
+        match result {
+            Ok(detail) => checks.insert(
+                name.to_owned(),
+                serde_json::json!({"ok": true, "detail": detail}),
+            ),
+            Err(error) => {
+                ok = false;
+                checks.insert(
+                    name.to_owned(),
+                    serde_json::json!({"ok": false, "error": error}),
+                )
+            }
+        };
+    };
+    let postgres = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
+    )
+    .await;
+    check(
+        "postgres",
+        match postgres {
+            Ok(Ok(_)) => Ok(serde_json::json!("reachable")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 2s".to_owned()),
+        },
+    );
+    if let Some(redis) = &state.redis {
+        let mut redis = redis.clone();
+        let pong = tokio::time::timeout(
+            Duration::from_secs(2),
+            redis::cmd("PING").query_async::<String>(&mut redis),
+        )
+        .await;
+        check(
+            "redis",
+            match pong {
+                Ok(Ok(_)) => Ok(serde_json::json!("reachable")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 2s".to_owned()),
+            },
+        );
+    }
+    let sharding = state.config.sharding();
+    match state.runners.snapshot().await {
+        Ok(snapshot) => {
+            let unowned = sharding.shard_count() as usize
+                - snapshot.owners.len().min(sharding.shard_count() as usize);
+            check(
+                "shards_owned",
+                if unowned == 0 {
+                    Ok(serde_json::json!(format!(
+                        "all {} shards owned",
+                        sharding.shard_count()
+                    )))
+                } else {
+                    Err(format!(
+                        "{unowned} of {} shards unowned",
+                        sharding.shard_count()
+                    ))
+                },
+            );
+            let bound = state.config.gateway.ready_max_backlog_age;
+            let owned: Vec<_> = snapshot.owners.keys().copied().collect();
+            let stalled = state
+                .messages
+                .shards_with_backlog(&owned, crate::snowflake::id_before(bound), Utc::now())
+                .await;
+            check(
+                "backlog",
+                match stalled {
+                    Ok(stalled) if stalled.is_empty() => Ok(serde_json::json!(format!(
+                        "no owned shard has a message older than {bound:?}"
+                    ))),
+                    Ok(stalled) => Err(format!(
+                        "{} owned shard(s) have unprocessed messages older than {bound:?}: {:?}",
+                        stalled.len(),
+                        stalled.iter().take(10).map(|s| s.get()).collect::<Vec<_>>()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
+            );
+        }
+        Err(error) => check("shards_owned", Err(error.to_string())),
+    }
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"ready": ok, "checks": checks})),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics of this gateway process.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), tag = "operations")]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::NotFound {
+            code: "metrics_disabled",
+            message: "metrics are not enabled in this process".to_owned(),
+        }
+        .into_response(),
+    }
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")), tag = "operations")]
+pub(crate) async fn openapi_json() -> Response {
+    match super::openapi::document().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        code: "no_route",
+        message: "no such route; see /openapi.json".to_owned(),
+    }
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
