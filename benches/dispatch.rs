@@ -34,7 +34,12 @@ impl Entity for Pong {
     fn is_persisted(&self, _: &Msg) -> bool {
         false
     }
-    async fn handle(&self, _: &EntityContext, state: &mut u64, _: Msg) -> Result<u64, HandlerError> {
+    async fn handle(
+        &self,
+        _: &EntityContext,
+        state: &mut u64,
+        _: Msg,
+    ) -> Result<u64, HandlerError> {
         *state += 1;
         Ok(*state)
     }
