@@ -2,6 +2,7 @@
 //! environment, which wins over the config file.
 
 mod bench;
+mod dev;
 mod drill;
 mod gateway;
 mod runner;
@@ -34,6 +35,8 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Run a runner: own shards and host their entities.
     Runner(runner::RunnerArgs),
+    /// Start a whole local cluster: migrations, runners and a gateway (Ctrl-C stops it).
+    Dev(dev::DevArgs),
     /// Run the HTTP gateway (routes requests to the owning runners).
     Gateway(gateway::GatewayArgs),
     /// Print the cluster's runners and shard ownership.
@@ -83,6 +86,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runner(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
             runner::run(config).await
+        }
+        Command::Dev(args) => {
+            let config = cli.load_config(|l| args.apply(l))?;
+            dev::run(args, config).await
         }
         Command::Gateway(args) => {
             let config = cli.load_config(|l| args.apply(l))?;

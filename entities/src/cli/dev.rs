@@ -1,0 +1,204 @@
+//! `shoal dev`: a whole local cluster in one command. Applies migrations, starts N runner
+//! processes and a gateway as children on free ports, prints the gateway URL and a status
+//! screen, and on Ctrl-C (or SIGTERM) stops every child gracefully, leaving no orphans.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use shoal::config::{ConfigLoader, ShoalConfig};
+use tokio::process::{Child, Command};
+
+use super::DatabaseArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Runner processes to start.
+    #[arg(long, default_value_t = 3, env = "SHOAL_DEV_RUNNERS")]
+    runners: usize,
+    /// Port of the gateway (0 picks a free one).
+    #[arg(long, default_value_t = 8080, env = "SHOAL_DEV_GATEWAY_PORT")]
+    gateway_port: u16,
+    /// Redis URL handed to the gateway.
+    #[arg(long, env = "SHOAL__REDIS__URL")]
+    redis_url: Option<String>,
+}
+
+impl DevArgs {
+    pub(crate) fn apply(&self, loader: ConfigLoader) -> ConfigLoader {
+        loader
+            .set("database.url", self.db.database_url.clone())
+            .set("redis.url", self.redis_url.clone())
+    }
+}
+
+pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<()> {
+    if args.runners == 0 {
+        bail!("--runners must be at least 1");
+    }
+    let shutdown = super::signals::shutdown_on_signals()?;
+    ensure_database(&config.database.url).await?;
+    let pool = super::connect(&config).await?;
+    shoal::MIGRATOR.run(&pool).await.context("applying migrations")?;
+    pool.close().await;
+
+    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for n in 1..=args.runners {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let child = spawn(
+            &exe,
+            &["runner", "--database-url", &config.database.url, "--listen", &listen],
+            &config,
+        )?;
+        children.push((format!("runner {n} ({listen})"), child));
+    }
+    let port = if args.gateway_port == 0 { free_port()? } else { args.gateway_port };
+    let gateway_listen = format!("127.0.0.1:{port}");
+    let mut gateway_args = vec!["gateway", "--database-url", &config.database.url, "--listen", &gateway_listen];
+    if let Some(redis) = &config.redis.url {
+        gateway_args.extend(["--redis-url", redis.as_str()]);
+    }
+    children.push((format!("gateway ({gateway_listen})"), spawn(&exe, &gateway_args, &config)?));
+
+    let url = format!("http://{gateway_listen}");
+    let result = tokio::select! {
+        ready = wait_ready(&url, &mut children) => ready,
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    if result.is_ok() && !shutdown.is_cancelled() {
+        println!("gateway: {url}");
+        let status = settled_status(&config, args.runners).await?;
+        print!("{}", status.to_text());
+        println!("try:  curl -X POST {url}/entities/counter/hello/increment -d '{{}}'");
+        println!("Ctrl-C stops the cluster");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            exited = first_exit(&mut children) => eprintln!("{exited}; stopping the cluster"),
+        }
+    }
+    stop_all(&mut children).await;
+    result
+}
+
+/// The status once every runner holds its share (or after 10 s, whatever it is then).
+async fn settled_status(
+    config: &ShoalConfig,
+    runners: usize,
+) -> anyhow::Result<shoal::status::ClusterStatus> {
+    let cap = (config.cluster.shards_per_group.get() as usize).div_ceil(runners);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = super::status::read(config).await?;
+        let live = status.runners.iter().filter(|r| r.alive).count();
+        let balanced = status.runners.iter().all(|r| r.shards <= cap);
+        if (live >= runners && balanced && status.unowned == 0) || Instant::now() > deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates the configured database if the server lacks it (a fresh machine has none).
+async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    use sqlx::ConnectOptions;
+    let options = sqlx::postgres::PgConnectOptions::from_str(url).context("parsing the database url")?;
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    if options.connect().await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = options
+        .database("postgres")
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", super::redact(url)))?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("creating database {name}"))?;
+    eprintln!("created database {name}");
+    Ok(())
+}
+
+fn spawn(exe: &std::path::Path, args: &[&str], config: &ShoalConfig) -> anyhow::Result<Child> {
+    Command::new(exe)
+        .args(args)
+        .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
+        .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", config.cluster.shards_per_group.to_string())
+        .env("SHOAL__LOG__FILTER", std::env::var("SHOAL__LOG__FILTER").unwrap_or_else(|_| "warn".to_owned()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        // Children ignore the terminal's Ctrl-C; we stop them in order.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting `shoal {}`", args.join(" ")))
+}
+
+async fn wait_ready(url: &str, children: &mut [(String, Child)]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited during start-up with {status}");
+            }
+        }
+        if let Ok(response) = client.get(format!("{url}/ready")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster was not ready within 60 s (see {url}/ready)");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn first_exit(children: &mut [(String, Child)]) -> String {
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return format!("{name} exited with {status}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM the gateway first, then the runners; SIGKILL whatever outlives the deadline.
+async fn stop_all(children: &mut [(String, Child)]) {
+    for (_, child) in children.iter().rev() {
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for (name, child) in children.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+            Ok(Ok(status)) if status.success() => eprintln!("{name} stopped"),
+            Ok(Ok(status)) => eprintln!("{name} stopped with {status}"),
+            _ => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                eprintln!("{name} killed after the shutdown deadline");
+            }
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
