@@ -91,6 +91,70 @@ pub struct ShoalConfig {
     pub redis: RedisConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[[cron]]`: cluster cron schedules, driven by one singleton.
+    pub cron: Vec<CronScheduleConfig>,
+}
+
+/// What to do with instants that passed while no runner could fire them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissedRunPolicy {
+    /// Fire none of them.
+    #[default]
+    Skip,
+    /// Fire the latest one, once.
+    RunOnce,
+    /// Fire each, up to `max-catch-up`.
+    RunAll,
+}
+
+/// One `[[cron]]` schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CronScheduleConfig {
+    /// Unique name; part of every instant's idempotency key `cron:<name>:<instant>`.
+    pub name: String,
+    /// Cron expression; a leading seconds field is allowed (`*/10 * * * * *`).
+    pub expression: String,
+    /// IANA time zone the expression is read in. Default `UTC`.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+    /// Missed-run policy. Default `skip`.
+    #[serde(default)]
+    pub policy: MissedRunPolicy,
+    /// Most missed instants fired under `run-all`. Default 100.
+    #[serde(default = "default_catch_up")]
+    pub max_catch_up: usize,
+    /// The message each instant sends.
+    pub target: CronTargetConfig,
+}
+
+/// Where a schedule's messages go. String values `{{instant}}` and `{{name}}` in the
+/// payload are replaced by the instant (RFC 3339) and the schedule's name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CronTargetConfig {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// Message name (must be a persisted message of the type).
+    pub message: String,
+    /// Message body. Default `{}`.
+    #[serde(default = "empty_object")]
+    pub payload: serde_json::Value,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+fn default_catch_up() -> usize {
+    100
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
 }
 
 /// `[gateway]`.
@@ -398,6 +462,19 @@ impl ShoalConfig {
                 problem: "must be at least 1".to_owned(),
             });
         }
+        let mut names = std::collections::BTreeSet::new();
+        for schedule in &self.cron {
+            if !names.insert(schedule.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "cron",
+                    problem: format!("schedule `{}` is defined twice", schedule.name),
+                });
+            }
+            crate::cron::Schedule::parse(schedule).map_err(|problem| ConfigError::Invalid {
+                key: "cron",
+                problem,
+            })?;
+        }
         self.runner.validate()
     }
 
@@ -526,6 +603,30 @@ mod tests {
             .load()
             .expect_err("bad name");
         assert!(error.to_string().contains("cluster name"), "{error}");
+    }
+
+    #[test]
+    fn bad_cron_schedules_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("shoal-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cases = [
+            ("nonsense", "not a cron", "UTC"),
+            ("bad-zone", "*/5 * * * * *", "Mars/Olympus"),
+        ];
+        for (name, expression, zone) in cases {
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "[[cron]]\nname = \"{name}\"\nexpression = \"{expression}\"\n\
+                     time-zone = \"{zone}\"\n[cron.target]\nentity-type = \"counter\"\n\
+                     entity-id = \"c\"\nmessage = \"increment\"\n"
+                ),
+            )
+            .expect("writes");
+            let error = ConfigLoader::new().file(&path).load().expect_err("refused");
+            assert!(error.to_string().contains(&format!("`{name}`")), "{error}");
+        }
     }
 
     #[test]

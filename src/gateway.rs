@@ -185,6 +185,7 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/entities/{entity_type}/{entity_id}", get(routes::explain))
         .route("/cluster", get(routes::cluster))
+        .route("/cron", get(routes::cron))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))

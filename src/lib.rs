@@ -22,6 +22,7 @@
 
 pub mod client;
 pub mod config;
+pub mod cron;
 pub mod entity;
 pub mod entity_runtime;
 pub mod gateway;
@@ -32,6 +33,7 @@ pub mod ownership;
 pub mod runner;
 pub mod runner_storage;
 pub mod sharding;
+pub mod singleton;
 pub mod snowflake;
 pub mod status;
 pub mod transport;

@@ -36,6 +36,15 @@ pub const HTTP_REQUESTS: &str = "shoal_http_requests_total";
 /// HTTP request latency, by route.
 pub const HTTP_DURATION: &str = "shoal_http_request_duration_seconds";
 
+/// Singletons running on this runner.
+pub const SINGLETONS_RUNNING: &str = "shoal_singletons_running";
+/// Cron instants fired.
+pub const CRON_FIRES: &str = "shoal_cron_fires_total";
+/// Cron instants skipped because they passed while no runner could fire them.
+pub const CRON_MISSES: &str = "shoal_cron_misses_total";
+/// Delay between a cron instant and its firing.
+pub const CRON_LAG: &str = "shoal_cron_lag_seconds";
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
@@ -59,6 +68,19 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
     Ok(handle)
+}
+
+pub(crate) fn singletons_running(n: usize) {
+    gauge!(SINGLETONS_RUNNING).set(n as f64);
+}
+
+pub(crate) fn cron_fired(schedule: &str, lag: std::time::Duration) {
+    counter!(CRON_FIRES, "schedule" => schedule.to_owned()).increment(1);
+    metrics::histogram!(CRON_LAG, "schedule" => schedule.to_owned()).record(lag.as_secs_f64());
+}
+
+pub(crate) fn cron_missed(schedule: &str, n: usize) {
+    counter!(CRON_MISSES, "schedule" => schedule.to_owned()).increment(n as u64);
 }
 
 pub(crate) fn http_request(route: &str, status: u16, elapsed: std::time::Duration) {

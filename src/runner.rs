@@ -13,12 +13,14 @@ use tokio::sync::watch;
 
 use crate::client::{ClientConfig, ClientParts, ShoalClient};
 use crate::config::ShoalConfig;
+use crate::cron::CronStore;
 use crate::entity::EntityRegistry;
 use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
 use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use crate::ownership::{OwnershipConfig, OwnershipHandle, spawn_ownership};
 use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
 use crate::runner_storage::{RunnerRegistration, RunnerStorage, StorageError};
+use crate::singleton::{Lifecycles, Singleton, Singletons};
 use crate::transport::http::HttpTransport;
 
 /// Why a runner could not start or stop cleanly.
@@ -35,6 +37,9 @@ pub enum RunnerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The configuration does not fit the registered entity types.
+    #[error("{0}")]
+    Config(String),
     /// The transport client could not be built.
     #[error("{0}")]
     Transport(String),
@@ -50,6 +55,8 @@ pub struct RunnerParams {
     pub config: ShoalConfig,
     /// The entity types this runner hosts.
     pub registry: EntityRegistry,
+    /// Singletons of the application (the cron driver is added from the config).
+    pub singletons: Vec<Singleton>,
     /// The process's metrics exporter, served at `/metrics`.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -57,6 +64,7 @@ pub struct RunnerParams {
 /// Runs a runner until `shutdown` is cancelled, then shuts it down in order.
 pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<(), RunnerError> {
     let config = &params.config;
+    let schedules = check_cron_targets(config, &params.registry)?;
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
     let storage = PgRunnerStorage::new(
@@ -116,14 +124,40 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             max_attempts: config.runner.max_delivery_attempts,
             ..RuntimeConfig::default()
         },
-        runner_id_rx,
+        runner_id_rx.clone(),
     );
     let sweep_shutdown = CancellationToken::new();
     tokio::spawn(runtime.clone().sweep_backlog(sweep_shutdown.clone()));
+    let client_shutdown = CancellationToken::new();
+    let transport =
+        HttpTransport::new(config.cluster.secret.clone()).map_err(RunnerError::Transport)?;
+    let client = ShoalClient::start(
+        ClientParts {
+            sharding: config.sharding(),
+            runners: storage.clone(),
+            messages: messages.clone(),
+            transport: Arc::new(transport),
+            machine_id: std::process::id(),
+            config: ClientConfig::default(),
+        },
+        client_shutdown.clone(),
+    );
+    let mut singletons = params.singletons.clone();
+    if !schedules.is_empty() {
+        let store = CronStore::new(pool.clone(), config.cluster.name.clone());
+        singletons.push(crate::cron::driver(schedules, client.clone(), store));
+    }
+    let singletons = Singletons::new(
+        config.sharding(),
+        singletons,
+        runner_id_rx.clone(),
+        config.runner.drain_timeout,
+    );
+    let lifecycle = Lifecycles(vec![Arc::new(runtime.clone()), Arc::new(singletons)]);
     let loop_shutdown = CancellationToken::new();
     let (ownership, ownership_done) = spawn_ownership(
         storage.clone(),
-        Arc::new(runtime.clone()),
+        Arc::new(lifecycle),
         OwnershipConfig {
             sharding: config.sharding(),
             poll_interval: config.runner.poll_interval,
@@ -176,6 +210,36 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     let _ = server.await;
     pool.close().await;
     result
+}
+
+/// Every cron schedule must target a registered type with a persisted message that decodes.
+fn check_cron_targets(
+    config: &ShoalConfig,
+    registry: &EntityRegistry,
+) -> Result<Vec<crate::cron::Schedule>, RunnerError> {
+    let schedules = crate::cron::schedules(&config.cron).map_err(RunnerError::Config)?;
+    for schedule in &schedules {
+        let fail = |what: String| {
+            RunnerError::Config(format!("cron schedule `{}`: {what}", schedule.name))
+        };
+        let def = registry.get(&schedule.target.entity_type).ok_or_else(|| {
+            fail(format!(
+                "unknown entity type `{}`",
+                schedule.target.entity_type
+            ))
+        })?;
+        let request = schedule.request(chrono::Utc::now());
+        let message = def
+            .decode(&schedule.message, request.payload)
+            .map_err(|e| fail(e.to_string()))?;
+        if !def.is_persisted(&message) {
+            return Err(fail(format!(
+                "message `{}` is volatile; cron sends persisted messages",
+                schedule.message
+            )));
+        }
+    }
+    Ok(schedules)
 }
 
 /// Keeps the runtime's view of the runner id in step with the ownership loop (it changes

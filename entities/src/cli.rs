@@ -2,6 +2,7 @@
 //! environment, which wins over the config file.
 
 mod bench;
+mod cron;
 mod dev;
 mod drill;
 mod gateway;
@@ -43,6 +44,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Closed-loop load generator; prints JSON.
     Bench(bench::BenchArgs),
+    /// Cluster cron.
+    #[command(subcommand)]
+    Cron(cron::CronCommand),
     /// Failover drills.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
@@ -102,6 +106,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
             bench::run(args, config).await
+        }
+        Command::Cron(command) => {
+            let config = cli.load_config(|l| command.apply(l))?;
+            command.run(config).await
         }
         Command::Drill(drill) => {
             let config = cli.load_config(|l| drill.apply(l))?;

@@ -14,6 +14,7 @@ use super::routes;
         routes::send_message,
         routes::explain,
         routes::cluster,
+        routes::cron,
         routes::health,
         routes::ready,
         routes::metrics,
@@ -26,6 +27,8 @@ use super::routes;
         routes::Explain,
         routes::ClusterMap,
         routes::ShardLine,
+        crate::cron::CronListing,
+        crate::cron::ScheduleView,
     ))
 )]
 struct ApiDoc;
@@ -41,6 +44,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/entities/{entity_type}/{entity_id}/{message}"),
     ("get", "/entities/{entity_type}/{entity_id}"),
     ("get", "/cluster"),
+    ("get", "/cron"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/metrics"),

@@ -397,6 +397,37 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Json<Cluste
     }))
 }
 
+/// Cron schedules: last fired, next instant, policy, the runner driving them.
+#[utoipa::path(
+    get,
+    path = "/cron",
+    responses(
+        (status = 200, description = "Every schedule", body = crate::cron::CronListing),
+        (status = 503, description = "Postgres unavailable", body = ErrorBody),
+    ),
+    tag = "cluster"
+)]
+pub(crate) async fn cron(
+    State(state): State<AppState>,
+) -> Result<Json<crate::cron::CronListing>, ApiError> {
+    let schedules = crate::cron::schedules(&state.config.cron).map_err(ApiError::Internal)?;
+    let snapshot = state
+        .runners
+        .snapshot()
+        .await
+        .map_err(storage_unavailable)?;
+    let driver_shard = state.config.sharding().shard_of_key(crate::cron::DRIVER);
+    let driver = snapshot.owners.get(&driver_shard).copied();
+    let store = crate::cron::CronStore::new(state.pool.clone(), state.config.cluster.name.clone());
+    let listing = crate::cron::list(&schedules, &store, driver)
+        .await
+        .map_err(|e| ApiError::Unavailable {
+            code: "storage_unavailable",
+            message: e.to_string(),
+        })?;
+    Ok(Json(listing))
+}
+
 /// Liveness: the process is up.
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Up")), tag = "operations")]
 pub(crate) async fn health() -> Json<serde_json::Value> {

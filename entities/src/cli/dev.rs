@@ -42,7 +42,10 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     let shutdown = super::signals::shutdown_on_signals()?;
     ensure_database(&config.database.url).await?;
     let pool = super::connect(&config).await?;
-    shoal::MIGRATOR.run(&pool).await.context("applying migrations")?;
+    shoal::MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying migrations")?;
     pool.close().await;
 
     let exe = std::env::current_exe().context("locating the shoal binary")?;
@@ -51,18 +54,37 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         let listen = format!("127.0.0.1:{}", free_port()?);
         let child = spawn(
             &exe,
-            &["runner", "--database-url", &config.database.url, "--listen", &listen],
+            &[
+                "runner",
+                "--database-url",
+                &config.database.url,
+                "--listen",
+                &listen,
+            ],
             &config,
         )?;
         children.push((format!("runner {n} ({listen})"), child));
     }
-    let port = if args.gateway_port == 0 { free_port()? } else { args.gateway_port };
+    let port = if args.gateway_port == 0 {
+        free_port()?
+    } else {
+        args.gateway_port
+    };
     let gateway_listen = format!("127.0.0.1:{port}");
-    let mut gateway_args = vec!["gateway", "--database-url", &config.database.url, "--listen", &gateway_listen];
+    let mut gateway_args = vec![
+        "gateway",
+        "--database-url",
+        &config.database.url,
+        "--listen",
+        &gateway_listen,
+    ];
     if let Some(redis) = &config.redis.url {
         gateway_args.extend(["--redis-url", redis.as_str()]);
     }
-    children.push((format!("gateway ({gateway_listen})"), spawn(&exe, &gateway_args, &config)?));
+    children.push((
+        format!("gateway ({gateway_listen})"),
+        spawn(&exe, &gateway_args, &config)?,
+    ));
 
     let url = format!("http://{gateway_listen}");
     let result = tokio::select! {
@@ -104,9 +126,10 @@ async fn settled_status(
 
 /// Creates the configured database if the server lacks it (a fresh machine has none).
 async fn ensure_database(url: &str) -> anyhow::Result<()> {
-    use std::str::FromStr;
     use sqlx::ConnectOptions;
-    let options = sqlx::postgres::PgConnectOptions::from_str(url).context("parsing the database url")?;
+    use std::str::FromStr;
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url).context("parsing the database url")?;
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
     };
@@ -131,8 +154,14 @@ fn spawn(exe: &std::path::Path, args: &[&str], config: &ShoalConfig) -> anyhow::
     Command::new(exe)
         .args(args)
         .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
-        .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", config.cluster.shards_per_group.to_string())
-        .env("SHOAL__LOG__FILTER", std::env::var("SHOAL__LOG__FILTER").unwrap_or_else(|_| "warn".to_owned()))
+        .env(
+            "SHOAL__CLUSTER__SHARDS_PER_GROUP",
+            config.cluster.shards_per_group.to_string(),
+        )
+        .env(
+            "SHOAL__LOG__FILTER",
+            std::env::var("SHOAL__LOG__FILTER").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

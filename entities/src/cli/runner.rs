@@ -37,6 +37,7 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     let params = RunnerParams {
         config,
         registry: shoal_entities::registry()?,
+        singletons: Vec::new(),
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;
