@@ -153,7 +153,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         runner_id_rx.clone(),
         config.runner.drain_timeout,
     );
-    let lifecycle = Lifecycles(vec![Arc::new(runtime.clone()), Arc::new(singletons)]);
+    let lifecycle = Lifecycles(vec![Arc::new(runtime.clone()), Arc::new(singletons.clone())]);
     let loop_shutdown = CancellationToken::new();
     let (ownership, ownership_done) = spawn_ownership(
         storage.clone(),
@@ -198,6 +198,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             runtime: runtime.clone(),
             secret: config.cluster.secret.clone(),
             client,
+            singletons,
         },
         http_shutdown.clone(),
     ));

@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::ShoalClient;
 use crate::entity_runtime::EntityRuntime;
+use serde::Serialize;
+
 use crate::ownership::{OwnershipHandle, OwnershipView};
+use crate::singleton::Singletons;
 
 #[derive(Debug, Clone)]
 pub(crate) struct RunnerHttp {
@@ -23,6 +26,18 @@ pub(crate) struct RunnerHttp {
     /// Kept for routes that reach other entities from this runner.
     #[allow(dead_code)]
     pub(crate) client: ShoalClient,
+    pub(crate) singletons: Singletons,
+}
+
+/// `GET /status`: what this runner believes it owns and runs.
+#[derive(Debug, Serialize)]
+struct RunnerStatus {
+    #[serde(flatten)]
+    ownership: OwnershipView,
+    /// Singletons running here now.
+    singletons: Vec<String>,
+    /// Entities resident here now.
+    entities_resident: usize,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: CancellationToken) {
@@ -45,8 +60,12 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn status(State(state): State<RunnerHttp>) -> Json<OwnershipView> {
-    Json(state.ownership.view())
+async fn status(State(state): State<RunnerHttp>) -> Json<RunnerStatus> {
+    Json(RunnerStatus {
+        ownership: state.ownership.view(),
+        singletons: state.singletons.running_names(),
+        entities_resident: state.runtime.resident(),
+    })
 }
 
 async fn metrics(State(state): State<RunnerHttp>) -> Response {
