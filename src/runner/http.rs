@@ -38,6 +38,8 @@ struct RunnerStatus {
     singletons: Vec<String>,
     /// Entities resident here now.
     entities_resident: usize,
+    /// This process's id (drills use it to kill the runner).
+    pid: u32,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: CancellationToken) {
@@ -65,6 +67,7 @@ async fn status(State(state): State<RunnerHttp>) -> Json<RunnerStatus> {
         ownership: state.ownership.view(),
         singletons: state.singletons.running_names(),
         entities_resident: state.runtime.resident(),
+        pid: std::process::id(),
     })
 }
 

@@ -1,25 +1,32 @@
-//! `shoal drill failover`: start a cluster of runner processes, kill one with SIGKILL, and
-//! measure how long the survivors take to own every shard. Progress goes to stderr, one
-//! JSON object to stdout.
+//! `shoal drill failover`: drive a steady load of persisted messages through a gateway, kill
+//! a runner with SIGKILL, keep the load going, and report what the users of the cluster
+//! would see: time to full ownership, time to the first message processed on a moved shard,
+//! and whether anything acknowledged was lost or committed twice. Against a running cluster
+//! (`--gateway URL`) or one it starts itself (`--runners N`). Progress on stderr, one JSON
+//! object on stdout.
 
-use std::path::PathBuf;
+mod load;
+
+use std::collections::{BTreeSet, HashMap};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use shoal::config::{ConfigLoader, ShoalConfig};
-use shoal::ids::RunnerId;
+use shoal::ids::{RunnerId, ShardId};
 use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
 use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use sqlx::Row;
 use tokio::process::{Child, Command};
 
-use super::DatabaseArgs;
+use super::{ClusterArgs, DatabaseArgs};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DrillCommand {
-    /// Kill a runner with SIGKILL and measure the time until its shards are owned again.
+    /// Kill a runner with SIGKILL under load and report ownership time, loss and duplicates.
     Failover(FailoverArgs),
 }
 
@@ -27,9 +34,23 @@ pub(crate) enum DrillCommand {
 pub(crate) struct FailoverArgs {
     #[command(flatten)]
     db: DatabaseArgs,
-    /// Runner processes to start.
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Gateway of a running cluster; without it the drill starts its own cluster.
+    #[arg(long, env = "SHOAL_DRILL_GATEWAY")]
+    gateway: Option<String>,
+    /// Runners of the drill's own cluster.
     #[arg(long, default_value_t = 3, env = "SHOAL_DRILL_RUNNERS")]
     runners: usize,
+    /// Runner to kill (default: the one owning the most shards).
+    #[arg(long, env = "SHOAL_DRILL_RUNNER")]
+    runner: Option<i32>,
+    /// Persisted messages per second.
+    #[arg(long, default_value_t = 500, env = "SHOAL_DRILL_RATE")]
+    rate: u32,
+    /// Counter entities the load is spread over.
+    #[arg(long, default_value_t = 100, env = "SHOAL_DRILL_ENTITIES")]
+    entities: usize,
     /// Drills to run; with more than one, p50/p99 are reported.
     #[arg(long, default_value_t = 1, env = "SHOAL_DRILL_REPEAT")]
     repeat: usize,
@@ -41,7 +62,9 @@ pub(crate) struct FailoverArgs {
 impl DrillCommand {
     pub(crate) fn apply(&self, loader: ConfigLoader) -> ConfigLoader {
         match self {
-            Self::Failover(args) => loader.set("database.url", args.db.database_url.clone()),
+            Self::Failover(args) => loader
+                .set("database.url", args.db.database_url.clone())
+                .set("cluster.name", args.cluster.cluster.clone()),
         }
     }
 
@@ -56,10 +79,17 @@ impl DrillCommand {
 #[derive(Debug, Clone, Serialize)]
 struct DrillRun {
     runners: usize,
-    shards: u32,
     killed_runner: RunnerId,
     shards_moved: usize,
     ownership_ms: f64,
+    first_processed_ms: Option<f64>,
+    sent: usize,
+    acknowledged: usize,
+    processed: usize,
+    lost: usize,
+    duplicated: usize,
+    reexecuted: i64,
+    failed_requests: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,10 +102,14 @@ struct DrillReport {
     ownership_ms_p50: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ownership_ms_p99: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_processed_ms_p50: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_processed_ms_p99: Option<f64>,
 }
 
 async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()> {
-    if args.runners < 2 {
+    if args.gateway.is_none() && args.runners < 2 {
         bail!("--runners must be at least 2 (one to kill, one to take over)");
     }
     let pool = super::connect(&config).await?;
@@ -84,38 +118,62 @@ async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()
         .await
         .context("applying migrations")?;
     let mut runs = Vec::new();
-    for round in 0..args.repeat.max(1) {
-        let run = drill_once(args, &config, &pool).await?;
+    for round in 1..=args.repeat.max(1) {
+        let mut cluster = match &args.gateway {
+            Some(url) => Cluster::Existing {
+                config: config.clone(),
+                url: url.trim_end_matches('/').to_owned(),
+            },
+            None => Cluster::start(args, &config).await?,
+        };
+        let result = drill_once(args, &config, &pool, &mut cluster).await;
+        cluster.stop().await;
+        let run = result?;
         eprintln!(
-            "drill {}/{}: killed runner {} ({} shards); survivors owned every shard after {:.0} ms",
-            round + 1,
+            "drill {round}/{}: killed runner {} ({} shards): owned again after {:.0} ms, first processed after {:?} ms, lost {}, duplicated {}",
             args.repeat.max(1),
             run.killed_runner,
             run.shards_moved,
-            run.ownership_ms
+            run.ownership_ms,
+            run.first_processed_ms.map(|v| v.round()),
+            run.lost,
+            run.duplicated
         );
         runs.push(run);
     }
     pool.close().await;
-    let report = if runs.len() == 1 {
-        DrillReport {
-            last: runs.remove(0),
-            runs: Vec::new(),
+    println!("{}", serde_json::to_string(&report(runs)?)?);
+    Ok(())
+}
+
+fn report(mut runs: Vec<DrillRun>) -> anyhow::Result<DrillReport> {
+    let last = runs.last().cloned().context("at least one run")?;
+    if runs.len() == 1 {
+        runs.clear();
+        return Ok(DrillReport {
+            last,
+            runs,
             ownership_ms_p50: None,
             ownership_ms_p99: None,
-        }
-    } else {
-        let mut times: Vec<f64> = runs.iter().map(|r| r.ownership_ms).collect();
-        times.sort_by(f64::total_cmp);
-        DrillReport {
-            last: runs.last().cloned().context("at least one run")?,
-            ownership_ms_p50: Some(percentile(&times, 0.50)),
-            ownership_ms_p99: Some(percentile(&times, 0.99)),
-            runs,
-        }
+            first_processed_ms_p50: None,
+            first_processed_ms_p99: None,
+        });
+    }
+    let sorted = |values: Vec<f64>| {
+        let mut values = values;
+        values.sort_by(f64::total_cmp);
+        values
     };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    let ownership = sorted(runs.iter().map(|r| r.ownership_ms).collect());
+    let first = sorted(runs.iter().filter_map(|r| r.first_processed_ms).collect());
+    Ok(DrillReport {
+        last,
+        ownership_ms_p50: Some(percentile(&ownership, 0.50)),
+        ownership_ms_p99: Some(percentile(&ownership, 0.99)),
+        first_processed_ms_p50: (!first.is_empty()).then(|| percentile(&first, 0.50)),
+        first_processed_ms_p99: (!first.is_empty()).then(|| percentile(&first, 0.99)),
+        runs,
+    })
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -127,75 +185,292 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-struct Spawned {
-    child: Child,
-    address: String,
+/// The cluster under drill: one the drill started (children it can kill) or a running one.
+enum Cluster {
+    Own {
+        config: ShoalConfig,
+        runners: Vec<(String, Child)>,
+        gateway: Child,
+        url: String,
+    },
+    Existing {
+        config: ShoalConfig,
+        url: String,
+    },
+}
+
+impl Cluster {
+    async fn start(args: &FailoverArgs, config: &ShoalConfig) -> anyhow::Result<Self> {
+        let mut config = config.clone();
+        config.cluster.name =
+            shoal::ClusterName::new(format!("drill-{}", uuid::Uuid::now_v7().simple()))?;
+        let mut runners = Vec::new();
+        for _ in 0..args.runners {
+            let listen = format!("127.0.0.1:{}", free_port()?);
+            runners.push((
+                listen.clone(),
+                spawn(&config, &["runner", "--listen", &listen])?,
+            ));
+        }
+        let gateway_listen = format!("127.0.0.1:{}", free_port()?);
+        let gateway = spawn(&config, &["gateway", "--listen", &gateway_listen])?;
+        Ok(Self::Own {
+            config,
+            runners,
+            gateway,
+            url: format!("http://{gateway_listen}"),
+        })
+    }
+
+    fn config(&self) -> &ShoalConfig {
+        match self {
+            Self::Own { config, .. } | Self::Existing { config, .. } => config,
+        }
+    }
+
+    fn url(&self) -> &str {
+        match self {
+            Self::Own { url, .. } | Self::Existing { url, .. } => url,
+        }
+    }
+
+    /// SIGKILLs the runner at `address`.
+    async fn kill(&mut self, address: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Own { runners, .. } => {
+                let (_, child) = runners
+                    .iter_mut()
+                    .find(|(listen, _)| listen == address)
+                    .context("the victim is not one of the drill's runners")?;
+                child.start_kill().context("sending SIGKILL")
+            }
+            Self::Existing { .. } => {
+                let status: serde_json::Value = reqwest::get(format!("http://{address}/status"))
+                    .await?
+                    .json()
+                    .await?;
+                let pid = status["pid"]
+                    .as_i64()
+                    .context("the runner did not report its pid")?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .context("sending SIGKILL (the runner must run on this machine)")
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Self::Own {
+            runners, gateway, ..
+        } = self
+        {
+            stop(gateway).await;
+            for (_, child) in runners.iter_mut() {
+                stop(child).await;
+            }
+        }
+    }
 }
 
 async fn drill_once(
     args: &FailoverArgs,
-    config: &ShoalConfig,
+    base: &ShoalConfig,
     pool: &sqlx::PgPool,
+    cluster: &mut Cluster,
 ) -> anyhow::Result<DrillRun> {
-    let cluster = shoal::ClusterName::new(format!("drill-{}", uuid::Uuid::now_v7().simple()))?;
+    let config = cluster.config().clone();
     let storage = PgRunnerStorage::new(
         pool.clone(),
-        &config.database.url,
-        cluster.clone(),
+        &base.database.url,
+        config.cluster.name.clone(),
         LockSessionSettings::default(),
     )?;
-    let shards = config.cluster.shards_per_group.get();
-    let mut children = Vec::new();
-    for _ in 0..args.runners {
-        children.push(spawn_runner(config, &cluster)?);
-    }
-    let result = measure(&storage, &mut children, shards, args.runners).await;
-    for spawned in &mut children {
-        stop(&mut spawned.child).await;
-    }
-    result
-}
-
-async fn measure(
-    storage: &PgRunnerStorage,
-    children: &mut [Spawned],
-    shards: u32,
-    runners: usize,
-) -> anyhow::Result<DrillRun> {
-    let cap = (shards as usize).div_ceil(runners);
-    let ready = wait_for(storage, Duration::from_secs(60), |s| {
-        let alive = s.runners.iter().filter(|r| r.alive).count();
-        alive == runners
-            && s.owners.len() == shards as usize
-            && s.runners.iter().all(|r| r.shards <= cap)
+    let shards = config.cluster.shards_per_group.get() as usize;
+    let settled = wait_for(&storage, Duration::from_secs(60), |s| {
+        let alive: Vec<_> = s.runners.iter().filter(|r| r.alive).collect();
+        let cap = shards.div_ceil(alive.len().max(1));
+        alive.len() >= 2 && s.owners.len() == shards && alive.iter().all(|r| r.shards <= cap)
     })
     .await
-    .context("the cluster did not settle")?;
-    let victim = ready
-        .runners
+    .context("the cluster did not settle (needs at least 2 live runners owning every shard)")?;
+    wait_ready(cluster.url()).await?;
+    let runners = settled.runners.iter().filter(|r| r.alive).count();
+    let victim = match args.runner {
+        Some(id) => settled.runners.iter().find(|r| r.alive && r.id.get() == id),
+        None => settled
+            .runners
+            .iter()
+            .filter(|r| r.alive)
+            .max_by_key(|r| r.shards),
+    }
+    .context("no such live runner")?
+    .clone();
+    let moved: Vec<ShardId> = settled
+        .owners
         .iter()
-        .filter(|r| r.alive)
-        .max_by_key(|r| r.shards)
-        .context("no live runner")?
-        .clone();
-    let child = children
-        .iter_mut()
-        .find(|c| c.address == victim.address)
-        .context("victim is not one of ours")?;
+        .filter(|(_, owner)| **owner == victim.id)
+        .map(|(shard, _)| *shard)
+        .collect();
+
+    let tag = format!("drill-{}", uuid::Uuid::now_v7().simple());
+    let load = load::Load::start(
+        cluster.url().to_owned(),
+        tag.clone(),
+        args.rate,
+        args.entities,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_utc = Utc::now();
     let killed_at = Instant::now();
-    child.child.start_kill().context("sending SIGKILL")?;
-    wait_for(storage, Duration::from_secs(60), |s| {
-        s.owners.len() == shards as usize && s.owners.values().all(|r| *r != victim.id)
+    cluster.kill(&victim.address).await?;
+    wait_for(&storage, Duration::from_secs(60), |s| {
+        s.owners.len() == shards && s.owners.values().all(|r| *r != victim.id)
     })
     .await
     .context("the survivors did not take over")?;
+    let ownership_ms = killed_at.elapsed().as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outcome = load.stop().await;
+    let settled = settle(pool, &config, &tag, Duration::from_secs(60)).await?;
+    let first_processed_ms = first_processed(pool, &config, &moved, killed_utc).await?;
+    let sent_per_entity = outcome.sent_per_entity();
+    let counts = counts(pool, &config, &tag).await?;
+    let duplicated = sent_per_entity
+        .iter()
+        .map(|(entity, sent)| {
+            counts
+                .get(entity)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(*sent)
+        })
+        .sum();
+    let lost = outcome
+        .acknowledged
+        .iter()
+        .filter(|key| !settled.processed_keys.contains(*key))
+        .count();
     Ok(DrillRun {
         runners,
-        shards,
         killed_runner: victim.id,
-        shards_moved: victim.shards,
-        ownership_ms: killed_at.elapsed().as_secs_f64() * 1000.0,
+        shards_moved: moved.len(),
+        ownership_ms,
+        first_processed_ms,
+        sent: outcome.sent,
+        acknowledged: outcome.acknowledged.len(),
+        processed: settled.processed_keys.len(),
+        lost,
+        duplicated,
+        reexecuted: settled.attempts,
+        failed_requests: outcome.failed,
     })
+}
+
+async fn wait_ready(url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = reqwest::get(format!("{url}/ready")).await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {url} was not ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Settled {
+    processed_keys: BTreeSet<String>,
+    attempts: i64,
+}
+
+/// Waits until every message of the drill is processed (or `limit`), then reads them.
+async fn settle(
+    pool: &sqlx::PgPool,
+    config: &ShoalConfig,
+    tag: &str,
+    limit: Duration,
+) -> anyhow::Result<Settled> {
+    let like = format!("{tag}-%");
+    let deadline = Instant::now() + limit;
+    loop {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM shoal_messages
+              WHERE cluster = $1 AND idempotency_key LIKE $2 AND NOT processed",
+        )
+        .bind(config.cluster.name.as_str())
+        .bind(&like)
+        .fetch_one(pool)
+        .await?;
+        if pending == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = sqlx::query(
+        "SELECT idempotency_key, attempts FROM shoal_messages
+          WHERE cluster = $1 AND idempotency_key LIKE $2 AND processed",
+    )
+    .bind(config.cluster.name.as_str())
+    .bind(&like)
+    .fetch_all(pool)
+    .await?;
+    let mut settled = Settled {
+        processed_keys: BTreeSet::new(),
+        attempts: 0,
+    };
+    for row in rows {
+        settled
+            .processed_keys
+            .insert(row.try_get("idempotency_key")?);
+        settled.attempts += i64::from(row.try_get::<i32, _>("attempts")?);
+    }
+    Ok(settled)
+}
+
+/// Each drill counter's committed count.
+async fn counts(
+    pool: &sqlx::PgPool,
+    config: &ShoalConfig,
+    tag: &str,
+) -> anyhow::Result<HashMap<String, usize>> {
+    let rows = sqlx::query(
+        "SELECT entity_id, (state->>'count')::int8 AS count FROM shoal_entity_state
+          WHERE cluster = $1 AND entity_type = 'counter' AND entity_id LIKE $2",
+    )
+    .bind(config.cluster.name.as_str())
+    .bind(format!("{tag}-%"))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let count: i64 = row.try_get("count")?;
+            Ok((row.try_get("entity_id")?, count.max(0) as usize))
+        })
+        .collect()
+}
+
+/// Milliseconds from the kill to the first message processed on a shard that moved.
+async fn first_processed(
+    pool: &sqlx::PgPool,
+    config: &ShoalConfig,
+    moved: &[ShardId],
+    killed: DateTime<Utc>,
+) -> anyhow::Result<Option<f64>> {
+    let first: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT min(processed_at) FROM shoal_messages
+          WHERE cluster = $1 AND shard = ANY($2) AND processed AND processed_at > $3",
+    )
+    .bind(config.cluster.name.as_str())
+    .bind(moved.iter().map(|s| s.get() as i32).collect::<Vec<_>>())
+    .bind(killed)
+    .fetch_one(pool)
+    .await?;
+    Ok(first.map(|t| (t - killed).num_microseconds().unwrap_or(0) as f64 / 1000.0))
 }
 
 async fn wait_for(
@@ -216,25 +491,24 @@ async fn wait_for(
     }
 }
 
-fn spawn_runner(config: &ShoalConfig, cluster: &shoal::ClusterName) -> anyhow::Result<Spawned> {
-    let port = free_port()?;
-    let address = format!("127.0.0.1:{port}");
-    let exe: PathBuf = std::env::current_exe().context("locating the shoal binary")?;
-    let child = Command::new(exe)
-        .args(["runner", "--database-url", &config.database.url])
-        .args(["--listen", &address, "--cluster", cluster.as_str()])
+fn spawn(config: &ShoalConfig, args: &[&str]) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    Command::new(exe)
+        .args(args)
+        .args(["--database-url", &config.database.url])
+        .args(["--cluster", config.cluster.name.as_str()])
         .env(
             "SHOAL__CLUSTER__SHARDS_PER_GROUP",
             config.cluster.shards_per_group.to_string(),
         )
-        .env("SHOAL__LOG__FILTER", "warn")
+        .env("SHOAL__CLUSTER__SECRET", &config.cluster.secret)
+        .env("SHOAL__LOG__FILTER", "error")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .context("starting a runner")?;
-    Ok(Spawned { child, address })
+        .with_context(|| format!("starting `shoal {}`", args.join(" ")))
 }
 
 fn free_port() -> anyhow::Result<u16> {
