@@ -338,170 +338,66 @@ impl Inner {
         Ok(found)
     }
 
+    /// Completes a batch in ONE statement (one round trip, one commit): the shard rows are
+    /// locked `FOR SHARE` and their epochs checked, the messages still unprocessed are
+    /// marked, and replies and entity state are written for exactly those.
     async fn complete_batch(
         &self,
         batch: Vec<Completion>,
     ) -> Result<Vec<CompletionOutcome>, MessageStorageError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
         let shards: BTreeSet<i32> = batch.iter().map(|c| c.shard.lock_key()).collect();
-        // FOR SHARE: a new owner's epoch bump waits for this transaction, and this one sees
-        // any bump that committed before it.
-        let rows = sqlx::query(
-            "SELECT shard, epoch FROM shoal_shards
-              WHERE cluster = $1 AND shard = ANY($2) ORDER BY shard FOR SHARE",
-        )
-        .bind(self.cluster.as_str())
-        .bind(shards.into_iter().collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let mut epochs = HashMap::new();
-        for row in rows {
-            let shard: i32 = row.try_get("shard").map_err(db_error)?;
-            let epoch: i64 = row.try_get("epoch").map_err(db_error)?;
-            epochs.insert(shard, epoch);
-        }
-        let current: Vec<&Completion> = batch
+        let (oks, payloads): (Vec<bool>, Vec<serde_json::Value>) =
+            batch.iter().map(|c| reply_columns(&c.reply)).unzip();
+        let states: Vec<Option<serde_json::Value>> =
+            batch.iter().map(|c| c.state.as_ref().map(|(_, s)| s.clone())).collect();
+        let state_types: Vec<Option<String>> = batch
             .iter()
-            .filter(|c| epochs.get(&c.shard.lock_key()) == Some(&c.epoch.get()))
+            .map(|c| c.state.as_ref().map(|(a, _)| a.entity_type.as_str().to_owned()))
             .collect();
-
-        let marked: BTreeSet<i64> = if current.is_empty() {
-            BTreeSet::new()
-        } else {
-            sqlx::query_scalar(
-                "UPDATE shoal_messages m
-                    SET processed = true, processed_at = now(), epoch = c.epoch
-                   FROM unnest($2::int8[], $3::int8[]) AS c(id, epoch)
-                  WHERE m.cluster = $1 AND m.id = c.id AND NOT m.processed
-                  RETURNING m.id",
-            )
+        let state_ids: Vec<Option<String>> = batch
+            .iter()
+            .map(|c| c.state.as_ref().map(|(a, _)| a.entity_id.as_str().to_owned()))
+            .collect();
+        let rows = sqlx::query(include_str!("queries/complete_batch.sql"))
             .bind(self.cluster.as_str())
-            .bind(
-                current
-                    .iter()
-                    .map(|c| c.message_id.get())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(current.iter().map(|c| c.epoch.get()).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
+            .bind(shards.into_iter().collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.message_id.get()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.shard.lock_key()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.epoch.get()).collect::<Vec<_>>())
+            .bind(oks)
+            .bind(payloads)
+            .bind(state_types)
+            .bind(state_ids)
+            .bind(states)
+            .fetch_all(&self.pool)
             .await
-            .map_err(db_error)?
-            .into_iter()
-            .collect()
-        };
-
-        // First completion of each marked message wins; later ones in this batch are
-        // duplicates.
-        let mut winners: Vec<&Completion> = Vec::new();
-        let mut taken = BTreeSet::new();
-        for c in &current {
-            if marked.contains(&c.message_id.get()) && taken.insert(c.message_id) {
-                winners.push(c);
+            .map_err(db_error)?;
+        let mut epochs = HashMap::new();
+        let mut marked = BTreeSet::new();
+        for row in rows {
+            let kind: String = row.try_get("kind").map_err(db_error)?;
+            let a: i64 = row.try_get("a").map_err(db_error)?;
+            let b: i64 = row.try_get("b").map_err(db_error)?;
+            if kind == "epoch" {
+                epochs.insert(a as i32, b);
+            } else {
+                marked.insert(a);
             }
         }
-        self.store_replies(&mut tx, &winners).await?;
-        self.store_states(&mut tx, &winners).await?;
-        tx.commit().await.map_err(db_error)?;
-
-        let mut won = taken;
+        // The first completion of each marked message is the one that committed.
+        let mut won = BTreeSet::new();
         Ok(batch
             .iter()
             .map(|c| {
                 if epochs.get(&c.shard.lock_key()) != Some(&c.epoch.get()) {
                     CompletionOutcome::Fenced
-                } else if won.remove(&c.message_id) {
+                } else if marked.contains(&c.message_id.get()) && won.insert(c.message_id) {
                     CompletionOutcome::Committed
                 } else {
                     CompletionOutcome::AlreadyProcessed
                 }
             })
             .collect())
-    }
-
-    async fn store_replies(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        winners: &[&Completion],
-    ) -> Result<(), MessageStorageError> {
-        if winners.is_empty() {
-            return Ok(());
-        }
-        let (oks, payloads): (Vec<bool>, Vec<serde_json::Value>) =
-            winners.iter().map(|c| reply_columns(&c.reply)).unzip();
-        sqlx::query(
-            "INSERT INTO shoal_replies (message_id, ok, payload)
-             SELECT * FROM unnest($1::int8[], $2::bool[], $3::jsonb[])",
-        )
-        .bind(
-            winners
-                .iter()
-                .map(|c| c.message_id.get())
-                .collect::<Vec<_>>(),
-        )
-        .bind(oks)
-        .bind(payloads)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        Ok(())
-    }
-
-    async fn store_states(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        winners: &[&Completion],
-    ) -> Result<(), MessageStorageError> {
-        // One row per entity: the state after its latest message in this batch.
-        let mut latest: HashMap<&EntityAddress, (&Completion, &serde_json::Value)> = HashMap::new();
-        for c in winners {
-            if let Some((address, state)) = &c.state {
-                let entry = latest.entry(address).or_insert((c, state));
-                if c.message_id > entry.0.message_id {
-                    *entry = (c, state);
-                }
-            }
-        }
-        if latest.is_empty() {
-            return Ok(());
-        }
-        // A fixed order, so concurrent batches touching the same entities cannot deadlock.
-        let mut rows: Vec<_> = latest.into_iter().collect();
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        sqlx::query(
-            "INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
-             SELECT $1, s.entity_type, s.entity_id, s.state, s.message_id
-               FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int8[])
-                    AS s(entity_type, entity_id, state, message_id)
-             ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
-                SET state = EXCLUDED.state, message_id = EXCLUDED.message_id,
-                    updated_at = now()",
-        )
-        .bind(self.cluster.as_str())
-        .bind(
-            rows.iter()
-                .map(|(a, _)| a.entity_type.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(a, _)| a.entity_id.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(_, (_, s))| (*s).clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(_, (c, _))| c.message_id.get())
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        Ok(())
     }
 
     /// Completes a row whose address cannot be parsed with an error reply, so it is

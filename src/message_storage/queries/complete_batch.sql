@@ -1,0 +1,48 @@
+-- Completes a batch of messages in one statement.
+-- $1 cluster, $2 the batch's shards; per completion: $3 message id, $4 shard, $5 epoch,
+-- $6 reply ok, $7 reply payload, $8/$9 entity type/id of the state, $10 state (or NULL).
+WITH epochs AS (
+    -- FOR SHARE: a new owner's epoch bump waits for this statement's transaction, and this
+    -- statement sees any bump that committed before it.
+    SELECT shard, epoch FROM shoal_shards
+     WHERE cluster = $1 AND shard = ANY($2)
+     ORDER BY shard
+       FOR SHARE
+),
+input AS (
+    SELECT * FROM unnest($3::int8[], $4::int4[], $5::int8[], $6::bool[], $7::jsonb[],
+                         $8::text[], $9::text[], $10::jsonb[])
+        WITH ORDINALITY AS c(id, shard, epoch, ok, payload, state_type, state_id, state, n)
+),
+current AS (
+    -- One completion per message (the first in the batch), under the shard's epoch.
+    SELECT DISTINCT ON (input.id) input.*
+      FROM input JOIN epochs ON epochs.shard = input.shard AND epochs.epoch = input.epoch
+     ORDER BY input.id, input.n
+),
+marked AS (
+    UPDATE shoal_messages m
+       SET processed = true, processed_at = now(), epoch = current.epoch
+      FROM current
+     WHERE m.cluster = $1 AND m.id = current.id AND NOT m.processed
+    RETURNING m.id
+),
+replies AS (
+    INSERT INTO shoal_replies (message_id, ok, payload)
+    SELECT current.id, current.ok, current.payload
+      FROM current JOIN marked ON marked.id = current.id
+),
+states AS (
+    -- The state after each entity's latest message in the batch.
+    INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
+    SELECT DISTINCT ON (current.state_type, current.state_id)
+           $1, current.state_type, current.state_id, current.state, current.id
+      FROM current JOIN marked ON marked.id = current.id
+     WHERE current.state IS NOT NULL
+     ORDER BY current.state_type, current.state_id, current.id DESC
+    ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
+       SET state = EXCLUDED.state, message_id = EXCLUDED.message_id, updated_at = now()
+)
+SELECT 'epoch' AS kind, shard::int8 AS a, epoch AS b FROM epochs
+UNION ALL
+SELECT 'marked', id, 0 FROM marked
