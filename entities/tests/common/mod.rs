@@ -1,0 +1,805 @@
+//! Multi-process test harness: a fresh database per test, real `shoal runner` processes that
+//! can be killed (SIGKILL), stopped (SIGTERM) and inspected (`GET /status`), `shoal status`,
+//! a TCP proxy that can partition one runner from Postgres, and `wait_until`.
+//!
+//! Every test gets its own database (`shoal_t_<uuid>`, dropped at the end even on failure),
+//! so tests run in parallel and rerun cleanly. The server comes from
+//! `SHOAL_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`). Runner
+//! logs go to files in a temporary directory, printed (tail) when a test fails.
+
+// Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use shoal::ids::{ClusterName, Epoch, RunnerId, ShardId};
+use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
+use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The `shoal` binary under test.
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// A generous bound for anything the cluster must get done (the drill measures timing; the
+/// tests only check that it happens).
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often conditions are re-checked.
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------
+
+/// Re-checks `condition` every 20 ms until it returns `Ok(true)`; returns the time it took.
+/// An `Err` counts as "not yet" (a runner still starting, a killed one not answering) and is
+/// reported if the deadline passes.
+pub async fn wait_until<F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut condition: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    let mut last_error = None;
+    loop {
+        match condition().await {
+            Ok(true) => return Ok(started.elapsed()),
+            Ok(false) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if started.elapsed() > deadline {
+            match last_error {
+                Some(error) => {
+                    bail!("timed out after {deadline:?} waiting until {what}: {error:#}")
+                }
+                None => bail!("timed out after {deadline:?} waiting until {what}"),
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Database
+// ---------------------------------------------------------------------------------------
+
+/// A fresh, empty database, dropped (best effort, `WITH (FORCE)`) when this is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    /// URL of the fresh database.
+    pub url: String,
+    /// Its name.
+    pub name: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// Creates `shoal_t_<uuid>` on the server of `SHOAL_TEST_DATABASE_URL`.
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = std::env::var("SHOAL_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("shoal_t_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to {admin_url} (set SHOAL_TEST_DATABASE_URL)"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        admin.close().await?;
+        Ok(Self {
+            url: with_database(&admin_url, &name)?,
+            name,
+            admin_url,
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // `drop` cannot await; a thread with its own runtime drops the database, so it goes
+        // away even when the test panicked.
+        let admin_url = self.admin_url.clone();
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let dropper = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut admin)
+                        .await;
+                    let _ = admin.close().await;
+                }
+            });
+        });
+        let _ = dropper.join();
+    }
+}
+
+/// `url` with its database replaced by `name`.
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = split_query(url);
+    let authority_start = base.find("://").context("database URL without scheme")? + 3;
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    Ok(format!("{base}/{name}{query}"))
+}
+
+/// `url` with its host and port replaced by `addr` (to route it through a proxy).
+pub fn with_host_port(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
+    let (base, query) = split_query(url);
+    let authority_start = base.find("://").context("database URL without scheme")? + 3;
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let authority = &base[authority_start..authority_end];
+    let host_start = authority.rfind('@').map_or(0, |at| at + 1);
+    Ok(format!(
+        "{}{}{addr}{}{query}",
+        &base[..authority_start],
+        &authority[..host_start],
+        &base[authority_end..]
+    ))
+}
+
+fn split_query(url: &str) -> (&str, String) {
+    match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    }
+}
+
+/// The TCP address of the server `url` points at.
+pub fn server_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let options = PgConnectOptions::from_str(url)?;
+    let host = match options.get_host() {
+        "localhost" => "127.0.0.1",
+        host => host,
+    };
+    format!("{host}:{}", options.get_port())
+        .parse()
+        .with_context(|| format!("{url} is not a TCP address (the proxy needs one)"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The cluster under test
+// ---------------------------------------------------------------------------------------
+
+/// What a runner is started with, over the cluster's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerOptions {
+    /// Another database URL (e.g. through a [`Proxy`]).
+    pub database_url: Option<String>,
+    /// Another cluster name.
+    pub cluster: Option<String>,
+    /// Another `cluster.shards-per-group`.
+    pub shards: Option<u32>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A fresh migrated database, a cluster name, a log directory and a small pool for checks.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The cluster's name (every runner's default).
+    pub name: String,
+    /// Shards per group.
+    pub shards: u32,
+    /// Pool for the test's own queries.
+    pub pool: PgPool,
+    /// Where runner logs go.
+    pub dir: PathBuf,
+    runners_started: std::sync::atomic::AtomicUsize,
+    http: reqwest::Client,
+    // Last: the database is dropped after everything that uses it.
+    pub db: TestDb,
+}
+
+impl TestCluster {
+    /// A fresh database migrated with `shoal migrate`, for a cluster of `shards` shards.
+    pub async fn new(shards: u32) -> anyhow::Result<Self> {
+        let db = TestDb::create().await?;
+        let dir = std::env::temp_dir().join(&db.name);
+        std::fs::create_dir_all(&dir)?;
+        let output = shoal_command(&dir)
+            .args(["migrate", "--database-url", &db.url])
+            .output()
+            .await
+            .context("running shoal migrate")?;
+        if !output.status.success() {
+            bail!(
+                "shoal migrate failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&db.url)
+            .await?;
+        Ok(Self {
+            name: "test".to_owned(),
+            shards,
+            pool,
+            dir,
+            runners_started: Default::default(),
+            http: http_client()?,
+            db,
+        })
+    }
+
+    /// Starts a runner with the defaults and waits until it has registered.
+    pub async fn start_runner(&self) -> anyhow::Result<Runner> {
+        self.start_runner_with(RunnerOptions::default()).await
+    }
+
+    /// Starts a runner and waits until it has registered (retrying if its port was taken).
+    pub async fn start_runner_with(&self, options: RunnerOptions) -> anyhow::Result<Runner> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut runner = self.spawn_runner(&options)?;
+            match runner.await_registered().await {
+                Ok(()) => return Ok(runner),
+                Err(error) if attempt < 3 && runner.log().contains("cannot listen") => {
+                    eprintln!("runner could not bind (retrying): {error:#}");
+                }
+                Err(error) => {
+                    return Err(error.context(format!("runner log:\n{}", runner.log_tail(30))));
+                }
+            }
+        }
+    }
+
+    /// Spawns a runner without waiting for anything.
+    pub fn spawn_runner(&self, options: &RunnerOptions) -> anyhow::Result<Runner> {
+        let n = self.runners_started.fetch_add(1, Ordering::Relaxed);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let log = self.dir.join(format!("runner-{n}.log"));
+        let file = std::fs::File::create(&log)?;
+        let url = options.database_url.as_deref().unwrap_or(&self.db.url);
+        let cluster = options.cluster.as_deref().unwrap_or(&self.name);
+        let shards = options.shards.unwrap_or(self.shards).to_string();
+        let mut command = shoal_command(&self.dir);
+        command
+            .args(["runner", "--database-url", url])
+            .args(["--listen", &addr.to_string(), "--cluster", cluster])
+            .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", shards)
+            .env("SHOAL__LOG__FILTER", "info")
+            .env("SHOAL__DATABASE__POOL_MAX_CONNECTIONS", "3")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        let child = command.spawn().context("starting shoal runner")?;
+        Ok(Runner {
+            name: format!("runner-{n}"),
+            child,
+            addr,
+            log,
+            http: self.http.clone(),
+        })
+    }
+
+    /// `shoal status --json` for this cluster.
+    pub async fn cluster_status(&self) -> anyhow::Result<StatusJson> {
+        self.cluster_status_of(&self.name).await
+    }
+
+    /// `shoal status --json` for `cluster`.
+    pub async fn cluster_status_of(&self, cluster: &str) -> anyhow::Result<StatusJson> {
+        let output = shoal_command(&self.dir)
+            .args(["status", "--json", "--database-url", &self.db.url])
+            .args(["--cluster", cluster])
+            .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", self.shards.to_string())
+            .output()
+            .await
+            .context("running shoal status")?;
+        if !output.status.success() {
+            bail!(
+                "shoal status failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "parsing shoal status output: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// Runner storage over the test database, for `cluster` (snapshots, namespaces).
+    pub fn storage_of(&self, cluster: &str) -> anyhow::Result<PgRunnerStorage> {
+        Ok(PgRunnerStorage::new(
+            self.pool.clone(),
+            &self.db.url,
+            ClusterName::new(cluster)?,
+            LockSessionSettings::default(),
+        )?)
+    }
+
+    /// Who holds what, as the database sees it now.
+    pub async fn snapshot(&self) -> anyhow::Result<ClusterSnapshot> {
+        Ok(self.storage_of(&self.name)?.snapshot().await?)
+    }
+
+    /// The cluster's advisory-lock namespaces.
+    pub fn namespaces(&self) -> anyhow::Result<LockNamespaces> {
+        Ok(LockNamespaces::for_cluster(&ClusterName::new(&self.name)?))
+    }
+
+    /// Whether every shard is owned, by runners in `owners` only.
+    pub async fn all_owned_by(&self, owners: &[RunnerId]) -> anyhow::Result<bool> {
+        let snapshot = self.snapshot().await?;
+        Ok(snapshot.owners.len() == self.shards as usize
+            && snapshot.owners.values().all(|r| owners.contains(r)))
+    }
+
+    /// Waits until `runners` are all registered and alive, every shard is owned, no runner
+    /// holds more than ⌈shards / runners⌉, and each runner's own view agrees with the
+    /// database (nothing draining): the cluster is balanced and still.
+    pub async fn await_balanced(&self, runners: &[&Runner]) -> anyhow::Result<Duration> {
+        let cap = (self.shards as usize).div_ceil(runners.len());
+        let balanced = wait_until(DEADLINE, "the cluster is balanced", || async move {
+            let snapshot = self.snapshot().await?;
+            if snapshot.owners.len() != self.shards as usize {
+                return Ok(false);
+            }
+            for runner in runners {
+                let view = runner.status().await?;
+                let Some(id) = view.runner_id else {
+                    return Ok(false);
+                };
+                let in_db: BTreeSet<ShardId> = snapshot
+                    .owners
+                    .iter()
+                    .filter(|(_, r)| **r == id)
+                    .map(|(s, _)| *s)
+                    .collect();
+                let believed: BTreeSet<ShardId> = view.owned.keys().copied().collect();
+                if view.live_runners.len() != runners.len()
+                    || !view.draining.is_empty()
+                    || in_db.len() > cap
+                    || in_db != believed
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await;
+        match balanced {
+            Ok(took) => Ok(took),
+            Err(error) => Err(error.context(self.describe(runners).await)),
+        }
+    }
+
+    /// What the database and each runner say, with log tails: for failure messages.
+    pub async fn describe(&self, runners: &[&Runner]) -> String {
+        let mut out = String::new();
+        match self.snapshot().await {
+            Ok(snapshot) => {
+                let mut counts: BTreeMap<RunnerId, usize> = BTreeMap::new();
+                for owner in snapshot.owners.values() {
+                    *counts.entry(*owner).or_default() += 1;
+                }
+                out.push_str(&format!(
+                    "database: {} of {} shards owned, by {counts:?}; runners {:?}\n",
+                    snapshot.owners.len(),
+                    self.shards,
+                    snapshot
+                        .runners
+                        .iter()
+                        .map(|r| (r.id, r.alive, r.shards))
+                        .collect::<Vec<_>>()
+                ));
+            }
+            Err(error) => out.push_str(&format!("database: {error:#}\n")),
+        }
+        for runner in runners {
+            match runner.status().await {
+                Ok(view) => out.push_str(&format!(
+                    "{} ({}): id {:?}, {}, owns {}, draining {}, sees {:?}, fenced {}\n",
+                    runner.name,
+                    runner.addr,
+                    view.runner_id,
+                    view.phase,
+                    view.owned.len(),
+                    view.draining.len(),
+                    view.live_runners.iter().map(|r| r.id).collect::<Vec<_>>(),
+                    view.fenced_count
+                )),
+                Err(error) => out.push_str(&format!("{}: {error:#}\n", runner.name)),
+            }
+            out.push_str(&format!(
+                "--- {} log tail ---\n{}\n",
+                runner.name,
+                runner.log_tail(15)
+            ));
+        }
+        out
+    }
+
+    /// The backend pid of runner `id`'s lock session and the shard locks it holds, read
+    /// from `pg_locks`.
+    pub async fn lock_session(&self, id: RunnerId) -> anyhow::Result<Option<(i32, i64)>> {
+        let ns = self.namespaces()?;
+        let row: Option<(i32, i64)> = sqlx::query_as(
+            "SELECT l.pid,
+                    (SELECT count(*) FROM pg_locks s
+                      WHERE s.pid = l.pid AND s.locktype = 'advisory' AND s.objsubid = 2
+                        AND s.granted AND s.classid::int8 = $1)
+               FROM pg_locks l
+              WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                AND l.classid::int8 = $2 AND l.objid::int8 = $3
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(i64::from(ns.shards))
+        .bind(i64::from(ns.runners))
+        .bind(i64::from(id.get()))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Runs `shoal` with `args` and `env` to its end (for start-up failures).
+    pub async fn run_shoal(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        run_shoal_in(&self.dir, args, env).await
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("runner logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs `shoal` with `args` and `env` to its end, in `dir`, under [`DEADLINE`]; returns its
+/// status and stderr.
+pub async fn run_shoal_in(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(ExitStatus, String)> {
+    let mut command = shoal_command(dir);
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .with_context(|| format!("shoal {args:?} did not exit within {DEADLINE:?}"))??;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// `shoal` with a clean environment: no inherited `SHOAL__*`, `SHOAL_CONFIG` or `RUST_LOG`,
+/// and a working directory without `cluster-config/`.
+fn shoal_command(dir: &Path) -> Command {
+    let mut command = Command::new(SHOAL);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.current_dir(dir).stdin(Stdio::null());
+    command
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Runner processes
+// ---------------------------------------------------------------------------------------
+
+/// `GET /status` of a runner (`shoal::ownership::OwnershipView`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerView {
+    /// The current incarnation's id, once registered.
+    pub runner_id: Option<RunnerId>,
+    /// `joining`, `active`, `fenced`, `shutting_down`, `stopped`.
+    pub phase: String,
+    /// Shards owned, with their epochs.
+    pub owned: BTreeMap<ShardId, Epoch>,
+    /// Owned shards being drained.
+    pub draining: BTreeSet<ShardId>,
+    /// Live runners as last read.
+    pub live_runners: Vec<LiveRunner>,
+    /// How many times the process fenced itself.
+    pub fenced_count: u64,
+}
+
+/// A live runner in a [`RunnerView`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct LiveRunner {
+    /// Its id.
+    pub id: RunnerId,
+    /// Its address.
+    pub address: String,
+}
+
+/// `shoal status --json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusJson {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Shards in the cluster.
+    pub shards_total: u32,
+    /// Shards nobody holds.
+    pub unowned: u32,
+    /// Registered runners.
+    pub runners: Vec<StatusRunner>,
+}
+
+/// One runner in [`StatusJson`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusRunner {
+    /// Its id.
+    pub id: RunnerId,
+    /// Its address.
+    pub address: String,
+    /// Whether its liveness lock is held.
+    pub alive: bool,
+    /// Shard locks it holds.
+    pub shards: usize,
+}
+
+/// A `shoal runner` process (killed when dropped).
+#[derive(Debug)]
+pub struct Runner {
+    /// For messages.
+    pub name: String,
+    /// Its HTTP endpoint.
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Runner {
+    /// `GET /status`.
+    pub async fn status(&self) -> anyhow::Result<RunnerView> {
+        let url = format!("http://{}/status", self.addr);
+        let response = self.http.get(&url).send().await?.error_for_status()?;
+        Ok(response.json().await?)
+    }
+
+    /// The current incarnation's id (fails before registration).
+    pub async fn id(&self) -> anyhow::Result<RunnerId> {
+        self.status()
+            .await?
+            .runner_id
+            .with_context(|| format!("{} has not registered", self.name))
+    }
+
+    async fn await_registered(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited during start-up with {status}", self.name);
+            }
+            if let Ok(view) = self.status().await
+                && view.runner_id.is_some()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not register within {DEADLINE:?}", self.name);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill().context("sending SIGKILL")
+    }
+
+    /// SIGTERM: graceful shutdown.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the runner has exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(deadline, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {deadline:?}", self.name))?
+            .context("waiting for the runner")
+    }
+
+    /// Everything the runner has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ({}) log tail, full log in {} ---\n{}",
+                self.name,
+                self.addr,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A TCP proxy that can partition a runner from Postgres
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    /// No byte crosses in either direction, and new connections are refused.
+    frozen: AtomicBool,
+    /// Upstream sockets are closed (the server sees the session end).
+    severed: CancellationToken,
+    /// The proxy is gone: close everything.
+    closed: CancellationToken,
+}
+
+/// A TCP proxy in front of Postgres. [`Proxy::freeze`] is a network partition: every socket
+/// stays open (both kernels keep the connections up, so the server still believes the
+/// sessions alive and keeps their locks) but no byte is forwarded any more.
+/// [`Proxy::sever`] then closes the upstream sockets, as the server's keepalive detection
+/// eventually would.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+impl Proxy {
+    /// Starts forwarding connections to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(ProxyState::default());
+        tokio::spawn(accept_loop(listener, upstream, state.clone()));
+        Ok(Self { addr, state })
+    }
+
+    /// Stops forwarding bytes in both directions and refuses new connections.
+    pub fn freeze(&self) {
+        self.state.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes every upstream socket (the client sides stay open and silent).
+    pub fn sever(&self) {
+        self.state.severed.cancel();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.closed.cancel();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<ProxyState>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.closed.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else { continue };
+        if state.frozen.load(Ordering::SeqCst) {
+            drop(client); // refused
+            continue;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Ok(server) = TcpStream::connect(upstream).await {
+                relay(client, server, state).await;
+            }
+        });
+    }
+}
+
+async fn relay(mut client: TcpStream, mut server: TcpStream, state: Arc<ProxyState>) {
+    let severed = {
+        let (mut client_rx, mut client_tx) = client.split();
+        let (mut server_rx, mut server_tx) = server.split();
+        tokio::select! {
+            _ = pump(&mut client_rx, &mut server_tx, &state) => false,
+            _ = pump(&mut server_rx, &mut client_tx, &state) => false,
+            _ = state.severed.cancelled() => true,
+            _ = state.closed.cancelled() => false,
+        }
+    };
+    drop(server);
+    if severed {
+        // The partition goes on for the client: its socket stays open and silent.
+        state.closed.cancelled().await;
+    }
+}
+
+async fn pump(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    state: &ProxyState,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if state.frozen.load(Ordering::SeqCst) {
+            // Partitioned: these bytes (or this end of stream) never arrive.
+            std::future::pending::<()>().await;
+        }
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
