@@ -168,6 +168,9 @@ impl Shared {
 pub struct EntityRuntime {
     shared: Arc<Shared>,
     shards: Arc<Mutex<HashMap<ShardId, ActorRef<ShardMsg>>>>,
+    /// Shards acquired since the last sweep: checked for a backlog in one query.
+    acquired: Arc<Mutex<Vec<ShardId>>>,
+    acquired_notify: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for EntityRuntime {
@@ -197,6 +200,8 @@ impl EntityRuntime {
                 resident: AtomicUsize::new(0),
             }),
             shards: Arc::new(Mutex::new(HashMap::new())),
+            acquired: Arc::new(Mutex::new(Vec::new())),
+            acquired_notify: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -262,13 +267,22 @@ impl EntityRuntime {
 
     /// Every `scan_interval`, asks storage once which owned shards have a backlog older
     /// than the scan grace (pushes lost on the way, a previous owner's leftovers) and has
-    /// those shards scan. One query per runner, however many shards it owns.
+    /// those shards scan. Newly acquired shards are checked at once, in one query for all
+    /// of them, and only those with unprocessed messages scan: a runner taking over hundreds
+    /// of shards sends one query, not hundreds. One query per runner, however many shards
+    /// it owns.
     pub async fn sweep_backlog(self, shutdown: tokio_util::sync::CancellationToken) {
         let mut interval = tokio::time::interval(self.shared.config.scan_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.acquired_notify.notified() => {
+                    // Let a burst of acquisitions gather into one query.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    self.scan_acquired().await;
+                    continue;
+                }
                 _ = interval.tick() => {}
             }
             let shards = self.shards();
@@ -292,6 +306,30 @@ impl EntityRuntime {
         }
     }
 
+    async fn scan_acquired(&self) {
+        let acquired = std::mem::take(&mut *self.acquired.lock().unwrap_or_else(|e| e.into_inner()));
+        if acquired.is_empty() {
+            return;
+        }
+        // Everything unprocessed counts, scheduled or not: the scan also arms the due timer.
+        let far_future = chrono::Utc::now() + chrono::Duration::days(365 * 100);
+        let with_backlog = self
+            .shared
+            .storage
+            .shards_with_backlog(&acquired, MessageId::new(i64::MAX), far_future)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "backlog check of acquired shards failed; scanning all");
+                acquired.clone()
+            });
+        let map = self.shards_lock();
+        for shard in with_backlog {
+            if let Some(actor) = map.get(&shard) {
+                let _ = actor.send_message(ShardMsg::Scan { initial: true });
+            }
+        }
+    }
+
     async fn start_shard(self, shard: ShardId, epoch: Epoch) {
         let args = ShardArgs {
             shard,
@@ -303,6 +341,11 @@ impl EntityRuntime {
                 if let Some(old) = self.shards_lock().insert(shard, actor) {
                     old.stop(Some("replaced by a newer acquisition".to_owned()));
                 }
+                self.acquired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(shard);
+                self.acquired_notify.notify_one();
             }
             Err(error) => tracing::error!(%shard, %error, "cannot start shard supervisor"),
         }

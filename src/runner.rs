@@ -67,8 +67,11 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     let schedules = check_cron_targets(config, &params.registry)?;
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
+    // Liveness reads get their own small pool, so a burst of message work can never delay
+    // the ownership loop's view of who is alive.
+    let control_pool = connect_pool(&db.url, 2, db.connect_timeout).await?;
     let storage = PgRunnerStorage::new(
-        pool.clone(),
+        control_pool.clone(),
         &db.url,
         config.cluster.name.clone(),
         LockSessionSettings {
@@ -174,21 +177,6 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     tracing::info!(listen = %bound, %address, cluster = %config.cluster.name, "runner started");
     tokio::spawn(follow_runner_id(ownership.clone(), runner_id_tx));
 
-    let client_shutdown = CancellationToken::new();
-    let transport =
-        HttpTransport::new(config.cluster.secret.clone()).map_err(RunnerError::Transport)?;
-    let client = ShoalClient::start(
-        ClientParts {
-            sharding: config.sharding(),
-            runners: storage.clone(),
-            messages: messages.clone(),
-            transport: Arc::new(transport),
-            machine_id: std::process::id(),
-            config: ClientConfig::default(),
-        },
-        client_shutdown.clone(),
-    );
-
     let http_shutdown = CancellationToken::new();
     let server = tokio::spawn(http::serve(
         listener,
@@ -210,6 +198,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     sweep_shutdown.cancel();
     let _ = server.await;
     pool.close().await;
+    control_pool.close().await;
     result
 }
 

@@ -125,7 +125,6 @@ impl Actor for ShardActor {
                 }
             }
         });
-        let _ = myself.send_message(ShardMsg::Scan { initial: true });
         Ok(ShardState {
             shard: args.shard,
             epoch: args.epoch,
