@@ -190,7 +190,7 @@ enum Cluster {
     Own {
         config: ShoalConfig,
         runners: Vec<(String, Child)>,
-        gateway: Child,
+        gateway: Box<Child>,
         url: String,
     },
     Existing {
@@ -217,7 +217,7 @@ impl Cluster {
         Ok(Self::Own {
             config,
             runners,
-            gateway,
+            gateway: Box::new(gateway),
             url: format!("http://{gateway_listen}"),
         })
     }
