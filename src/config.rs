@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 use crate::ids::ClusterName;
 use crate::sharding::Sharding;
 
+mod redis;
+
+pub use self::redis::{
+    ApiLimitsConfig, BreakerConfig, CacheConfig, ProviderLimitsConfig, RatePreset, RedisConfig,
+    RedisDownPolicy,
+};
+
 /// The prefix of environment variables that override configuration keys:
 /// `SHOAL__RUNNER__POLL_INTERVAL=500ms` sets `runner.poll-interval`.
 pub const ENV_PREFIX: &str = "SHOAL__";
@@ -187,14 +194,6 @@ impl Default for GatewayConfig {
             shutdown_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// `[redis]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// Redis URL (`redis://127.0.0.1:6379`). Unset: features that need Redis are off.
-    pub url: Option<String>,
 }
 
 /// `[cluster]`.
@@ -475,6 +474,7 @@ impl ShoalConfig {
                 problem,
             })?;
         }
+        self.redis.validate()?;
         self.runner.validate()
     }
 

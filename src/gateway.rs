@@ -9,6 +9,7 @@
 
 mod error;
 pub mod openapi;
+mod rate_limit;
 mod routes;
 
 use std::sync::Arc;
@@ -75,7 +76,7 @@ pub(crate) struct AppState {
     pub(crate) runners: Arc<PgRunnerStorage>,
     pub(crate) messages: Arc<dyn MessageStorage>,
     pub(crate) pool: PgPool,
-    pub(crate) redis: Option<redis::aio::ConnectionManager>,
+    pub(crate) redis: Option<rate_limit::GatewayRedis>,
     pub(crate) metrics: Option<PrometheusHandle>,
 }
 
@@ -101,10 +102,13 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         config.cluster.name.clone(),
         BatchConfig::GROUP_COMMIT,
     ));
-    let redis = match &config.redis.url {
-        Some(url) => Some(connect_redis(url).await?),
-        None => None,
-    };
+    let redis = rate_limit::GatewayRedis::connect(&config)
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
+    if let Some(redis) = &redis
+        && let Err(error) = redis.client.health().await
+    {
+        tracing::warn!(%error, "redis is unreachable; limited routes answer 503 until it is back");
+    }
     let transport =
         HttpTransport::new(config.cluster.secret.clone()).map_err(GatewayError::Setup)?;
     let client_shutdown = CancellationToken::new();
@@ -143,7 +147,8 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         source,
     })?;
     tracing::info!(listen = %address, cluster = %config.cluster.name, "gateway started");
-    let app = router(state);
+    // Connection info: the API rate limits key on the client's IP.
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = config.gateway.shutdown_timeout;
@@ -161,17 +166,6 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     pool.close().await;
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-async fn connect_redis(url: &str) -> Result<redis::aio::ConnectionManager, GatewayError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| GatewayError::Setup(format!("invalid redis url: {e}")))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(1)));
-    redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(|e| GatewayError::Setup(format!("cannot connect to redis: {e}")))
 }
 
 /// Every route of the gateway (the OpenAPI document lists the same ones; a test keeps them
@@ -193,6 +187,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::enforce,
+        ))
         .layer(middleware::from_fn(request_context))
         .with_state(state)
 }

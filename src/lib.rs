@@ -18,6 +18,8 @@
 //!   one reply per message, and completes work only under the shard's current epoch.
 //! - [`runner`] wires a runner process together: pool, ownership loop, HTTP endpoint,
 //!   graceful shutdown.
+//! - [`redis`] holds what every replica must share: rate limiters, circuit breakers and
+//!   caches, each update one atomic Lua script.
 //! - [`metrics`] names every metric and exports them for Prometheus.
 
 pub mod client;
@@ -30,6 +32,7 @@ pub mod ids;
 pub mod message_storage;
 pub mod metrics;
 pub mod ownership;
+pub mod redis;
 pub mod runner;
 pub mod runner_storage;
 pub mod sharding;

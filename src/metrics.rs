@@ -45,6 +45,25 @@ pub const CRON_MISSES: &str = "shoal_cron_misses_total";
 /// Delay between a cron instant and its firing.
 pub const CRON_LAG: &str = "shoal_cron_lag_seconds";
 
+/// Redis commands sent (each attempt), by operation.
+pub const REDIS_COMMANDS: &str = "shoal_redis_commands_total";
+/// Redis commands that failed, by operation and error kind.
+pub const REDIS_ERRORS: &str = "shoal_redis_errors_total";
+/// Redis command latency (each attempt), by operation.
+pub const REDIS_DURATION: &str = "shoal_redis_command_duration_seconds";
+/// Rate-limit decisions, by limiter and outcome (`allowed`, `limited`, `bypassed`).
+pub const RATE_LIMIT_DECISIONS: &str = "shoal_rate_limit_decisions_total";
+/// Time callers waited for a limiter to admit them.
+pub const RATE_LIMIT_WAIT: &str = "shoal_rate_limit_wait_seconds";
+/// Circuit breaker state as last seen by this process: 0 closed, 1 half-open, 2 open.
+pub const BREAKER_STATE: &str = "shoal_circuit_breaker_state";
+/// Cache lookups, by cache and result (`hit`, `miss`).
+pub const CACHE_LOOKUPS: &str = "shoal_cache_lookups_total";
+/// Cache entries that failed to decode (deleted, counted as misses).
+pub const CACHE_DECODE_ERRORS: &str = "shoal_cache_decode_errors_total";
+/// Cache operation latency, by cache and operation.
+pub const CACHE_DURATION: &str = "shoal_cache_duration_seconds";
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
@@ -67,6 +86,18 @@ pub fn install() -> Result<PrometheusHandle, String> {
     );
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
+    describe_counter!(REDIS_COMMANDS, "Redis commands sent (each attempt).");
+    describe_counter!(REDIS_ERRORS, "Redis commands that failed, by error kind.");
+    metrics::describe_histogram!(REDIS_DURATION, "Redis command latency (each attempt).");
+    describe_counter!(RATE_LIMIT_DECISIONS, "Rate-limit decisions by outcome.");
+    metrics::describe_histogram!(RATE_LIMIT_WAIT, "Time callers waited for a limiter.");
+    describe_gauge!(
+        BREAKER_STATE,
+        "Circuit breaker state last seen: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(CACHE_LOOKUPS, "Cache lookups by result.");
+    describe_counter!(CACHE_DECODE_ERRORS, "Cache entries deleted as undecodable.");
+    metrics::describe_histogram!(CACHE_DURATION, "Cache operation latency.");
     Ok(handle)
 }
 
@@ -131,4 +162,44 @@ pub(crate) fn shard_releases(n: usize) {
 
 pub(crate) fn fencing_event() {
     counter!(FENCING_EVENTS).increment(1);
+}
+
+pub(crate) fn redis_command(
+    op: &'static str,
+    elapsed: std::time::Duration,
+    error: Option<&'static str>,
+) {
+    counter!(REDIS_COMMANDS, "op" => op).increment(1);
+    metrics::histogram!(REDIS_DURATION, "op" => op).record(elapsed.as_secs_f64());
+    if let Some(kind) = error {
+        counter!(REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
+    }
+}
+
+pub(crate) fn rate_limit_decision(limiter: &'static str, outcome: &'static str) {
+    counter!(RATE_LIMIT_DECISIONS, "limiter" => limiter, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn rate_limit_wait(limiter: &'static str, waited: std::time::Duration) {
+    metrics::histogram!(RATE_LIMIT_WAIT, "limiter" => limiter).record(waited.as_secs_f64());
+}
+
+pub(crate) fn breaker_state(breaker: &str, state: f64) {
+    gauge!(BREAKER_STATE, "breaker" => breaker.to_owned()).set(state);
+}
+
+pub(crate) fn cache_lookup(cache: &str, hit: bool, elapsed: std::time::Duration) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!(CACHE_LOOKUPS, "cache" => cache.to_owned(), "result" => result).increment(1);
+    metrics::histogram!(CACHE_DURATION, "cache" => cache.to_owned(), "op" => "get")
+        .record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn cache_write(cache: &str, elapsed: std::time::Duration) {
+    metrics::histogram!(CACHE_DURATION, "cache" => cache.to_owned(), "op" => "set")
+        .record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn cache_decode_error(cache: &str) {
+    counter!(CACHE_DECODE_ERRORS, "cache" => cache.to_owned()).increment(1);
 }

@@ -476,20 +476,14 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
         },
     );
     if let Some(redis) = &state.redis {
-        let mut redis = redis.clone();
-        let pong = tokio::time::timeout(
-            Duration::from_secs(2),
-            redis::cmd("PING").query_async::<String>(&mut redis),
-        )
-        .await;
+        let pong = redis.client.health().await;
         check(
             "redis",
-            match pong {
-                Ok(Ok(_)) => Ok(serde_json::json!("reachable")),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("no answer within 2s".to_owned()),
-            },
+            pong.map(|rtt| serde_json::json!(format!("reachable ({rtt:?})")))
+                .map_err(|e| e.to_string()),
         );
+        // An open breaker degrades the service but does not make the gateway unready.
+        check("breakers", redis.breaker_report().await);
     }
     let sharding = state.config.sharding();
     match state.runners.snapshot().await {
