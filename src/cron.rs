@@ -302,9 +302,11 @@ async fn drive(
             .iter()
             .filter_map(|s| s.next_after(last.get(&s.name).copied().unwrap_or(now).max(now)))
             .min();
-        let wait = next
-            .and_then(|n| (n - Utc::now()).to_std().ok())
-            .unwrap_or(Duration::from_secs(1));
+        // An instant already due (this pass took long) is handled at once, not in a second.
+        let wait = match next {
+            Some(n) => (n - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            None => Duration::from_secs(1),
+        };
         tokio::select! {
             _ = ctx.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
