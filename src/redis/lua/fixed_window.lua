@@ -25,7 +25,7 @@ if count + cost <= limit then
   count = count + cost
   allowed = 1
   redis.call('HSET', key, 'start', start, 'count', count)
-  redis.call('PEXPIREAT', key, reset_at)
+  redis.call('PEXPIRE', key, reset_at - now)
 else
   retry_after = reset_at - now
 end

@@ -30,7 +30,7 @@ if earliest[2] then
 end
 local latest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
 if latest[2] then
-  redis.call('PEXPIREAT', key, tonumber(latest[2]))
+  redis.call('PEXPIRE', key, tonumber(latest[2]) - now)
 end
 local retry_after = 0
 if allowed == 0 then
