@@ -16,13 +16,16 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-use crate::client::{Request, ShoalClient};
+use crate::client::{ClientError, Request, ShoalClient};
 use crate::config::{CronScheduleConfig, MissedRunPolicy};
 use crate::ids::{ClusterName, EntityAddress, EntityId, EntityType, RunnerId};
 use crate::singleton::{Singleton, SingletonContext};
 
 /// The singleton that drives every schedule.
 pub const DRIVER: &str = "shoal-cron";
+
+/// How long the driver waits for an instant's message to be handled before moving on.
+pub const FIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An instant this late or less is on time; older ones passed while nobody could fire them.
 pub const ON_TIME: Duration = Duration::from_secs(1);
@@ -278,10 +281,20 @@ async fn drive(
                 crate::metrics::cron_missed(&schedule.name, plan.missed);
             }
             for instant in &plan.fire {
-                if retry(&ctx, || client.send(schedule.request(*instant)))
-                    .await
-                    .is_none()
-                {
+                // Ask, not send: each instant is handled before the next is stored, so the
+                // target sees instants in order even right after a failover (a fire-and-forget
+                // notification lost during a restart would let the next instant overtake it).
+                // A timeout means the message is stored and will run: move on.
+                let fire = || async {
+                    match client
+                        .ask(schedule.request(*instant).with_timeout(FIRE_TIMEOUT))
+                        .await
+                    {
+                        Ok(_) | Err(ClientError::Timeout { .. }) => Ok(()),
+                        Err(error) => Err(error),
+                    }
+                };
+                if retry(&ctx, fire).await.is_none() {
                     return;
                 }
                 let lag = (Utc::now() - *instant).to_std().unwrap_or_default();

@@ -249,13 +249,12 @@ impl Snapshot {
             unique.difference(&self.processed).collect::<Vec<_>>(),
             self.processed.difference(&unique).collect::<Vec<_>>()
         );
-        // Not asserted (no ordering is promised across a lost push): reported.
-        if !self.recorded.windows(2).all(|w| w[0] < w[1]) {
-            eprintln!(
-                "{what}: note: instants handled out of order: {:?}",
-                self.recorded
-            );
-        }
+        // The driver waits for each instant before storing the next: handled in order.
+        ensure!(
+            self.recorded.windows(2).all(|w| w[0] < w[1]),
+            "{what}: instants handled out of order: {:?}",
+            self.recorded
+        );
         Ok(())
     }
 
