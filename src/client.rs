@@ -313,20 +313,34 @@ impl ShoalClient {
 
     async fn store(&self, request: &Request) -> Result<(MessageId, SaveOutcome), ClientError> {
         let shard = self.inner.sharding.shard_of(&request.address.entity_id);
-        let saved = self
-            .inner
-            .messages
-            .save(NewMessage {
-                id: self.inner.ids.next_id(),
-                shard,
-                address: request.address.clone(),
-                tag: request.tag.clone(),
-                payload: request.payload.clone(),
-                idempotency_key: request.idempotency_key.clone(),
-                deliver_at: request.deliver_at,
-            })
-            .await?;
-        Ok((saved.id(), saved))
+        let mut taken = 0;
+        loop {
+            let saved = self
+                .inner
+                .messages
+                .save(NewMessage {
+                    id: self.inner.ids.next_id(),
+                    shard,
+                    address: request.address.clone(),
+                    tag: request.tag.clone(),
+                    payload: request.payload.clone(),
+                    idempotency_key: request.idempotency_key.clone(),
+                    deliver_at: request.deliver_at,
+                })
+                .await;
+            match saved {
+                // Another node generated the same id (they share a machine id): nothing
+                // was stored, so a fresh id is safe.
+                Err(MessageStorageError::IdTaken(id)) if taken < 8 => {
+                    taken += 1;
+                    tracing::warn!(message_id = %id, "message id taken by another node's message; saving under a new id");
+                }
+                saved => {
+                    let saved = saved?;
+                    return Ok((saved.id(), saved));
+                }
+            }
+        }
     }
 
     fn envelope(&self, request: &Request, persisted: Option<(MessageId, bool)>) -> Envelope {

@@ -3,7 +3,9 @@
 //! Guarantees every backend gives (checked by one conformance suite,
 //! `tests/message_storage.rs`):
 //! - [`MessageStorage::save`] stores a message once per idempotency key and entity: a
-//!   duplicate gets the first message's id and its reply if there is one.
+//!   duplicate gets the first message's id and its reply if there is one. Saving the same
+//!   message again under its id is a no-op; a *different* message under a taken id is
+//!   refused with [`MessageStorageError::IdTaken`], never merged into the first.
 //! - [`MessageStorage::unprocessed`] lists a shard's backlog in id (insertion) order, only
 //!   rows whose `deliver_at` has come.
 //! - [`MessageStorage::complete`] marks a message processed, stores its one reply and
@@ -32,15 +34,19 @@ pub enum MessageStorageError {
     /// The storage is shutting down.
     #[error("message storage is shutting down")]
     Shutdown,
+    /// Another message already holds this id (two nodes generated the same snowflake:
+    /// they share a machine id). Nothing was stored; save the message under a new id.
+    #[error("message id {0} is taken by another message; save it under a new id")]
+    IdTaken(MessageId),
     /// Anything else.
     #[error("message storage error: {0}")]
     Other(String),
 }
 
 impl MessageStorageError {
-    /// Whether the same call may succeed later.
+    /// Whether the same call may succeed later (for `IdTaken`: under a new id).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::IdTaken(_))
     }
 }
 

@@ -54,8 +54,17 @@ impl MemoryMessageStorage {
 impl MessageStorage for MemoryMessageStorage {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
         let mut state = self.lock();
-        if state.messages.contains_key(&message.id) {
-            return Ok(SaveOutcome::Stored(message.id));
+        if let Some((stored, _)) = state.messages.get(&message.id) {
+            // The same message saved again is stored; another one under its id is not.
+            let same = stored.address == message.address
+                && stored.tag == message.tag
+                && stored.payload == message.payload
+                && stored.idempotency_key == message.idempotency_key;
+            return if same {
+                Ok(SaveOutcome::Stored(message.id))
+            } else {
+                Err(MessageStorageError::IdTaken(message.id))
+            };
         }
         if let Some(key) = &message.idempotency_key {
             let slot = (message.address.clone(), key.clone());

@@ -78,7 +78,11 @@ type Respond<T> = oneshot::Sender<Result<T, MessageStorageError>>;
 #[derive(Debug, Clone)]
 pub struct PgMessageStorage {
     inner: Arc<Inner>,
-    save_tx: mpsc::Sender<(NewMessage, Respond<SaveOutcome>)>,
+    /// Each save answers on its own: one message of a batch can be refused (`IdTaken`).
+    save_tx: mpsc::Sender<(
+        NewMessage,
+        Respond<Result<SaveOutcome, MessageStorageError>>,
+    )>,
     complete_tx: mpsc::Sender<(Completion, Respond<CompletionOutcome>)>,
 }
 
@@ -210,7 +214,7 @@ impl Inner {
     async fn save_batch(
         &self,
         batch: Vec<NewMessage>,
-    ) -> Result<Vec<SaveOutcome>, MessageStorageError> {
+    ) -> Result<Vec<Result<SaveOutcome, MessageStorageError>>, MessageStorageError> {
         let inserted: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO shoal_messages
                  (id, cluster, shard, entity_type, entity_id, tag, payload, idempotency_key,
@@ -263,11 +267,22 @@ impl Inner {
         } else {
             self.find_by_keys(&conflicts).await?
         };
-        Ok(batch
+        // An id twice in one batch (two generators sharing this storage) is resolved by
+        // the row's content like any other conflict.
+        let mut seen = BTreeSet::new();
+        let repeated: BTreeSet<i64> = batch
+            .iter()
+            .map(|m| m.id.get())
+            .filter(|id| !seen.insert(*id))
+            .collect();
+        let outcomes: Vec<Option<SaveOutcome>> = batch
             .iter()
             .map(|m| {
+                if repeated.contains(&m.id.get()) {
+                    return None;
+                }
                 if inserted.contains(&m.id.get()) {
-                    return SaveOutcome::Stored(m.id);
+                    return Some(SaveOutcome::Stored(m.id));
                 }
                 let key = (
                     m.address.entity_type.as_str().to_owned(),
@@ -275,13 +290,94 @@ impl Inner {
                     m.idempotency_key.clone().unwrap_or_default(),
                 );
                 match existing.get(&key) {
-                    Some((id, reply)) if *id != m.id => SaveOutcome::Duplicate {
+                    Some((id, reply)) if *id != m.id => Some(SaveOutcome::Duplicate {
                         id: *id,
                         reply: reply.clone(),
-                    },
-                    // Same id saved before (a retried save): it is stored.
-                    _ => SaveOutcome::Stored(m.id),
+                    }),
+                    // Same key, same id: saved before (a retried save).
+                    Some(_) => Some(SaveOutcome::Stored(m.id)),
+                    // The id itself conflicted: see whose it is.
+                    None => None,
                 }
+            })
+            .collect();
+        let unresolved: Vec<&NewMessage> = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_none())
+            .map(|(m, _)| m)
+            .collect();
+        let mut taken = if unresolved.is_empty() {
+            Vec::new()
+        } else {
+            self.taken_by_others(&unresolved).await?
+        }
+        .into_iter();
+        Ok(batch
+            .iter()
+            .zip(outcomes)
+            .map(|(m, outcome)| match outcome {
+                Some(outcome) => Ok(outcome),
+                // `taken` follows the order of the unresolved messages.
+                None => match taken.next() {
+                    Some(true) => Err(MessageStorageError::IdTaken(m.id)),
+                    // The same message saved before (a retried save): it is stored.
+                    _ => Ok(SaveOutcome::Stored(m.id)),
+                },
+            })
+            .collect())
+    }
+
+    /// For each of `messages`, whether its id is held by a different message: two nodes
+    /// that share a machine id generate the same ids, and merging their messages would lose
+    /// one and answer its sender with the other's reply.
+    async fn taken_by_others(
+        &self,
+        messages: &[&NewMessage],
+    ) -> Result<Vec<bool>, MessageStorageError> {
+        let rows = sqlx::query(
+            "SELECT id, cluster, entity_type, entity_id, tag, payload, idempotency_key
+               FROM shoal_messages WHERE id = ANY($1)",
+        )
+        .bind(messages.iter().map(|m| m.id.get()).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        // cluster, entity type, entity id, tag, payload, idempotency key
+        type Content = (
+            String,
+            String,
+            String,
+            String,
+            serde_json::Value,
+            Option<String>,
+        );
+        let mut stored: HashMap<i64, Content> = HashMap::new();
+        for row in rows {
+            stored.insert(
+                row.try_get("id").map_err(db_error)?,
+                (
+                    row.try_get("cluster").map_err(db_error)?,
+                    row.try_get("entity_type").map_err(db_error)?,
+                    row.try_get("entity_id").map_err(db_error)?,
+                    row.try_get("tag").map_err(db_error)?,
+                    row.try_get("payload").map_err(db_error)?,
+                    row.try_get("idempotency_key").map_err(db_error)?,
+                ),
+            );
+        }
+        Ok(messages
+            .iter()
+            .map(|m| match stored.get(&m.id.get()) {
+                Some((cluster, entity_type, entity_id, tag, payload, key)) => {
+                    cluster != self.cluster.as_str()
+                        || entity_type != m.address.entity_type.as_str()
+                        || entity_id != m.address.entity_id.as_str()
+                        || *tag != m.tag
+                        || *payload != m.payload
+                        || *key != m.idempotency_key
+                }
+                None => false,
             })
             .collect())
     }
@@ -434,7 +530,7 @@ impl Inner {
 #[async_trait]
 impl MessageStorage for PgMessageStorage {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
-        submit(&self.save_tx, message).await
+        submit(&self.save_tx, message).await?
     }
 
     async fn unprocessed(
