@@ -10,6 +10,8 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
