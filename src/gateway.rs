@@ -118,7 +118,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
             runners: runners.clone(),
             messages: messages.clone(),
             transport: Arc::new(transport),
-            machine_id: std::process::id(),
+            machine_id: crate::snowflake::random_machine_id(),
             config: ClientConfig {
                 default_timeout: config.gateway.request_timeout,
                 ..ClientConfig::default()

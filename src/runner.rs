@@ -140,7 +140,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             runners: storage.clone(),
             messages: messages.clone(),
             transport: Arc::new(transport),
-            machine_id: std::process::id(),
+            machine_id: crate::snowflake::random_machine_id(),
             config: ClientConfig::default(),
         },
         client_shutdown.clone(),

@@ -52,6 +52,14 @@ impl Snowflake {
     }
 }
 
+/// A random 10-bit machine id for a node. Process ids are no good: in containers every
+/// node is pid 1. A clash between two live nodes is still caught by storage (`IdTaken`, and
+/// the client saves again under a fresh id); random ids make it rare.
+pub fn random_machine_id() -> u32 {
+    // The low bits of a v7 uuid are random.
+    (uuid::Uuid::now_v7().as_u128() as u32) & ((1 << MACHINE_BITS) - 1)
+}
+
 /// The smallest id a generator could produce `age` ago: every id below it is older.
 pub fn id_before(age: std::time::Duration) -> MessageId {
     let ms = now_ms().saturating_sub(age.as_millis() as u64);

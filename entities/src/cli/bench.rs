@@ -26,6 +26,9 @@ pub(crate) struct BenchArgs {
     db: DatabaseArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Send through this gateway (HTTP) instead of asking runners directly.
+    #[arg(long, env = "SHOAL_BENCH_GATEWAY")]
+    gateway: Option<String>,
     /// Requests to send in all.
     #[arg(long, default_value_t = 20_000, env = "SHOAL_BENCH_REQUESTS")]
     requests: usize,
@@ -57,6 +60,7 @@ impl BenchArgs {
 #[derive(Debug, Serialize)]
 struct BenchReport {
     mode: &'static str,
+    path: &'static str,
     requests: usize,
     entities: usize,
     concurrency: usize,
@@ -69,19 +73,71 @@ struct BenchReport {
     max_ms: f64,
 }
 
+/// Where requests go: the client API (direct to runners) or a gateway over HTTP.
+#[derive(Clone)]
+enum Target {
+    Direct(ShoalClient),
+    Gateway { http: reqwest::Client, url: String },
+}
+
+impl Target {
+    /// One request; true if it got a successful reply.
+    async fn call(
+        &self,
+        counter: &EntityType,
+        entity: String,
+        persisted: bool,
+    ) -> anyhow::Result<bool> {
+        match self {
+            Self::Direct(client) => {
+                let address = EntityAddress {
+                    entity_type: counter.clone(),
+                    entity_id: EntityId::new(entity)?,
+                };
+                let request = if persisted {
+                    Request::persisted(address, "increment", serde_json::json!({}))
+                } else {
+                    Request::volatile(address, "get", serde_json::json!({}))
+                };
+                Ok(matches!(client.ask(request).await, Ok(Reply::Ok { .. })))
+            }
+            Self::Gateway { http, url } => {
+                let message = if persisted { "increment" } else { "get" };
+                let response = http
+                    .post(format!("{url}/entities/{counter}/{entity}/{message}"))
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await;
+                Ok(response.is_ok_and(|r| r.status().is_success()))
+            }
+        }
+    }
+}
+
 pub(crate) async fn run(args: &BenchArgs, config: ShoalConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let client = connect_client(&config, shutdown.clone()).await?;
-    anyhow::ensure!(
-        client.wait_for_runners(Duration::from_secs(10)).await,
-        "no live runners in cluster `{}`",
-        config.cluster.name
-    );
+    let target = match &args.gateway {
+        Some(url) => Target::Gateway {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(args.concurrency.max(1))
+                .build()?,
+            url: url.trim_end_matches('/').to_owned(),
+        },
+        None => {
+            let client = connect_client(&config, shutdown.clone()).await?;
+            anyhow::ensure!(
+                client.wait_for_runners(Duration::from_secs(10)).await,
+                "no live runners in cluster `{}`",
+                config.cluster.name
+            );
+            Target::Direct(client)
+        }
+    };
     let prefix = args
         .prefix
         .clone()
         .unwrap_or_else(|| format!("bench-{}", uuid::Uuid::now_v7().simple()));
-    let report = drive(&client, args, &prefix).await?;
+    let report = drive(&target, args, &prefix).await?;
     shutdown.cancel();
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -115,18 +171,14 @@ pub(crate) async fn connect_client(
             runners: Arc::new(runners),
             messages: Arc::new(messages),
             transport: Arc::new(transport),
-            machine_id: std::process::id(),
+            machine_id: shoal::snowflake::random_machine_id(),
             config: ClientConfig::default(),
         },
         shutdown,
     ))
 }
 
-async fn drive(
-    client: &ShoalClient,
-    args: &BenchArgs,
-    prefix: &str,
-) -> anyhow::Result<BenchReport> {
+async fn drive(target: &Target, args: &BenchArgs, prefix: &str) -> anyhow::Result<BenchReport> {
     let counter = EntityType::new("counter")?;
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
@@ -134,7 +186,7 @@ async fn drive(
     let progress = tokio::spawn(report_progress(next.clone(), args.requests));
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let client = client.clone();
+        let target = target.clone();
         let next = next.clone();
         let errors = errors.clone();
         let counter = counter.clone();
@@ -147,21 +199,12 @@ async fn drive(
                 if i >= requests {
                     break;
                 }
-                let address = EntityAddress {
-                    entity_type: counter.clone(),
-                    entity_id: EntityId::new(format!("{prefix}-{}", i % entities))?,
-                };
-                let request = if persisted {
-                    Request::persisted(address, "increment", serde_json::json!({}))
-                } else {
-                    Request::volatile(address, "get", serde_json::json!({}))
-                };
+                let entity = format!("{prefix}-{}", i % entities);
                 let sent = Instant::now();
-                match client.ask(request).await {
-                    Ok(Reply::Ok { .. }) => latencies.push(sent.elapsed()),
-                    Ok(Reply::Err { .. }) | Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                if target.call(&counter, entity, persisted).await? {
+                    latencies.push(sent.elapsed());
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
             anyhow::Ok(latencies)
@@ -181,6 +224,11 @@ async fn drive(
             "persisted"
         } else {
             "volatile"
+        },
+        path: if args.gateway.is_some() {
+            "gateway"
+        } else {
+            "direct"
         },
         requests: args.requests,
         entities: args.entities,
