@@ -307,7 +307,8 @@ impl EntityRuntime {
     }
 
     async fn scan_acquired(&self) {
-        let acquired = std::mem::take(&mut *self.acquired.lock().unwrap_or_else(|e| e.into_inner()));
+        let acquired =
+            std::mem::take(&mut *self.acquired.lock().unwrap_or_else(|e| e.into_inner()));
         if acquired.is_empty() {
             return;
         }

@@ -156,7 +156,10 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         runner_id_rx.clone(),
         config.runner.drain_timeout,
     );
-    let lifecycle = Lifecycles(vec![Arc::new(runtime.clone()), Arc::new(singletons.clone())]);
+    let lifecycle = Lifecycles(vec![
+        Arc::new(runtime.clone()),
+        Arc::new(singletons.clone()),
+    ]);
     let loop_shutdown = CancellationToken::new();
     let (ownership, ownership_done) = spawn_ownership(
         storage.clone(),

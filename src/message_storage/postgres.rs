@@ -444,15 +444,25 @@ impl Inner {
         let shards: BTreeSet<i32> = batch.iter().map(|c| c.shard.lock_key()).collect();
         let (oks, payloads): (Vec<bool>, Vec<serde_json::Value>) =
             batch.iter().map(|c| reply_columns(&c.reply)).unzip();
-        let states: Vec<Option<serde_json::Value>> =
-            batch.iter().map(|c| c.state.as_ref().map(|(_, s)| s.clone())).collect();
+        let states: Vec<Option<serde_json::Value>> = batch
+            .iter()
+            .map(|c| c.state.as_ref().map(|(_, s)| s.clone()))
+            .collect();
         let state_types: Vec<Option<String>> = batch
             .iter()
-            .map(|c| c.state.as_ref().map(|(a, _)| a.entity_type.as_str().to_owned()))
+            .map(|c| {
+                c.state
+                    .as_ref()
+                    .map(|(a, _)| a.entity_type.as_str().to_owned())
+            })
             .collect();
         let state_ids: Vec<Option<String>> = batch
             .iter()
-            .map(|c| c.state.as_ref().map(|(a, _)| a.entity_id.as_str().to_owned()))
+            .map(|c| {
+                c.state
+                    .as_ref()
+                    .map(|(a, _)| a.entity_id.as_str().to_owned())
+            })
             .collect();
         let rows = sqlx::query(include_str!("queries/complete_batch.sql"))
             .bind(self.cluster.as_str())
