@@ -288,10 +288,15 @@ async fn drill_once(
         LockSessionSettings::default(),
     )?;
     let shards = config.cluster.shards_per_group.get() as usize;
+    // The drill's own cluster must have all its runners; a running one at least two.
+    let expected = match cluster {
+        Cluster::Own { runners, .. } => runners.len(),
+        Cluster::Existing { .. } => 2,
+    };
     let settled = wait_for(&storage, Duration::from_secs(60), |s| {
         let alive: Vec<_> = s.runners.iter().filter(|r| r.alive).collect();
         let cap = shards.div_ceil(alive.len().max(1));
-        alive.len() >= 2 && s.owners.len() == shards && alive.iter().all(|r| r.shards <= cap)
+        alive.len() >= expected && s.owners.len() == shards && alive.iter().all(|r| r.shards <= cap)
     })
     .await
     .context("the cluster did not settle (needs at least 2 live runners owning every shard)")?;
