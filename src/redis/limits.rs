@@ -230,6 +230,41 @@ fn now_arg(now_ms: Option<i64>) -> String {
     now_ms.map(|ms| ms.to_string()).unwrap_or_default()
 }
 
+/// A limiter script whose calls carry a cost: fixed window and token bucket take the same
+/// arguments (limit, span in ms, cost, optional now) and answer the same decision.
+struct CostedScript {
+    op: &'static str,
+    script: &'static Script,
+    limit: u64,
+    span_ms: u64,
+}
+
+impl CostedScript {
+    /// Refuses a cost above the limit without asking Redis, else runs the script on `key`.
+    async fn run(
+        &self,
+        client: &RedisClient,
+        key: &str,
+        cost: u64,
+        now_ms: Option<i64>,
+    ) -> Result<Decision, LimitError> {
+        if cost > self.limit {
+            return Err(LimitError::CostTooHigh {
+                cost,
+                limit: self.limit,
+            });
+        }
+        let args = [
+            self.limit.to_string(),
+            self.span_ms.to_string(),
+            cost.max(1).to_string(),
+            now_arg(now_ms),
+        ];
+        let reply: Vec<i64> = client.script(self.op, self.script, &[key], &args).await?;
+        Ok(Decision::from_reply(self.op, self.limit, &reply)?)
+    }
+}
+
 /// At most `limit` units of cost per key in each clock-aligned `window`.
 #[derive(Debug, Clone)]
 pub struct FixedWindow {
@@ -262,24 +297,15 @@ impl FixedWindow {
         cost: u64,
         now_ms: Option<i64>,
     ) -> Result<Decision, LimitError> {
-        if cost > self.limit {
-            return Err(LimitError::CostTooHigh {
-                cost,
-                limit: self.limit,
-            });
-        }
-        let key = format!("{}:{key}", self.name);
-        let args = [
-            self.limit.to_string(),
-            self.window_ms.to_string(),
-            cost.max(1).to_string(),
-            now_arg(now_ms),
-        ];
-        let reply: Vec<i64> = self
-            .client
-            .script("fixed_window", &FIXED_WINDOW, &[&key], &args)
-            .await?;
-        Ok(Decision::from_reply("fixed_window", self.limit, &reply)?)
+        let script = CostedScript {
+            op: "fixed_window",
+            script: &FIXED_WINDOW,
+            limit: self.limit,
+            span_ms: self.window_ms,
+        };
+        script
+            .run(&self.client, &format!("{}:{key}", self.name), cost, now_ms)
+            .await
     }
 
     /// Decides a call of `cost` for `key` under `admission`.
@@ -344,24 +370,15 @@ impl TokenBucket {
         cost: u64,
         now_ms: Option<i64>,
     ) -> Result<Decision, LimitError> {
-        if cost > self.capacity {
-            return Err(LimitError::CostTooHigh {
-                cost,
-                limit: self.capacity,
-            });
-        }
-        let key = format!("{}:{key}", self.name);
-        let args = [
-            self.capacity.to_string(),
-            self.period_ms.to_string(),
-            cost.max(1).to_string(),
-            now_arg(now_ms),
-        ];
-        let reply: Vec<i64> = self
-            .client
-            .script("token_bucket", &TOKEN_BUCKET, &[&key], &args)
-            .await?;
-        Ok(Decision::from_reply("token_bucket", self.capacity, &reply)?)
+        let script = CostedScript {
+            op: "token_bucket",
+            script: &TOKEN_BUCKET,
+            limit: self.capacity,
+            span_ms: self.period_ms,
+        };
+        script
+            .run(&self.client, &format!("{}:{key}", self.name), cost, now_ms)
+            .await
     }
 
     /// Takes `cost` tokens from `key`'s bucket under `admission`.
