@@ -12,6 +12,9 @@ use tokio::process::{Child, Command};
 
 use super::DatabaseArgs;
 
+/// The Redis a local cluster uses when none is configured.
+const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
+
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
     #[command(flatten)]
@@ -22,7 +25,7 @@ pub(crate) struct DevArgs {
     /// Port of the gateway (0 picks a free one).
     #[arg(long, default_value_t = 8080, env = "SHOAL_DEV_GATEWAY_PORT")]
     gateway_port: u16,
-    /// Redis URL handed to the gateway.
+    /// Redis URL handed to the gateway (default: the configured one, else the local Redis).
     #[arg(long, env = "SHOAL__REDIS__URL")]
     redis_url: Option<String>,
 }
@@ -71,16 +74,20 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         args.gateway_port
     };
     let gateway_listen = format!("127.0.0.1:{port}");
-    let mut gateway_args = vec![
+    let redis = config
+        .redis
+        .url
+        .clone()
+        .unwrap_or_else(|| LOCAL_REDIS.to_owned());
+    let gateway_args = [
         "gateway",
         "--database-url",
         &config.database.url,
         "--listen",
         &gateway_listen,
+        "--redis-url",
+        &redis,
     ];
-    if let Some(redis) = &config.redis.url {
-        gateway_args.extend(["--redis-url", redis.as_str()]);
-    }
     children.push((
         format!("gateway ({gateway_listen})"),
         spawn(&exe, &gateway_args, &config)?,
