@@ -188,7 +188,6 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             metrics: params.metrics.clone(),
             runtime: runtime.clone(),
             secret: config.cluster.secret.clone(),
-            client,
             singletons,
         },
         http_shutdown.clone(),

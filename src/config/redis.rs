@@ -324,13 +324,7 @@ impl ProviderLimitsConfig {
 #[cfg(test)]
 mod tests {
     use crate::config::ConfigLoader;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::config::tests::env;
 
     #[test]
     fn provider_defaults_and_env_overrides() {

@@ -10,7 +10,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::ShoalClient;
 use crate::entity_runtime::EntityRuntime;
 use serde::Serialize;
 
@@ -23,9 +22,6 @@ pub(crate) struct RunnerHttp {
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) runtime: EntityRuntime,
     pub(crate) secret: String,
-    /// Kept for routes that reach other entities from this runner.
-    #[allow(dead_code)]
-    pub(crate) client: ShoalClient,
     pub(crate) singletons: Singletons,
 }
 
