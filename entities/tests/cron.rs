@@ -1008,7 +1008,25 @@ async fn cron_list_names_the_driving_runner() -> anyhow::Result<()> {
             .context("the driver has an id")?;
         let snap = await_recorded_through(&cluster, "listed", "cron-listed", unix_now()).await?;
         let newest = snap.last().context("recorded")?;
-        let listing = cron_list(&cluster, &config).await?;
+        // The driver records an instant as handled just after its message is processed, so
+        // the listing may trail the probe by a moment: await it (bounded).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listing = loop {
+            let listing = cron_list(&cluster, &config).await?;
+            let listed_at = listing
+                .schedules
+                .iter()
+                .find(|s| s.name == "listed")
+                .and_then(|s| s.last_fired.clone());
+            let caught_up = match listed_at {
+                Some(at) => epoch_of(&cluster, &at).await? >= newest as f64,
+                None => false,
+            };
+            if caught_up || Instant::now() > deadline {
+                break listing;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         ensure!(listing.schedules.len() == 2, "{listing:?}");
         let listed = listing
             .schedules
