@@ -27,8 +27,9 @@ pub struct EntityOptions {
     pub mailbox_capacity: NonZeroUsize,
     /// An entity with nothing to do for this long is passivated. Default 60 s.
     pub max_idle: Duration,
-    /// Messages handled at once per entity. Only 1 is supported: a handler owns the state
-    /// mutably while it runs. Default 1.
+    /// Messages handled at once per entity. Default 1: an [`Entity`]'s handler owns the
+    /// state mutably, one message at a time, in order. Above 1 the type must be a
+    /// [`ConcurrentEntity`], whose handlers share the state and may finish out of order.
     pub concurrency: NonZeroUsize,
     /// Whether the state is loaded from and written to Postgres (in the transaction that
     /// completes each persisted message). Default false.
@@ -132,6 +133,43 @@ pub trait Entity: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Reply, HandlerError>> + Send;
 }
 
+/// An entity type whose handlers run up to `options().concurrency` at once per entity:
+/// for work that waits on something slow (a provider call, a download) where one message
+/// at a time would leave the entity idle. Handlers see the state shared (`&Self::State`),
+/// so what changes lives behind a lock or an atomic; messages of one entity may finish out
+/// of order. The state is in memory only: a snapshot written when one message completes
+/// would include the half-done effects of the others, so `persist_state` is refused.
+pub trait ConcurrentEntity: Send + Sync + 'static {
+    /// The messages it accepts: an externally tagged serde enum.
+    type Message: Serialize + DeserializeOwned + Send + 'static;
+    /// Its reply.
+    type Reply: Serialize + Send + 'static;
+    /// Its state, shared by the handlers running at once.
+    type State: Default + Send + Sync + 'static;
+
+    /// The type's name.
+    fn entity_type(&self) -> EntityType;
+
+    /// Runtime options; `concurrency` is how many messages run at once per entity.
+    fn options(&self) -> EntityOptions;
+
+    /// Whether a message is persisted before delivery.
+    fn is_persisted(&self, message: &Self::Message) -> bool;
+
+    /// The idempotency key of a message, if it has one of its own.
+    fn idempotency_key(&self, _message: &Self::Message) -> Option<String> {
+        None
+    }
+
+    /// Handles one message, possibly while others of the same entity run.
+    fn handle(
+        &self,
+        ctx: &EntityContext,
+        state: &Self::State,
+        message: Self::Message,
+    ) -> impl Future<Output = Result<Self::Reply, HandlerError>> + Send;
+}
+
 /// Why a message or state could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -198,11 +236,63 @@ pub trait ErasedEntity: Send + Sync + 'static {
         state: &'a mut AnyState,
         message: AnyMessage,
     ) -> BoxFuture<'a, Result<serde_json::Value, HandlerError>>;
+    /// Runs the handler as a future of its own, beside others of the same entity (types
+    /// with `concurrency` above 1 only: their state is shared, not owned by one handler).
+    fn handle_detached(
+        self: Arc<Self>,
+        ctx: EntityContext,
+        state: &AnyState,
+        message: AnyMessage,
+    ) -> BoxFuture<'static, Result<serde_json::Value, HandlerError>>;
 }
 
 impl std::fmt::Debug for dyn ErasedEntity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Entity({})", self.entity_type())
+    }
+}
+
+/// Decodes a message name and body as `M` (externally tagged), naming the bad field.
+fn decode_as<M: DeserializeOwned + Send + 'static>(
+    entity_type: &EntityType,
+    tag: &str,
+    payload: serde_json::Value,
+) -> Result<AnyMessage, DecodeError> {
+    let tagged = serde_json::json!({ tag: payload.clone() });
+    match serde_path_to_error::deserialize::<_, M>(tagged) {
+        Ok(message) => Ok(Box::new(message)),
+        Err(error) => {
+            // The path starts with the message name; the rest names the field.
+            let field = error
+                .path()
+                .iter()
+                .skip(1)
+                .map(|segment| segment.to_string())
+                .collect::<Vec<_>>()
+                .join(".");
+            let error = error.into_inner();
+            // A unit variant is written as its bare name.
+            let empty = payload.is_null() || payload.as_object().is_some_and(|o| o.is_empty());
+            if empty && let Ok(m) = serde_json::from_value::<M>(tag.into()) {
+                return Ok(Box::new(m));
+            }
+            let problem = if field.is_empty() {
+                error.to_string()
+            } else {
+                format!("field `{field}`: {error}")
+            };
+            if problem.starts_with("unknown variant") {
+                Err(DecodeError::UnknownMessage {
+                    entity_type: entity_type.clone(),
+                    tag: tag.to_owned(),
+                })
+            } else {
+                Err(DecodeError::InvalidBody {
+                    tag: tag.to_owned(),
+                    problem,
+                })
+            }
+        }
     }
 }
 
@@ -226,42 +316,7 @@ impl<E: Entity> ErasedEntity for Registered<E> {
     }
 
     fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
-        let tagged = serde_json::json!({ tag: payload.clone() });
-        match serde_path_to_error::deserialize::<_, E::Message>(tagged) {
-            Ok(message) => Ok(Box::new(message)),
-            Err(error) => {
-                // The path starts with the message name; the rest names the field.
-                let field = error
-                    .path()
-                    .iter()
-                    .skip(1)
-                    .map(|segment| segment.to_string())
-                    .collect::<Vec<_>>()
-                    .join(".");
-                let error = error.into_inner();
-                // A unit variant is written as its bare name.
-                let empty = payload.is_null() || payload.as_object().is_some_and(|o| o.is_empty());
-                if empty && let Ok(m) = serde_json::from_value::<E::Message>(tag.into()) {
-                    return Ok(Box::new(m));
-                }
-                let problem = if field.is_empty() {
-                    error.to_string()
-                } else {
-                    format!("field `{field}`: {error}")
-                };
-                if problem.starts_with("unknown variant") {
-                    Err(DecodeError::UnknownMessage {
-                        entity_type: self.entity_type.clone(),
-                        tag: tag.to_owned(),
-                    })
-                } else {
-                    Err(DecodeError::InvalidBody {
-                        tag: tag.to_owned(),
-                        problem,
-                    })
-                }
-            }
-        }
+        decode_as::<E::Message>(&self.entity_type, tag, payload)
     }
 
     fn is_persisted(&self, message: &AnyMessage) -> bool {
@@ -303,8 +358,97 @@ impl<E: Entity> ErasedEntity for Registered<E> {
             let message = message.downcast::<E::Message>().map_err(|_| wrong_type())?;
             let state = state.downcast_mut::<E::State>().ok_or_else(wrong_type)?;
             let reply = self.entity.handle(ctx, state, *message).await?;
-            serde_json::to_value(reply)
-                .map_err(|e| HandlerError::permanent("reply_not_serializable", e.to_string()))
+            reply_json(reply)
+        })
+    }
+
+    fn handle_detached(
+        self: Arc<Self>,
+        _ctx: EntityContext,
+        _state: &AnyState,
+        _message: AnyMessage,
+    ) -> BoxFuture<'static, Result<serde_json::Value, HandlerError>> {
+        // Registration keeps `concurrency` at 1 for these types, so the runtime never asks.
+        Box::pin(async {
+            Err(HandlerError::permanent(
+                "internal",
+                "a one-at-a-time entity type was asked to run handlers side by side",
+            ))
+        })
+    }
+}
+
+fn reply_json<R: Serialize>(reply: R) -> Result<serde_json::Value, HandlerError> {
+    serde_json::to_value(reply)
+        .map_err(|e| HandlerError::permanent("reply_not_serializable", e.to_string()))
+}
+
+struct RegisteredConcurrent<E: ConcurrentEntity> {
+    entity: E,
+    entity_type: EntityType,
+    options: EntityOptions,
+}
+
+impl<E: ConcurrentEntity> ErasedEntity for RegisteredConcurrent<E> {
+    fn entity_type(&self) -> &EntityType {
+        &self.entity_type
+    }
+
+    fn options(&self) -> &EntityOptions {
+        &self.options
+    }
+
+    fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
+        decode_as::<E::Message>(&self.entity_type, tag, payload)
+    }
+
+    fn is_persisted(&self, message: &AnyMessage) -> bool {
+        message
+            .downcast_ref::<E::Message>()
+            .is_some_and(|m| self.entity.is_persisted(m))
+    }
+
+    fn idempotency_key(&self, message: &AnyMessage) -> Option<String> {
+        message
+            .downcast_ref::<E::Message>()
+            .and_then(|m| self.entity.idempotency_key(m))
+    }
+
+    /// Fresh shared state (never stored: registration refuses `persist_state`).
+    fn new_state(&self, _stored: Option<serde_json::Value>) -> Result<AnyState, DecodeError> {
+        Ok(Box::new(Arc::new(E::State::default())))
+    }
+
+    fn encode_state(&self, _state: &AnyState) -> Result<serde_json::Value, String> {
+        Err("the state of a concurrent entity type is not stored".to_owned())
+    }
+
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a EntityContext,
+        state: &'a mut AnyState,
+        message: AnyMessage,
+    ) -> BoxFuture<'a, Result<serde_json::Value, HandlerError>> {
+        Box::pin(async move {
+            let message = message.downcast::<E::Message>().map_err(|_| wrong_type())?;
+            let state = state
+                .downcast_ref::<Arc<E::State>>()
+                .ok_or_else(wrong_type)?;
+            reply_json(self.entity.handle(ctx, state, *message).await?)
+        })
+    }
+
+    fn handle_detached(
+        self: Arc<Self>,
+        ctx: EntityContext,
+        state: &AnyState,
+        message: AnyMessage,
+    ) -> BoxFuture<'static, Result<serde_json::Value, HandlerError>> {
+        let state = state.downcast_ref::<Arc<E::State>>().cloned();
+        Box::pin(async move {
+            let message = message.downcast::<E::Message>().map_err(|_| wrong_type())?;
+            let state = state.ok_or_else(wrong_type)?;
+            reply_json(self.entity.handle(&ctx, &state, *message).await?)
         })
     }
 }
@@ -344,22 +488,47 @@ impl EntityRegistry {
         if options.concurrency.get() != 1 {
             return Err(RegistryError::BadOptions {
                 entity_type,
-                problem: "concurrency must be 1: a handler owns its entity's state while it \
-                          runs"
+                problem: "concurrency must be 1 for an `Entity` (its handler owns the state \
+                          while it runs); implement `ConcurrentEntity` to run messages side \
+                          by side"
                     .to_owned(),
             });
         }
+        self.insert(Arc::new(Registered {
+            entity,
+            entity_type,
+            options,
+        }))
+    }
+
+    /// Registers an entity type whose handlers run side by side.
+    pub fn register_concurrent<E: ConcurrentEntity>(
+        &mut self,
+        entity: E,
+    ) -> Result<&mut Self, RegistryError> {
+        let entity_type = entity.entity_type();
+        let options = entity.options();
+        if options.persist_state {
+            return Err(RegistryError::BadOptions {
+                entity_type,
+                problem: "persist_state needs concurrency 1: with handlers side by side, the \
+                          state when one message completes holds the others' unfinished work"
+                    .to_owned(),
+            });
+        }
+        self.insert(Arc::new(RegisteredConcurrent {
+            entity,
+            entity_type,
+            options,
+        }))
+    }
+
+    fn insert(&mut self, entity: Arc<dyn ErasedEntity>) -> Result<&mut Self, RegistryError> {
+        let entity_type = entity.entity_type().clone();
         if self.types.contains_key(&entity_type) {
             return Err(RegistryError::Duplicate(entity_type));
         }
-        self.types.insert(
-            entity_type.clone(),
-            Arc::new(Registered {
-                entity,
-                entity_type,
-                options,
-            }),
-        );
+        self.types.insert(entity_type, entity);
         Ok(self)
     }
 

@@ -1,16 +1,26 @@
-//! One live entity: a ractor actor that handles its messages one at a time, owns the
-//! entity's state, and completes persisted messages through message storage (reply,
-//! processed flag and state in one epoch-checked transaction).
+//! One live entity: a ractor actor that owns the entity's state and completes persisted
+//! messages through message storage (reply, processed flag and state in one epoch-checked
+//! transaction).
+//!
+//! With `concurrency` 1 the actor handles one message at a time, in order. Above 1 each
+//! message runs as a task of its own, at most `concurrency` at once, sharing the state; a
+//! task that panics or fails retryably fails the actor, so the shard restarts the entity
+//! and replays its persisted messages, as it does for one-at-a-time entities. The tasks
+//! live in a `JoinSet` the actor owns: when the actor stops they are aborted with it.
 
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinSet;
 
 use super::Shared;
 use super::shard::{ShardMsg, WorkOutcome};
-use crate::entity::{AnyState, EntityContext, ErasedEntity, HandlerError};
+use crate::entity::{AnyMessage, AnyState, EntityContext, ErasedEntity, HandlerError};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
-use crate::message_storage::{Completion, CompletionOutcome, Reply};
+use crate::message_storage::{Completion, CompletionOutcome, MessageStorage, Reply};
 
 pub(crate) struct EntityActor;
 
@@ -28,50 +38,102 @@ pub(crate) struct EntityState {
     /// Loaded on the first message (so spawning never waits on the database); dropped
     /// whenever storage and memory may disagree, to be reloaded.
     state: Option<AnyState>,
+    /// Messages waiting for one of the `concurrency` places (side-by-side types).
+    queued: VecDeque<Work>,
+    /// Handlers running side by side.
+    running: usize,
+    tasks: JoinSet<()>,
 }
 
 /// One message for the entity.
 #[derive(Debug)]
 pub(crate) struct Work {
+    /// The shard's number for this piece of work (matches the `Done` to its caller).
+    pub(crate) seq: u64,
     pub(crate) id: Option<MessageId>,
     pub(crate) tag: String,
     pub(crate) payload: serde_json::Value,
     pub(crate) attempts: i32,
 }
 
+pub(crate) enum EntityMsg {
+    Work(Work),
+    /// A side-by-side handler finished and reported to the shard.
+    Finished,
+    /// A side-by-side handler panicked or failed retryably: the entity restarts.
+    Failed {
+        id: Option<MessageId>,
+        error: String,
+    },
+}
+
 impl Actor for EntityActor {
-    type Msg = Work;
+    type Msg = EntityMsg;
     type State = EntityState;
     type Arguments = EntityArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Work>,
+        _myself: ActorRef<EntityMsg>,
         args: EntityArgs,
     ) -> Result<EntityState, ActorProcessingErr> {
-        Ok(EntityState { args, state: None })
+        Ok(EntityState {
+            args,
+            state: None,
+            queued: VecDeque::new(),
+            running: 0,
+            tasks: JoinSet::new(),
+        })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Work>,
-        work: Work,
+        myself: ActorRef<EntityMsg>,
+        message: EntityMsg,
         entity: &mut EntityState,
     ) -> Result<(), ActorProcessingErr> {
-        let id = work.id;
-        let outcome = entity.run(work).await?;
-        let done = ShardMsg::Done {
-            address: entity.args.address.clone(),
-            id,
-            outcome,
-        };
-        // The shard actor is gone only when the shard stopped; nothing left to tell.
-        let _ = entity.args.shard_ref.send_message(done);
+        match message {
+            EntityMsg::Work(work) if entity.concurrency() == 1 => {
+                let (seq, id) = (work.seq, work.id);
+                let outcome = entity.run(work).await?;
+                entity.report(seq, id, outcome);
+            }
+            EntityMsg::Work(work) => {
+                entity.queued.push_back(work);
+                entity.start_queued(&myself).await?;
+            }
+            EntityMsg::Finished => {
+                entity.running = entity.running.saturating_sub(1);
+                while entity.tasks.try_join_next().is_some() {}
+                entity.start_queued(&myself).await?;
+            }
+            EntityMsg::Failed { id, error } => {
+                if let Some(id) = id {
+                    let _ = entity.args.shared.storage.record_attempts(&[id]).await;
+                }
+                return Err(error.into());
+            }
+        }
         Ok(())
     }
 }
 
 impl EntityState {
+    fn concurrency(&self) -> usize {
+        self.args.def.options().concurrency.get()
+    }
+
+    fn report(&self, seq: u64, id: Option<MessageId>, outcome: WorkOutcome) {
+        let done = ShardMsg::Done {
+            address: self.args.address.clone(),
+            seq,
+            id,
+            outcome,
+        };
+        // The shard actor is gone only when the shard stopped; nothing left to tell.
+        let _ = self.args.shard_ref.send_message(done);
+    }
+
     async fn load(&mut self) -> Result<&mut AnyState, ActorProcessingErr> {
         if self.state.is_none() {
             let def = &self.args.def;
@@ -91,38 +153,38 @@ impl EntityState {
             .ok_or_else(|| "entity state missing after load".into())
     }
 
-    /// Handles one message. `Err` means the entity must restart (retryable failure).
-    async fn run(&mut self, work: Work) -> Result<WorkOutcome, ActorProcessingErr> {
-        let def = self.args.def.clone();
-        let message = match def.decode(&work.tag, work.payload) {
-            Ok(message) => message,
-            Err(error) => {
-                let reply = Reply::Err {
-                    code: "bad_message".to_owned(),
-                    message: error.to_string(),
-                };
-                return match work.id {
-                    Some(id) => Ok(self.complete(id, reply, false).await),
-                    None => Ok(WorkOutcome::Volatile(reply)),
-                };
-            }
-        };
-        let ctx = EntityContext {
+    fn context(&self, work: &Work) -> EntityContext {
+        EntityContext {
             address: self.args.address.clone(),
             shard: self.args.shard,
             epoch: self.args.epoch,
             runner_id: self.args.shared.runner_id(),
             message_id: work.id,
             attempts: work.attempts,
+        }
+    }
+
+    /// Decodes a message; an undecodable one gets its final `bad_message` reply instead.
+    fn decode(&self, work: &mut Work) -> Result<AnyMessage, Reply> {
+        let payload = std::mem::take(&mut work.payload);
+        self.args
+            .def
+            .decode(&work.tag, payload)
+            .map_err(|error| Reply::Err {
+                code: "bad_message".to_owned(),
+                message: error.to_string(),
+            })
+    }
+
+    /// Handles one message. `Err` means the entity must restart (retryable failure).
+    async fn run(&mut self, mut work: Work) -> Result<WorkOutcome, ActorProcessingErr> {
+        let def = self.args.def.clone();
+        let message = match self.decode(&mut work) {
+            Ok(message) => message,
+            Err(reply) => return Ok(self.finish(work.id, reply, false).await),
         };
-        let span = tracing::debug_span!(
-            "handle",
-            entity = %ctx.address,
-            shard = %ctx.shard,
-            epoch = %ctx.epoch,
-            message_id = ?ctx.message_id,
-            tag = %work.tag,
-        );
+        let ctx = self.context(&work);
+        let span = handler_span(&ctx, &work.tag);
         let state = self.load().await?;
         let result = tracing::Instrument::instrument(def.handle(&ctx, state, message), span).await;
         let reply = match result {
@@ -138,17 +200,20 @@ impl EntityState {
             }
             Err(HandlerError { code, message, .. }) => Reply::Err { code, message },
         };
-        match work.id {
-            Some(id) => {
-                let persist = def.options().persist_state;
-                Ok(self.complete(id, reply, persist).await)
-            }
-            None => Ok(WorkOutcome::Volatile(reply)),
-        }
+        let persist = def.options().persist_state;
+        Ok(self.finish(work.id, reply, persist).await)
     }
 
-    async fn complete(&mut self, id: MessageId, reply: Reply, with_state: bool) -> WorkOutcome {
-        let storage = self.args.shared.storage.clone();
+    /// The volatile reply, or the persisted message's completion.
+    async fn finish(
+        &mut self,
+        id: Option<MessageId>,
+        reply: Reply,
+        with_state: bool,
+    ) -> WorkOutcome {
+        let Some(id) = id else {
+            return WorkOutcome::Volatile(reply);
+        };
         let state = match (with_state, &self.state) {
             (true, Some(state)) => match self.args.def.encode_state(state) {
                 Ok(json) => Some((self.args.address.clone(), json)),
@@ -163,28 +228,132 @@ impl EntityState {
             message_id: id,
             shard: self.args.shard,
             epoch: self.args.epoch,
-            reply: reply.clone(),
+            reply,
             state,
         };
-        match storage.complete(completion).await {
-            Ok(CompletionOutcome::Committed) => WorkOutcome::Replied(reply),
-            Ok(CompletionOutcome::AlreadyProcessed) => {
-                // A redelivery: our state change was not written; the stored reply counts.
-                self.state = None;
-                match storage.reply(id).await {
-                    Ok(Some(stored)) => WorkOutcome::Replied(stored),
-                    Ok(None) => WorkOutcome::StorageFailed("processed without a reply".into()),
-                    Err(error) => WorkOutcome::StorageFailed(error.to_string()),
-                }
-            }
-            Ok(CompletionOutcome::Fenced) => {
-                self.state = None;
-                WorkOutcome::Fenced
-            }
-            Err(error) => {
-                self.state = None;
-                WorkOutcome::StorageFailed(error.to_string())
-            }
+        let (outcome, in_step) = complete(self.args.shared.storage.as_ref(), completion).await;
+        if !in_step {
+            self.state = None;
         }
+        outcome
+    }
+
+    /// Starts queued messages while fewer than `concurrency` run.
+    async fn start_queued(
+        &mut self,
+        myself: &ActorRef<EntityMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        while self.running < self.concurrency() {
+            let Some(mut work) = self.queued.pop_front() else {
+                return Ok(());
+            };
+            let message = match self.decode(&mut work) {
+                Ok(message) => message,
+                Err(reply) => {
+                    let outcome = self.finish(work.id, reply, false).await;
+                    self.report(work.seq, work.id, outcome);
+                    continue;
+                }
+            };
+            let ctx = self.context(&work);
+            let span = handler_span(&ctx, &work.tag);
+            let handler = self
+                .args
+                .def
+                .clone()
+                .handle_detached(ctx, self.load().await?, message);
+            let handler = tracing::Instrument::instrument(handler, span);
+            let storage = self.args.shared.storage.clone();
+            let (shard, epoch) = (self.args.shard, self.args.epoch);
+            let (shard_ref, address, myself) = (
+                self.args.shard_ref.clone(),
+                self.args.address.clone(),
+                myself.clone(),
+            );
+            let (seq, id) = (work.seq, work.id);
+            self.running += 1;
+            self.tasks.spawn(async move {
+                let reply = match AssertUnwindSafe(handler).catch_unwind().await {
+                    Ok(Ok(value)) => Reply::Ok { value },
+                    Ok(Err(HandlerError {
+                        retryable: false,
+                        code,
+                        message,
+                    })) => Reply::Err { code, message },
+                    Ok(Err(HandlerError { code, message, .. })) => {
+                        let error = format!("{code}: {message}");
+                        let _ = myself.send_message(EntityMsg::Failed { id, error });
+                        return;
+                    }
+                    Err(panic) => {
+                        let error = panic_message(panic.as_ref());
+                        let _ = myself.send_message(EntityMsg::Failed { id, error });
+                        return;
+                    }
+                };
+                let outcome = match id {
+                    Some(message_id) => {
+                        let completion = Completion {
+                            message_id,
+                            shard,
+                            epoch,
+                            reply,
+                            state: None,
+                        };
+                        complete(storage.as_ref(), completion).await.0
+                    }
+                    None => WorkOutcome::Volatile(reply),
+                };
+                let _ = shard_ref.send_message(ShardMsg::Done {
+                    address,
+                    seq,
+                    id,
+                    outcome,
+                });
+                let _ = myself.send_message(EntityMsg::Finished);
+            });
+        }
+        Ok(())
+    }
+}
+
+fn handler_span(ctx: &EntityContext, tag: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "handle",
+        entity = %ctx.address,
+        shard = %ctx.shard,
+        epoch = %ctx.epoch,
+        message_id = ?ctx.message_id,
+        tag = %tag,
+    )
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned());
+    format!("panicked: {text}")
+}
+
+/// Writes a completion. Also says whether the entity's memory still matches storage
+/// (false when this completion's state change was not written).
+async fn complete(storage: &dyn MessageStorage, completion: Completion) -> (WorkOutcome, bool) {
+    let id = completion.message_id;
+    let reply = completion.reply.clone();
+    match storage.complete(completion).await {
+        Ok(CompletionOutcome::Committed) => (WorkOutcome::Replied(reply), true),
+        Ok(CompletionOutcome::AlreadyProcessed) => {
+            // A redelivery: our state change was not written; the stored reply counts.
+            let outcome = match storage.reply(id).await {
+                Ok(Some(stored)) => WorkOutcome::Replied(stored),
+                Ok(None) => WorkOutcome::StorageFailed("processed without a reply".into()),
+                Err(error) => WorkOutcome::StorageFailed(error.to_string()),
+            };
+            (outcome, false)
+        }
+        Ok(CompletionOutcome::Fenced) => (WorkOutcome::Fenced, false),
+        Err(error) => (WorkOutcome::StorageFailed(error.to_string()), false),
     }
 }

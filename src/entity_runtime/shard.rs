@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::entity_actor::{EntityActor, EntityArgs, Work};
+use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
 use super::{Delivery, DeliveryError, EntityStatus, Shared, older_than};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::{Completion, Reply, StoredMessage};
@@ -37,6 +37,7 @@ pub(crate) enum ShardMsg {
     Deliver(Delivery, ReplyTx),
     Done {
         address: EntityAddress,
+        seq: u64,
         id: Option<MessageId>,
         outcome: WorkOutcome,
     },
@@ -69,8 +70,9 @@ enum Pending {
 }
 
 struct Slot {
-    actor: ActorRef<Work>,
-    pending: VecDeque<Pending>,
+    actor: ActorRef<EntityMsg>,
+    /// Unfinished work by the shard's sequence number, in the order it was handed over.
+    pending: VecDeque<(u64, Pending)>,
     last_active: Instant,
     max_idle: Duration,
 }
@@ -82,6 +84,7 @@ pub(crate) struct ShardState {
     epoch: Epoch,
     shared: Arc<Shared>,
     entities: HashMap<EntityAddress, Slot>,
+    next_seq: u64,
     by_actor: HashMap<ActorId, EntityAddress>,
     waiters: HashMap<MessageId, Vec<ReplyTx>>,
     in_flight: HashSet<MessageId>,
@@ -130,6 +133,7 @@ impl Actor for ShardActor {
             epoch: args.epoch,
             shared: args.shared,
             entities: HashMap::new(),
+            next_seq: 0,
             by_actor: HashMap::new(),
             waiters: HashMap::new(),
             in_flight: HashSet::new(),
@@ -165,9 +169,10 @@ impl Actor for ShardActor {
             ShardMsg::Deliver(delivery, reply) => state.admit(&myself, delivery, reply).await,
             ShardMsg::Done {
                 address,
+                seq,
                 id,
                 outcome,
-            } => state.done(&myself, address, id, outcome),
+            } => state.done(&myself, address, seq, id, outcome),
             ShardMsg::Scan { initial } => state.start_scan(&myself, initial),
             ShardMsg::Scanned {
                 messages,
@@ -265,6 +270,8 @@ impl ShardState {
                     return;
                 }
                 let capacity = self.capacity(&address);
+                self.next_seq += 1;
+                let seq = self.next_seq;
                 let slot = match self.activate(myself, &address).await {
                     Ok(slot) => slot,
                     Err(error) => {
@@ -278,13 +285,14 @@ impl ShardState {
                     return;
                 }
                 let work = Work {
+                    seq,
                     id: None,
                     tag,
                     payload,
                     attempts: 0,
                 };
-                if slot.actor.send_message(work).is_ok() {
-                    slot.pending.push_back(Pending::Volatile(reply));
+                if slot.actor.send_message(EntityMsg::Work(work)).is_ok() {
+                    slot.pending.push_back((seq, Pending::Volatile(reply)));
                     slot.last_active = Instant::now();
                 } else {
                     let _ = reply.send(Err(DeliveryError::ShardMoving(self.shard)));
@@ -294,10 +302,19 @@ impl ShardState {
     }
 
     fn capacity(&self, address: &EntityAddress) -> usize {
+        self.capacity_of(address, |o| o.mailbox_capacity.get())
+    }
+
+    /// An option of the entity's type (1 for an unknown type).
+    fn capacity_of(
+        &self,
+        address: &EntityAddress,
+        option: impl Fn(&crate::entity::EntityOptions) -> usize,
+    ) -> usize {
         self.shared
             .registry
             .get(&address.entity_type)
-            .map_or(1, |def| def.options().mailbox_capacity.get())
+            .map_or(1, |def| option(def.options()))
     }
 
     /// Starts (or finds) the entity's actor.
@@ -371,6 +388,8 @@ impl ShardState {
             return true;
         }
         let capacity = self.capacity(&message.address);
+        self.next_seq += 1;
+        let seq = self.next_seq;
         let slot = match self.activate(myself, &message.address).await {
             Ok(slot) if slot.pending.len() < capacity => slot,
             _ => {
@@ -379,15 +398,17 @@ impl ShardState {
             }
         };
         let work = Work {
+            seq,
             id: Some(message.id),
             tag: message.tag,
             payload: message.payload,
             attempts: message.attempts,
         };
-        if slot.actor.send_message(work).is_err() {
+        if slot.actor.send_message(EntityMsg::Work(work)).is_err() {
             return false;
         }
-        slot.pending.push_back(Pending::Persisted(message.id));
+        slot.pending
+            .push_back((seq, Pending::Persisted(message.id)));
         slot.last_active = Instant::now();
         self.in_flight.insert(message.id);
         true
@@ -432,8 +453,10 @@ impl ShardState {
                 },
                 Err(error) => WorkOutcome::StorageFailed(error.to_string()),
             };
+            // Not in the entity's slot: no sequence number matches.
             let _ = myself.send_message(ShardMsg::Done {
                 address,
+                seq: 0,
                 id: Some(message.id),
                 outcome,
             });
@@ -444,20 +467,16 @@ impl ShardState {
         &mut self,
         myself: &ActorRef<ShardMsg>,
         address: EntityAddress,
+        seq: u64,
         id: Option<MessageId>,
         outcome: WorkOutcome,
     ) {
+        // In order for one-at-a-time entities, in any order for side-by-side ones; a
+        // give-up was never in the slot.
         let pending = self.entities.get_mut(&address).and_then(|slot| {
             slot.last_active = Instant::now();
-            // Work completes in the order it was handed over, except a give-up, which is
-            // not in the slot.
-            match (id, slot.pending.front()) {
-                (Some(id), Some(Pending::Persisted(front))) if *front == id => {
-                    slot.pending.pop_front()
-                }
-                (None, Some(Pending::Volatile(_))) => slot.pending.pop_front(),
-                _ => None,
-            }
+            let at = slot.pending.iter().position(|(s, _)| *s == seq)?;
+            slot.pending.remove(at).map(|(_, pending)| pending)
         });
         match (id, outcome) {
             (None, WorkOutcome::Volatile(reply)) => {
@@ -654,7 +673,7 @@ impl ShardState {
             slot.actor.stop(Some(why.to_owned()));
             let resident = self.shared.resident.fetch_sub(1, Ordering::Relaxed) - 1;
             crate::metrics::entities_resident(resident);
-            for pending in slot.pending {
+            for (_, pending) in slot.pending {
                 match pending {
                     Pending::Persisted(id) => {
                         self.in_flight.remove(&id);
@@ -673,11 +692,15 @@ impl ShardState {
         };
         tracing::error!(shard = %self.shard, entity = %address, %error, "entity failed; restarting with backoff");
         crate::metrics::entity_restart();
+        // One at a time, the failed message is the oldest unfinished one; side-by-side
+        // entities record the attempt themselves, as only they know which one failed.
+        let one_at_a_time = self.capacity_of(&address, |o| o.concurrency.get()) == 1;
         let culprit = self
             .entities
             .get(&address)
+            .filter(|_| one_at_a_time)
             .and_then(|slot| match slot.pending.front() {
-                Some(Pending::Persisted(id)) => Some(*id),
+                Some((_, Pending::Persisted(id))) => Some(*id),
                 _ => None,
             });
         self.last_errors.insert(address.clone(), error.clone());

@@ -98,6 +98,8 @@ async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
     let mut registry = EntityRegistry::new();
     registry
         .register(TestEntity { capacity, max_idle })
+        .expect("registers")
+        .register_concurrent(Wide)
         .expect("registers");
     let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
     let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
@@ -150,7 +152,16 @@ impl Fixture {
         payload: serde_json::Value,
         key: Option<&str>,
     ) -> (StoredMessage, bool) {
-        let address = address(entity);
+        self.persist_at(address(entity), tag, payload, key).await
+    }
+
+    async fn persist_at(
+        &self,
+        address: EntityAddress,
+        tag: &str,
+        payload: serde_json::Value,
+        key: Option<&str>,
+    ) -> (StoredMessage, bool) {
         let message = NewMessage {
             id: self.ids.next_id(),
             shard: self.sharding.shard_of(&address.entity_id),
@@ -174,6 +185,18 @@ impl Fixture {
         payload: serde_json::Value,
     ) -> Result<Reply, DeliveryError> {
         let (message, duplicate) = self.persist(entity, tag, payload, None).await;
+        self.runtime
+            .deliver(Delivery::Persisted { message, duplicate })
+            .await
+    }
+
+    /// A persisted message to a `wide` entity.
+    async fn ask_wide(
+        &self,
+        entity: &str,
+        payload: serde_json::Value,
+    ) -> Result<Reply, DeliveryError> {
+        let (message, duplicate) = self.persist_at(wide(entity), "work", payload, None).await;
         self.runtime
             .deliver(Delivery::Persisted { message, duplicate })
             .await
@@ -394,5 +417,210 @@ async fn unknown_types_and_bad_bodies_are_refused() {
     assert!(
         matches!(&reply, Ok(Reply::Err { code, .. }) if code == "bad_message"),
         "{reply:?}"
+    );
+}
+
+/// A side-by-side entity: up to 3 `work` messages at once, counting how many ran together.
+struct Wide;
+
+#[derive(Default)]
+struct WideState {
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WideMsg {
+    /// Sleeps `ms`, then replies with the most handlers seen running at once. `panic_first`
+    /// panics on the message's first delivery.
+    Work {
+        ms: u64,
+        #[serde(default)]
+        panic_first: bool,
+    },
+}
+
+impl crate::entity::ConcurrentEntity for Wide {
+    type Message = WideMsg;
+    type Reply = usize;
+    type State = WideState;
+
+    fn entity_type(&self) -> EntityType {
+        EntityType::new("wide").expect("valid")
+    }
+
+    fn options(&self) -> EntityOptions {
+        EntityOptions {
+            concurrency: NonZeroUsize::new(3).expect("non-zero"),
+            ..EntityOptions::default()
+        }
+    }
+
+    fn is_persisted(&self, _: &WideMsg) -> bool {
+        true
+    }
+
+    async fn handle(
+        &self,
+        ctx: &EntityContext,
+        state: &WideState,
+        message: WideMsg,
+    ) -> Result<usize, HandlerError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let WideMsg::Work { ms, panic_first } = message;
+        let now = state.running.fetch_add(1, SeqCst) + 1;
+        state.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        state.running.fetch_sub(1, SeqCst);
+        assert!(!panic_first || ctx.attempts > 0, "first delivery panics");
+        Ok(state.most.load(SeqCst))
+    }
+}
+
+fn wide(id: &str) -> EntityAddress {
+    EntityAddress {
+        entity_type: EntityType::new("wide").expect("valid"),
+        entity_id: EntityId::new(id).expect("valid"),
+    }
+}
+
+fn count(reply: Result<Reply, DeliveryError>) -> u64 {
+    match reply {
+        Ok(Reply::Ok { value }) => value.as_u64().expect("a count"),
+        other => panic!("expected a count, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_entity_runs_up_to_its_concurrency_at_once() {
+    let f = Arc::new(fixture(8, Duration::from_secs(60)).await);
+    let mut volatile = Vec::new();
+    for _ in 0..7 {
+        let f = f.clone();
+        volatile.push(tokio::spawn(async move {
+            f.runtime
+                .deliver(Delivery::Volatile {
+                    address: wide("w"),
+                    tag: "work".to_owned(),
+                    payload: serde_json::json!({"ms": 150}),
+                })
+                .await
+        }));
+    }
+    let mut most = 0;
+    for handle in volatile {
+        most = most.max(count(handle.await.expect("joins")));
+    }
+    // Seven messages of 150 ms: three ran side by side, never a fourth.
+    assert_eq!(most, 3);
+
+    // Persisted ones too, each completed with its own reply.
+    let mut persisted = Vec::new();
+    for _ in 0..4 {
+        let f = f.clone();
+        persisted.push(tokio::spawn(async move {
+            f.ask_wide("p", serde_json::json!({"ms": 100})).await
+        }));
+    }
+    for handle in persisted {
+        assert!(count(handle.await.expect("joins")) <= 3);
+    }
+    assert_eq!(
+        f.storage.entity_backlog(&wide("p")).await.expect("reads").0,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_panic_in_a_concurrent_handler_restarts_the_entity_and_replays_it() {
+    let f = Arc::new(fixture(8, Duration::from_secs(60)).await);
+    let boom = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            f.ask_wide("b", serde_json::json!({"ms": 10, "panic_first": true}))
+                .await
+        })
+    };
+    let fine = {
+        let f = f.clone();
+        tokio::spawn(async move { f.ask_wide("b", serde_json::json!({"ms": 10})).await })
+    };
+    // The panicking message runs again after the restart and succeeds; the other one is
+    // replayed or had already completed. Both end with exactly one reply.
+    assert!(count(boom.await.expect("joins")) >= 1);
+    assert!(count(fine.await.expect("joins")) >= 1);
+    assert!(
+        f.runtime
+            .entity_status(&wide("b"))
+            .await
+            .last_error
+            .is_some_and(|e| e.contains("first delivery panics")),
+        "the panic is reported"
+    );
+}
+
+#[test]
+fn concurrency_needs_a_concurrent_type_and_no_stored_state() {
+    struct Stored;
+    impl crate::entity::ConcurrentEntity for Stored {
+        type Message = WideMsg;
+        type Reply = usize;
+        type State = WideState;
+        fn entity_type(&self) -> EntityType {
+            EntityType::new("stored").expect("valid")
+        }
+        fn options(&self) -> EntityOptions {
+            EntityOptions {
+                concurrency: NonZeroUsize::new(2).expect("non-zero"),
+                persist_state: true,
+                ..EntityOptions::default()
+            }
+        }
+        fn is_persisted(&self, _: &WideMsg) -> bool {
+            true
+        }
+        async fn handle(
+            &self,
+            _: &EntityContext,
+            _: &WideState,
+            _: WideMsg,
+        ) -> Result<usize, HandlerError> {
+            Ok(0)
+        }
+    }
+    let mut registry = EntityRegistry::new();
+    let refused = registry.register_concurrent(Stored).expect_err("refused");
+    assert!(refused.to_string().contains("persist_state"), "{refused}");
+    struct Serial;
+    impl Entity for Serial {
+        type Message = TestMsg;
+        type Reply = i64;
+        type State = i64;
+        fn entity_type(&self) -> EntityType {
+            EntityType::new("serial").expect("valid")
+        }
+        fn options(&self) -> EntityOptions {
+            EntityOptions {
+                concurrency: NonZeroUsize::new(4).expect("non-zero"),
+                ..EntityOptions::default()
+            }
+        }
+        fn is_persisted(&self, _: &TestMsg) -> bool {
+            true
+        }
+        async fn handle(
+            &self,
+            _: &EntityContext,
+            _: &mut i64,
+            _: TestMsg,
+        ) -> Result<i64, HandlerError> {
+            Ok(0)
+        }
+    }
+    let refused = registry.register(Serial).expect_err("refused");
+    assert!(
+        refused.to_string().contains("ConcurrentEntity"),
+        "{refused}"
     );
 }
