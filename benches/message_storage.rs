@@ -1,7 +1,9 @@
 //! Persisted message throughput against a real PostgreSQL: 64 concurrent callers saving,
-//! then completing, messages through [`PgMessageStorage`] with group commit on
+//! completing, or saving then completing (a persisted message's two commits, as a runner
+//! and its callers do them) messages through [`PgMessageStorage`] with group commit on
 //! ([`BatchConfig::GROUP_COMMIT`]) and off ([`BatchConfig::ONE_BY_ONE`]). One criterion
-//! iteration is one message, so the reported throughput is messages per second.
+//! iteration is [`PER_ITER`] messages, so every caller stays busy for the whole sample and
+//! the reported throughput is messages per second.
 //!
 //! Connects to `SHOAL_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), creates a fresh `shoal_b_<uuid>`
@@ -28,6 +30,8 @@ const CALLERS: u64 = 64;
 /// Shards the messages spread over (each gets an epoch so completions are not fenced).
 const SHARDS: u32 = 64;
 const EPOCH: Epoch = Epoch::new(1);
+/// Messages per criterion iteration.
+const PER_ITER: u64 = 2_000;
 
 /// A fresh database with Shoal's schema.
 struct BenchDb {
@@ -193,18 +197,38 @@ async fn complete_messages(
     })
     .await;
     drive(count, move |i| {
-        let message = &messages[i as usize];
-        let completion = Completion {
-            message_id: message.id,
-            shard: message.shard,
-            epoch: EPOCH,
-            reply: Reply::Ok {
-                value: json!({ "total": i }),
-            },
-            state: None,
-        };
+        let completion = completion(&messages[i as usize], i);
         let storage = storage.clone();
         async move { storage.complete(completion).await.map(drop) }
+    })
+    .await
+}
+
+fn completion(message: &NewMessage, i: u64) -> Completion {
+    Completion {
+        message_id: message.id,
+        shard: message.shard,
+        epoch: EPOCH,
+        reply: Reply::Ok {
+            value: json!({ "total": i }),
+        },
+        state: Some((message.address.clone(), json!({ "total": i }))),
+    }
+}
+
+/// Saves then completes each of `count` messages, one caller doing both in turn; returns the
+/// time it took.
+async fn save_then_complete(
+    storage: Arc<PgMessageStorage>,
+    ids: Arc<Snowflake>,
+    count: u64,
+) -> Duration {
+    drive(count, move |i| {
+        let (storage, message) = (storage.clone(), message(&ids, i));
+        async move {
+            storage.save(message.clone()).await?;
+            storage.complete(completion(&message, i)).await.map(drop)
+        }
     })
     .await
 }
@@ -229,12 +253,12 @@ fn message_storage(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
-        .throughput(Throughput::Elements(1));
+        .throughput(Throughput::Elements(PER_ITER));
     for (name, batching) in modes {
         let (_, storage) = runtime.block_on(db.storage(batching));
         group.bench_function(BenchmarkId::new("save", name), |b| {
             b.to_async(&runtime)
-                .iter_custom(|count| save_messages(storage.clone(), ids.clone(), count));
+                .iter_custom(|iters| save_messages(storage.clone(), ids.clone(), iters * PER_ITER));
         });
     }
     for (name, batching) in modes {
@@ -248,8 +272,21 @@ fn message_storage(c: &mut Criterion) {
             ))
         };
         group.bench_function(BenchmarkId::new("complete", name), |b| {
-            b.to_async(&runtime).iter_custom(|count| {
-                complete_messages(loader.clone(), storage.clone(), ids.clone(), count)
+            b.to_async(&runtime).iter_custom(|iters| {
+                complete_messages(
+                    loader.clone(),
+                    storage.clone(),
+                    ids.clone(),
+                    iters * PER_ITER,
+                )
+            });
+        });
+    }
+    for (name, batching) in modes {
+        let (_, storage) = runtime.block_on(db.storage(batching));
+        group.bench_function(BenchmarkId::new("save_then_complete", name), |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                save_then_complete(storage.clone(), ids.clone(), iters * PER_ITER)
             });
         });
     }

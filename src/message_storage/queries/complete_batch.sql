@@ -21,25 +21,25 @@ current AS (
      ORDER BY input.id, input.n
 ),
 marked AS (
+    -- Returns what the reply and the state need, so neither joins back.
     UPDATE shoal_messages m
        SET processed = true, processed_at = now(), epoch = current.epoch
       FROM current
      WHERE m.cluster = $1 AND m.id = current.id AND NOT m.processed
-    RETURNING m.id
+    RETURNING m.id, current.ok, current.payload, current.state_type, current.state_id,
+              current.state
 ),
 replies AS (
     INSERT INTO shoal_replies (message_id, ok, payload)
-    SELECT current.id, current.ok, current.payload
-      FROM current JOIN marked ON marked.id = current.id
+    SELECT id, ok, payload FROM marked
 ),
 states AS (
     -- The state after each entity's latest message in the batch.
     INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
-    SELECT DISTINCT ON (current.state_type, current.state_id)
-           $1, current.state_type, current.state_id, current.state, current.id
-      FROM current JOIN marked ON marked.id = current.id
-     WHERE current.state IS NOT NULL
-     ORDER BY current.state_type, current.state_id, current.id DESC
+    SELECT DISTINCT ON (state_type, state_id) $1, state_type, state_id, state, id
+      FROM marked
+     WHERE state IS NOT NULL
+     ORDER BY state_type, state_id, id DESC
     ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
        SET state = EXCLUDED.state, message_id = EXCLUDED.message_id, updated_at = now()
 )
