@@ -230,6 +230,11 @@ impl ShoalClient {
         }
     }
 
+    /// Makes this node's message ids carry `machine` from now on (a runner's registered id).
+    pub fn set_machine_id(&self, machine: u32) {
+        self.inner.ids.set_machine(machine);
+    }
+
     /// The sharding this client routes by.
     pub fn sharding(&self) -> Sharding {
         self.inner.sharding

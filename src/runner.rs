@@ -16,6 +16,7 @@ use crate::config::ShoalConfig;
 use crate::cron::CronStore;
 use crate::entity::EntityRegistry;
 use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
+use crate::ids::RunnerId;
 use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use crate::ownership::{OwnershipConfig, OwnershipHandle, spawn_ownership};
 use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
@@ -145,6 +146,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         },
         client_shutdown.clone(),
     );
+    tokio::spawn(follow_machine_id(client.clone(), runner_id_rx.clone()));
     let mut singletons = params.singletons.clone();
     if !schedules.is_empty() {
         let store = CronStore::new(pool.clone(), config.cluster.name.clone());
@@ -270,5 +272,18 @@ async fn shut_down(
             Ok(())
         }
         Err(_) => Err(RunnerError::ShutdownTimedOut(deadline)),
+    }
+}
+
+/// Gives this runner's message ids its registered runner id as machine id, for every
+/// incarnation (a random one serves until the first registration).
+async fn follow_machine_id(client: ShoalClient, mut runner_id: watch::Receiver<Option<RunnerId>>) {
+    loop {
+        if let Some(id) = *runner_id.borrow_and_update() {
+            client.set_machine_id(id.get().unsigned_abs());
+        }
+        if runner_id.changed().await.is_err() {
+            return;
+        }
     }
 }

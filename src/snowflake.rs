@@ -1,7 +1,9 @@
 //! Snowflake ids for messages: 41 bits of milliseconds since 2025-01-01, 10 bits of machine
 //! id, 12 bits of sequence. Ids from one generator strictly increase, so a sender's messages
-//! sort in the order it sent them. The machine id comes from the node's runner registration
-//! (or a random one on client-only nodes), so two live nodes practically never share one.
+//! sort in the order it sent them. A runner's machine id is its registered runner id (low 10
+//! bits: live runners share one only if 1,024 registrations happened between theirs); a
+//! client-only node (gateway, CLI) takes a random one. A clash is still caught by storage
+//! (`IdTaken`: the sender saves again under a fresh id).
 
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,26 +19,57 @@ const MAX_SEQUENCE: u64 = (1 << SEQUENCE_BITS) - 1;
 /// Generates strictly increasing ids for one node.
 #[derive(Debug)]
 pub struct Snowflake {
+    // A std Mutex, never held across an await.
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
     machine: u64,
-    // (last millisecond, sequence); a std Mutex, never held across an await.
-    last: Mutex<(u64, u64)>,
+    /// The machine id the last id was made with.
+    last_machine: u64,
+    last_ms: u64,
+    seq: u64,
+}
+
+fn machine_bits(machine: u32) -> u64 {
+    u64::from(machine) & ((1 << MACHINE_BITS) - 1)
 }
 
 impl Snowflake {
     /// A generator for `machine` (only its low 10 bits are used).
     pub fn new(machine: u32) -> Self {
+        let machine = machine_bits(machine);
         Self {
-            machine: u64::from(machine) & ((1 << MACHINE_BITS) - 1),
-            last: Mutex::new((0, 0)),
+            state: Mutex::new(State {
+                machine,
+                last_machine: machine,
+                last_ms: 0,
+                seq: 0,
+            }),
         }
+    }
+
+    /// Switches to another machine id (a runner's, once it has registered). Ids keep
+    /// increasing: the next one moves on to a fresh millisecond.
+    pub fn set_machine(&self, machine: u32) {
+        self.lock().machine = machine_bits(machine);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The next id.
     pub fn next_id(&self) -> MessageId {
         let now = now_ms();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut ms, mut seq) = *last;
-        if now > ms {
+        let mut state = self.lock();
+        let (mut ms, mut seq) = (state.last_ms, state.seq);
+        if state.machine != state.last_machine {
+            // A lower machine id in the same millisecond would make a smaller id.
+            ms = now.max(ms + 1);
+            seq = 0;
+        } else if now > ms {
             ms = now;
             seq = 0;
         } else if seq < MAX_SEQUENCE {
@@ -46,8 +79,10 @@ impl Snowflake {
             ms += 1;
             seq = 0;
         }
-        *last = (ms, seq);
-        let id = (ms << (MACHINE_BITS + SEQUENCE_BITS)) | (self.machine << SEQUENCE_BITS) | seq;
+        state.last_ms = ms;
+        state.seq = seq;
+        state.last_machine = state.machine;
+        let id = (ms << (MACHINE_BITS + SEQUENCE_BITS)) | (state.machine << SEQUENCE_BITS) | seq;
         MessageId::new(id as i64)
     }
 }
@@ -94,6 +129,17 @@ mod tests {
             assert_eq!((id.get() >> SEQUENCE_BITS) & 0x3ff, 5);
             prev = id;
         }
+    }
+
+    #[test]
+    fn a_new_machine_id_keeps_ids_increasing() {
+        let ids = Snowflake::new(1000);
+        let before = ids.next_id();
+        ids.set_machine(3);
+        let after = ids.next_id();
+        assert!(after > before, "{after:?} after {before:?}");
+        assert_eq!((after.get() >> SEQUENCE_BITS) & 0x3ff, 3);
+        assert!(ids.next_id() > after);
     }
 
     #[test]

@@ -435,6 +435,10 @@ async fn the_cron_singleton_runs_on_exactly_one_runner() -> anyhow::Result<()> {
     cluster
         .await_balanced(&runners.iter().collect::<Vec<_>>())
         .await?;
+    let mut registered = BTreeSet::new();
+    for runner in &runners {
+        registered.extend(runner.status().await?.runner_id.map(|id| id.get()));
+    }
     let (first, _) = await_one_driver(&http, &runners).await?;
     // A few seconds of steady state.
     let settled = Instant::now();
@@ -468,6 +472,8 @@ async fn the_cron_singleton_runs_on_exactly_one_runner() -> anyhow::Result<()> {
         cluster
             .await_balanced(&runners.iter().collect::<Vec<_>>())
             .await?;
+        let newest = runners.last().context("a runner was just started")?;
+        registered.extend(newest.status().await?.runner_id.map(|id| id.get()));
         await_one_driver(&http, &runners).await?;
     }
     let samples = sampler.finish().await?;
@@ -476,6 +482,19 @@ async fn the_cron_singleton_runs_on_exactly_one_runner() -> anyhow::Result<()> {
     // The driver did its work too.
     let snap = await_recorded_through(&cluster, "tick", "singleton-tick", unix_now()).await?;
     snap.check_exactly_once("tick")?;
+    // The drivers' message ids carry their runner ids as machine ids (snowflake bits 12-21).
+    let machines: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT (id >> 12) & 1023 FROM shoal_messages
+          WHERE cluster = $1 AND idempotency_key LIKE 'cron:tick:%'",
+    )
+    .bind(&cluster.name)
+    .fetch_all(&cluster.pool)
+    .await?;
+    let expected: BTreeSet<i64> = registered.iter().map(|id| i64::from(*id) & 1023).collect();
+    ensure!(
+        !machines.is_empty() && machines.iter().all(|m| expected.contains(m)),
+        "cron message machine ids {machines:?}, registered runners {registered:?}"
+    );
     Ok(())
 }
 
