@@ -302,34 +302,42 @@ struct Registered<E: Entity> {
     options: EntityOptions,
 }
 
+/// The [`ErasedEntity`] methods both kinds of registered type share: name, options, and
+/// decoding and routing a message (`E::Message`, `self.entity`).
+macro_rules! erased_routing {
+    () => {
+        fn entity_type(&self) -> &EntityType {
+            &self.entity_type
+        }
+
+        fn options(&self) -> &EntityOptions {
+            &self.options
+        }
+
+        fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
+            decode_as::<E::Message>(&self.entity_type, tag, payload)
+        }
+
+        fn is_persisted(&self, message: &AnyMessage) -> bool {
+            message
+                .downcast_ref::<E::Message>()
+                .is_some_and(|m| self.entity.is_persisted(m))
+        }
+
+        fn idempotency_key(&self, message: &AnyMessage) -> Option<String> {
+            message
+                .downcast_ref::<E::Message>()
+                .and_then(|m| self.entity.idempotency_key(m))
+        }
+    };
+}
+
 fn wrong_type() -> HandlerError {
     HandlerError::permanent("internal", "message or state of another entity type")
 }
 
 impl<E: Entity> ErasedEntity for Registered<E> {
-    fn entity_type(&self) -> &EntityType {
-        &self.entity_type
-    }
-
-    fn options(&self) -> &EntityOptions {
-        &self.options
-    }
-
-    fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
-        decode_as::<E::Message>(&self.entity_type, tag, payload)
-    }
-
-    fn is_persisted(&self, message: &AnyMessage) -> bool {
-        message
-            .downcast_ref::<E::Message>()
-            .is_some_and(|m| self.entity.is_persisted(m))
-    }
-
-    fn idempotency_key(&self, message: &AnyMessage) -> Option<String> {
-        message
-            .downcast_ref::<E::Message>()
-            .and_then(|m| self.entity.idempotency_key(m))
-    }
+    erased_routing!();
 
     fn new_state(&self, stored: Option<serde_json::Value>) -> Result<AnyState, DecodeError> {
         let state: E::State = match stored {
@@ -390,29 +398,7 @@ struct RegisteredConcurrent<E: ConcurrentEntity> {
 }
 
 impl<E: ConcurrentEntity> ErasedEntity for RegisteredConcurrent<E> {
-    fn entity_type(&self) -> &EntityType {
-        &self.entity_type
-    }
-
-    fn options(&self) -> &EntityOptions {
-        &self.options
-    }
-
-    fn decode(&self, tag: &str, payload: serde_json::Value) -> Result<AnyMessage, DecodeError> {
-        decode_as::<E::Message>(&self.entity_type, tag, payload)
-    }
-
-    fn is_persisted(&self, message: &AnyMessage) -> bool {
-        message
-            .downcast_ref::<E::Message>()
-            .is_some_and(|m| self.entity.is_persisted(m))
-    }
-
-    fn idempotency_key(&self, message: &AnyMessage) -> Option<String> {
-        message
-            .downcast_ref::<E::Message>()
-            .and_then(|m| self.entity.idempotency_key(m))
-    }
+    erased_routing!();
 
     /// Fresh shared state (never stored: registration refuses `persist_state`).
     fn new_state(&self, _stored: Option<serde_json::Value>) -> Result<AnyState, DecodeError> {
