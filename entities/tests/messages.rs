@@ -678,6 +678,47 @@ async fn runner_transport_demands_the_cluster_secret() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_restarted_at_its_address_is_reached_again() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(SMALL).await?;
+    let mut first = cluster.start_runner().await?;
+    cluster.await_balanced(&[&first]).await?;
+    let client = TestClient::connect(&cluster, DEFAULT_SECRET, 4, true).await?;
+    let entity = EntityAddress {
+        entity_type: EntityType::new("counter")?,
+        entity_id: EntityId::new("restarted")?,
+    };
+    let increment = || {
+        Request::persisted(entity.clone(), "increment", json!({}))
+            .with_timeout(Duration::from_secs(20))
+    };
+    // The client now holds a pooled HTTP/2 connection to the runner.
+    ensure!(count_of(&ok_value(client.ask(increment()).await?)?)? == 1);
+    let old_id = first.status().await?.runner_id;
+
+    first.kill()?;
+    first.wait_exit(DEADLINE).await?;
+    let second = cluster
+        .start_runner_with(RunnerOptions {
+            listen: Some(first.addr),
+            ..RunnerOptions::default()
+        })
+        .await?;
+    cluster.await_balanced(&[&second]).await?;
+    let new_id = second.status().await?.runner_id;
+    ensure!(
+        new_id.is_some() && new_id != old_id,
+        "{old_id:?} then {new_id:?}"
+    );
+
+    // Same address, new process: the dead connection is replaced, nothing is lost.
+    ensure!(count_of(&ok_value(client.ask(increment()).await?)?)? == 2);
+    let get =
+        Request::volatile(entity.clone(), "get", json!({})).with_timeout(Duration::from_secs(20));
+    ensure!(count_of(&ok_value(client.ask(get).await?)?)? == 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completion_under_a_stale_epoch_writes_nothing() -> anyhow::Result<()> {
     let (cluster, mut runners, client) = cluster_with(SMALL, 1).await?;
     let probe = address("probe", "fenced")?;

@@ -205,6 +205,8 @@ pub struct RunnerOptions {
     pub shards: Option<u32>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Listen here instead of on a fresh port (a runner restarting at its old address).
+    pub listen: Option<SocketAddr>,
 }
 
 /// A fresh migrated database, a cluster name, a log directory and a small pool for checks.
@@ -284,7 +286,10 @@ impl TestCluster {
     /// Spawns a runner without waiting for anything.
     pub fn spawn_runner(&self, options: &RunnerOptions) -> anyhow::Result<Runner> {
         let n = self.runners_started.fetch_add(1, Ordering::Relaxed);
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = match options.listen {
+            Some(addr) => addr,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
         let log = self.dir.join(format!("runner-{n}.log"));
         let file = std::fs::File::create(&log)?;
         let url = options.database_url.as_deref().unwrap_or(&self.db.url);
