@@ -232,7 +232,9 @@ impl EntityState {
             state,
         };
         let (outcome, in_step) = complete(self.args.shared.storage.as_ref(), completion).await;
-        if !in_step {
+        // Stored state may now differ from memory: reload it. State that lives only in
+        // memory (and a side-by-side entity's shared state) is kept.
+        if !in_step && self.args.def.options().persist_state {
             self.state = None;
         }
         outcome
