@@ -11,6 +11,7 @@
 //! peer: a balancer in front must be accounted for by the tenant header.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -138,7 +139,7 @@ fn tenant(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// The middleware: decides the request, then answers it or lets it through with the
 /// rate-limit headers.
 pub(crate) async fn enforce(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -2,6 +2,7 @@
 //! problem with an [`ApiError`]; none can answer 500 for bad input.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -156,7 +157,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     tag = "entities"
 )]
 pub(crate) async fn send_message(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     query: Result<Query<SendQuery>, QueryRejection>,
@@ -279,7 +280,7 @@ pub struct Explain {
     tag = "entities"
 )]
 pub(crate) async fn explain(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Explain>, ApiError> {
     let Path((entity_type, entity_id)) = path.map_err(path_error)?;
@@ -366,7 +367,9 @@ pub struct ClusterMap {
     ),
     tag = "cluster"
 )]
-pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Json<ClusterMap>, ApiError> {
+pub(crate) async fn cluster(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<ClusterMap>, ApiError> {
     let snapshot = state
         .runners
         .snapshot()
@@ -408,7 +411,7 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Json<Cluste
     tag = "cluster"
 )]
 pub(crate) async fn cron(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Result<Json<crate::cron::CronListing>, ApiError> {
     let schedules = crate::cron::schedules(&state.config.cron).map_err(ApiError::Internal)?;
     let snapshot = state
@@ -444,7 +447,7 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
     ),
     tag = "operations"
 )]
-pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
     let mut check = |name: &str, result: Result<serde_json::Value, String>| {
@@ -541,7 +544,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics of this gateway process.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), tag = "operations")]
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match &state.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
