@@ -3,6 +3,7 @@
 //! reqwest client speaking HTTP/2 with prior knowledge, so each peer gets one multiplexed
 //! connection, re-established by itself after the peer restarts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -141,7 +142,6 @@ impl Transport for HttpTransport {
     }
 }
 
-#[derive(Clone)]
 struct ServerState {
     runtime: EntityRuntime,
     secret: String,
@@ -155,7 +155,8 @@ pub fn router(runtime: EntityRuntime, secret: String) -> Router {
             &format!("{ENTITY_PATH}/{{entity_type}}/{{entity_id}}"),
             get(entity_status),
         )
-        .with_state(ServerState { runtime, secret })
+        // One shared state: axum gives every request its own copy.
+        .with_state(Arc::new(ServerState { runtime, secret }))
 }
 
 /// Percent-encodes an entity id for a path segment.
@@ -188,7 +189,7 @@ fn unauthorized() -> Response {
 }
 
 async fn entity_status(
-    State(state): State<ServerState>,
+    State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
     Path((entity_type, entity_id)): Path<(String, String)>,
 ) -> Response {
@@ -228,7 +229,7 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 async fn deliver(
-    State(state): State<ServerState>,
+    State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
     envelope: Result<Json<Envelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
