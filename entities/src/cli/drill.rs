@@ -189,7 +189,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 enum Cluster {
     Own {
         config: ShoalConfig,
-        runners: Vec<(String, Child)>,
+        runners: Vec<Child>,
         gateway: Box<Child>,
         url: String,
     },
@@ -204,16 +204,13 @@ impl Cluster {
         let mut config = config.clone();
         config.cluster.name =
             shoal::ClusterName::new(format!("drill-{}", uuid::Uuid::now_v7().simple()))?;
+        // Runners bind a port of their own choosing and register the address they got, so
+        // no other process can take it between picking and binding.
         let mut runners = Vec::new();
         for _ in 0..args.runners {
-            let listen = format!("127.0.0.1:{}", free_port()?);
-            runners.push((
-                listen.clone(),
-                spawn(&config, &["runner", "--listen", &listen])?,
-            ));
+            runners.push(spawn(&config, &["runner", "--listen", "127.0.0.1:0"])?);
         }
-        let gateway_listen = format!("127.0.0.1:{}", free_port()?);
-        let gateway = spawn(&config, &["gateway", "--listen", &gateway_listen])?;
+        let (gateway, gateway_listen) = spawn_gateway(&config).await?;
         Ok(Self::Own {
             config,
             runners,
@@ -234,30 +231,27 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs the runner at `address`.
+    /// SIGKILLs the runner at `address` (found by the pid its `/status` reports).
     async fn kill(&mut self, address: &str) -> anyhow::Result<()> {
+        let status: serde_json::Value = reqwest::get(format!("http://{address}/status"))
+            .await?
+            .json()
+            .await?;
+        let pid = status["pid"]
+            .as_i64()
+            .context("the runner did not report its pid")?;
         match self {
-            Self::Own { runners, .. } => {
-                let (_, child) = runners
-                    .iter_mut()
-                    .find(|(listen, _)| listen == address)
-                    .context("the victim is not one of the drill's runners")?;
-                child.start_kill().context("sending SIGKILL")
-            }
-            Self::Existing { .. } => {
-                let status: serde_json::Value = reqwest::get(format!("http://{address}/status"))
-                    .await?
-                    .json()
-                    .await?;
-                let pid = status["pid"]
-                    .as_i64()
-                    .context("the runner did not report its pid")?;
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .context("sending SIGKILL (the runner must run on this machine)")
-            }
+            Self::Own { runners, .. } => runners
+                .iter_mut()
+                .find(|child| child.id().map(i64::from) == Some(pid))
+                .context("the victim is not one of the drill's runners")?
+                .start_kill()
+                .context("sending SIGKILL"),
+            Self::Existing { .. } => nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .context("sending SIGKILL (the runner must run on this machine)"),
         }
     }
 
@@ -267,7 +261,7 @@ impl Cluster {
         } = self
         {
             stop(gateway).await;
-            for (_, child) in runners.iter_mut() {
+            for child in runners.iter_mut() {
                 stop(child).await;
             }
         }
@@ -514,6 +508,30 @@ fn spawn(config: &ShoalConfig, args: &[&str]) -> anyhow::Result<Child> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting `shoal {}`", args.join(" ")))
+}
+
+/// Starts the drill's gateway on a free port; another process can take the port between
+/// picking and binding, so a gateway that exits at once is started again on another.
+async fn spawn_gateway(config: &ShoalConfig) -> anyhow::Result<(Child, String)> {
+    for _ in 0..5 {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let mut gateway = spawn(config, &["gateway", "--listen", &listen])?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            if gateway.try_wait()?.is_some() {
+                break;
+            }
+            if reqwest::get(format!("http://{listen}/health"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok((gateway, listen));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop(&mut gateway).await;
+    }
+    anyhow::bail!("the drill's gateway did not start (5 attempts)")
 }
 
 fn free_port() -> anyhow::Result<u16> {
