@@ -5,8 +5,10 @@
 //! With `concurrency` 1 the actor handles one message at a time, in order. Above 1 each
 //! message runs as a task of its own, at most `concurrency` at once, sharing the state; a
 //! task that panics or fails retryably fails the actor, so the shard restarts the entity
-//! and replays its persisted messages, as it does for one-at-a-time entities. The tasks
-//! live in a `JoinSet` the actor owns: when the actor stops they are aborted with it.
+//! and replays its persisted messages, as it does for one-at-a-time entities. The handlers
+//! run in a `JoinSet` the actor owns: when the actor stops they are aborted with it. A
+//! handler that has returned completes its message on a task of its own, so an abort never
+//! falls between a committed completion and the report that answers its caller.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -104,7 +106,14 @@ impl Actor for EntityActor {
             }
             EntityMsg::Finished => {
                 entity.running = entity.running.saturating_sub(1);
-                while entity.tasks.try_join_next().is_some() {}
+                // A task that died outside its handler would hold its place for good.
+                while let Some(joined) = entity.tasks.try_join_next() {
+                    if let Err(error) = joined
+                        && error.is_panic()
+                    {
+                        return Err(format!("a handler task panicked: {error}").into());
+                    }
+                }
                 entity.start_queued(&myself).await?;
             }
             EntityMsg::Failed { id, error } => {
@@ -293,26 +302,40 @@ impl EntityState {
                         return;
                     }
                 };
-                let outcome = match id {
-                    Some(message_id) => {
-                        let completion = Completion {
-                            message_id,
-                            shard,
-                            epoch,
-                            reply,
-                            state: None,
-                        };
-                        complete(storage.as_ref(), completion).await.0
-                    }
-                    None => WorkOutcome::Volatile(reply),
-                };
-                let _ = shard_ref.send_message(ShardMsg::Done {
-                    address,
-                    seq,
-                    id,
-                    outcome,
+                // The completion runs outside the `JoinSet`: a sibling's failure aborts the
+                // set, and an abort between the commit and `Done` would leave the caller
+                // waiting on a message that is processed and never scanned again.
+                tokio::spawn(async move {
+                    let outcome = match id {
+                        Some(message_id) => {
+                            let completion = Completion {
+                                message_id,
+                                shard,
+                                epoch,
+                                reply,
+                                state: None,
+                            };
+                            let completed = complete(storage.as_ref(), completion);
+                            match AssertUnwindSafe(completed).catch_unwind().await {
+                                Ok((outcome, _)) => outcome,
+                                Err(panic) => {
+                                    let error = panic_message(panic.as_ref());
+                                    let _ = myself.send_message(EntityMsg::Failed { id, error });
+                                    return;
+                                }
+                            }
+                        }
+                        None => WorkOutcome::Volatile(reply),
+                    };
+                    let done = ShardMsg::Done {
+                        address,
+                        seq,
+                        id,
+                        outcome,
+                    };
+                    let _ = shard_ref.send_message(done);
+                    let _ = myself.send_message(EntityMsg::Finished);
                 });
-                let _ = myself.send_message(EntityMsg::Finished);
             });
         }
         Ok(())

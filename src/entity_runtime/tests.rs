@@ -10,7 +10,9 @@ use super::*;
 use crate::entity::{Entity, EntityContext, EntityOptions, HandlerError};
 use crate::ids::{EntityId, EntityType};
 use crate::message_storage::memory::MemoryMessageStorage;
-use crate::message_storage::{NewMessage, SaveOutcome};
+use crate::message_storage::{
+    Completion, CompletionOutcome, MessageStorageError, NewMessage, SaveOutcome,
+};
 use crate::snowflake::Snowflake;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +96,11 @@ struct Fixture {
 }
 
 async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
+    fixture_with(capacity, max_idle, Duration::ZERO).await
+}
+
+/// A fixture whose completions take `linger` more after they commit.
+async fn fixture_with(capacity: usize, max_idle: Duration, linger: Duration) -> Fixture {
     let storage = MemoryMessageStorage::new();
     let mut registry = EntityRegistry::new();
     registry
@@ -105,7 +112,10 @@ async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
     let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
     let runtime = EntityRuntime::new(
         registry,
-        Arc::new(storage.clone()),
+        Arc::new(Lingering {
+            inner: storage.clone(),
+            linger,
+        }),
         RuntimeConfig {
             sharding,
             scan_interval: Duration::from_millis(100),
@@ -623,4 +633,93 @@ fn concurrency_needs_a_concurrent_type_and_no_stored_state() {
         refused.to_string().contains("ConcurrentEntity"),
         "{refused}"
     );
+}
+
+/// Memory storage whose completions return `linger` after they commit (a slow network).
+#[derive(Debug)]
+struct Lingering {
+    inner: MemoryMessageStorage,
+    linger: Duration,
+}
+
+#[async_trait::async_trait]
+impl MessageStorage for Lingering {
+    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
+        self.inner.save(message).await
+    }
+    async fn unprocessed(
+        &self,
+        shard: ShardId,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, MessageStorageError> {
+        self.inner.unprocessed(shard, now, limit).await
+    }
+    async fn next_due(
+        &self,
+        shard: ShardId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, MessageStorageError> {
+        self.inner.next_due(shard, now).await
+    }
+    async fn complete(
+        &self,
+        completion: Completion,
+    ) -> Result<CompletionOutcome, MessageStorageError> {
+        let outcome = self.inner.complete(completion).await;
+        tokio::time::sleep(self.linger).await;
+        outcome
+    }
+    async fn shards_with_backlog(
+        &self,
+        shards: &[ShardId],
+        created_before: MessageId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<ShardId>, MessageStorageError> {
+        self.inner
+            .shards_with_backlog(shards, created_before, now)
+            .await
+    }
+    async fn entity_backlog(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<(u64, Option<chrono::DateTime<chrono::Utc>>), MessageStorageError> {
+        self.inner.entity_backlog(address).await
+    }
+    async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
+        self.inner.record_attempts(ids).await
+    }
+    async fn reply(&self, id: MessageId) -> Result<Option<Reply>, MessageStorageError> {
+        self.inner.reply(id).await
+    }
+    async fn load_state(
+        &self,
+        address: &EntityAddress,
+    ) -> Result<Option<serde_json::Value>, MessageStorageError> {
+        self.inner.load_state(address).await
+    }
+}
+
+#[tokio::test]
+async fn a_sibling_failure_does_not_swallow_a_committed_reply() {
+    // Completions return 300 ms after they commit; meanwhile a sibling handler panics and
+    // the entity restarts. The committed message is never scanned again, so its caller is
+    // answered only if the completion was not aborted with the failed entity.
+    let f = Arc::new(fixture_with(8, Duration::from_secs(60), Duration::from_millis(300)).await);
+    let committed = {
+        let f = f.clone();
+        tokio::spawn(async move { f.ask_wide("s", serde_json::json!({"ms": 10})).await })
+    };
+    let failing = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            f.ask_wide("s", serde_json::json!({"ms": 60, "panic_first": true}))
+                .await
+        })
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(5), committed)
+        .await
+        .expect("the committed message's caller is answered");
+    assert!(count(answered.expect("joins")) >= 1);
+    assert!(count(failing.await.expect("joins")) >= 1);
 }
