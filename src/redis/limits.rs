@@ -230,20 +230,35 @@ fn now_arg(now_ms: Option<i64>) -> String {
     now_ms.map(|ms| ms.to_string()).unwrap_or_default()
 }
 
-/// A limiter script whose calls carry a cost: fixed window and token bucket take the same
-/// arguments (limit, span in ms, cost, optional now) and answer the same decision.
-struct CostedScript {
+/// A limiter whose calls carry a cost: fixed window and token bucket run scripts that take
+/// the same arguments (limit, span in ms, cost, optional now) and answer the same decision.
+#[derive(Clone)]
+struct CostedLimiter {
+    client: RedisClient,
+    /// Key prefix of this limiter's keys.
+    name: String,
     op: &'static str,
     script: &'static Script,
     limit: u64,
     span_ms: u64,
 }
 
-impl CostedScript {
-    /// Refuses a cost above the limit without asking Redis, else runs the script on `key`.
-    async fn run(
+impl std::fmt::Debug for CostedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CostedLimiter")
+            .field("name", &self.name)
+            .field("op", &self.op)
+            .field("limit", &self.limit)
+            .field("span_ms", &self.span_ms)
+            .finish()
+    }
+}
+
+impl CostedLimiter {
+    /// Refuses a cost above the limit without asking Redis, else runs the script on `key`
+    /// at `now_ms` (`None` is the server's clock).
+    async fn check_at(
         &self,
-        client: &RedisClient,
         key: &str,
         cost: u64,
         now_ms: Option<i64>,
@@ -260,34 +275,44 @@ impl CostedScript {
             cost.max(1).to_string(),
             now_arg(now_ms),
         ];
-        let reply: Vec<i64> = client.script(self.op, self.script, &[key], &args).await?;
+        let key = format!("{}:{key}", self.name);
+        let reply: Vec<i64> = self
+            .client
+            .script(self.op, self.script, &[key.as_str()], &args)
+            .await?;
         Ok(Decision::from_reply(self.op, self.limit, &reply)?)
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        cost: u64,
+        admission: Admission,
+    ) -> Result<Decision, LimitError> {
+        admit(self.op, admission, || self.check_at(key, cost, None)).await
     }
 }
 
 /// At most `limit` units of cost per key in each clock-aligned `window`.
 #[derive(Debug, Clone)]
-pub struct FixedWindow {
-    client: RedisClient,
-    name: String,
-    limit: u64,
-    window_ms: u64,
-}
+pub struct FixedWindow(CostedLimiter);
 
 impl FixedWindow {
     /// A limiter whose keys live under `<prefix>:fw:<name>:`.
     pub fn new(client: RedisClient, name: &str, limit: u64, window: Duration) -> Self {
-        Self {
+        Self(CostedLimiter {
             name: client.key("fw", name),
             client,
+            op: "fixed_window",
+            script: &FIXED_WINDOW,
             limit: limit.max(1),
-            window_ms: millis(window),
-        }
+            span_ms: millis(window),
+        })
     }
 
     /// Decides a call of `cost` units for `key` (counted if admitted).
     pub async fn check(&self, key: &str, cost: u64) -> Result<Decision, LimitError> {
-        self.check_at(key, cost, None).await
+        self.0.check_at(key, cost, None).await
     }
 
     /// [`FixedWindow::check`] at a given time in ms; `None` is the server's clock.
@@ -297,15 +322,7 @@ impl FixedWindow {
         cost: u64,
         now_ms: Option<i64>,
     ) -> Result<Decision, LimitError> {
-        let script = CostedScript {
-            op: "fixed_window",
-            script: &FIXED_WINDOW,
-            limit: self.limit,
-            span_ms: self.window_ms,
-        };
-        script
-            .run(&self.client, &format!("{}:{key}", self.name), cost, now_ms)
-            .await
+        self.0.check_at(key, cost, now_ms).await
     }
 
     /// Decides a call of `cost` for `key` under `admission`.
@@ -315,19 +332,14 @@ impl FixedWindow {
         cost: u64,
         admission: Admission,
     ) -> Result<Decision, LimitError> {
-        admit("fixed_window", admission, || self.check(key, cost)).await
+        self.0.acquire(key, cost, admission).await
     }
 }
 
 /// A bucket of `capacity` tokens per key, refilled at `capacity` per `period`; each call
 /// takes its cost in tokens.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
-    client: RedisClient,
-    name: String,
-    capacity: u64,
-    period_ms: u64,
-}
+pub struct TokenBucket(CostedLimiter);
 
 impl TokenBucket {
     /// A bucket whose keys live under `<prefix>:tb:<name>:`. Fails if `capacity × period`
@@ -345,22 +357,24 @@ impl TokenBucket {
                 "token bucket `{name}`: capacity {capacity} × period {period_ms} ms exceeds 2^53"
             )));
         }
-        Ok(Self {
+        Ok(Self(CostedLimiter {
             name: client.key("tb", name),
             client,
-            capacity,
-            period_ms,
-        })
+            op: "token_bucket",
+            script: &TOKEN_BUCKET,
+            limit: capacity,
+            span_ms: period_ms,
+        }))
     }
 
     /// The bucket's capacity in tokens.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.0.limit
     }
 
     /// Decides a call taking `cost` tokens from `key`'s bucket.
     pub async fn check(&self, key: &str, cost: u64) -> Result<Decision, LimitError> {
-        self.check_at(key, cost, None).await
+        self.0.check_at(key, cost, None).await
     }
 
     /// [`TokenBucket::check`] at a given time in ms; `None` is the server's clock.
@@ -370,15 +384,7 @@ impl TokenBucket {
         cost: u64,
         now_ms: Option<i64>,
     ) -> Result<Decision, LimitError> {
-        let script = CostedScript {
-            op: "token_bucket",
-            script: &TOKEN_BUCKET,
-            limit: self.capacity,
-            span_ms: self.period_ms,
-        };
-        script
-            .run(&self.client, &format!("{}:{key}", self.name), cost, now_ms)
-            .await
+        self.0.check_at(key, cost, now_ms).await
     }
 
     /// Takes `cost` tokens from `key`'s bucket under `admission`.
@@ -388,7 +394,7 @@ impl TokenBucket {
         cost: u64,
         admission: Admission,
     ) -> Result<Decision, LimitError> {
-        admit("token_bucket", admission, || self.check(key, cost)).await
+        self.0.acquire(key, cost, admission).await
     }
 }
 
