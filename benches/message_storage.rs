@@ -40,24 +40,6 @@ struct BenchDb {
     pool: PgPool,
 }
 
-/// `url` pointing at `database` instead (keeps user, host and query parameters).
-fn with_database(url: &str, database: &str) -> Result<String, String> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").ok_or("database url without scheme")? + 3;
-    let path = base[authority..]
-        .find('/')
-        .map_or(base.len(), |i| authority + i);
-    let mut out = format!("{}/{database}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    Ok(out)
-}
-
 impl BenchDb {
     async fn create() -> Result<Self, String> {
         let admin_url =
@@ -73,7 +55,8 @@ impl BenchDb {
             .await
             .map_err(|e| format!("cannot create a database: {e}"))?;
         let _ = admin.close().await;
-        let url = with_database(&admin_url, &database)?;
+        let url = shoal::runner_storage::postgres::url_with_database(&admin_url, &database)
+            .map_err(|e| e.to_string())?;
         let pool = shoal::runner_storage::postgres::connect_pool(&url, 48, Duration::from_secs(5))
             .await
             .map_err(|e| format!("cannot connect to {database}: {e}"))?;

@@ -577,24 +577,6 @@ mod postgres {
         storage: Arc<PgMessageStorage>,
     }
 
-    /// `url` pointing at `database` instead (keeps user, host and query parameters).
-    fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-        let (base, query) = match url.split_once('?') {
-            Some((base, query)) => (base, Some(query)),
-            None => (url, None),
-        };
-        let authority = base.find("://").context("database url without scheme")? + 3;
-        let path = base[authority..]
-            .find('/')
-            .map_or(base.len(), |i| authority + i);
-        let mut out = format!("{}/{database}", &base[..path]);
-        if let Some(query) = query {
-            out.push('?');
-            out.push_str(query);
-        }
-        Ok(out)
-    }
-
     fn unique_cluster() -> anyhow::Result<ClusterName> {
         Ok(ClusterName::new(format!(
             "t{}",
@@ -615,7 +597,7 @@ mod postgres {
                 .await
                 .context("creating the test database")?;
             let _ = admin.close().await;
-            let url = with_database(&admin_url, &database)?;
+            let url = shoal::runner_storage::postgres::url_with_database(&admin_url, &database)?;
             let pool =
                 shoal::runner_storage::postgres::connect_pool(&url, 16, Duration::from_secs(10))
                     .await

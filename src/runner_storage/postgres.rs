@@ -202,6 +202,15 @@ impl PgRunnerStorage {
     }
 }
 
+/// `url` naming `database` instead (user, host, port and parameters kept): how tests,
+/// benches and drills reach a database of their own on the same server.
+pub fn url_with_database(url: &str, database: &str) -> Result<String, StorageError> {
+    let mut parsed = reqwest::Url::parse(url)
+        .map_err(|e| StorageError::Other(format!("database url does not parse: {e}")))?;
+    parsed.set_path(&format!("/{database}"));
+    Ok(parsed.into())
+}
+
 /// Connects a pool with sensible timeouts.
 pub async fn connect_pool(
     url: &str,
@@ -493,5 +502,24 @@ impl LockSession for PgLockSession {
             .await
             .map_err(unavailable)?;
         self.conn.close().await.map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_with_database;
+
+    #[test]
+    fn another_database_keeps_everything_else() {
+        let url = "postgres://postgres:pw@127.0.0.1:5432/postgres?sslmode=disable";
+        assert_eq!(
+            url_with_database(url, "shoal_t1").expect("parses"),
+            "postgres://postgres:pw@127.0.0.1:5432/shoal_t1?sslmode=disable"
+        );
+        assert_eq!(
+            url_with_database("postgres://db.internal", "x").expect("parses"),
+            "postgres://db.internal/x"
+        );
+        assert!(url_with_database("not a url", "x").is_err());
     }
 }

@@ -110,7 +110,7 @@ impl TestDb {
             .with_context(|| format!("creating database {name}"))?;
         admin.close().await?;
         Ok(Self {
-            url: with_database(&admin_url, &name)?,
+            url: shoal::runner_storage::postgres::url_with_database(&admin_url, &name)?,
             name,
             admin_url,
         })
@@ -141,17 +141,6 @@ impl Drop for TestDb {
         });
         let _ = dropper.join();
     }
-}
-
-/// `url` with its database replaced by `name`.
-fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
-    let (base, query) = split_query(url);
-    let authority_start = base.find("://").context("database URL without scheme")? + 3;
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    Ok(format!("{base}/{name}{query}"))
 }
 
 /// `url` with its host and port replaced by `addr` (to route it through a proxy).
