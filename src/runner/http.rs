@@ -46,7 +46,7 @@ pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: Ca
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(transport);
-    if let Err(error) = axum::serve(listener, app)
+    if let Err(error) = axum::serve(crate::transport::http::without_nagle(listener), app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {

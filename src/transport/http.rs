@@ -1,39 +1,133 @@
-//! The runner transport over HTTP/2: `POST /_shoal/v1/deliver` with a JSON [`Envelope`],
-//! authenticated by the cluster's shared secret (`x-shoal-secret`). The client is one pooled
-//! reqwest client speaking HTTP/2 with prior knowledge, so each peer gets one multiplexed
-//! connection, re-established by itself after the peer restarts.
+//! The runner transport over HTTP/2, authenticated by the cluster's shared secret
+//! (`x-shoal-secret`). The client is one pooled reqwest client speaking HTTP/2 with prior
+//! knowledge, so each peer gets one multiplexed connection, re-established by itself after
+//! the peer restarts.
+//!
+//! Deliveries to one peer are batched ([`peer`]): `POST /_shoal/v1/deliver-batch` carries
+//! many envelopes as JSON, and the runner streams the answers back as NDJSON lines in the
+//! order they finish. One HTTP/2 request per batch instead of per message is most of what a
+//! delivery costs on both sides. `POST /_shoal/v1/deliver` (one envelope, one answer) stays
+//! for runners and tools that send one at a time.
 
-use std::sync::Arc;
+mod peer;
+mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::Router;
-use axum::extract::{Json, Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
 
-use super::{ENVELOPE_VERSION, Envelope, Transport, TransportError};
-use crate::entity_runtime::{DeliveryError, EntityRuntime, EntityStatus};
-use crate::ids::{EntityAddress, EntityId, EntityType};
+pub use server::router;
+
+use super::{Envelope, Transport, TransportError};
+use crate::entity_runtime::{DeliveryError, EntityStatus};
+use crate::ids::EntityAddress;
 use crate::message_storage::Reply;
 
 /// The header that carries the cluster secret.
 pub const SECRET_HEADER: &str = "x-shoal-secret";
-/// The header that carries the sender's deadline for this delivery, in milliseconds.
+/// The header that carries the sender's deadline for a single delivery, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
-/// The delivery route.
+/// The single-delivery route.
 pub const DELIVER_PATH: &str = "/_shoal/v1/deliver";
+/// The batch-delivery route.
+pub const DELIVER_BATCH_PATH: &str = "/_shoal/v1/deliver-batch";
 /// The entity-status route (followed by `/{type}/{id}`).
 pub const ENTITY_PATH: &str = "/_shoal/v1/entities";
 /// The header that carries the request id across the transport.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The content type of a batch's answers.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// How much longer than its deadline a sender waits for an answer before calling it lost.
+const GRACE: Duration = Duration::from_millis(250);
+
+/// The body of a batch delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryBatch {
+    /// The envelopes, each with its deadline.
+    pub items: Vec<BatchItem>,
+}
+
+/// [`DeliveryBatch`] by reference, for sending.
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    items: &'a [BatchItem],
+}
+
+/// One envelope of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchItem {
+    /// The sender's deadline for this envelope, in milliseconds.
+    pub timeout_ms: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// One line of a batch's answer: the envelope's index and its reply or error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    /// The envelope's index in the batch.
+    pub index: usize,
+    /// Its reply, if it got one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Reply>,
+    /// Why it got none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<DeliveryError>,
+}
+
+impl BatchAnswer {
+    /// The answer to envelope `index`.
+    pub fn new(index: usize, result: Result<Reply, DeliveryError>) -> Self {
+        let (reply, error) = match result {
+            Ok(reply) => (Some(reply), None),
+            Err(error) => (None, Some(error)),
+        };
+        Self {
+            index,
+            reply,
+            error,
+        }
+    }
+
+    /// The answer as one NDJSON line.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|error| {
+            // A reply is JSON already; this cannot fail, but an answer must still go out.
+            serde_json::to_vec(&Self::new(
+                self.index,
+                Err(DeliveryError::BadMessage(format!(
+                    "unencodable reply: {error}"
+                ))),
+            ))
+            .unwrap_or_default()
+        });
+        line.push(b'\n');
+        line
+    }
+
+    fn into_result(self) -> Result<Reply, TransportError> {
+        match (self.reply, self.error) {
+            (Some(reply), _) => Ok(reply),
+            (None, Some(error)) => Err(TransportError::Delivery(error)),
+            (None, None) => Err(TransportError::Delivery(DeliveryError::BadMessage(
+                "the runner answered neither a reply nor an error".to_owned(),
+            ))),
+        }
+    }
+}
 
 /// The HTTP/2 transport client.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     client: reqwest::Client,
-    secret: String,
+    secret: Arc<str>,
+    /// Each peer's delivery queue, by address.
+    peers: Arc<Mutex<HashMap<String, tokio::sync::mpsc::Sender<peer::Pending>>>>,
 }
 
 impl HttpTransport {
@@ -50,8 +144,123 @@ impl HttpTransport {
             .map_err(|e| format!("cannot build the transport client: {e}"))?;
         Ok(Self {
             client,
-            secret: secret.into(),
+            secret: Arc::from(secret.into()),
+            peers: Arc::default(),
         })
+    }
+
+    fn link(&self, address: &str) -> Result<peer::Link, TransportError> {
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("http://{address}{path}")).map_err(|e| {
+                TransportError::Unreachable {
+                    address: address.to_owned(),
+                    reason: format!("bad runner address: {e}"),
+                }
+            })
+        };
+        Ok(peer::Link {
+            client: self.client.clone(),
+            secret: self.secret.clone(),
+            address: address.to_owned(),
+            batch_url: url(DELIVER_BATCH_PATH)?,
+            single_url: url(DELIVER_PATH)?,
+        })
+    }
+
+    /// Queues `pending` for the peer at `address`, starting its queue if needed.
+    async fn enqueue(
+        &self,
+        address: &str,
+        mut pending: peer::Pending,
+    ) -> Result<(), TransportError> {
+        // Twice at most: a queue found closed (it ended when idle) is replaced once.
+        for _ in 0..2 {
+            let queue = {
+                let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+                match peers.get(address) {
+                    Some(queue) if !queue.is_closed() => queue.clone(),
+                    _ => {
+                        let queue = peer::start(self.link(address)?);
+                        peers.insert(address.to_owned(), queue.clone());
+                        queue
+                    }
+                }
+            };
+            match queue.send(pending).await {
+                Ok(()) => return Ok(()),
+                Err(returned) => pending = returned.0,
+            }
+        }
+        Err(TransportError::Unreachable {
+            address: address.to_owned(),
+            reason: "the delivery queue closed".to_owned(),
+        })
+    }
+}
+
+/// `listener` with Nagle's algorithm off on every connection it accepts. A batch's answers
+/// stream out as small writes; with Nagle on, each waits for the peer's delayed ACK (40 ms on
+/// Linux) before it leaves.
+pub fn without_nagle(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot turn Nagle's algorithm off");
+        }
+    })
+}
+
+/// What a failed send means: nothing went out (cannot connect) or it may have run.
+fn send_error(address: &str, error: reqwest::Error) -> TransportError {
+    let reason = error.to_string();
+    if error.is_connect() {
+        TransportError::Unreachable {
+            address: address.to_owned(),
+            reason,
+        }
+    } else {
+        TransportError::Lost {
+            address: address.to_owned(),
+            reason,
+        }
+    }
+}
+
+/// Delivers one envelope with one request (`/deliver`).
+async fn deliver_one(link: &peer::Link, item: BatchItem) -> Result<Reply, TransportError> {
+    let mut request = link.client.post(link.single_url.clone());
+    if let Some(request_id) = &item.envelope.request_id {
+        request = request.header(REQUEST_ID_HEADER, request_id);
+    }
+    let response = request
+        .header(SECRET_HEADER, &*link.secret)
+        .header(TIMEOUT_HEADER, item.timeout_ms.to_string())
+        .timeout(Duration::from_millis(item.timeout_ms) + GRACE)
+        .json(&item.envelope)
+        .send()
+        .await
+        .map_err(|e| send_error(&link.address, e))?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| TransportError::Lost {
+        address: link.address.clone(),
+        reason: e.to_string(),
+    })?;
+    let protocol = |reason: String| TransportError::Protocol {
+        address: link.address.clone(),
+        reason,
+    };
+    match status {
+        StatusCode::OK => serde_json::from_slice(&body).map_err(|e| protocol(e.to_string())),
+        StatusCode::UNAUTHORIZED => Err(TransportError::Unauthorized(link.address.clone())),
+        _ => match serde_json::from_slice::<DeliveryError>(&body) {
+            Ok(error) => Err(TransportError::Delivery(error)),
+            Err(_) => Err(protocol(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            ))),
+        },
     }
 }
 
@@ -70,7 +279,7 @@ impl Transport for HttpTransport {
         let response = self
             .client
             .get(url)
-            .header(SECRET_HEADER, &self.secret)
+            .header(SECRET_HEADER, &*self.secret)
             .timeout(Duration::from_secs(2))
             .send()
             .await
@@ -93,70 +302,21 @@ impl Transport for HttpTransport {
         envelope: Envelope,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
-        let url = format!("http://{address}{DELIVER_PATH}");
-        let mut request = self.client.post(url);
-        if let Some(request_id) = &envelope.request_id {
-            request = request.header(REQUEST_ID_HEADER, request_id);
-        }
-        let response = request
-            .header(SECRET_HEADER, &self.secret)
-            .header(TIMEOUT_HEADER, timeout.as_millis().to_string())
-            .timeout(timeout + Duration::from_millis(250))
-            .json(&envelope)
-            .send()
-            .await
-            .map_err(|e| {
-                let reason = e.to_string();
-                if e.is_connect() {
-                    TransportError::Unreachable {
-                        address: address.to_owned(),
-                        reason,
-                    }
-                } else {
-                    TransportError::Lost {
-                        address: address.to_owned(),
-                        reason,
-                    }
-                }
-            })?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|e| TransportError::Lost {
-            address: address.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let protocol = |reason: String| TransportError::Protocol {
-            address: address.to_owned(),
-            reason,
-        };
-        match status {
-            StatusCode::OK => serde_json::from_slice(&body).map_err(|e| protocol(e.to_string())),
-            StatusCode::UNAUTHORIZED => Err(TransportError::Unauthorized(address.to_owned())),
-            _ => match serde_json::from_slice::<DeliveryError>(&body) {
-                Ok(error) => Err(TransportError::Delivery(error)),
-                Err(_) => Err(protocol(format!(
-                    "status {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ))),
-            },
+        let (pending, answer) = peer::pending(envelope, timeout);
+        self.enqueue(address, pending).await?;
+        match tokio::time::timeout(timeout + GRACE, answer).await {
+            Ok(Ok(answer)) => answer,
+            // Queued, so it may have gone out: the caller cannot know whether it ran.
+            Ok(Err(_)) => Err(TransportError::Lost {
+                address: address.to_owned(),
+                reason: "the delivery was dropped".to_owned(),
+            }),
+            Err(_) => Err(TransportError::Lost {
+                address: address.to_owned(),
+                reason: format!("no answer within {:?}", timeout + GRACE),
+            }),
         }
     }
-}
-
-struct ServerState {
-    runtime: EntityRuntime,
-    secret: String,
-}
-
-/// The runner side: the delivery route, for mounting on the runner's HTTP server.
-pub fn router(runtime: EntityRuntime, secret: String) -> Router {
-    Router::new()
-        .route(DELIVER_PATH, post(deliver))
-        .route(
-            &format!("{ENTITY_PATH}/{{entity_type}}/{{entity_id}}"),
-            get(entity_status),
-        )
-        // One shared state: axum gives every request its own copy.
-        .with_state(Arc::new(ServerState { runtime, secret }))
 }
 
 /// Percent-encodes an entity id for a path segment.
@@ -172,103 +332,5 @@ fn urlencode(id: &str) -> String {
     out
 }
 
-fn authorized(headers: &HeaderMap, secret: &str) -> bool {
-    let given = headers
-        .get(SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    same_secret(given, secret.as_bytes())
-}
-
-fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        Json(serde_json::json!({"error": "missing or wrong cluster secret"})),
-    )
-        .into_response()
-}
-
-async fn entity_status(
-    State(state): State<Arc<ServerState>>,
-    headers: HeaderMap,
-    Path((entity_type, entity_id)): Path<(String, String)>,
-) -> Response {
-    if !authorized(&headers, &state.secret) {
-        return unauthorized();
-    }
-    let (Ok(entity_type), Ok(entity_id)) = (EntityType::new(entity_type), EntityId::new(entity_id))
-    else {
-        return (StatusCode::BAD_REQUEST, Json(EntityStatus::default())).into_response();
-    };
-    let address = EntityAddress {
-        entity_type,
-        entity_id,
-    };
-    Json(state.runtime.entity_status(&address).await).into_response()
-}
-
-fn status_of(error: &DeliveryError) -> StatusCode {
-    match error {
-        DeliveryError::NotOwner(_) | DeliveryError::ShardMoving(_) => StatusCode::CONFLICT,
-        DeliveryError::MailboxFull(_) | DeliveryError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-        DeliveryError::UnknownEntityType(_) => StatusCode::NOT_FOUND,
-        DeliveryError::BadMessage(_) => StatusCode::BAD_REQUEST,
-        DeliveryError::HandlerFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
-        DeliveryError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-    }
-}
-
-/// Compares secrets without an early exit, so timing reveals nothing about the prefix.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-async fn deliver(
-    State(state): State<Arc<ServerState>>,
-    headers: HeaderMap,
-    envelope: Result<Json<Envelope>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if !authorized(&headers, &state.secret) {
-        return unauthorized();
-    }
-    let Json(envelope) = match envelope {
-        Ok(envelope) => envelope,
-        Err(rejection) => {
-            let error = DeliveryError::BadMessage(rejection.body_text());
-            return (status_of(&error), Json(error)).into_response();
-        }
-    };
-    if envelope.version != ENVELOPE_VERSION {
-        let error = DeliveryError::BadMessage(format!(
-            "envelope version {} is not supported (this runner speaks {ENVELOPE_VERSION})",
-            envelope.version
-        ));
-        return (status_of(&error), Json(error)).into_response();
-    }
-    let timeout = headers
-        .get(TIMEOUT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::from_secs(30), Duration::from_millis);
-    let span = tracing::info_span!(
-        "deliver",
-        request_id = envelope.request_id.as_deref().unwrap_or(""),
-        entity = %envelope.address(),
-        tag = %envelope.tag,
-    );
-    let delivery = envelope.into_delivery();
-    let delivered = tracing::Instrument::instrument(state.runtime.deliver(delivery), span);
-    let result = match tokio::time::timeout(timeout, delivered).await {
-        Ok(result) => result,
-        Err(_) => Err(DeliveryError::Timeout),
-    };
-    match result {
-        Ok(reply) => (StatusCode::OK, Json(reply)).into_response(),
-        Err(error) => (status_of(&error), Json(error)).into_response(),
-    }
-}
+#[cfg(test)]
+mod tests;

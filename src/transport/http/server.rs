@@ -1,0 +1,206 @@
+//! The runner side of the HTTP/2 transport: the delivery routes and entity status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Json, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use super::{
+    BatchAnswer, DELIVER_BATCH_PATH, DELIVER_PATH, DeliveryBatch, ENTITY_PATH, NDJSON,
+    SECRET_HEADER, TIMEOUT_HEADER,
+};
+use crate::entity_runtime::{DeliveryError, EntityRuntime, EntityStatus};
+use crate::ids::{EntityAddress, EntityId, EntityType};
+use crate::message_storage::Reply;
+use crate::transport::{ENVELOPE_VERSION, Envelope};
+
+/// The deadline of a delivery that names none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Answers that are ready together go out as one chunk (one DATA frame) of at most this
+/// many lines.
+const MAX_LINES_PER_CHUNK: usize = 256;
+
+struct ServerState {
+    runtime: EntityRuntime,
+    secret: String,
+}
+
+/// The runner side: the delivery routes, for mounting on the runner's HTTP server.
+pub fn router(runtime: EntityRuntime, secret: String) -> Router {
+    Router::new()
+        .route(DELIVER_PATH, post(deliver))
+        .route(DELIVER_BATCH_PATH, post(deliver_batch))
+        .route(
+            &format!("{ENTITY_PATH}/{{entity_type}}/{{entity_id}}"),
+            get(entity_status),
+        )
+        // One shared state: axum gives every request its own copy.
+        .with_state(Arc::new(ServerState { runtime, secret }))
+}
+
+fn authorized(headers: &HeaderMap, secret: &str) -> bool {
+    let given = headers
+        .get(SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    same_secret(given, secret.as_bytes())
+}
+
+/// Compares secrets without an early exit, so timing reveals nothing about the prefix.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({"error": "missing or wrong cluster secret"})),
+    )
+        .into_response()
+}
+
+fn refused(error: DeliveryError) -> Response {
+    (status_of(&error), Json(error)).into_response()
+}
+
+async fn entity_status(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+) -> Response {
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
+    }
+    let (Ok(entity_type), Ok(entity_id)) = (EntityType::new(entity_type), EntityId::new(entity_id))
+    else {
+        return (StatusCode::BAD_REQUEST, Json(EntityStatus::default())).into_response();
+    };
+    let address = EntityAddress {
+        entity_type,
+        entity_id,
+    };
+    Json(state.runtime.entity_status(&address).await).into_response()
+}
+
+fn status_of(error: &DeliveryError) -> StatusCode {
+    match error {
+        DeliveryError::NotOwner(_) | DeliveryError::ShardMoving(_) => StatusCode::CONFLICT,
+        DeliveryError::MailboxFull(_) | DeliveryError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        DeliveryError::UnknownEntityType(_) => StatusCode::NOT_FOUND,
+        DeliveryError::BadMessage(_) => StatusCode::BAD_REQUEST,
+        DeliveryError::HandlerFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DeliveryError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+/// Runs one envelope under its deadline.
+async fn run(
+    runtime: &EntityRuntime,
+    envelope: Envelope,
+    timeout: Duration,
+) -> Result<Reply, DeliveryError> {
+    if envelope.version != ENVELOPE_VERSION {
+        return Err(DeliveryError::BadMessage(format!(
+            "envelope version {} is not supported (this runner speaks {ENVELOPE_VERSION})",
+            envelope.version
+        )));
+    }
+    let span = tracing::info_span!(
+        "deliver",
+        request_id = envelope.request_id.as_deref().unwrap_or(""),
+        entity = %envelope.address(),
+        tag = %envelope.tag,
+    );
+    let delivered =
+        tracing::Instrument::instrument(runtime.deliver(envelope.into_delivery()), span);
+    match tokio::time::timeout(timeout, delivered).await {
+        Ok(result) => result,
+        Err(_) => Err(DeliveryError::Timeout),
+    }
+}
+
+/// `POST /_shoal/v1/deliver`: one envelope, one JSON answer.
+async fn deliver(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    envelope: Result<Json<Envelope>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
+    }
+    let Json(envelope) = match envelope {
+        Ok(envelope) => envelope,
+        Err(rejection) => return refused(DeliveryError::BadMessage(rejection.body_text())),
+    };
+    let timeout = headers
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    match run(&state.runtime, envelope, timeout).await {
+        Ok(reply) => (StatusCode::OK, Json(reply)).into_response(),
+        Err(error) => refused(error),
+    }
+}
+
+/// `POST /_shoal/v1/deliver-batch`: many envelopes; the answers stream back as NDJSON lines
+/// in the order they finish, each naming its envelope's index, so a slow handler holds up
+/// only its own answer.
+async fn deliver_batch(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    batch: Result<Json<DeliveryBatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
+    }
+    let Json(batch) = match batch {
+        Ok(batch) => batch,
+        Err(rejection) => return refused(DeliveryError::BadMessage(rejection.body_text())),
+    };
+    let answers: FuturesUnordered<_> = batch
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let runtime = state.runtime.clone();
+            async move {
+                let timeout = Duration::from_millis(item.timeout_ms);
+                BatchAnswer::new(index, run(&runtime, item.envelope, timeout).await).to_line()
+            }
+        })
+        .collect();
+    // The handlers run as the body is polled: a caller that hangs up drops them, as it
+    // drops a single delivery's handler (persisted messages stay stored and still run).
+    let body = answers
+        .ready_chunks(MAX_LINES_PER_CHUNK)
+        .map(|lines| Ok::<_, Infallible>(lines.concat()));
+    ([(header::CONTENT_TYPE, NDJSON)], Body::from_stream(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+}

@@ -1,0 +1,285 @@
+//! The HTTP/2 transport against a real runtime served on a local port.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::*;
+use crate::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
+use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
+use crate::ids::{EntityId, EntityType, Epoch, RunnerId};
+use crate::message_storage::memory::MemoryMessageStorage;
+use crate::ownership::ShardLifecycle;
+use crate::sharding::Sharding;
+use crate::transport::ENVELOPE_VERSION;
+
+const SECRET: &str = "the-secret";
+const SHARDS: u32 = 4;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SleepyMsg {
+    /// Replies `ms` after sleeping that long.
+    Sleep { ms: u64 },
+}
+
+struct Sleepy;
+
+impl Entity for Sleepy {
+    type Message = SleepyMsg;
+    type Reply = u64;
+    type State = ();
+
+    fn entity_type(&self) -> EntityType {
+        EntityType::new("sleepy").expect("valid")
+    }
+
+    fn is_persisted(&self, _message: &SleepyMsg) -> bool {
+        false
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &EntityContext,
+        _state: &mut (),
+        message: SleepyMsg,
+    ) -> Result<u64, HandlerError> {
+        let SleepyMsg::Sleep { ms } = message;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    }
+}
+
+/// A runtime owning every shard, served at the returned address; `requests` counts the
+/// HTTP requests that reached it. With `batch_route: false` it answers the batch route with
+/// 404, as a runner from before batching does.
+async fn serve(batch_route: bool) -> (String, Arc<AtomicUsize>) {
+    let mut registry = EntityRegistry::new();
+    registry.register(Sleepy).expect("registers");
+    let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
+    let storage = MemoryMessageStorage::new();
+    let (_tx, runner_id) = watch::channel(RunnerId::new(1).ok());
+    let runtime = EntityRuntime::new(
+        registry,
+        Arc::new(storage.clone()),
+        RuntimeConfig {
+            sharding,
+            ..RuntimeConfig::default()
+        },
+        runner_id,
+    );
+    for shard in sharding.all() {
+        storage.set_epoch(shard, Epoch::new(1));
+        runtime.acquired(shard, Epoch::new(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime.shards().len() < SHARDS as usize {
+        assert!(Instant::now() < deadline, "shards did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    let app = router(runtime, SECRET.to_owned()).layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if !batch_route && request.uri().path() == DELIVER_BATCH_PATH {
+                    return StatusCode::NOT_FOUND.into_response();
+                }
+                next.run(request).await
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    tokio::spawn(async move { axum::serve(without_nagle(listener), app).await });
+    (address, requests)
+}
+
+fn sleep_envelope(entity: &str, ms: u64) -> Envelope {
+    Envelope {
+        version: ENVELOPE_VERSION,
+        entity_type: EntityType::new("sleepy").expect("valid"),
+        entity_id: EntityId::new(entity).expect("valid"),
+        tag: "sleep".to_owned(),
+        payload: serde_json::json!({ "ms": ms }),
+        persisted: None,
+        request_id: None,
+    }
+}
+
+fn value(reply: Result<Reply, TransportError>) -> u64 {
+    match reply {
+        Ok(Reply::Ok { value }) => value.as_u64().expect("a number"),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_streams_each_answer_as_it_finishes() {
+    let (address, _) = serve(true).await;
+    let mut unknown = sleep_envelope("c", 0);
+    unknown.entity_type = EntityType::new("nobody").expect("valid");
+    let batch = DeliveryBatch {
+        items: vec![
+            BatchItem {
+                timeout_ms: 10_000,
+                envelope: sleep_envelope("a", 600),
+            },
+            BatchItem {
+                timeout_ms: 10_000,
+                envelope: sleep_envelope("b", 0),
+            },
+            BatchItem {
+                timeout_ms: 10_000,
+                envelope: unknown,
+            },
+        ],
+    };
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let mut response = client
+        .post(format!("http://{address}{DELIVER_BATCH_PATH}"))
+        .header(SECRET_HEADER, SECRET)
+        .json(&batch)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut answers: Vec<(BatchAnswer, Duration)> = Vec::new();
+    let mut buffer = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("reads") {
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let answer = serde_json::from_slice(&line).expect("an answer line");
+            answers.push((answer, started.elapsed()));
+        }
+    }
+    let order: Vec<usize> = answers.iter().map(|(a, _)| a.index).collect();
+    assert_eq!(
+        order.last(),
+        Some(&0),
+        "the slow envelope answers last: {order:?}"
+    );
+    let fast = answers
+        .iter()
+        .find(|(a, _)| a.index == 1)
+        .expect("answered");
+    assert_eq!(fast.0.reply, Some(Reply::Ok { value: 0.into() }));
+    assert!(
+        fast.1 < Duration::from_millis(600),
+        "the fast answer waited for the slow one ({:?})",
+        fast.1
+    );
+    let refused = answers
+        .iter()
+        .find(|(a, _)| a.index == 2)
+        .expect("answered");
+    assert_eq!(
+        refused.0.error,
+        Some(DeliveryError::UnknownEntityType("nobody".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn the_batch_route_refuses_a_wrong_secret() {
+    let (address, _) = serve(true).await;
+    let refused = HttpTransport::new("not-the-secret")
+        .expect("client")
+        .deliver(&address, sleep_envelope("a", 0), Duration::from_secs(5))
+        .await;
+    assert_eq!(refused, Err(TransportError::Unauthorized(address.clone())));
+    let raw = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+        .post(format!("http://{address}{DELIVER_BATCH_PATH}"))
+        .json(&DeliveryBatch { items: Vec::new() })
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(raw.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_to_one_runner_share_requests() {
+    let (address, requests) = serve(true).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let sends = (0..300u64).map(|i| {
+        let transport = transport.clone();
+        let address = address.clone();
+        async move {
+            let reply = transport
+                .deliver(
+                    &address,
+                    sleep_envelope(&format!("e{}", i % 50), i % 3),
+                    Duration::from_secs(10),
+                )
+                .await;
+            (i, reply)
+        }
+    });
+    for (i, reply) in futures::future::join_all(sends).await {
+        assert_eq!(value(reply), i % 3);
+    }
+    let sent = requests.load(Ordering::SeqCst);
+    assert!(
+        sent <= 60,
+        "300 concurrent deliveries took {sent} requests; batching should need far fewer"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_without_the_batch_route_gets_one_request_per_envelope() {
+    let (address, requests) = serve(false).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let sends = (0..20u64).map(|i| {
+        let transport = transport.clone();
+        let address = address.clone();
+        async move {
+            let reply = transport
+                .deliver(
+                    &address,
+                    sleep_envelope(&format!("e{i}"), i),
+                    Duration::from_secs(10),
+                )
+                .await;
+            (i, reply)
+        }
+    });
+    for (i, reply) in futures::future::join_all(sends).await {
+        assert_eq!(value(reply), i);
+    }
+    // Each batch was refused once, then every envelope went on its own.
+    assert!(requests.load(Ordering::SeqCst) > 20);
+}
+
+#[tokio::test]
+async fn an_unreachable_runner_is_reported_as_such() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    drop(listener);
+    let failed = HttpTransport::new(SECRET)
+        .expect("client")
+        .deliver(&address, sleep_envelope("a", 0), Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(failed, Err(TransportError::Unreachable { .. })),
+        "{failed:?}"
+    );
+}
