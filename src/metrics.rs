@@ -31,6 +31,9 @@ pub const MAILBOX_FULL: &str = "shoal_mailbox_full_total";
 /// Entity restarts after a handler panic or retryable error.
 pub const ENTITY_RESTARTS: &str = "shoal_entity_restarts_total";
 
+/// Envelopes per batch delivery request this node sent to a runner.
+pub const TRANSPORT_BATCH_SIZE: &str = "shoal_transport_batch_size";
+
 /// HTTP requests served, by route and status.
 pub const HTTP_REQUESTS: &str = "shoal_http_requests_total";
 /// HTTP request latency, by route.
@@ -98,6 +101,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(CACHE_LOOKUPS, "Cache lookups by result.");
     describe_counter!(CACHE_DECODE_ERRORS, "Cache entries deleted as undecodable.");
     metrics::describe_histogram!(CACHE_DURATION, "Cache operation latency.");
+    metrics::describe_histogram!(
+        TRANSPORT_BATCH_SIZE,
+        "Envelopes per batch delivery request sent to a runner."
+    );
     Ok(handle)
 }
 
@@ -118,6 +125,10 @@ pub(crate) fn http_request(route: &str, status: u16, elapsed: std::time::Duratio
     counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!(HTTP_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn transport_batch(envelopes: usize) {
+    metrics::histogram!(TRANSPORT_BATCH_SIZE).record(envelopes as f64);
 }
 
 pub(crate) fn entities_resident(n: usize) {

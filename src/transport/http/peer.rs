@@ -89,6 +89,7 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
     if items.is_empty() {
         return;
     }
+    crate::metrics::transport_batch(items.len());
     let timeout = items
         .iter()
         .map(|i| Duration::from_millis(i.timeout_ms))
