@@ -37,8 +37,6 @@ pub const DELIVER_PATH: &str = "/_shoal/v1/deliver";
 pub const DELIVER_BATCH_PATH: &str = "/_shoal/v1/deliver-batch";
 /// The entity-status route (followed by `/{type}/{id}`).
 pub const ENTITY_PATH: &str = "/_shoal/v1/entities";
-/// The header that carries the request id across the transport.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The content type of a batch's answers.
 pub const NDJSON: &str = "application/x-ndjson";
 
@@ -50,12 +48,6 @@ const GRACE: Duration = Duration::from_millis(250);
 pub struct DeliveryBatch {
     /// The envelopes, each with its deadline.
     pub items: Vec<BatchItem>,
-}
-
-/// [`DeliveryBatch`] by reference, for sending.
-#[derive(Serialize)]
-struct BatchRef<'a> {
-    items: &'a [BatchItem],
 }
 
 /// One envelope of a batch.
@@ -164,15 +156,22 @@ impl HttpTransport {
             address: address.to_owned(),
             batch_url: url(DELIVER_BATCH_PATH)?,
             single_url: url(DELIVER_PATH)?,
+            singles_until: Mutex::new(None),
         })
     }
 
-    /// Queues `pending` for the peer at `address`, starting its queue if needed.
+    /// Queues `pending` for the peer at `address`, starting its queue if needed. Waits for
+    /// room until `deadline`; a delivery never queued was never sent.
     async fn enqueue(
         &self,
         address: &str,
         mut pending: peer::Pending,
+        deadline: tokio::time::Instant,
     ) -> Result<(), TransportError> {
+        let unreachable = |reason: &str| TransportError::Unreachable {
+            address: address.to_owned(),
+            reason: reason.to_owned(),
+        };
         // Twice at most: a queue found closed (it ended when idle) is replaced once.
         for _ in 0..2 {
             let queue = {
@@ -180,21 +179,20 @@ impl HttpTransport {
                 match peers.get(address) {
                     Some(queue) if !queue.is_closed() => queue.clone(),
                     _ => {
+                        peers.retain(|_, queue| !queue.is_closed());
                         let queue = peer::start(self.link(address)?);
                         peers.insert(address.to_owned(), queue.clone());
                         queue
                     }
                 }
             };
-            match queue.send(pending).await {
-                Ok(()) => return Ok(()),
-                Err(returned) => pending = returned.0,
+            match tokio::time::timeout_at(deadline, queue.send(pending)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(returned)) => pending = returned.0,
+                Err(_) => return Err(unreachable("the queue to this runner stayed full")),
             }
         }
-        Err(TransportError::Unreachable {
-            address: address.to_owned(),
-            reason: "the delivery queue closed".to_owned(),
-        })
+        Err(unreachable("the delivery queue closed"))
     }
 }
 
@@ -228,37 +226,20 @@ fn send_error(address: &str, error: reqwest::Error) -> TransportError {
     }
 }
 
-/// Delivers one envelope with one request (`/deliver`).
-async fn deliver_one(link: &peer::Link, item: BatchItem) -> Result<Reply, TransportError> {
-    let mut request = link.client.post(link.single_url.clone());
-    if let Some(request_id) = &item.envelope.request_id {
-        request = request.header(REQUEST_ID_HEADER, request_id);
-    }
-    let response = request
-        .header(SECRET_HEADER, &*link.secret)
-        .header(TIMEOUT_HEADER, item.timeout_ms.to_string())
-        .timeout(Duration::from_millis(item.timeout_ms) + GRACE)
-        .json(&item.envelope)
-        .send()
-        .await
-        .map_err(|e| send_error(&link.address, e))?;
-    let status = response.status();
-    let body = response.bytes().await.map_err(|e| TransportError::Lost {
-        address: link.address.clone(),
-        reason: e.to_string(),
-    })?;
+/// The answer of the single-delivery route.
+fn single_answer(address: &str, status: StatusCode, body: &[u8]) -> Result<Reply, TransportError> {
     let protocol = |reason: String| TransportError::Protocol {
-        address: link.address.clone(),
+        address: address.to_owned(),
         reason,
     };
     match status {
-        StatusCode::OK => serde_json::from_slice(&body).map_err(|e| protocol(e.to_string())),
-        StatusCode::UNAUTHORIZED => Err(TransportError::Unauthorized(link.address.clone())),
-        _ => match serde_json::from_slice::<DeliveryError>(&body) {
+        StatusCode::OK => serde_json::from_slice(body).map_err(|e| protocol(e.to_string())),
+        StatusCode::UNAUTHORIZED => Err(TransportError::Unauthorized(address.to_owned())),
+        _ => match serde_json::from_slice::<DeliveryError>(body) {
             Ok(error) => Err(TransportError::Delivery(error)),
             Err(_) => Err(protocol(format!(
                 "status {status}: {}",
-                String::from_utf8_lossy(&body)
+                String::from_utf8_lossy(body)
             ))),
         },
     }
@@ -302,9 +283,14 @@ impl Transport for HttpTransport {
         envelope: Envelope,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
-        let (pending, answer) = peer::pending(envelope, timeout);
-        self.enqueue(address, pending).await?;
-        match tokio::time::timeout(timeout + GRACE, answer).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (pending, answer) =
+            peer::Pending::new(&envelope, deadline).map_err(|e| TransportError::Unreachable {
+                address: address.to_owned(),
+                reason: format!("cannot encode the envelope: {e}"),
+            })?;
+        self.enqueue(address, pending, deadline).await?;
+        match tokio::time::timeout_at(deadline + GRACE, answer).await {
             Ok(Ok(answer)) => answer,
             // Queued, so it may have gone out: the caller cannot know whether it ran.
             Ok(Err(_)) => Err(TransportError::Lost {

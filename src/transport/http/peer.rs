@@ -2,39 +2,79 @@
 //! gathered into batches, like group commit gathers writes.
 //!
 //! A batch is sent as soon as one of [`MAX_SENDING`] slots is free, with everything queued
-//! behind it (up to [`MAX_BATCH`]): under light load every envelope goes alone at once, under
-//! load one request carries many. A batch holds its slot until all its answers are in or
-//! [`LINGER`] has passed, whichever comes first, so a slow handler never holds a slot for long.
+//! behind it (up to [`MAX_BATCH`] envelopes and about [`MAX_BATCH_BYTES`]): under light load
+//! every envelope goes alone at once, under load one request carries many. A batch holds its
+//! slot until all its answers are in or [`LINGER`] has passed, whichever comes first, so a
+//! slow handler never holds a slot for long.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{BatchAnswer, BatchItem, BatchRef, GRACE, SECRET_HEADER, deliver_one, send_error};
+use super::{BatchAnswer, GRACE, SECRET_HEADER, TIMEOUT_HEADER, single_answer};
 use crate::entity_runtime::DeliveryError;
 use crate::message_storage::Reply;
 use crate::transport::{Envelope, TransportError};
 
 /// Batch requests to one peer being sent at once.
-pub(super) const MAX_SENDING: usize = 2;
+const MAX_SENDING: usize = 2;
 /// Envelopes in one batch request.
-pub(super) const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 256;
+/// A batch stops growing past this many bytes of envelopes (well under the runner's body
+/// limit); a larger envelope goes alone.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Longest a batch holds its sending slot while answers are outstanding.
-pub(super) const LINGER: Duration = Duration::from_millis(2);
+const LINGER: Duration = Duration::from_millis(2);
 /// Envelopes waiting for a slot, per peer (senders wait beyond that).
 const QUEUE: usize = 1024;
 /// A peer's queue task ends after this long without traffic.
 const IDLE: Duration = Duration::from_secs(60);
+/// How long a peer that lacks the batch route is sent one request per envelope before the
+/// batch route is tried again (it may have been upgraded).
+const SINGLES_FOR: Duration = Duration::from_secs(60);
+/// The longest answer line accepted.
+const MAX_LINE: usize = 64 << 20;
 
-type Answer = Result<Reply, TransportError>;
+pub(super) type Answer = Result<Reply, TransportError>;
 
 /// An envelope waiting to be sent, with where its answer goes.
 pub(super) struct Pending {
-    pub(super) item: BatchItem,
-    pub(super) respond: oneshot::Sender<Answer>,
+    /// The envelope, already encoded (by its caller, so encoding runs in parallel).
+    encoded: Vec<u8>,
+    /// The caller's deadline; the runner gets what is left of it when the batch goes out.
+    deadline: Instant,
+    respond: oneshot::Sender<Answer>,
+}
+
+impl Pending {
+    /// An envelope with its deadline, and where its answer will arrive.
+    pub(super) fn new(
+        envelope: &Envelope,
+        deadline: Instant,
+    ) -> Result<(Self, oneshot::Receiver<Answer>), serde_json::Error> {
+        let encoded = serde_json::to_vec(envelope)?;
+        let (respond, answer) = oneshot::channel();
+        Ok((
+            Self {
+                encoded,
+                deadline,
+                respond,
+            },
+            answer,
+        ))
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("bytes", &self.encoded.len())
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How to reach one peer.
@@ -45,10 +85,34 @@ pub(super) struct Link {
     pub(super) address: String,
     pub(super) batch_url: reqwest::Url,
     pub(super) single_url: reqwest::Url,
+    /// Until when the peer is sent one request per envelope (it answered the batch route
+    /// with 404).
+    pub(super) singles_until: Mutex<Option<Instant>>,
 }
 
-/// Starts the queue task of one peer; it ends when idle for a while or when the sender is
-/// dropped.
+impl Link {
+    fn singles(&self) -> bool {
+        let until = self.singles_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn lost(&self, reason: impl Into<String>) -> TransportError {
+        TransportError::Lost {
+            address: self.address.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn protocol(&self, reason: impl Into<String>) -> TransportError {
+        TransportError::Protocol {
+            address: self.address.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Starts the queue task of one peer. It ends after [`IDLE`] without traffic (closing the
+/// queue first and sending what slipped in) or when every sender is gone.
 pub(super) fn start(link: Link) -> mpsc::Sender<Pending> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(run_queue(Arc::new(link), rx));
@@ -57,98 +121,147 @@ pub(super) fn start(link: Link) -> mpsc::Sender<Pending> {
 
 async fn run_queue(link: Arc<Link>, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(MAX_SENDING));
+    let mut carried: Option<Pending> = None;
+    let mut closing = false;
     loop {
-        let first = match tokio::time::timeout(IDLE, rx.recv()).await {
-            Ok(Some(first)) => first,
-            Ok(None) | Err(_) => return,
+        let first = match carried.take() {
+            Some(first) => first,
+            None if closing => match rx.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+            None => match tokio::time::timeout(IDLE, rx.recv()).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(_) => {
+                    // Senders now find the queue closed and start a new one; what they
+                    // queued before is still sent.
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+            },
         };
         // Waiting for a slot first lets the queue fill while earlier batches are out.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut bytes = first.encoded.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+            let Ok(next) = rx.try_recv() else { break };
+            if bytes + next.encoded.len() > MAX_BATCH_BYTES {
+                carried = Some(next);
+                break;
             }
+            bytes += next.encoded.len();
+            batch.push(next);
         }
         tokio::spawn(send_batch(link.clone(), batch, slot));
     }
 }
 
+/// Encodes a batch body from pre-encoded envelopes:
+/// `{"items":[{"timeout_ms":…,"envelope":…},…]}`.
+fn batch_body(items: &[(u64, &[u8])]) -> Vec<u8> {
+    let size = items.iter().map(|(_, e)| e.len() + 40).sum::<usize>() + 16;
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"items\":[");
+    for (i, (timeout_ms, envelope)) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"timeout_ms\":");
+        body.extend_from_slice(timeout_ms.to_string().as_bytes());
+        body.extend_from_slice(b",\"envelope\":");
+        body.extend_from_slice(envelope);
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
 /// Sends one batch and hands each answer to its caller.
 async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
-    let linger_until = Instant::now() + LINGER;
-    // A caller that gave up needs no delivery.
-    let (items, mut respond): (Vec<BatchItem>, Vec<Option<oneshot::Sender<Answer>>>) = batch
-        .into_iter()
-        .filter(|p| !p.respond.is_closed())
-        .map(|p| (p.item, Some(p.respond)))
-        .unzip();
-    if items.is_empty() {
+    let now = Instant::now();
+    let linger_until = now + LINGER;
+    let mut live = Vec::with_capacity(batch.len());
+    for pending in batch {
+        if pending.respond.is_closed() {
+            continue; // The caller gave up: nothing to deliver.
+        }
+        match pending.deadline.checked_duration_since(now) {
+            Some(left) if !left.is_zero() => live.push((pending, left)),
+            _ => {
+                let _ = pending.respond.send(Err(TransportError::Unreachable {
+                    address: link.address.clone(),
+                    reason: "the deadline passed before a sending slot was free".to_owned(),
+                }));
+            }
+        }
+    }
+    if live.is_empty() {
         return;
     }
-    crate::metrics::transport_batch(items.len());
-    let timeout = items
-        .iter()
-        .map(|i| Duration::from_millis(i.timeout_ms))
-        .max()
-        .unwrap_or_default();
-    let body = match serde_json::to_vec(&BatchRef { items: &items }) {
-        Ok(body) => body,
-        Err(error) => {
-            let reason = format!("cannot encode the batch: {error}");
-            return fail_all(
-                &mut respond,
-                TransportError::Unreachable {
-                    address: link.address.clone(),
-                    reason,
-                },
-            );
-        }
-    };
+    if link.singles() {
+        drop(slot);
+        return deliver_singly(&link, live).await;
+    }
+    crate::metrics::transport_batch(live.len());
+    let millis = |left: Duration| u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    let longest = live.iter().map(|(_, left)| *left).max().unwrap_or_default();
+    let body = batch_body(
+        &live
+            .iter()
+            .map(|(p, left)| (millis(*left), p.encoded.as_slice()))
+            .collect::<Vec<_>>(),
+    );
     let sent = link
         .client
         .post(link.batch_url.clone())
         .header(SECRET_HEADER, &*link.secret)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .timeout(timeout + GRACE)
+        .timeout(longest + GRACE)
         .body(body)
         .send()
         .await;
     let mut response = match sent {
         Ok(response) => response,
         Err(error) => {
-            let error = send_error(&link.address, error);
-            return fail_all(&mut respond, error);
+            let error = super::send_error(&link.address, error);
+            return fail_all(live.into_iter().map(|(p, _)| p.respond), error);
         }
     };
     match response.status() {
         StatusCode::OK => {}
         StatusCode::UNAUTHORIZED => {
             let error = TransportError::Unauthorized(link.address.clone());
-            return fail_all(&mut respond, error);
+            return fail_all(live.into_iter().map(|(p, _)| p.respond), error);
         }
-        // A runner of an older version: one request per envelope, as it understands.
+        // A runner of an older version: nothing ran; one request per envelope, as it
+        // understands, for a while.
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+            *link.singles_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + SINGLES_FOR);
             drop(slot);
-            return deliver_singly(&link, items, respond).await;
+            return deliver_singly(&link, live).await;
         }
         status => {
             let body = response.bytes().await.unwrap_or_default();
             let error = match serde_json::from_slice::<DeliveryError>(&body) {
                 Ok(error) => TransportError::Delivery(error),
-                Err(_) => TransportError::Protocol {
-                    address: link.address.clone(),
-                    reason: format!("status {status}: {}", String::from_utf8_lossy(&body)),
-                },
+                Err(_) => link.protocol(format!(
+                    "status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                )),
             };
-            return fail_all(&mut respond, error);
+            return fail_all(live.into_iter().map(|(p, _)| p.respond), error);
         }
     }
+    let mut respond: Vec<Option<oneshot::Sender<Answer>>> =
+        live.into_iter().map(|(p, _)| Some(p.respond)).collect();
     let mut slot = Some(slot);
-    let mut pending = Vec::new();
+    let mut lines = Lines::default();
     loop {
         let chunk = if slot.is_some() {
             match tokio::time::timeout_at(linger_until, response.chunk()).await {
@@ -161,98 +274,164 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
         } else {
             response.chunk().await
         };
-        match chunk {
-            Ok(Some(bytes)) => {
-                pending.extend_from_slice(&bytes);
-                let complete = pending
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |i| i + 1);
-                for line in pending[..complete].split(|b| *b == b'\n') {
-                    if line.is_empty() {
-                        continue;
-                    }
-                    match serde_json::from_slice::<BatchAnswer>(line) {
-                        Ok(answer) => {
-                            if let Some(respond) =
-                                respond.get_mut(answer.index).and_then(Option::take)
-                            {
-                                let _ = respond.send(answer.into_result());
-                            }
-                        }
-                        Err(error) => {
-                            let error = TransportError::Protocol {
-                                address: link.address.clone(),
-                                reason: format!("undecodable batch answer: {error}"),
-                            };
-                            return fail_all(&mut respond, error);
-                        }
-                    }
-                }
-                pending.drain(..complete);
-                if respond.iter().all(Option::is_none) {
-                    return;
-                }
-            }
+        let chunk = match chunk {
+            Ok(Some(chunk)) => chunk,
             Ok(None) => {
-                let error = TransportError::Protocol {
-                    address: link.address.clone(),
-                    reason: "the batch ended before every envelope was answered".to_owned(),
-                };
-                return fail_all(&mut respond, error);
+                let error = link.protocol("the batch ended before every envelope was answered");
+                return fail_all(respond.into_iter().flatten(), error);
             }
+            // Sent, and the answers broke off: those without one may have run.
             Err(error) => {
-                // Sent, and the answer broke off: those without one may have run.
-                let error = TransportError::Lost {
-                    address: link.address.clone(),
-                    reason: error.to_string(),
-                };
-                return fail_all(&mut respond, error);
+                return fail_all(respond.into_iter().flatten(), link.lost(error.to_string()));
             }
+        };
+        let complete = match lines.push(&chunk) {
+            Ok(complete) => complete,
+            Err(too_long) => {
+                return fail_all(respond.into_iter().flatten(), link.protocol(too_long));
+            }
+        };
+        for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let answer = match serde_json::from_slice::<BatchAnswer>(line) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    let error = link.protocol(format!("undecodable batch answer: {error}"));
+                    return fail_all(respond.into_iter().flatten(), error);
+                }
+            };
+            if let Some(respond) = respond.get_mut(answer.index).and_then(Option::take) {
+                let _ = respond.send(answer.into_result());
+            }
+        }
+        if respond.iter().all(Option::is_none) {
+            return;
         }
     }
 }
 
 /// Fails every caller still waiting.
-fn fail_all(respond: &mut [Option<oneshot::Sender<Answer>>], error: TransportError) {
-    for respond in respond.iter_mut().filter_map(Option::take) {
+fn fail_all(respond: impl IntoIterator<Item = oneshot::Sender<Answer>>, error: TransportError) {
+    for respond in respond {
         let _ = respond.send(Err(error.clone()));
     }
 }
 
-/// Falls back to one request per envelope (a peer without the batch route).
-async fn deliver_singly(
-    link: &Link,
-    items: Vec<BatchItem>,
-    respond: Vec<Option<oneshot::Sender<Answer>>>,
-) {
-    let sends = items
-        .into_iter()
-        .zip(respond)
-        .filter_map(|(item, respond)| Some((item, respond?)))
-        .map(|(item, respond)| async move {
-            let _ = respond.send(deliver_one(link, item).await);
-        });
+/// One request per envelope (a peer without the batch route).
+async fn deliver_singly(link: &Link, live: Vec<(Pending, Duration)>) {
+    let sends = live.into_iter().map(|(pending, left)| async move {
+        let _ = pending
+            .respond
+            .send(deliver_one(link, pending.encoded, left).await);
+    });
     futures::future::join_all(sends).await;
 }
 
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("envelope", &self.item.envelope)
-            .finish_non_exhaustive()
+/// Delivers one encoded envelope with one request (`/deliver`).
+async fn deliver_one(link: &Link, encoded: Vec<u8>, timeout: Duration) -> Answer {
+    let response = link
+        .client
+        .post(link.single_url.clone())
+        .header(SECRET_HEADER, &*link.secret)
+        .header(TIMEOUT_HEADER, timeout.as_millis().to_string())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .timeout(timeout + GRACE)
+        .body(encoded)
+        .send()
+        .await
+        .map_err(|e| super::send_error(&link.address, e))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| link.lost(e.to_string()))?;
+    single_answer(&link.address, status, &body)
+}
+
+/// Splits a byte stream into lines, keeping an unfinished line for the next chunk.
+#[derive(Debug, Default)]
+struct Lines {
+    buffer: Vec<u8>,
+}
+
+impl Lines {
+    /// Adds `chunk`; returns every line it completed, each ending in `\n`, as one buffer.
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>, String> {
+        // Only the new bytes can hold the last newline.
+        let end = chunk.iter().rposition(|b| *b == b'\n');
+        let Some(end) = end else {
+            self.buffer.extend_from_slice(chunk);
+            return if self.buffer.len() > MAX_LINE {
+                Err(format!("an answer line is longer than {MAX_LINE} bytes"))
+            } else {
+                Ok(Vec::new())
+            };
+        };
+        let mut complete = std::mem::take(&mut self.buffer);
+        complete.extend_from_slice(&chunk[..=end]);
+        self.buffer.extend_from_slice(&chunk[end + 1..]);
+        Ok(complete)
     }
 }
 
-/// An envelope with its deadline, ready to queue.
-pub(super) fn pending(
-    envelope: Envelope,
-    timeout: Duration,
-) -> (Pending, oneshot::Receiver<Answer>) {
-    let (respond, answer) = oneshot::channel();
-    let item = BatchItem {
-        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        envelope,
-    };
-    (Pending { item, respond }, answer)
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{Lines, batch_body};
+    use crate::transport::http::DeliveryBatch;
+
+    proptest! {
+        /// However the stream is cut, the same lines come out, in order.
+        #[test]
+        fn lines_survive_any_chunking(
+            lines in proptest::collection::vec("[a-z{}\":0-9]{0,40}", 0..20),
+            cuts in proptest::collection::vec(0usize..2000, 0..30),
+        ) {
+            let stream: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\n").into_bytes()).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut splitter = Lines::default();
+            let mut out = Vec::new();
+            for pair in cuts.windows(2) {
+                let complete = splitter.push(&stream[pair[0]..pair[1]]).expect("short lines");
+                prop_assert!(complete.is_empty() || complete.ends_with(b"\n"));
+                out.extend_from_slice(&complete);
+            }
+            prop_assert_eq!(out, stream);
+        }
+    }
+
+    #[test]
+    fn a_line_without_end_past_the_limit_is_refused() {
+        let mut splitter = Lines::default();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut refused = false;
+        for _ in 0..=(super::MAX_LINE >> 20) {
+            if splitter.push(&chunk).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+    }
+
+    #[test]
+    fn the_hand_built_body_is_a_delivery_batch() {
+        let envelope = serde_json::json!({
+            "version": 1, "entity_type": "counter", "entity_id": "a",
+            "tag": "get", "payload": {}
+        });
+        let encoded = serde_json::to_vec(&envelope).expect("encodes");
+        let body = batch_body(&[(5, &encoded), (7, &encoded)]);
+        let batch: DeliveryBatch = serde_json::from_slice(&body).expect("decodes");
+        assert_eq!(
+            batch.items.iter().map(|i| i.timeout_ms).collect::<Vec<_>>(),
+            vec![5, 7]
+        );
+        assert_eq!(batch.items[1].envelope.entity_id.as_str(), "a");
+        let empty: DeliveryBatch = serde_json::from_slice(&batch_body(&[])).expect("decodes");
+        assert!(empty.items.is_empty());
+    }
 }

@@ -6,16 +6,19 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Json, Path, State};
+use axum::extract::{DefaultBodyLimit, Json, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
 
 use super::{
-    BatchAnswer, DELIVER_BATCH_PATH, DELIVER_PATH, DeliveryBatch, ENTITY_PATH, NDJSON,
-    SECRET_HEADER, TIMEOUT_HEADER,
+    BatchAnswer, BatchItem, DELIVER_BATCH_PATH, DELIVER_PATH, ENTITY_PATH, NDJSON, SECRET_HEADER,
+    TIMEOUT_HEADER,
 };
 use crate::entity_runtime::{DeliveryError, EntityRuntime, EntityStatus};
 use crate::ids::{EntityAddress, EntityId, EntityType};
@@ -29,22 +32,43 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// many lines.
 const MAX_LINES_PER_CHUNK: usize = 256;
 
+/// Envelopes of batches running at once on this runner; more wait (within their deadline).
+/// One HTTP/2 connection's stream limit used to bound this; a batch carries up to 256.
+const MAX_RUNNING: usize = 8192;
+
+/// Largest batch body accepted (senders stop adding envelopes at 1 MiB).
+const MAX_BATCH_BODY: usize = 8 << 20;
+
 struct ServerState {
     runtime: EntityRuntime,
     secret: String,
+    running: Semaphore,
+}
+
+/// A batch as received: each envelope is decoded on its own, so a bad one fails alone.
+#[derive(Deserialize)]
+struct RawBatch {
+    items: Vec<Box<RawValue>>,
 }
 
 /// The runner side: the delivery routes, for mounting on the runner's HTTP server.
 pub fn router(runtime: EntityRuntime, secret: String) -> Router {
     Router::new()
         .route(DELIVER_PATH, post(deliver))
-        .route(DELIVER_BATCH_PATH, post(deliver_batch))
+        .route(
+            DELIVER_BATCH_PATH,
+            post(deliver_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)),
+        )
         .route(
             &format!("{ENTITY_PATH}/{{entity_type}}/{{entity_id}}"),
             get(entity_status),
         )
         // One shared state: axum gives every request its own copy.
-        .with_state(Arc::new(ServerState { runtime, secret }))
+        .with_state(Arc::new(ServerState {
+            runtime,
+            secret,
+            running: Semaphore::new(MAX_RUNNING),
+        }))
 }
 
 fn authorized(headers: &HeaderMap, secret: &str) -> bool {
@@ -107,12 +131,8 @@ fn status_of(error: &DeliveryError) -> StatusCode {
     }
 }
 
-/// Runs one envelope under its deadline.
-async fn run(
-    runtime: &EntityRuntime,
-    envelope: Envelope,
-    timeout: Duration,
-) -> Result<Reply, DeliveryError> {
+/// Runs one envelope.
+async fn run(runtime: &EntityRuntime, envelope: Envelope) -> Result<Reply, DeliveryError> {
     if envelope.version != ENVELOPE_VERSION {
         return Err(DeliveryError::BadMessage(format!(
             "envelope version {} is not supported (this runner speaks {ENVELOPE_VERSION})",
@@ -125,12 +145,17 @@ async fn run(
         entity = %envelope.address(),
         tag = %envelope.tag,
     );
-    let delivered =
-        tracing::Instrument::instrument(runtime.deliver(envelope.into_delivery()), span);
-    match tokio::time::timeout(timeout, delivered).await {
-        Ok(result) => result,
-        Err(_) => Err(DeliveryError::Timeout),
-    }
+    tracing::Instrument::instrument(runtime.deliver(envelope.into_delivery()), span).await
+}
+
+/// `work` under `timeout`.
+async fn within(
+    timeout: Duration,
+    work: impl Future<Output = Result<Reply, DeliveryError>>,
+) -> Result<Reply, DeliveryError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(DeliveryError::Timeout))
 }
 
 /// `POST /_shoal/v1/deliver`: one envelope, one JSON answer.
@@ -151,7 +176,7 @@ async fn deliver(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
-    match run(&state.runtime, envelope, timeout).await {
+    match within(timeout, run(&state.runtime, envelope)).await {
         Ok(reply) => (StatusCode::OK, Json(reply)).into_response(),
         Err(error) => refused(error),
     }
@@ -163,7 +188,7 @@ async fn deliver(
 async fn deliver_batch(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
-    batch: Result<Json<DeliveryBatch>, axum::extract::rejection::JsonRejection>,
+    batch: Result<Json<RawBatch>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if !authorized(&headers, &state.secret) {
         return unauthorized();
@@ -176,11 +201,22 @@ async fn deliver_batch(
         .items
         .into_iter()
         .enumerate()
-        .map(|(index, item)| {
-            let runtime = state.runtime.clone();
+        .map(|(index, raw)| {
+            let state = state.clone();
             async move {
-                let timeout = Duration::from_millis(item.timeout_ms);
-                BatchAnswer::new(index, run(&runtime, item.envelope, timeout).await).to_line()
+                let result = match serde_json::from_str::<BatchItem>(raw.get()) {
+                    Ok(item) => {
+                        within(Duration::from_millis(item.timeout_ms), async {
+                            let _running = state.running.acquire().await;
+                            run(&state.runtime, item.envelope).await
+                        })
+                        .await
+                    }
+                    Err(error) => Err(DeliveryError::BadMessage(format!(
+                        "envelope {index} of the batch: {error}"
+                    ))),
+                };
+                BatchAnswer::new(index, result).to_line()
             }
         })
         .collect();

@@ -58,10 +58,34 @@ impl Entity for Sleepy {
     }
 }
 
-/// A runtime owning every shard, served at the returned address; `requests` counts the
-/// HTTP requests that reached it. With `batch_route: false` it answers the batch route with
-/// 404, as a runner from before batching does.
-async fn serve(batch_route: bool) -> (String, Arc<AtomicUsize>) {
+/// HTTP requests that reached a test runner, by path.
+#[derive(Debug, Default)]
+struct Requests {
+    batch: AtomicUsize,
+    single: AtomicUsize,
+}
+
+impl Requests {
+    fn count(&self, path: &str) {
+        match path {
+            DELIVER_BATCH_PATH => self.batch.fetch_add(1, Ordering::SeqCst),
+            DELIVER_PATH => self.single.fetch_add(1, Ordering::SeqCst),
+            _ => 0,
+        };
+    }
+
+    fn batches(&self) -> usize {
+        self.batch.load(Ordering::SeqCst)
+    }
+
+    fn singles(&self) -> usize {
+        self.single.load(Ordering::SeqCst)
+    }
+}
+
+/// A runtime owning every shard, served at the returned address. With `batch_route: false`
+/// it answers the batch route with 404, as a runner from before batching does.
+async fn serve(batch_route: bool) -> (String, Arc<Requests>) {
     let mut registry = EntityRegistry::new();
     registry.register(Sleepy).expect("registers");
     let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
@@ -85,13 +109,13 @@ async fn serve(batch_route: bool) -> (String, Arc<AtomicUsize>) {
         assert!(Instant::now() < deadline, "shards did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let requests = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(Requests::default());
     let counted = requests.clone();
     let app = router(runtime, SECRET.to_owned()).layer(axum::middleware::from_fn(
         move |request: Request, next: Next| {
             let counted = counted.clone();
             async move {
-                counted.fetch_add(1, Ordering::SeqCst);
+                counted.count(request.uri().path());
                 if !batch_route && request.uri().path() == DELIVER_BATCH_PATH {
                     return StatusCode::NOT_FOUND.into_response();
                 }
@@ -237,7 +261,8 @@ async fn concurrent_deliveries_to_one_runner_share_requests() {
     for (i, reply) in futures::future::join_all(sends).await {
         assert_eq!(value(reply), i % 3);
     }
-    let sent = requests.load(Ordering::SeqCst);
+    assert_eq!(requests.singles(), 0);
+    let sent = requests.batches();
     assert!(
         sent <= 60,
         "300 concurrent deliveries took {sent} requests; batching should need far fewer"
@@ -265,8 +290,126 @@ async fn a_runner_without_the_batch_route_gets_one_request_per_envelope() {
     for (i, reply) in futures::future::join_all(sends).await {
         assert_eq!(value(reply), i);
     }
-    // Each batch was refused once, then every envelope went on its own.
-    assert!(requests.load(Ordering::SeqCst) > 20);
+    // The first batches were refused (nothing ran), then every envelope went on its own,
+    // once; later deliveries go singly at once.
+    assert_eq!(requests.singles(), 20);
+    let refused = requests.batches();
+    assert!((1..=2).contains(&refused), "{refused} batches were tried");
+    let again = transport
+        .deliver(&address, sleep_envelope("late", 1), Duration::from_secs(10))
+        .await;
+    assert_eq!(value(again), 1);
+    assert_eq!(requests.batches(), refused);
+    assert_eq!(requests.singles(), 21);
+}
+
+#[tokio::test]
+async fn slow_handlers_do_not_hold_up_other_deliveries() {
+    let (address, _) = serve(true).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let slow = |entity: &'static str| {
+        let transport = transport.clone();
+        let address = address.clone();
+        tokio::spawn(async move {
+            transport
+                .deliver(
+                    &address,
+                    sleep_envelope(entity, 3_000),
+                    Duration::from_secs(10),
+                )
+                .await
+        })
+    };
+    // Each takes one of the two sending slots, and would keep it for 3 s.
+    let first = slow("slow-1");
+    let second = slow("slow-2");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast = transport
+        .deliver(&address, sleep_envelope("fast", 0), Duration::from_secs(10))
+        .await;
+    assert_eq!(value(fast), 0);
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "the fast delivery waited for the slow ones"
+    );
+    assert_eq!(value(first.await.expect("joins")), 3_000);
+    assert_eq!(value(second.await.expect("joins")), 3_000);
+}
+
+#[tokio::test]
+async fn a_bad_envelope_fails_alone() {
+    let (address, _) = serve(true).await;
+    let good = serde_json::to_value(BatchItem {
+        timeout_ms: 5_000,
+        envelope: sleep_envelope("a", 0),
+    })
+    .expect("encodes");
+    let body =
+        serde_json::json!({ "items": [good, { "timeout_ms": 5000, "envelope": { "tag": 7 } }] });
+    let response = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+        .post(format!("http://{address}{DELIVER_BATCH_PATH}"))
+        .header(SECRET_HEADER, SECRET)
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("reads");
+    let mut answers: Vec<BatchAnswer> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an answer line"))
+        .collect();
+    answers.sort_by_key(|a| a.index);
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[0].reply, Some(Reply::Ok { value: 0.into() }));
+    assert!(
+        matches!(&answers[1].error, Some(DeliveryError::BadMessage(m)) if m.contains("envelope 1")),
+        "{:?}",
+        answers[1]
+    );
+}
+
+/// Forwards one TCP connection to `upstream` until the returned handle is aborted, which
+/// drops both sockets.
+async fn proxy(upstream: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    let task = tokio::spawn(async move {
+        let (mut inbound, _) = listener.accept().await.expect("accepts");
+        let mut outbound = tokio::net::TcpStream::connect(upstream)
+            .await
+            .expect("connects");
+        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    });
+    (address, task)
+}
+
+#[tokio::test]
+async fn a_connection_lost_mid_batch_is_reported_lost() {
+    let (address, _) = serve(true).await;
+    let (via, proxy) = proxy(address).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let pending = {
+        let transport = transport.clone();
+        let via = via.clone();
+        tokio::spawn(async move {
+            transport
+                .deliver(&via, sleep_envelope("a", 2_000), Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.abort();
+    let lost = pending.await.expect("joins");
+    assert!(
+        matches!(lost, Err(TransportError::Lost { .. })),
+        "it was sent, so it may have run: {lost:?}"
+    );
 }
 
 #[tokio::test]
