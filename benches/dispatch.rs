@@ -4,17 +4,13 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
 use shoal::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
 use shoal::entity_runtime::{Delivery, EntityRuntime, RuntimeConfig};
-use shoal::ids::{EntityAddress, EntityId, EntityType, Epoch, RunnerId};
-use shoal::message_storage::memory::MemoryMessageStorage;
-use shoal::ownership::ShardLifecycle;
+use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::sharding::Sharding;
-use tokio::sync::watch;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,25 +51,11 @@ fn bench_dispatch(c: &mut Criterion) {
     let runtime = rt.block_on(async {
         let mut registry = EntityRegistry::new();
         registry.register(Pong).expect("registers");
-        let storage = MemoryMessageStorage::new();
-        let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
-        let runtime = EntityRuntime::new(
-            registry,
-            Arc::new(storage.clone()),
-            RuntimeConfig {
-                sharding,
-                ..RuntimeConfig::default()
-            },
-            rx,
-        );
-        for shard in sharding.all() {
-            storage.set_epoch(shard, Epoch::new(1));
-            runtime.acquired(shard, Epoch::new(1));
-        }
-        while runtime.shards().len() < 64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        runtime
+        let config = RuntimeConfig {
+            sharding,
+            ..RuntimeConfig::default()
+        };
+        EntityRuntime::standalone(registry, config).await.0
     });
     let addresses: Arc<Vec<EntityAddress>> = Arc::new(
         (0..ENTITIES)

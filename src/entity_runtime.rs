@@ -205,6 +205,27 @@ impl EntityRuntime {
         }
     }
 
+    /// A runtime on in-memory storage that owns every shard under epoch 1: one process, no
+    /// Postgres, no ownership loop (unit tests, benches). Returns once every shard runs, with
+    /// the storage it uses.
+    pub async fn standalone(
+        registry: EntityRegistry,
+        config: RuntimeConfig,
+    ) -> (Self, crate::message_storage::memory::MemoryMessageStorage) {
+        let storage = crate::message_storage::memory::MemoryMessageStorage::new();
+        let sharding = config.sharding;
+        let (_, runner_id) = watch::channel(RunnerId::new(1).ok());
+        let runtime = Self::new(registry, Arc::new(storage.clone()), config, runner_id);
+        for shard in sharding.all() {
+            storage.set_epoch(shard, Epoch::new(1));
+            runtime.acquired(shard, Epoch::new(1));
+        }
+        while runtime.shards().len() < sharding.all().count() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (runtime, storage)
+    }
+
     fn shards_lock(&self) -> MutexGuard<'_, HashMap<ShardId, ActorRef<ShardMsg>>> {
         self.shards.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -9,20 +9,16 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::*;
 use crate::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
 use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
-use crate::ids::{EntityId, EntityType, Epoch, RunnerId};
-use crate::message_storage::memory::MemoryMessageStorage;
-use crate::ownership::ShardLifecycle;
+use crate::ids::{EntityId, EntityType};
 use crate::sharding::Sharding;
 use crate::transport::ENVELOPE_VERSION;
 
 const SECRET: &str = "the-secret";
-const SHARDS: u32 = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,27 +84,11 @@ impl Requests {
 async fn serve(batch_route: bool) -> (String, Arc<Requests>) {
     let mut registry = EntityRegistry::new();
     registry.register(Sleepy).expect("registers");
-    let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
-    let storage = MemoryMessageStorage::new();
-    let (_tx, runner_id) = watch::channel(RunnerId::new(1).ok());
-    let runtime = EntityRuntime::new(
-        registry,
-        Arc::new(storage.clone()),
-        RuntimeConfig {
-            sharding,
-            ..RuntimeConfig::default()
-        },
-        runner_id,
-    );
-    for shard in sharding.all() {
-        storage.set_epoch(shard, Epoch::new(1));
-        runtime.acquired(shard, Epoch::new(1));
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while runtime.shards().len() < SHARDS as usize {
-        assert!(Instant::now() < deadline, "shards did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let config = RuntimeConfig {
+        sharding: Sharding::new(NonZeroU32::new(4).expect("non-zero")),
+        ..RuntimeConfig::default()
+    };
+    let (runtime, _) = EntityRuntime::standalone(registry, config).await;
     let requests = Arc::new(Requests::default());
     let counted = requests.clone();
     let app = router(runtime, SECRET.to_owned()).layer(axum::middleware::from_fn(
@@ -240,25 +220,37 @@ async fn the_batch_route_refuses_a_wrong_secret() {
     assert_eq!(raw.status(), StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn concurrent_deliveries_to_one_runner_share_requests() {
-    let (address, requests) = serve(true).await;
-    let transport = HttpTransport::new(SECRET).expect("client");
-    let sends = (0..300u64).map(|i| {
-        let transport = transport.clone();
-        let address = address.clone();
+/// Delivers `n` envelopes at once (`i` → entity, sleep); returns each `i` with its reply.
+async fn deliver_all(
+    transport: &HttpTransport,
+    address: &str,
+    n: u64,
+    envelope: impl Fn(u64) -> (String, u64),
+) -> Vec<(u64, Result<Reply, TransportError>)> {
+    let sends = (0..n).map(|i| {
+        let (entity, ms) = envelope(i);
         async move {
             let reply = transport
                 .deliver(
-                    &address,
-                    sleep_envelope(&format!("e{}", i % 50), i % 3),
+                    address,
+                    sleep_envelope(&entity, ms),
                     Duration::from_secs(10),
                 )
                 .await;
             (i, reply)
         }
     });
-    for (i, reply) in futures::future::join_all(sends).await {
+    futures::future::join_all(sends).await
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_to_one_runner_share_requests() {
+    let (address, requests) = serve(true).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let replies = deliver_all(&transport, &address, 300, |i| {
+        (format!("e{}", i % 50), i % 3)
+    });
+    for (i, reply) in replies.await {
         assert_eq!(value(reply), i % 3);
     }
     assert_eq!(requests.singles(), 0);
@@ -273,21 +265,7 @@ async fn concurrent_deliveries_to_one_runner_share_requests() {
 async fn a_runner_without_the_batch_route_gets_one_request_per_envelope() {
     let (address, requests) = serve(false).await;
     let transport = HttpTransport::new(SECRET).expect("client");
-    let sends = (0..20u64).map(|i| {
-        let transport = transport.clone();
-        let address = address.clone();
-        async move {
-            let reply = transport
-                .deliver(
-                    &address,
-                    sleep_envelope(&format!("e{i}"), i),
-                    Duration::from_secs(10),
-                )
-                .await;
-            (i, reply)
-        }
-    });
-    for (i, reply) in futures::future::join_all(sends).await {
+    for (i, reply) in deliver_all(&transport, &address, 20, |i| (format!("e{i}"), i)).await {
         assert_eq!(value(reply), i);
     }
     // The first batches were refused (nothing ran), then every envelope went on its own,
