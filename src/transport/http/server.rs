@@ -158,18 +158,28 @@ async fn within(
         .unwrap_or(Err(DeliveryError::Timeout))
 }
 
+/// A delivery body from a peer that presented the cluster secret, or the refusal to send.
+fn admit<T>(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Box<Response>> {
+    if !authorized(headers, &state.secret) {
+        return Err(Box::new(unauthorized()));
+    }
+    body.map(|Json(body)| body)
+        .map_err(|rejection| Box::new(refused(DeliveryError::BadMessage(rejection.body_text()))))
+}
+
 /// `POST /_shoal/v1/deliver`: one envelope, one JSON answer.
 async fn deliver(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
     envelope: Result<Json<Envelope>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !authorized(&headers, &state.secret) {
-        return unauthorized();
-    }
-    let Json(envelope) = match envelope {
+    let envelope = match admit(&state, &headers, envelope) {
         Ok(envelope) => envelope,
-        Err(rejection) => return refused(DeliveryError::BadMessage(rejection.body_text())),
+        Err(response) => return *response,
     };
     let timeout = headers
         .get(TIMEOUT_HEADER)
@@ -190,12 +200,9 @@ async fn deliver_batch(
     headers: HeaderMap,
     batch: Result<Json<RawBatch>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !authorized(&headers, &state.secret) {
-        return unauthorized();
-    }
-    let Json(batch) = match batch {
+    let batch = match admit(&state, &headers, batch) {
         Ok(batch) => batch,
-        Err(rejection) => return refused(DeliveryError::BadMessage(rejection.body_text())),
+        Err(response) => return *response,
     };
     let answers: FuturesUnordered<_> = batch
         .items
