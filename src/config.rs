@@ -270,6 +270,16 @@ pub struct RunnerConfig {
     /// Default `5s`.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// A live runner whose lock session shows no progress for this long (frozen, wedged,
+    /// paused) has its sessions ended by the others, which take its shards over. Must be
+    /// above `lock-deadline` + `lock-check-interval` (a runner that cannot confirm for
+    /// `lock-deadline` fences itself first). Default `3s`.
+    #[serde(with = "humantime_serde")]
+    pub hang_timeout: Duration,
+    /// Most peers this runner watches on Postgres connections of its own (one each), so
+    /// that their end wakes it at once; peers beyond it are seen at the next poll.
+    /// Default 16.
+    pub watch_peers: usize,
     /// Time graceful shutdown may take before the process exits anyway. Default `15s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -299,6 +309,8 @@ impl Default for RunnerConfig {
             lock_check_interval: Duration::from_millis(250),
             lock_deadline: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(5),
+            hang_timeout: Duration::from_secs(3),
+            watch_peers: 16,
             shutdown_timeout: Duration::from_secs(15),
             keepalive_idle: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(1),
@@ -519,6 +531,17 @@ impl RunnerConfig {
                 problem: format!(
                     "({:?}) must be below runner.lock-deadline ({:?})",
                     self.lock_check_interval, self.lock_deadline
+                ),
+            });
+        }
+        if self.hang_timeout < self.lock_deadline + self.lock_check_interval {
+            return Err(ConfigError::Invalid {
+                key: "runner.hang-timeout",
+                problem: format!(
+                    "({:?}) must be at least runner.lock-deadline + runner.lock-check-interval \
+                     ({:?}): a runner that cannot confirm its locks fences itself first",
+                    self.hang_timeout,
+                    self.lock_deadline + self.lock_check_interval
                 ),
             });
         }

@@ -19,6 +19,13 @@ pub const LOCK_LOSSES: &str = "shoal_lock_losses_total";
 pub const SHARD_RELEASES: &str = "shoal_shard_releases_total";
 /// Times this runner fenced itself.
 pub const FENCING_EVENTS: &str = "shoal_fencing_events_total";
+/// Hung peers (live session, no progress for `runner.hang-timeout`) whose sessions this
+/// runner ended.
+pub const HUNG_RUNNERS_ENDED: &str = "shoal_hung_runners_ended_total";
+/// Peers whose end a watcher saw the moment their liveness lock was freed.
+pub const PEERS_GONE: &str = "shoal_peers_gone_total";
+/// Longest time, in seconds, a live peer showed no progress at this runner's last poll.
+pub const PEER_PROGRESS_GAP: &str = "shoal_peer_progress_gap_seconds";
 
 /// Entities resident on this runner.
 pub const ENTITIES_RESIDENT: &str = "shoal_entities_resident";
@@ -81,6 +88,15 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(LOCK_LOSSES, "Shard locks lost without a release (fencing).");
     describe_counter!(SHARD_RELEASES, "Shard locks released after draining.");
     describe_counter!(FENCING_EVENTS, "Times this runner fenced itself.");
+    describe_counter!(
+        HUNG_RUNNERS_ENDED,
+        "Hung peers whose sessions this runner ended."
+    );
+    describe_counter!(PEERS_GONE, "Peers a watcher saw end.");
+    describe_gauge!(
+        PEER_PROGRESS_GAP,
+        "Longest time a live peer showed no progress (seconds), at the last poll."
+    );
     describe_gauge!(ENTITIES_RESIDENT, "Entities resident on this runner.");
     describe_counter!(MESSAGES_PROCESSED, "Persisted messages completed.");
     describe_counter!(
@@ -173,6 +189,18 @@ pub(crate) fn shard_releases(n: usize) {
 
 pub(crate) fn fencing_event() {
     counter!(FENCING_EVENTS).increment(1);
+}
+
+pub(crate) fn hung_runner_ended() {
+    counter!(HUNG_RUNNERS_ENDED).increment(1);
+}
+
+pub(crate) fn peer_gone() {
+    counter!(PEERS_GONE).increment(1);
+}
+
+pub(crate) fn peer_progress_gap(gap: std::time::Duration) {
+    gauge!(PEER_PROGRESS_GAP).set(gap.as_secs_f64());
 }
 
 pub(crate) fn redis_command(

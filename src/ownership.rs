@@ -13,7 +13,11 @@
 //!   session, before the server (whose dead-peer detection is configured well above the
 //!   deadline) could free the locks and hand the shards to anyone else. It then rejoins as a
 //!   new runner incarnation.
-//! - A shard's lock is released only after its work has drained (or `drain_timeout`).
+//! - A shard's lock is released only after its work has drained (or `drain_timeout`), and
+//!   the locks stay confirmed while shards drain, during shutdown too.
+//! - A peer whose session is alive but which makes no progress for `hang_timeout` (frozen,
+//!   wedged, paused) has its sessions ended by the survivors ([`progress`]), which frees
+//!   its locks as a kill would. A peer's end wakes this runner at once ([`peers`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,12 +33,17 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+mod peers;
+mod progress;
+
 use crate::ids::{Epoch, RunnerId, ShardId};
 use crate::metrics as m;
 use crate::runner_storage::{
     LockSession, RunnerInfo, RunnerRegistration, RunnerStorage, StorageError,
 };
 use crate::sharding::{Sharding, assign};
+use peers::PeerWatchers;
+use progress::ProgressTracker;
 
 /// What the layer above (the entity runtime) is told about shards.
 pub trait ShardLifecycle: Send + Sync + 'static {
@@ -72,6 +81,10 @@ pub struct OwnershipConfig {
     pub lock_deadline: Duration,
     /// Longest wait for a shard's work to drain before its lock is released.
     pub drain_timeout: Duration,
+    /// A live peer without progress for this long is taken over.
+    pub hang_timeout: Duration,
+    /// Most peers watched on connections of their own for an instant takeover.
+    pub watch_peers: usize,
     /// What the runner registers as.
     pub registration: RunnerRegistration,
 }
@@ -171,7 +184,13 @@ struct Incarnation {
     /// Start of the last session call that succeeded.
     confirmed_at: Instant,
     polls: u64,
+    watchers: PeerWatchers,
+    progress: ProgressTracker,
 }
+
+/// After a watcher saw a peer go, the next poll comes this soon: a lock the peer's ending
+/// session had not freed yet when the first rebalance ran is taken without a full poll.
+const FOLLOW_UP_POLL: Duration = Duration::from_millis(20);
 
 /// The session could not be confirmed in time: fence.
 struct Lost(&'static str);
@@ -238,6 +257,8 @@ impl OwnershipLoop {
             drains: JoinSet::new(),
             confirmed_at: Instant::now(),
             polls: 0,
+            watchers: PeerWatchers::new(self.storage.clone(), self.config.watch_peers),
+            progress: ProgressTracker::new(self.config.hang_timeout),
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -255,6 +276,12 @@ impl OwnershipLoop {
                         shards.extend(more.ok());
                     }
                     self.release(&mut inc, shards).await
+                }
+                peer = inc.watchers.next_gone() => {
+                    tracing::info!(%peer, "a peer's session ended; rebalancing now");
+                    m::peer_gone();
+                    poll.reset_after(FOLLOW_UP_POLL);
+                    self.rebalance(&mut inc).await
                 }
                 _ = poll.tick() => self.rebalance(&mut inc).await,
             };
@@ -326,6 +353,8 @@ impl OwnershipLoop {
             // Our liveness lock is not visible: the confirmation decides what that means.
             return Ok(());
         }
+        inc.watchers.sync(me, &ids);
+        self.end_hung_peers(inc, me, budget).await;
         let assignment = assign(self.config.sharding, &ids);
         let desired: BTreeSet<ShardId> = assignment.shards_of(me).collect();
 
@@ -361,6 +390,42 @@ impl OwnershipLoop {
             self.prune_dead_registrations().await;
         }
         Ok(())
+    }
+
+    /// Ends the sessions of live peers that made no progress for `hang_timeout`. Only a
+    /// runner that is itself confirmed judges others.
+    async fn end_hung_peers(&self, inc: &mut Incarnation, me: RunnerId, budget: Duration) {
+        if inc.confirmed_at.elapsed() > self.config.lock_deadline / 2 {
+            return;
+        }
+        let readings = match tokio::time::timeout(budget, self.storage.progress()).await {
+            Ok(Ok(readings)) => readings,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not read peers' progress");
+                return;
+            }
+            Err(_) => return,
+        };
+        let (hung, longest) = inc.progress.observe(Instant::now(), me, &readings);
+        m::peer_progress_gap(longest);
+        for peer in hung {
+            let id = peer.progress.id;
+            match tokio::time::timeout(budget, self.storage.end_hung(id, peer.progress.mark)).await
+            {
+                Ok(Ok(true)) => {
+                    tracing::warn!(
+                        peer = %id,
+                        stalled_ms = peer.stalled_for.as_millis() as u64,
+                        "a live peer made no progress for runner.hang-timeout; ended its \
+                         sessions to take its shards over"
+                    );
+                    m::hung_runner_ended();
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::warn!(peer = %id, %error, "could not end a hung peer"),
+                Err(_) => tracing::warn!(peer = %id, "ending a hung peer timed out"),
+            }
+        }
     }
 
     fn start_drain(&self, inc: &mut Incarnation, shard: ShardId) {
@@ -439,13 +504,25 @@ impl OwnershipLoop {
         for shard in remaining {
             self.start_drain(&mut inc, shard);
         }
-        while let Some(drained) = inc.drains.join_next().await {
-            let Ok(shard) = drained else { continue };
-            // Shard by shard, so each becomes available to the others as soon as it drains.
-            if let Err(Lost(why)) = self.release(&mut inc, vec![shard]).await {
+        // Locks stay confirmed while handlers drain: a drain longer than the lock deadline
+        // must not turn into a fence that frees every lock under running handlers.
+        let mut check = tokio::time::interval(self.config.lock_check_interval);
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = check.tick() => self.confirm(&mut inc).await,
+                drained = inc.drains.join_next() => match drained {
+                    // Shard by shard, so each is free for the others as soon as it drains.
+                    Some(Ok(shard)) => self.release(&mut inc, vec![shard]).await,
+                    Some(Err(_)) => Ok(()),
+                    None => break,
+                },
+            };
+            if let Err(Lost(why)) = step {
                 tracing::warn!(
                     reason = why,
-                    "releasing failed; the session's end frees the rest"
+                    "locks lost while shutting down; the session's end frees the rest"
                 );
                 self.fence(inc, why);
                 return SessionEnd::Shutdown;

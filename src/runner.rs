@@ -19,7 +19,9 @@ use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
 use crate::ids::RunnerId;
 use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use crate::ownership::{OwnershipConfig, OwnershipHandle, spawn_ownership};
-use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
+use crate::runner_storage::postgres::{
+    LockSessionSettings, PgRunnerStorage, ProcessTag, connect_pool_named,
+};
 use crate::runner_storage::{RunnerRegistration, RunnerStorage, StorageError};
 use crate::singleton::{Lifecycles, Singleton, Singletons};
 use crate::transport::http::HttpTransport;
@@ -67,10 +69,15 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     let config = &params.config;
     let schedules = check_cron_targets(config, &params.registry)?;
     let db = &config.database;
-    let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
+    // Every session of this process carries its tag, so peers that find it hung can end
+    // them all (see `runner_storage::RunnerStorage::end_hung`).
+    let tag = ProcessTag::random();
+    let app = tag.pool_application_name();
+    let pool =
+        connect_pool_named(&db.url, db.pool_max_connections, db.connect_timeout, &app).await?;
     // Liveness reads get their own small pool, so a burst of message work can never delay
     // the ownership loop's view of who is alive.
-    let control_pool = connect_pool(&db.url, 2, db.connect_timeout).await?;
+    let control_pool = connect_pool_named(&db.url, 2, db.connect_timeout, &app).await?;
     let storage = PgRunnerStorage::new(
         control_pool.clone(),
         &db.url,
@@ -80,7 +87,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             keepalive_interval: config.runner.keepalive_interval,
             keepalive_count: config.runner.keepalive_count,
         },
-    )?;
+    )?
+    .with_process_tag(tag);
     storage
         .ensure_cluster(config.cluster.shards_per_group.get())
         .await?;
@@ -172,6 +180,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             lock_check_interval: config.runner.lock_check_interval,
             lock_deadline: config.runner.lock_deadline,
             drain_timeout: config.runner.drain_timeout,
+            hang_timeout: config.runner.hang_timeout,
+            watch_peers: config.runner.watch_peers,
             registration: RunnerRegistration {
                 address: address.clone(),
                 version: crate::VERSION.to_owned(),

@@ -94,6 +94,22 @@ pub struct RunnerStatus {
     pub started_at: DateTime<Utc>,
 }
 
+/// A sign of a runner's progress: it changes whenever the runner's lock session runs a
+/// statement (in Postgres, the session's `state_change` in `pg_stat_activity`). Only
+/// equality means anything: a mark that stays the same while time passes is a runner that
+/// makes no progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ProgressMark(pub i64);
+
+/// A live runner's latest progress mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RunnerProgress {
+    /// The runner.
+    pub id: RunnerId,
+    /// Its mark as read now.
+    pub mark: ProgressMark,
+}
+
 /// The cluster as the database sees it at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ClusterSnapshot {
@@ -126,6 +142,20 @@ pub trait RunnerStorage: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes registrations of dead runners that started before `older_than`.
     async fn prune_dead(&self, older_than: DateTime<Utc>) -> Result<u64, StorageError>;
+
+    /// The progress mark of every live runner.
+    async fn progress(&self) -> Result<Vec<RunnerProgress>, StorageError>;
+
+    /// Ends the lock session (and every other session of the same process) of `runner` if
+    /// its progress mark is still `mark`, which frees its locks as a kill would. Returns
+    /// whether a session was ended. The runner, if it ever wakes, finds its session gone
+    /// and fences itself; the epochs bumped by the new owners refuse its completions.
+    async fn end_hung(&self, runner: RunnerId, mark: ProgressMark) -> Result<bool, StorageError>;
+
+    /// Returns once `runner`'s liveness lock is free: the moment its session ends (killed,
+    /// ended, unregistered). In Postgres this waits in `pg_advisory_lock_shared` on a
+    /// connection of its own, so the server wakes it as it frees the lock.
+    async fn await_gone(&self, runner: RunnerId) -> Result<(), StorageError>;
 }
 
 /// A runner's dedicated session. Dropping it ends the session, which frees every lock it

@@ -48,6 +48,8 @@ fn config() -> OwnershipConfig {
         lock_check_interval: Duration::from_millis(250),
         lock_deadline: Duration::from_secs(2),
         drain_timeout: Duration::from_secs(5),
+        hang_timeout: Duration::from_secs(3),
+        watch_peers: 16,
         registration: RunnerRegistration {
             address: "test".to_owned(),
             version: "test".to_owned(),
@@ -63,12 +65,16 @@ struct TestRunner {
 }
 
 fn start(storage: &MemoryRunnerStorage) -> TestRunner {
+    start_with(storage, config())
+}
+
+fn start_with(storage: &MemoryRunnerStorage, config: OwnershipConfig) -> TestRunner {
     let recorder = Arc::new(Recorder::default());
     let shutdown = CancellationToken::new();
     let (handle, join) = spawn_ownership(
         Arc::new(storage.clone()),
         recorder.clone(),
-        config(),
+        config,
         shutdown.clone(),
     );
     TestRunner {
@@ -79,8 +85,12 @@ fn start(storage: &MemoryRunnerStorage) -> TestRunner {
     }
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+async fn until(what: &str, done: impl FnMut() -> bool) {
+    until_for(what, Duration::from_secs(30), done).await;
+}
+
+async fn until_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -252,4 +262,99 @@ async fn a_joining_runner_takes_shards_only_after_they_drain() {
     // Every shard the newcomer holds was acquired at epoch 2: once by the first runner,
     // once by the second; never concurrently (the memory locks are exclusive).
     assert!(second.handle.view().owned.values().all(|e| e.get() == 2));
+}
+
+fn owned_total(runners: &[TestRunner]) -> usize {
+    runners.iter().map(|r| r.handle.view().owned.len()).sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_runner_is_taken_over_after_the_hang_timeout() {
+    let storage = MemoryRunnerStorage::new();
+    let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
+    until("full ownership", || {
+        owned_total(&runners) == SHARDS as usize
+    })
+    .await;
+    let victim = runners[0].handle.view().runner_id.expect("registered");
+    let victim_shards: Vec<ShardId> = runners[0].handle.view().owned.keys().copied().collect();
+    assert!(!victim_shards.is_empty());
+    let frozen_at = Instant::now();
+    // Its session stays alive for the server and keeps its locks; it makes no progress.
+    storage.freeze(victim);
+    let hang_timeout = config().hang_timeout;
+    let deadline = frozen_at + hang_timeout + Duration::from_secs(1);
+    loop {
+        let held = owners(&storage).await;
+        if victim_shards
+            .iter()
+            .all(|s| held.get(s).is_some_and(|owner| *owner != victim))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frozen runner's shards were not taken over within hang-timeout + 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = frozen_at.elapsed();
+    assert!(
+        took >= hang_timeout,
+        "taken over after {took:?}, before the hang timeout"
+    );
+    let live: Vec<RunnerId> = storage
+        .live_runners()
+        .await
+        .expect("live runners")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert!(
+        !live.contains(&victim),
+        "the frozen incarnation is no longer alive"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn healthy_runners_are_never_taken_over() {
+    let storage = MemoryRunnerStorage::new();
+    let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
+    until("full ownership", || {
+        owned_total(&runners) == SHARDS as usize
+    })
+    .await;
+    let ids: Vec<Option<RunnerId>> = runners.iter().map(|r| r.handle.view().runner_id).collect();
+    tokio::time::sleep(config().hang_timeout * 10).await;
+    let after: Vec<Option<RunnerId>> = runners.iter().map(|r| r.handle.view().runner_id).collect();
+    assert_eq!(ids, after, "no runner lost its incarnation");
+    assert!(runners.iter().all(|r| r.handle.view().fenced_count == 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peers_end_wakes_the_survivors_without_waiting_for_a_poll() {
+    let storage = MemoryRunnerStorage::new();
+    // Polls so rare that only the watcher can explain a fast takeover.
+    let slow = OwnershipConfig {
+        poll_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let runners: Vec<TestRunner> = (0..2).map(|_| start_with(&storage, slow.clone())).collect();
+    // The first polls of each happen at start; the second runner's appearance is seen by
+    // the first only at its next poll, so wait for that.
+    until_for("balanced ownership", Duration::from_secs(300), || {
+        balanced(&runners)
+    })
+    .await;
+    let killed_at = Instant::now();
+    runners[0].join.abort();
+    until("the survivor owns everything", || {
+        runners[1].handle.view().owned.len() == SHARDS as usize
+    })
+    .await;
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "took over after {took:?}: the watcher did not wake the survivor"
+    );
 }

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ClusterSnapshot, LockSession, RunnerInfo, RunnerRegistration, RunnerStatus, RunnerStorage,
-    StorageError,
+    ClusterSnapshot, LockSession, ProgressMark, RunnerInfo, RunnerProgress, RunnerRegistration,
+    RunnerStatus, RunnerStorage, StorageError,
 };
 use crate::ids::{Epoch, RunnerId, ShardId};
 
@@ -30,6 +30,8 @@ struct State {
 struct Registered {
     info: RunnerInfo,
     session: SessionState,
+    /// Session calls made so far: the progress mark.
+    calls: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,8 @@ enum SessionState {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryRunnerStorage {
     state: Arc<Mutex<State>>,
+    /// Woken whenever a session ends.
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl MemoryRunnerStorage {
@@ -68,6 +72,20 @@ impl MemoryRunnerStorage {
     /// Ends the runner's session as the server would after detecting a dead peer.
     pub fn expire(&self, runner: RunnerId) {
         end_session(&mut self.lock(), runner);
+        self.ended.notify_waiters();
+    }
+
+    /// Freezes the runner as SIGSTOP would: its calls hang and its progress mark stops,
+    /// while the "server" keeps its session (and locks) alive. The same as a partition.
+    pub fn freeze(&self, runner: RunnerId) {
+        self.partition(runner);
+    }
+
+    fn is_gone(&self, runner: RunnerId) -> bool {
+        self.lock()
+            .runners
+            .get(&runner)
+            .is_none_or(|r| r.session == SessionState::Ended)
     }
 }
 
@@ -109,6 +127,7 @@ impl RunnerStorage for MemoryRunnerStorage {
                     started_at: Utc::now(),
                 },
                 session: SessionState::Alive,
+                calls: 0,
             },
         );
         Ok(Box::new(MemoryLockSession {
@@ -156,6 +175,49 @@ impl RunnerStorage for MemoryRunnerStorage {
             .retain(|_, r| r.session != SessionState::Ended || r.info.started_at >= older_than);
         Ok((before - state.runners.len()) as u64)
     }
+
+    async fn progress(&self) -> Result<Vec<RunnerProgress>, StorageError> {
+        Ok(self
+            .lock()
+            .runners
+            .values()
+            .filter(|r| r.session != SessionState::Ended)
+            .map(|r| RunnerProgress {
+                id: r.info.id,
+                mark: ProgressMark(r.calls),
+            })
+            .collect())
+    }
+
+    async fn end_hung(&self, runner: RunnerId, mark: ProgressMark) -> Result<bool, StorageError> {
+        let ended = {
+            let mut state = self.lock();
+            let hung = state
+                .runners
+                .get(&runner)
+                .is_some_and(|r| r.session != SessionState::Ended && r.calls == mark.0);
+            if hung {
+                end_session(&mut state, runner);
+            }
+            hung
+        };
+        if ended {
+            self.ended.notify_waiters();
+        }
+        Ok(ended)
+    }
+
+    async fn await_gone(&self, runner: RunnerId) -> Result<(), StorageError> {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.is_gone(runner) {
+                return Ok(());
+            }
+            ended.await;
+        }
+    }
 }
 
 /// A session of [`MemoryRunnerStorage`].
@@ -173,8 +235,13 @@ impl MemoryLockSession {
             .storage
             .lock()
             .runners
-            .get(&self.runner_id)
-            .map(|r| r.session);
+            .get_mut(&self.runner_id)
+            .map(|r| {
+                if r.session == SessionState::Alive {
+                    r.calls += 1;
+                }
+                r.session
+            });
         match session {
             Some(SessionState::Alive) => Ok(()),
             Some(SessionState::Partitioned) => std::future::pending().await,
@@ -238,7 +305,9 @@ impl LockSession for MemoryLockSession {
         let mut state = self.storage.lock();
         end_session(&mut state, self.runner_id);
         state.runners.remove(&self.runner_id);
+        drop(state);
         self.closed = true;
+        self.storage.ended.notify_waiters();
         Ok(())
     }
 }
@@ -255,6 +324,8 @@ impl Drop for MemoryLockSession {
                 .is_some_and(|r| r.session == SessionState::Partitioned);
             if !partitioned {
                 end_session(&mut state, self.runner_id);
+                drop(state);
+                self.storage.ended.notify_waiters();
             }
         }
     }

@@ -20,8 +20,8 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    ClusterSnapshot, LockSession, RunnerInfo, RunnerRegistration, RunnerStatus, RunnerStorage,
-    StorageError,
+    ClusterSnapshot, LockSession, ProgressMark, RunnerInfo, RunnerProgress, RunnerRegistration,
+    RunnerStatus, RunnerStorage, StorageError,
 };
 use crate::ids::{ClusterName, Epoch, RunnerId, ShardId};
 
@@ -58,7 +58,44 @@ impl LockSessionSettings {
             ("idle_session_timeout", "0".to_owned()),
             ("idle_in_transaction_session_timeout", "0".to_owned()),
             ("statement_timeout", "0".to_owned()),
+            ("lock_timeout", "0".to_owned()),
+            // A watcher blocked in a lock wait notices its client has gone within a second
+            // instead of waiting for the lock (see `await_gone`).
+            ("client_connection_check_interval", "1000".to_owned()),
         ]
+    }
+}
+
+/// Names a process's sessions in `pg_stat_activity`, so that ending a hung runner can end
+/// every session of its process (a pool connection frozen inside a completion would
+/// otherwise hold its shard rows `FOR SHARE` and stall the new owner's epoch bump).
+///
+/// The lock session is `shoal-locks:<tag>:<cluster>`, the runner's pools `shoal-runner:<tag>`
+/// and peer watchers `shoal-watch:<tag>:<cluster>` (each cut to Postgres' 63 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessTag(String);
+
+impl ProcessTag {
+    /// A fresh random tag (12 hex digits).
+    pub fn random() -> Self {
+        Self(format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff))
+    }
+
+    /// The application name of this process's pool connections.
+    pub fn pool_application_name(&self) -> String {
+        format!("shoal-runner:{}", self.0)
+    }
+
+    fn session_name(&self, kind: &str, cluster: &ClusterName) -> String {
+        let mut name = format!("shoal-{kind}:{}:{cluster}", self.0);
+        if name.len() > 63 {
+            let mut cut = 63;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name.truncate(cut);
+        }
+        name
     }
 }
 
@@ -128,6 +165,7 @@ pub struct PgRunnerStorage {
     cluster: ClusterName,
     namespaces: LockNamespaces,
     settings: LockSessionSettings,
+    tag: ProcessTag,
 }
 
 impl PgRunnerStorage {
@@ -147,7 +185,15 @@ impl PgRunnerStorage {
             namespaces: LockNamespaces::for_cluster(&cluster),
             cluster,
             settings,
+            tag: ProcessTag::random(),
         })
+    }
+
+    /// Names this process's sessions with `tag` (the one its pools are named with, see
+    /// [`connect_pool_named`]).
+    pub fn with_process_tag(mut self, tag: ProcessTag) -> Self {
+        self.tag = tag;
+        self
     }
 
     /// The lock namespaces in use.
@@ -191,10 +237,14 @@ impl PgRunnerStorage {
     }
 
     async fn open_session(&self) -> Result<PgConnection, StorageError> {
+        self.open_dedicated("locks").await
+    }
+
+    async fn open_dedicated(&self, kind: &str) -> Result<PgConnection, StorageError> {
         let options = self
             .connect
             .clone()
-            .application_name(&format!("shoal-locks:{}", self.cluster))
+            .application_name(&self.tag.session_name(kind, &self.cluster))
             .options(self.settings.startup_options());
         PgConnection::connect_with(&options)
             .await
@@ -217,9 +267,20 @@ pub async fn connect_pool(
     max_connections: u32,
     connect_timeout: Duration,
 ) -> Result<PgPool, StorageError> {
+    connect_pool_named(url, max_connections, connect_timeout, "shoal").await
+}
+
+/// [`connect_pool`] with the connections' `application_name` (a runner names its pools
+/// after its [`ProcessTag`]).
+pub async fn connect_pool_named(
+    url: &str,
+    max_connections: u32,
+    connect_timeout: Duration,
+    application_name: &str,
+) -> Result<PgPool, StorageError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| StorageError::Other(format!("invalid database url: {e}")))?
-        .application_name("shoal");
+        .application_name(application_name);
     // One direct connection first, so a wrong URL reports its real cause (refused, unknown
     // database, bad password) instead of the pool's generic time-out.
     let probe = tokio::time::timeout(connect_timeout, PgConnection::connect_with(&options))
@@ -239,7 +300,12 @@ const LIVE_LOCKS: &str = "
     SELECT l.pid, l.classid::int8 AS k1, l.objid::int8 AS k2
       FROM pg_locks l
      WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+       AND l.mode = 'ExclusiveLock'
        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+/// A lock session's progress mark: the microsecond of its last state change.
+const MARK: &str =
+    "(extract(epoch FROM coalesce(a.state_change, a.backend_start)) * 1000000)::int8";
 
 #[async_trait]
 impl RunnerStorage for PgRunnerStorage {
@@ -375,6 +441,69 @@ impl RunnerStorage for PgRunnerStorage {
             .await
             .map_err(unavailable)?;
         Ok(result.rows_affected())
+    }
+
+    async fn progress(&self) -> Result<Vec<RunnerProgress>, StorageError> {
+        let query = format!(
+            "WITH locks AS ({LIVE_LOCKS})
+             SELECT l.k2::int4 AS id, {MARK} AS mark
+               FROM locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.k1 = $1
+              ORDER BY l.k2"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(i64::from(self.namespaces.runners))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(RunnerProgress {
+                    id: runner_id(row.try_get("id").map_err(unavailable)?)?,
+                    mark: ProgressMark(row.try_get("mark").map_err(unavailable)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn end_hung(&self, runner: RunnerId, mark: ProgressMark) -> Result<bool, StorageError> {
+        // The lock session, only if it still shows the same mark, and every session of its
+        // process (named after the same tag).
+        let query = format!(
+            "WITH locks AS ({LIVE_LOCKS}),
+                  target AS (
+                    SELECT a.pid, split_part(a.application_name, ':', 2) AS tag
+                      FROM locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.k1 = $1 AND l.k2 = $2 AND {MARK} = $3),
+                  victims AS (
+                    SELECT t.pid FROM target t
+                    UNION
+                    SELECT b.pid FROM pg_stat_activity b JOIN target t
+                        ON t.tag <> '' AND b.application_name = 'shoal-runner:' || t.tag)
+             SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS ended FROM victims"
+        );
+        let ended: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
+            .bind(i64::from(self.namespaces.runners))
+            .bind(i64::from(runner.get()))
+            .bind(mark.0)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(ended > 0)
+    }
+
+    async fn await_gone(&self, runner: RunnerId) -> Result<(), StorageError> {
+        let mut conn = self.open_dedicated("watch").await?;
+        // Shared mode: the runner holds its liveness lock exclusively, and live-runner reads
+        // count only exclusive holders, so this wait never makes anyone look alive.
+        sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
+            .bind(self.namespaces.runners)
+            .bind(runner.get())
+            .execute(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let _ = conn.close().await;
+        Ok(())
     }
 }
 
