@@ -17,7 +17,8 @@ use shoal::ids::{ClusterName, Epoch, RunnerId, ShardId};
 use shoal::runner_storage::memory::MemoryRunnerStorage;
 use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
 use shoal::runner_storage::{
-    ClusterSnapshot, LockSession, RunnerRegistration, RunnerStorage, StorageError,
+    ClusterSnapshot, LockSession, ProgressMark, RunnerProgress, RunnerRegistration, RunnerStorage,
+    StorageError,
 };
 use sqlx::{Connection, PgConnection};
 
@@ -182,6 +183,16 @@ fn epochs(pairs: &[(u32, i64)]) -> Vec<(ShardId, Epoch)> {
         .collect()
 }
 
+async fn mark(storage: &dyn RunnerStorage, id: RunnerId) -> anyhow::Result<ProgressMark> {
+    storage
+        .progress()
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .map(|r| r.mark)
+        .context("the runner has no progress mark")
+}
+
 async fn live_ids(storage: &dyn RunnerStorage) -> anyhow::Result<Vec<RunnerId>> {
     Ok(storage
         .live_runners()
@@ -342,6 +353,106 @@ mod suite {
         ensure!(!a.confirm(4).await?, "4 is wrong");
         a.release(&shards([0])).await?;
         ensure!(a.confirm(2).await?, "holds 2 after a release");
+        Ok(())
+    }
+
+    pub(super) async fn progress_marks_move_with_session_calls<B: Backend>() -> anyhow::Result<()> {
+        let backend = B::open().await?;
+        let storage = backend.storage();
+        let mut a = storage.register(&registration("a")).await?;
+        let b = storage.register(&registration("b")).await?;
+        let mark_of = |readings: &[RunnerProgress], id: RunnerId| {
+            readings.iter().find(|r| r.id == id).map(|r| r.mark)
+        };
+        let before = storage.progress().await?;
+        ensure!(
+            before.len() == 2,
+            "both live runners have a mark: {before:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ensure!(a.confirm(0).await?, "a is confirmed");
+        let after = storage.progress().await?;
+        ensure!(
+            mark_of(&after, a.runner_id()) != mark_of(&before, a.runner_id()),
+            "a's mark moved with its call"
+        );
+        ensure!(
+            mark_of(&after, b.runner_id()) == mark_of(&before, b.runner_id()),
+            "b made no call, so its mark stayed"
+        );
+        let ia = a.runner_id();
+        drop(a);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while mark_of(&storage.progress().await?, ia).is_some() {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "a's mark outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn end_hung_ends_a_stuck_session_only_at_its_mark<B: Backend>()
+    -> anyhow::Result<()> {
+        let backend = B::open().await?;
+        let storage = backend.storage();
+        let mut a = storage.register(&registration("a")).await?;
+        let mut b = storage.register(&registration("b")).await?;
+        let (ia, ib) = (a.runner_id(), b.runner_id());
+        a.try_acquire(&shards([0, 1])).await?;
+        let stale = mark(&*storage, ia).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ensure!(a.confirm(2).await?, "a makes progress");
+        ensure!(
+            !storage.end_hung(ia, stale).await?,
+            "a mark a has moved past ends nothing"
+        );
+        ensure!(
+            live_ids(&*storage).await? == vec![ia, ib],
+            "a is still live"
+        );
+        let current = mark(&*storage, ia).await?;
+        ensure!(storage.end_hung(ia, current).await?, "a's session is ended");
+        await_snapshot(&*storage, "a is dead and its locks free", |s| {
+            is_alive(s, ia) == Some(false) && s.owners.is_empty()
+        })
+        .await?;
+        let got = b.try_acquire(&shards([0, 1])).await?;
+        ensure!(
+            got == epochs(&[(0, 2), (1, 2)]),
+            "b takes a's shards under new epochs: {got:?}"
+        );
+        ensure!(
+            !a.confirm(2).await.unwrap_or(false),
+            "a, waking, cannot confirm its locks"
+        );
+        Ok(())
+    }
+
+    pub(super) async fn await_gone_wakes_when_the_session_ends<B: Backend>() -> anyhow::Result<()> {
+        let backend = B::open().await?;
+        let storage = backend.storage();
+        let a = storage.register(&registration("a")).await?;
+        let b = storage.register(&registration("b")).await?;
+        let (ia, ib) = (a.runner_id(), b.runner_id());
+        let watcher = tokio::spawn({
+            let storage = storage.clone();
+            async move { storage.await_gone(ia).await }
+        });
+        // While it waits, the watcher makes nobody look alive or dead.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ensure!(!watcher.is_finished(), "a is alive: the watcher waits");
+        ensure!(live_ids(&*storage).await? == vec![ia, ib], "both live");
+        drop(a);
+        tokio::time::timeout(DEADLINE, watcher)
+            .await
+            .context("the watcher did not wake when a's session ended")???;
+        ensure!(live_ids(&*storage).await? == vec![ib], "only b is live");
+        tokio::time::timeout(DEADLINE, storage.await_gone(ia))
+            .await
+            .context("a runner already gone is reported at once")??;
+        drop(b);
         Ok(())
     }
 
@@ -546,6 +657,9 @@ macro_rules! conformance {
             snapshot_reports_owners_epochs_counts,
             ensure_cluster_refuses_other_count,
             prune_dead_spares_live_and_recent,
+            progress_marks_move_with_session_calls,
+            end_hung_ends_a_stuck_session_only_at_its_mark,
+            await_gone_wakes_when_the_session_ends,
         );
     };
     ($backend:ty; $($case:ident),+ $(,)?) => {
@@ -572,6 +686,67 @@ mod postgres {
 
 mod postgres_only {
     use super::*;
+    use shoal::runner_storage::postgres::{ProcessTag, connect_pool_named};
+
+    /// A hung runner's pool connection can be frozen inside a completion, holding its
+    /// shard's row `FOR SHARE`; the new owner's epoch bump would wait for it forever.
+    #[tokio::test]
+    async fn ending_a_hung_runner_ends_every_session_of_its_process() -> anyhow::Result<()> {
+        let db = TestDb::create().await?;
+        let pool = connect_pool(&db.url, 2, Duration::from_secs(10)).await?;
+        let tag = ProcessTag::random();
+        let hung = pg_storage(&db, &pool, "tagged")?.with_process_tag(tag.clone());
+        let survivor = pg_storage(&db, &pool, "tagged")?;
+        let mut a = hung.register(&registration("a")).await?;
+        let mut b = survivor.register(&registration("b")).await?;
+        ensure!(a.try_acquire(&shards([3])).await? == epochs(&[(3, 1)]));
+        let hung_pool = connect_pool_named(
+            &db.url,
+            1,
+            Duration::from_secs(10),
+            &tag.pool_application_name(),
+        )
+        .await?;
+        let mut frozen = hung_pool.begin().await?;
+        sqlx::query(
+            "SELECT epoch FROM shoal_shards WHERE cluster = 'tagged' AND shard = 3 FOR SHARE",
+        )
+        .fetch_one(&mut *frozen)
+        .await?;
+
+        let stuck_at = mark(&survivor, a.runner_id()).await?;
+        ensure!(survivor.end_hung(a.runner_id(), stuck_at).await?, "ended");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let got = loop {
+            let got = tokio::time::timeout(DEADLINE, b.try_acquire(&shards([3])))
+                .await
+                .context("the epoch bump waited for the hung runner's transaction")??;
+            if !got.is_empty() {
+                break got;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "shard 3 never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        ensure!(
+            got == epochs(&[(3, 2)]),
+            "b owns shard 3 at epoch 2: {got:?}"
+        );
+        ensure!(
+            frozen.commit().await.is_err(),
+            "the hung runner's open transaction was ended with it"
+        );
+        ensure!(
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&pool)
+                .await?
+                == 1,
+            "other processes' sessions are untouched"
+        );
+        Ok(())
+    }
 
     #[tokio::test]
     async fn two_clusters_share_one_database() -> anyhow::Result<()> {
