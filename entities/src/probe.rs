@@ -4,6 +4,8 @@
 //! - `sleep {ms}` (volatile): holds the entity for `ms` milliseconds (fills mailboxes).
 //! - `record {value}` (persisted): appends `value` to the entity's state, replies with the
 //!   list so far (shows persisted ordering).
+//! - `record_slowly {value, ms}` (persisted): holds the entity for `ms` milliseconds, then
+//!   records `value` (a long persisted handler: drains, shutdowns).
 //! - `fail_until {attempts}` (persisted): panics while the message has had fewer than
 //!   `attempts` earlier delivery attempts, then succeeds (shows restart and replay).
 
@@ -35,6 +37,13 @@ pub enum ProbeMessage {
     Record {
         /// Anything.
         value: serde_json::Value,
+    },
+    /// Holds the entity for `ms` milliseconds, then appends `value` to the state.
+    RecordSlowly {
+        /// Anything.
+        value: serde_json::Value,
+        /// Milliseconds, at most 60000.
+        ms: u64,
     },
     /// Panics until the message has been attempted `attempts` times.
     FailUntil {
@@ -70,7 +79,9 @@ impl Entity for Probe {
     fn is_persisted(&self, message: &ProbeMessage) -> bool {
         matches!(
             message,
-            ProbeMessage::Record { .. } | ProbeMessage::FailUntil { .. }
+            ProbeMessage::Record { .. }
+                | ProbeMessage::RecordSlowly { .. }
+                | ProbeMessage::FailUntil { .. }
         )
     }
 
@@ -87,6 +98,11 @@ impl Entity for Probe {
                 Ok(serde_json::json!({ "slept_ms": ms }))
             }
             ProbeMessage::Record { value } => {
+                state.recorded.push(value);
+                Ok(serde_json::json!({ "recorded": state.recorded }))
+            }
+            ProbeMessage::RecordSlowly { value, ms } => {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
                 state.recorded.push(value);
                 Ok(serde_json::json!({ "recorded": state.recorded }))
             }

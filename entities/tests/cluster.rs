@@ -203,13 +203,22 @@ async fn kill_9_survivors_take_every_shard_safely() -> anyhow::Result<()> {
 async fn partitioned_runner_fences_before_losing_its_locks() -> anyhow::Result<()> {
     let cluster = TestCluster::new(SMALL).await?;
     let proxy = Proxy::start(server_addr(&cluster.db.url)?).await?;
+    // This test is about fencing before the server frees the locks; the survivors' hang
+    // detection (which would end the partitioned session at 3 s) is pushed out of its way.
+    let patient = || RunnerOptions {
+        env: vec![("SHOAL__RUNNER__HANG_TIMEOUT".to_owned(), "60s".to_owned())],
+        ..RunnerOptions::default()
+    };
     let partitioned = cluster
         .start_runner_with(RunnerOptions {
             database_url: Some(with_host_port(&cluster.db.url, proxy.addr)?),
-            ..RunnerOptions::default()
+            ..patient()
         })
         .await?;
-    let others = [cluster.start_runner().await?, cluster.start_runner().await?];
+    let others = [
+        cluster.start_runner_with(patient()).await?,
+        cluster.start_runner_with(patient()).await?,
+    ];
     cluster
         .await_balanced(&[&partitioned, &others[0], &others[1]])
         .await?;

@@ -672,6 +672,126 @@ async fn persisted_requests_survive_the_owners_kill_9() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A runner frozen with SIGSTOP keeps its Postgres sessions (the kernel still answers for
+/// it): the survivors must see it make no progress, end its sessions and take its shards,
+/// and nothing it does after it wakes may commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_requests_survive_a_frozen_owner() -> anyhow::Result<()> {
+    const HANG_TIMEOUT: Duration = Duration::from_secs(3);
+    let (cluster, runners) = cluster_with(3).await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let victim = runners[0].id().await?;
+    let survivors = [runners[1].id().await?, runners[2].id().await?];
+    let victim_epochs = runners[0].status().await?.owned;
+    let sharding = sharding(SHARDS)?;
+    let mut entities = Vec::new();
+    for i in 0.. {
+        let id = format!("f-{i}");
+        if victim_epochs.contains_key(&sharding.shard_of(&EntityId::new(&id)?)) {
+            entities.push(id);
+            if entities.len() == KILL_ENTITIES {
+                break;
+            }
+        }
+    }
+
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut increments = JoinSet::new();
+    for i in 0..KILL_REQUESTS {
+        let http = gateway.http.clone();
+        let entity = entities[i % KILL_ENTITIES].clone();
+        let answered = answered.clone();
+        increments.spawn(async move {
+            let key = format!("frozen-{i}");
+            for attempt in 1..=10 {
+                let response = http
+                    .send(
+                        http.client
+                            .post(http.url(&format!("/entities/counter/{entity}/increment")))
+                            .header("idempotency-key", &key)
+                            .header("x-request-timeout", "60s")
+                            .timeout(Duration::from_secs(90))
+                            .json(&json!({})),
+                    )
+                    .await?;
+                if response.status == StatusCode::OK {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    return anyhow::Ok(entity);
+                }
+                let (code, retryable) = response.error()?;
+                ensure!(
+                    retryable,
+                    "{entity} `{key}`: {} {code} (attempt {attempt})",
+                    response.status
+                );
+            }
+            anyhow::bail!("{entity} `{key}`: not answered in 10 attempts")
+        });
+    }
+    wait_until(DEADLINE, "some increments are answered", || async {
+        Ok(answered.load(Ordering::Relaxed) >= 20)
+    })
+    .await?;
+
+    runners[0].freeze()?;
+    let frozen_at = Instant::now();
+    wait_until(DEADLINE, "the survivors own every shard", || {
+        cluster.all_owned_by(&survivors)
+    })
+    .await?;
+    let took = frozen_at.elapsed();
+    let taken_over = chrono::Utc::now();
+    eprintln!("SIGSTOP → the survivors own every shard: {took:?} (hang-timeout {HANG_TIMEOUT:?})");
+    ensure!(
+        took <= HANG_TIMEOUT + Duration::from_secs(1),
+        "the frozen runner's shards moved after {took:?}, above hang-timeout + 1 s"
+    );
+
+    let mut per_entity: BTreeMap<String, i64> = BTreeMap::new();
+    while let Some(joined) = increments.join_next().await {
+        *per_entity.entry(joined??).or_default() += 1;
+    }
+    eprintln!("all {KILL_REQUESTS} increments answered 200");
+
+    // Woken, the runner finds its session ended and fences; it commits nothing for its old
+    // incarnation's shards.
+    runners[0].thaw()?;
+    wait_until(DEADLINE, "the woken runner fences and rejoins", || async {
+        let view = runners[0].status().await?;
+        Ok(view.fenced_count >= 1 && view.runner_id.is_some_and(|id| id != victim))
+    })
+    .await?;
+    let late: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shoal_messages m JOIN unnest($2::int4[], $3::int8[]) AS v(shard, epoch)
+             ON v.shard = m.shard
+          WHERE m.cluster = $1 AND m.processed AND m.processed_at > $4 AND m.epoch <= v.epoch",
+    )
+    .bind(&cluster.name)
+    .bind(victim_epochs.keys().map(|s| s.get() as i32).collect::<Vec<_>>())
+    .bind(victim_epochs.values().map(|e| e.get()).collect::<Vec<_>>())
+    .bind(taken_over)
+    .fetch_one(&cluster.pool)
+    .await?;
+    ensure!(
+        late == 0,
+        "{late} completions under the frozen runner's epochs after the takeover"
+    );
+    for (entity, sent) in &per_entity {
+        let get = gateway
+            .http
+            .post_json(&format!("/entities/counter/{entity}/get"), &json!({}), &[])
+            .await?;
+        ensure!(
+            reply_count(&get)? == *sent,
+            "{entity}: {sent} distinct keys sent, {}",
+            get.text()
+        );
+    }
+    let log = runners[0].log();
+    ensure!(log.contains("fencing"), "the woken runner fenced:\n{log}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------------------

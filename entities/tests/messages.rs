@@ -67,6 +67,84 @@ async fn cluster_with(
 }
 
 // ---------------------------------------------------------------------------------------
+// SIGTERM while a persisted handler runs longer than the lock deadline
+// ---------------------------------------------------------------------------------------
+
+/// A graceful drain longer than `lock-deadline` (2 s) keeps confirming the locks: no
+/// fence frees them under the running handler, it runs once, and its reply is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_long_handler_without_fencing() -> anyhow::Result<()> {
+    let (cluster, mut runners, client) = cluster_with(SMALL, 2).await?;
+    let leaving = runners[0].id().await?;
+    let owners = cluster.snapshot().await?.owners;
+    let sharding = sharding(SMALL)?;
+    let entity = (0..)
+        .map(|i| format!("slow-{i}"))
+        .find(|id| {
+            EntityId::new(id).is_ok_and(|e| owners.get(&sharding.shard_of(&e)) == Some(&leaving))
+        })
+        .context("an entity on the leaving runner")?;
+    let target = address("probe", &entity)?;
+    let ask = tokio::spawn({
+        let client = client.client.clone();
+        let target = target.clone();
+        async move {
+            let request = Request::persisted(
+                target,
+                "record_slowly",
+                json!({"value": "once", "ms": 4000}),
+            )
+            .with_timeout(Duration::from_secs(60));
+            client.ask(request).await
+        }
+    });
+    wait_until(DEADLINE, "the slow handler runs", || async {
+        Ok(client.entity_status(&target).await?.mailbox_depth >= 1)
+    })
+    .await?;
+    let stopped_at = Instant::now();
+    runners[0].terminate()?;
+    let status = runners[0].wait_exit(DEADLINE).await?;
+    eprintln!(
+        "SIGTERM → exit with a 4 s handler: {:?}",
+        stopped_at.elapsed()
+    );
+    ensure!(status.success(), "graceful shutdown exited with {status}");
+    let log = runners[0].log();
+    ensure!(!log.contains("fencing"), "the drain fenced:\n{log}");
+    ensure!(
+        log.contains("released every shard and unregistered"),
+        "the runner logs its clean exit:\n{log}"
+    );
+    let registered: i64 = sqlx::query_scalar("SELECT count(*) FROM shoal_runners WHERE id = $1")
+        .bind(leaving.get())
+        .fetch_one(&cluster.pool)
+        .await?;
+    ensure!(registered == 0, "the registration row is gone");
+
+    let reply = ok_value(ask.await??)?;
+    ensure!(reply == json!({"recorded": ["once"]}), "reply {reply}");
+    let (replies, attempts, state): (i64, i32, serde_json::Value) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM shoal_replies r WHERE r.message_id = m.id),
+                m.attempts,
+                (SELECT s.state FROM shoal_entity_state s
+                  WHERE s.cluster = m.cluster AND s.entity_type = m.entity_type
+                    AND s.entity_id = m.entity_id)
+           FROM shoal_messages m WHERE m.cluster = $1 AND m.entity_id = $2 AND m.processed",
+    )
+    .bind(&cluster.name)
+    .bind(&entity)
+    .fetch_one(&cluster.pool)
+    .await?;
+    ensure!(replies == 1, "{replies} stored replies");
+    ensure!(
+        state == json!({"recorded": ["once"]}),
+        "the handler ran once: state {state} (attempts {attempts})"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // 20,000 persisted increments, one runner killed in the middle
 // ---------------------------------------------------------------------------------------
 

@@ -650,6 +650,23 @@ impl Runner {
         Ok(())
     }
 
+    /// SIGSTOP: the process stays, its sockets stay open, it makes no progress.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Runner::freeze`].
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the runner has exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
         tokio::time::timeout(deadline, self.child.wait())
