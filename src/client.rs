@@ -377,6 +377,25 @@ impl ShoalClient {
             .ok_or(ClientError::NoRunners)
     }
 
+    /// Resolves once the routing names another owner address for `entity` than `address`.
+    async fn owner_moves_from(&self, entity: &EntityAddress, address: &str) {
+        let shard = self.inner.sharding.shard_of(&entity.entity_id);
+        let mut routing = self.inner.routing.clone();
+        let moved = routing
+            .wait_for(|r| {
+                r.assignment
+                    .owner(shard)
+                    .and_then(|runner| r.address_of(runner))
+                    != Some(address)
+            })
+            .await
+            .is_ok();
+        if !moved {
+            // The refresher stopped (shutdown): the routing never changes again.
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn await_persisted(
         &self,
         request: &Request,
@@ -398,12 +417,21 @@ impl ShoalClient {
             let attempt = remaining.min(self.inner.config.attempt_timeout);
             match self.owner_address(&request.address) {
                 Ok(address) => {
-                    match self
-                        .inner
-                        .transport
-                        .deliver(&address, envelope.clone(), attempt)
-                        .await
-                    {
+                    let delivered = tokio::select! {
+                        delivered = self
+                            .inner
+                            .transport
+                            .deliver(&address, envelope.clone(), attempt) => delivered,
+                        // The message is stored: an attempt at a runner that is no longer
+                        // the owner (hung, taken over) is abandoned, not waited out.
+                        () = self.owner_moves_from(&request.address, &address) => {
+                            Err(TransportError::Lost {
+                                address: address.clone(),
+                                reason: "the owner changed during the attempt".to_owned(),
+                            })
+                        }
+                    };
+                    match delivered {
                         Ok(reply) => return Ok(reply),
                         Err(TransportError::Delivery(error)) if !error.is_retryable() => {
                             return Err(error.into());

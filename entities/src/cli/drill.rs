@@ -1,5 +1,6 @@
 //! `shoal drill failover`: drive a steady load of persisted messages through a gateway, kill
-//! a runner with SIGKILL, keep the load going, and report what the users of the cluster
+//! a runner with SIGKILL (or freeze it with SIGSTOP for `--freeze SECONDS`, then SIGCONT),
+//! keep the load going, and report what the users of the cluster
 //! would see: time to full ownership, time to the first message processed on a moved shard,
 //! and whether anything acknowledged was lost or committed twice. Against a running cluster
 //! (`--gateway URL`) or one it starts itself (`--runners N`). Progress on stderr, one JSON
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
+use nix::sys::signal::Signal;
 use serde::Serialize;
 use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::ids::{RunnerId, ShardId};
@@ -51,6 +53,10 @@ pub(crate) struct FailoverArgs {
     /// Counter entities the load is spread over.
     #[arg(long, default_value_t = 100, env = "SHOAL_DRILL_ENTITIES")]
     entities: usize,
+    /// Freeze the victim with SIGSTOP for this many seconds (then SIGCONT) instead of
+    /// killing it: a hung runner, whose sessions stay open.
+    #[arg(long, value_name = "SECONDS", env = "SHOAL_DRILL_FREEZE")]
+    freeze: Option<f64>,
     /// Drills to run; with more than one, p50/p99 are reported.
     #[arg(long, default_value_t = 1, env = "SHOAL_DRILL_REPEAT")]
     repeat: usize,
@@ -79,6 +85,10 @@ impl DrillCommand {
 #[derive(Debug, Clone, Serialize)]
 struct DrillRun {
     runners: usize,
+    /// `kill` (SIGKILL) or `freeze` (SIGSTOP, then SIGCONT).
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frozen_s: Option<f64>,
     killed_runner: RunnerId,
     shards_moved: usize,
     ownership_ms: f64,
@@ -130,8 +140,13 @@ async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()
         cluster.stop().await;
         let run = result?;
         eprintln!(
-            "drill {round}/{}: killed runner {} ({} shards): owned again after {:.0} ms, first processed after {:?} ms, lost {}, duplicated {}",
+            "drill {round}/{}: {} runner {} ({} shards): owned again after {:.0} ms, first processed after {:?} ms, lost {}, duplicated {}",
             args.repeat.max(1),
+            if run.mode == "kill" {
+                "killed"
+            } else {
+                "froze"
+            },
             run.killed_runner,
             run.shards_moved,
             run.ownership_ms,
@@ -231,8 +246,9 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs the runner at `address` (found by the pid its `/status` reports).
-    async fn kill(&mut self, address: &str) -> anyhow::Result<()> {
+    /// The pid of the runner at `address`, as its `/status` reports it (so it must run on
+    /// this machine).
+    async fn pid_of(&self, address: &str) -> anyhow::Result<nix::unistd::Pid> {
         let status: serde_json::Value = reqwest::get(format!("http://{address}/status"))
             .await?
             .json()
@@ -240,19 +256,13 @@ impl Cluster {
         let pid = status["pid"]
             .as_i64()
             .context("the runner did not report its pid")?;
-        match self {
-            Self::Own { runners, .. } => runners
-                .iter_mut()
+        if let Self::Own { runners, .. } = self {
+            runners
+                .iter()
                 .find(|child| child.id().map(i64::from) == Some(pid))
-                .context("the victim is not one of the drill's runners")?
-                .start_kill()
-                .context("sending SIGKILL"),
-            Self::Existing { .. } => nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .context("sending SIGKILL (the runner must run on this machine)"),
+                .context("the victim is not one of the drill's runners")?;
         }
+        Ok(nix::unistd::Pid::from_raw(i32::try_from(pid)?))
     }
 
     async fn stop(&mut self) {
@@ -320,16 +330,27 @@ async fn drill_once(
         args.rate,
         args.entities,
     );
+    let pid = cluster.pid_of(&victim.address).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_utc = Utc::now();
     let killed_at = Instant::now();
-    cluster.kill(&victim.address).await?;
-    wait_for(&storage, Duration::from_secs(60), |s| {
+    let signal = match args.freeze {
+        Some(_) => Signal::SIGSTOP,
+        None => Signal::SIGKILL,
+    };
+    nix::sys::signal::kill(pid, signal).with_context(|| format!("sending {signal}"))?;
+    let taken_over = wait_for(&storage, Duration::from_secs(60), |s| {
         s.owners.len() == shards && s.owners.values().all(|r| *r != victim.id)
     })
     .await
-    .context("the survivors did not take over")?;
+    .context("the survivors did not take over");
     let ownership_ms = killed_at.elapsed().as_secs_f64() * 1000.0;
+    if let Some(seconds) = args.freeze {
+        let thaw_at = killed_at + Duration::from_secs_f64(seconds.max(0.0));
+        tokio::time::sleep_until(thaw_at.into()).await;
+        nix::sys::signal::kill(pid, Signal::SIGCONT).context("sending SIGCONT")?;
+    }
+    taken_over?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let outcome = load.stop().await;
     let settled = settle(pool, &config, &tag, Duration::from_secs(60)).await?;
@@ -353,6 +374,12 @@ async fn drill_once(
         .count();
     Ok(DrillRun {
         runners,
+        mode: if args.freeze.is_some() {
+            "freeze"
+        } else {
+            "kill"
+        },
+        frozen_s: args.freeze,
         killed_runner: victim.id,
         shards_moved: moved.len(),
         ownership_ms,
