@@ -7,6 +7,11 @@
 //! a lost connection or a timeout the client checks storage for the reply, refreshes, and
 //! tries again with backoff until the request's deadline. The owner also finds stored
 //! messages by scanning, so a notification that never arrives only delays the work.
+//!
+//! [`ClientError::retry_class`] tells the caller what a resend can do: a volatile ask is
+//! retried here only on failures where nothing ran, so the errors it returns say whether
+//! the handler may have run; a persisted ask's errors (after storing) say the message is
+//! stored and a resend with the same key is deduplicated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::entity_runtime::DeliveryError;
 use crate::ids::{EntityAddress, MessageId, RunnerId};
 use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
+use crate::retry::RetryClass;
 use crate::runner_storage::{RunnerInfo, RunnerStorage};
 use crate::sharding::{Assignment, Sharding, assign};
 use crate::snowflake::Snowflake;
@@ -120,13 +126,40 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the same request may succeed if sent again.
+    /// Whether the same request may succeed if sent again ([`Self::retry_class`] says
+    /// whether it may also run twice).
     pub fn is_retryable(&self) -> bool {
+        self.retry_class().is_retryable()
+    }
+
+    /// What sending the same request again can do.
+    pub fn retry_class(&self) -> RetryClass {
         match self {
-            Self::Delivery(e) => e.is_retryable(),
-            Self::Storage(e) => e.is_retryable(),
-            Self::Unauthorized => false,
-            Self::NoRunners | Self::OwnerLost(_) | Self::Timeout { .. } => true,
+            // Volatile: any class. Persisted: only `Never` ones surface (`await_persisted`).
+            Self::Delivery(error) => error.retry_class(),
+            // Volatile only (a persisted ask waits for an owner): nothing was sent.
+            Self::NoRunners => RetryClass::Safe,
+            Self::OwnerLost(_) => RetryClass::MayRunTwice,
+            // The message is stored and runs; its key (or id) finds it again.
+            Self::Timeout {
+                message_id: Some(_),
+                ..
+            } => RetryClass::SafeWithSameKey,
+            // A volatile ask only runs out of time between attempts that reached no handler
+            // (an attempt that reached one answers `Delivery(Timeout)` or `OwnerLost`).
+            Self::Timeout {
+                message_id: None, ..
+            } => RetryClass::Safe,
+            // Storage is only on the persisted path. A failed save may have committed (the
+            // answer was lost), and a failed reply read follows a save that did.
+            Self::Storage(MessageStorageError::Unavailable(_) | MessageStorageError::Shutdown) => {
+                RetryClass::SafeWithSameKey
+            }
+            // Refused after eight fresh ids: nothing was stored.
+            Self::Storage(MessageStorageError::IdTaken(_)) => RetryClass::Safe,
+            // The statement failed on what it was given: a resend fails the same way.
+            Self::Storage(MessageStorageError::Other(_)) => RetryClass::Never,
+            Self::Unauthorized => RetryClass::Never,
         }
     }
 }
@@ -433,7 +466,11 @@ impl ShoalClient {
                     };
                     match delivered {
                         Ok(reply) => return Ok(reply),
-                        Err(TransportError::Delivery(error)) if !error.is_retryable() => {
+                        // Only a final refusal ends the wait: anything else leaves the
+                        // stored message to run, and the caller its key (see `retry`).
+                        Err(TransportError::Delivery(error))
+                            if error.retry_class() == RetryClass::Never =>
+                        {
                             return Err(error.into());
                         }
                         Err(TransportError::Unauthorized(_)) => {

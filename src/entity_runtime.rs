@@ -68,9 +68,10 @@ pub enum DeliveryError {
 }
 
 impl DeliveryError {
-    /// Whether retrying the same request may succeed.
+    /// Whether retrying the same request may succeed (see [`DeliveryError::retry_class`]
+    /// in `retry.rs` for whether it may run twice).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::UnknownEntityType(_) | Self::BadMessage(_))
+        self.retry_class().is_retryable()
     }
 }
 

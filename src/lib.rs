@@ -20,6 +20,8 @@
 //!   graceful shutdown.
 //! - [`redis`] holds what every replica must share: rate limiters, circuit breakers and
 //!   caches, each update one atomic Lua script.
+//! - [`retry`] classifies every client-facing error by what a resend can do (nothing ran,
+//!   stored, may run twice, final).
 //! - [`metrics`] names every metric and exports them for Prometheus.
 
 pub mod client;
@@ -33,6 +35,7 @@ pub mod message_storage;
 pub mod metrics;
 pub mod ownership;
 pub mod redis;
+pub mod retry;
 pub mod runner;
 pub mod runner_storage;
 pub mod sharding;

@@ -5,6 +5,9 @@
 //! envelope and the cluster's shared secret; [`local`] implements it in process for tests.
 //! Why not ractor_cluster: see `docs/ARCHITECTURE.md` (no reconnect, no keepalive, panics on
 //! undecodable payloads, unbounded writer queue).
+//!
+//! [`TransportError::retry_class`] tells a sender whether the envelope can have run: only
+//! `Unreachable` (nothing left this node) is safe to resend to the next owner as it is.
 
 pub mod http;
 pub mod local;
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::entity_runtime::{Delivery, DeliveryError, EntityStatus};
 use crate::ids::{EntityAddress, EntityId, EntityType, MessageId, ShardId};
 use crate::message_storage::{Reply, StoredMessage};
+use crate::retry::RetryClass;
 
 /// The envelope version this build speaks.
 pub const ENVELOPE_VERSION: u16 = 1;
@@ -129,6 +133,22 @@ pub enum TransportError {
         /// What was wrong.
         reason: String,
     },
+}
+
+impl TransportError {
+    /// What resending the delivery can do.
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            Self::Delivery(error) => error.retry_class(),
+            // Never queued, or not connected: nothing went out.
+            Self::Unreachable { .. } => RetryClass::Safe,
+            // It went out and the answer did not come back (or made no sense): it may have
+            // run.
+            Self::Lost { .. } | Self::Protocol { .. } => RetryClass::MayRunTwice,
+            // A configuration mismatch: every resend is refused the same way.
+            Self::Unauthorized(_) => RetryClass::Never,
+        }
+    }
 }
 
 /// Sends envelopes to runners.

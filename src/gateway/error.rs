@@ -1,6 +1,11 @@
 //! The gateway's one error type. Every error leaves as
-//! `{"error": {"code", "message", "retryable"}}` with its status; internals are logged once
-//! and never shown.
+//! `{"error": {"code", "message", "retryable", "retry"}}` with its status; internals are
+//! logged once and never shown.
+//!
+//! `retry` is the error's [`RetryClass`] (`safe`, `safe_with_same_key`, `may_run_twice`,
+//! `never`) and `retryable` is derived from it (everything but `never`). Where the class
+//! depends on what happened (a 503 or 504 may or may not have run the work) the variant
+//! carries it, taken from the client's error; the table is in the README.
 
 use std::time::Duration;
 
@@ -11,6 +16,8 @@ use serde::Serialize;
 
 use crate::client::ClientError;
 use crate::entity_runtime::DeliveryError;
+use crate::message_storage::MessageStorageError;
+use crate::retry::RetryClass;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -62,12 +69,17 @@ pub enum ApiError {
         code: &'static str,
         /// What is unavailable.
         message: String,
+        /// What a resend can do (whether the work may have run or is stored).
+        retry: RetryClass,
     },
     /// The deadline passed (504). A persisted message still runs.
     #[error("{message}")]
     Timeout {
         /// What timed out.
         message: String,
+        /// What a resend can do (a stored message, a volatile one that may have run, or
+        /// nothing reached a handler).
+        retry: RetryClass,
     },
     /// Something that should not happen (500); details only in the log.
     #[error("internal error")]
@@ -84,6 +96,7 @@ struct Detail<'a> {
     code: &'a str,
     message: String,
     retryable: bool,
+    retry: RetryClass,
 }
 
 impl ApiError {
@@ -124,11 +137,28 @@ impl ApiError {
         }
     }
 
-    fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::TooManyRequests { .. } | Self::Unavailable { .. } | Self::Timeout { .. }
-        )
+    /// What a resend of the request can do.
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            Self::BadRequest { .. }
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed
+            | Self::PayloadTooLarge(_)
+            | Self::HandlerError { .. }
+            | Self::Internal(_) => RetryClass::Never,
+            // Refused before anything was admitted (mailbox, resident cap, rate limit).
+            Self::TooManyRequests { .. } => RetryClass::Safe,
+            Self::Unavailable { retry, .. } | Self::Timeout { retry, .. } => *retry,
+        }
+    }
+
+    /// The error as answered to a caller who sent no idempotency key: a stored message
+    /// it cannot name again may run twice if resent (see [`RetryClass::without_key`]).
+    pub fn without_key(mut self) -> Self {
+        if let Self::Unavailable { retry, .. } | Self::Timeout { retry, .. } = &mut self {
+            *retry = retry.without_key();
+        }
+        self
     }
 }
 
@@ -144,7 +174,8 @@ impl IntoResponse for ApiError {
             error: Detail {
                 code: self.code(),
                 message: self.to_string(),
-                retryable: self.retryable(),
+                retryable: self.retry_class().is_retryable(),
+                retry: self.retry_class(),
             },
         };
         let mut response = (status, Json(body)).into_response();
@@ -164,17 +195,20 @@ impl IntoResponse for ApiError {
 
 impl From<ClientError> for ApiError {
     fn from(error: ClientError) -> Self {
+        let retry = error.retry_class();
         match error {
             ClientError::Delivery(delivery) => delivery.into(),
             ClientError::NoRunners => Self::Unavailable {
                 code: "no_runners",
                 message: "no runner is alive".to_owned(),
+                retry,
             },
             ClientError::OwnerLost(message) => Self::Unavailable {
                 code: "owner_lost",
                 message: format!(
-                    "the entity's runner was lost mid-request; it may not have run: {message}"
+                    "the entity's runner was lost mid-request; it may or may not have run: {message}"
                 ),
+                retry,
             },
             ClientError::Timeout {
                 timeout,
@@ -186,10 +220,17 @@ impl From<ClientError> for ApiError {
                     ),
                     None => format!("no reply within {timeout:?}"),
                 },
+                retry,
             },
-            ClientError::Storage(error) if error.is_retryable() => Self::Unavailable {
+            ClientError::Storage(error @ MessageStorageError::Shutdown) => Self::Unavailable {
+                code: "shutting_down",
+                message: error.to_string(),
+                retry,
+            },
+            ClientError::Storage(error) if retry.is_retryable() => Self::Unavailable {
                 code: "storage_unavailable",
                 message: error.to_string(),
+                retry,
             },
             ClientError::Storage(error) => Self::Internal(error.to_string()),
             ClientError::Unauthorized => {
@@ -201,6 +242,7 @@ impl From<ClientError> for ApiError {
 
 impl From<DeliveryError> for ApiError {
     fn from(error: DeliveryError) -> Self {
+        let retry = error.retry_class();
         match error {
             DeliveryError::MailboxFull(entity) => Self::TooManyRequests {
                 code: "mailbox_full",
@@ -218,12 +260,224 @@ impl From<DeliveryError> for ApiError {
             },
             DeliveryError::BadMessage(message) => Self::bad_request("bad_message", message),
             DeliveryError::Timeout => Self::Timeout {
-                message: "the runner did not answer in time".to_owned(),
+                message: "the runner did not answer in time; the message may still run".to_owned(),
+                retry,
             },
-            other => Self::Unavailable {
+            other @ (DeliveryError::NotOwner(_)
+            | DeliveryError::ShardMoving(_)
+            | DeliveryError::HandlerFailed(_)) => Self::Unavailable {
                 code: "unavailable",
                 message: other.to_string(),
+                retry,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{MessageId, ShardId};
+
+    async fn body_of(error: ApiError) -> (StatusCode, serde_json::Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("the body is read");
+        (
+            status,
+            serde_json::from_slice(&bytes).expect("the body is JSON"),
+        )
+    }
+
+    /// Every client error the gateway can meet, with the status and class it answers.
+    fn client_cases() -> Vec<(ClientError, StatusCode, RetryClass)> {
+        let shard = ShardId::new(2);
+        let timeout = Duration::from_millis(300);
+        vec![
+            (
+                DeliveryError::NotOwner(shard).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::Safe,
+            ),
+            (
+                DeliveryError::ShardMoving(shard).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::Safe,
+            ),
+            (
+                DeliveryError::MailboxFull("probe/x".into()).into(),
+                StatusCode::TOO_MANY_REQUESTS,
+                RetryClass::Safe,
+            ),
+            (
+                DeliveryError::Overloaded.into(),
+                StatusCode::TOO_MANY_REQUESTS,
+                RetryClass::Safe,
+            ),
+            (
+                DeliveryError::UnknownEntityType("nobody".into()).into(),
+                StatusCode::NOT_FOUND,
+                RetryClass::Never,
+            ),
+            (
+                DeliveryError::BadMessage("no field `by`".into()).into(),
+                StatusCode::BAD_REQUEST,
+                RetryClass::Never,
+            ),
+            (
+                DeliveryError::HandlerFailed("panicked".into()).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::MayRunTwice,
+            ),
+            (
+                DeliveryError::Timeout.into(),
+                StatusCode::GATEWAY_TIMEOUT,
+                RetryClass::MayRunTwice,
+            ),
+            (
+                ClientError::NoRunners,
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::Safe,
+            ),
+            (
+                ClientError::OwnerLost("connection reset".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::MayRunTwice,
+            ),
+            (
+                ClientError::Timeout {
+                    timeout,
+                    message_id: Some(MessageId::new(9)),
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+                RetryClass::SafeWithSameKey,
+            ),
+            (
+                ClientError::Timeout {
+                    timeout,
+                    message_id: None,
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+                RetryClass::Safe,
+            ),
+            (
+                MessageStorageError::Unavailable("down".into()).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::SafeWithSameKey,
+            ),
+            (
+                MessageStorageError::Shutdown.into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::SafeWithSameKey,
+            ),
+            (
+                MessageStorageError::IdTaken(MessageId::new(9)).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                RetryClass::Safe,
+            ),
+            (
+                MessageStorageError::Other("boom".into()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+            (
+                ClientError::Unauthorized,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_client_error_answers_its_status_and_class() {
+        for (error, status, class) in client_cases() {
+            let shown = format!("{error:?}");
+            assert_eq!(error.retry_class(), class, "{shown}: the client's class");
+            let api = ApiError::from(error);
+            assert_eq!(api.retry_class(), class, "{shown}");
+            let (answered, body) = body_of(api).await;
+            assert_eq!(answered, status, "{shown}");
+            assert_eq!(body["error"]["retry"], class.as_str(), "{shown}: {body}");
+            assert_eq!(
+                body["error"]["retryable"],
+                class.is_retryable(),
+                "{shown}: {body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn gateway_errors_answer_their_status_and_class() {
+        let cases = [
+            (
+                ApiError::bad_request("bad_body", "no"),
+                StatusCode::BAD_REQUEST,
+                RetryClass::Never,
+            ),
+            (
+                ApiError::NotFound {
+                    code: "no_route",
+                    message: "no".into(),
+                },
+                StatusCode::NOT_FOUND,
+                RetryClass::Never,
+            ),
+            (
+                ApiError::MethodNotAllowed,
+                StatusCode::METHOD_NOT_ALLOWED,
+                RetryClass::Never,
+            ),
+            (
+                ApiError::PayloadTooLarge("big".into()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                RetryClass::Never,
+            ),
+            (
+                ApiError::HandlerError {
+                    code: "too_many_attempts".into(),
+                    message: "no".into(),
+                },
+                StatusCode::UNPROCESSABLE_ENTITY,
+                RetryClass::Never,
+            ),
+            (
+                ApiError::TooManyRequests {
+                    code: "rate_limited",
+                    message: "slow down".into(),
+                    retry_after: Duration::from_secs(2),
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                RetryClass::Safe,
+            ),
+            (
+                ApiError::Internal("detail".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+        ];
+        for (error, status, class) in cases {
+            let shown = format!("{error:?}");
+            let (answered, body) = body_of(error).await;
+            assert_eq!(answered, status, "{shown}");
+            assert_eq!(body["error"]["retry"], class.as_str(), "{shown}: {body}");
+            assert_eq!(body["error"]["retryable"], class.is_retryable(), "{shown}");
+        }
+    }
+
+    #[test]
+    fn without_a_key_only_a_stored_message_changes_class() {
+        let stored = ApiError::from(ClientError::Timeout {
+            timeout: Duration::from_secs(1),
+            message_id: Some(MessageId::new(1)),
+        });
+        assert_eq!(stored.without_key().retry_class(), RetryClass::MayRunTwice);
+        for (error, _, class) in client_cases() {
+            if class != RetryClass::SafeWithSameKey {
+                let api = ApiError::from(error);
+                assert_eq!(api.without_key().retry_class(), class);
+            }
         }
     }
 }

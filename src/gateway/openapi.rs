@@ -24,6 +24,7 @@ use super::routes;
         routes::SendResponse,
         routes::ErrorBody,
         routes::ErrorDetail,
+        crate::retry::RetryClass,
         routes::Explain,
         routes::ClusterMap,
         routes::ShardLine,
@@ -76,5 +77,33 @@ mod tests {
             .collect();
         assert_eq!(documented, routed);
         assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+    }
+
+    #[test]
+    fn the_error_schema_names_the_retry_class() {
+        let doc = serde_json::to_value(document()).expect("serializes");
+        let schemas = &doc["components"]["schemas"];
+        let detail = &schemas["ErrorDetail"];
+        let required: Vec<&str> = detail["required"]
+            .as_array()
+            .expect("required fields")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(required.contains(&"retry"), "{detail}");
+        assert_eq!(
+            detail["properties"]["retry"]["$ref"], "#/components/schemas/RetryClass",
+            "{detail}"
+        );
+        let classes: BTreeSet<&str> = schemas["RetryClass"]["enum"]
+            .as_array()
+            .expect("an enum of names")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            classes,
+            BTreeSet::from(["safe", "safe_with_same_key", "may_run_twice", "never"])
+        );
     }
 }

@@ -24,6 +24,7 @@ use crate::config::{RedisDownPolicy, ShoalConfig};
 use crate::redis::breaker::{BreakerState, CircuitBreaker};
 use crate::redis::limits::{Decision, SlidingWindow};
 use crate::redis::{RedisClient, RedisError};
+use crate::retry::RetryClass;
 
 const TENANT: HeaderName = HeaderName::from_static("x-tenant-id");
 const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -186,6 +187,8 @@ pub(crate) async fn enforce(
             RedisDownPolicy::Deny => ApiError::Unavailable {
                 code: "redis_unavailable",
                 message: format!("rate limits cannot be checked: {error}"),
+                // Refused before the route ran.
+                retry: RetryClass::Safe,
             }
             .into_response(),
             RedisDownPolicy::Allow => {

@@ -20,6 +20,7 @@ use crate::client::Request;
 use crate::entity::{DecodeError, ErasedEntity};
 use crate::ids::{EntityAddress, EntityId, EntityType, RunnerId};
 use crate::message_storage::Reply;
+use crate::retry::RetryClass;
 use crate::runner_storage::RunnerStorage;
 use crate::status::ClusterStatus;
 
@@ -52,8 +53,14 @@ pub struct ErrorDetail {
     pub code: String,
     /// What went wrong, naming the field where one is to blame.
     pub message: String,
-    /// Whether sending the same request again may succeed.
+    /// Whether sending the same request again may succeed (`retry` is not `never`).
     pub retryable: bool,
+    /// What sending the same request again can do: `safe` (nothing ran, nothing stored),
+    /// `safe_with_same_key` (the message is stored and runs: resend with the same
+    /// `Idempotency-Key` and it is deduplicated), `may_run_twice` (a volatile message that
+    /// may have run, or a stored one sent without a key), `never` (final: a resend gets the
+    /// same answer).
+    pub retry: RetryClass,
 }
 
 /// `?persisted=`: must agree with the message's type when given.
@@ -150,9 +157,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 404, description = "Unknown entity type", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "The handler answered with an error", body = ErrorBody),
-        (status = 429, description = "Mailbox full; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Owner unavailable; retryable", body = ErrorBody),
-        (status = 504, description = "No reply before the deadline", body = ErrorBody),
+        (status = 429, description = "Mailbox full; see Retry-After; `retry` is `safe`", body = ErrorBody),
+        (status = 503, description = "Owner or storage unavailable; `retry` says whether it may have run", body = ErrorBody),
+        (status = 504, description = "No reply before the deadline; `retry` is `safe_with_same_key` for a stored message sent with a key", body = ErrorBody),
     ),
     tag = "entities"
 )]
@@ -228,7 +235,13 @@ pub(crate) async fn send_message(
     request.idempotency_key = key;
     request.timeout = Some(timeout);
     request.request_id = Some(request_id.0);
-    match state.client.ask(request).await? {
+    let keyed = request.idempotency_key.is_some();
+    let answer = state.client.ask(request).await.map_err(|error| {
+        let error = ApiError::from(error);
+        // An HTTP caller has no way to name a stored message but its key.
+        if keyed { error } else { error.without_key() }
+    })?;
+    match answer {
         Reply::Ok { value } => Ok(Json(SendResponse {
             reply: value,
             entity: address.to_string(),
@@ -307,6 +320,8 @@ pub(crate) async fn explain(
             .map_err(|e| ApiError::Unavailable {
                 code: "storage_unavailable",
                 message: e.to_string(),
+                // A read: nothing runs.
+                retry: RetryClass::Safe,
             })?;
     let status = state
         .client
@@ -328,10 +343,12 @@ pub(crate) async fn explain(
     }))
 }
 
+/// A read of runner storage failed (read-only routes: nothing runs, resending is safe).
 fn storage_unavailable(error: crate::runner_storage::StorageError) -> ApiError {
     ApiError::Unavailable {
         code: "storage_unavailable",
         message: error.to_string(),
+        retry: RetryClass::Safe,
     }
 }
 
@@ -427,6 +444,8 @@ pub(crate) async fn cron(
         .map_err(|e| ApiError::Unavailable {
             code: "storage_unavailable",
             message: e.to_string(),
+            // A read: nothing runs.
+            retry: RetryClass::Safe,
         })?;
     Ok(Json(listing))
 }
