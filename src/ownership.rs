@@ -354,7 +354,6 @@ impl OwnershipLoop {
             return Ok(());
         }
         inc.watchers.sync(me, &ids);
-        self.end_hung_peers(inc, me, budget).await;
         let assignment = assign(self.config.sharding, &ids);
         let desired: BTreeSet<ShardId> = assignment.shards_of(me).collect();
 
@@ -386,6 +385,8 @@ impl OwnershipLoop {
             }
         }
         self.publish_holdings(inc);
+        // After acquiring: judging peers is never on the path of a takeover.
+        self.end_hung_peers(inc, me, budget).await;
         if inc.polls.is_multiple_of(240) {
             self.prune_dead_registrations().await;
         }
