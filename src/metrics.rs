@@ -26,6 +26,10 @@ pub const ENTITIES_RESIDENT: &str = "shoal_entities_resident";
 pub const MESSAGES_PROCESSED: &str = "shoal_messages_processed_total";
 /// Persisted messages delivered again by a backlog scan.
 pub const MESSAGES_REDELIVERED: &str = "shoal_messages_redelivered_total";
+/// Backlog scan pages read (one query each).
+pub const BACKLOG_SCANS: &str = "shoal_backlog_scans_total";
+/// Rows those backlog scan pages returned.
+pub const BACKLOG_SCAN_ROWS: &str = "shoal_backlog_scan_rows_total";
 /// Volatile sends refused because the entity's mailbox was full.
 pub const MAILBOX_FULL: &str = "shoal_mailbox_full_total";
 /// Entity restarts after a handler panic or retryable error.
@@ -87,6 +91,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         MESSAGES_REDELIVERED,
         "Persisted messages delivered again by a scan."
     );
+    describe_counter!(BACKLOG_SCANS, "Backlog scan pages read.");
+    describe_counter!(BACKLOG_SCAN_ROWS, "Rows read by backlog scans.");
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
     describe_counter!(REDIS_COMMANDS, "Redis commands sent (each attempt).");
@@ -106,6 +112,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Envelopes per batch delivery request sent to a runner."
     );
     Ok(handle)
+}
+
+pub(crate) fn backlog_scanned(rows: usize) {
+    counter!(BACKLOG_SCANS).increment(1);
+    counter!(BACKLOG_SCAN_ROWS).increment(rows as u64);
 }
 
 pub(crate) fn singletons_running(n: usize) {

@@ -126,6 +126,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             max_resident_entities: config.runner.max_resident_entities,
             scan_interval: config.runner.scan_interval,
             max_attempts: config.runner.max_delivery_attempts,
+            type_wait_backoff: config.runner.type_wait_backoff,
+            recent_replies_bytes: config.runner.recent_replies_bytes,
             ..RuntimeConfig::default()
         },
         runner_id_rx.clone(),

@@ -216,6 +216,10 @@ impl From<DeliveryError> for ApiError {
                 code: "unknown_entity_type",
                 message: format!("no entity type `{t}`"),
             },
+            DeliveryError::TypeNotDeployed(_) => Self::Unavailable {
+                code: "type_not_deployed",
+                message: error.to_string(),
+            },
             DeliveryError::BadMessage(message) => Self::bad_request("bad_message", message),
             DeliveryError::Timeout => Self::Timeout {
                 message: "the runner did not answer in time".to_owned(),
