@@ -71,11 +71,29 @@ pub const CACHE_DECODE_ERRORS: &str = "shoal_cache_decode_errors_total";
 /// Cache operation latency, by cache and operation.
 pub const CACHE_DURATION: &str = "shoal_cache_duration_seconds";
 
+/// How often histogram samples recorded since the last upkeep are folded into their
+/// summaries.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
+///
+/// Also starts the recorder's upkeep on a thread of its own: `install_recorder` does not,
+/// and without it every histogram sample is kept until `/metrics` is scraped, so a process
+/// nobody scrapes grows with every request it serves.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|e| format!("cannot start metrics upkeep: {e}"))?;
     describe_gauge!(
         RUNNERS_ALIVE,
         "Live runners seen by this runner's last poll."
