@@ -299,6 +299,10 @@ pub struct RunnerConfig {
     /// its shards together; older ones are read from storage when asked for. Default
     /// 16777216 (16 MiB).
     pub recent_replies_bytes: usize,
+    /// Entity types of this build the runner does not host, as if it ran an older version
+    /// without them: their persisted messages wait (see `type-wait-backoff`). For
+    /// rolling-upgrade drills and tests; each must be a registered type. Default empty.
+    pub skip_entity_types: Vec<String>,
 }
 
 impl Default for RunnerConfig {
@@ -319,6 +323,7 @@ impl Default for RunnerConfig {
             max_delivery_attempts: 5,
             type_wait_backoff: Duration::from_secs(4),
             recent_replies_bytes: 16 * 1024 * 1024,
+            skip_entity_types: Vec::new(),
         }
     }
 }

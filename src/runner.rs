@@ -66,6 +66,7 @@ pub struct RunnerParams {
 pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<(), RunnerError> {
     let config = &params.config;
     let schedules = check_cron_targets(config, &params.registry)?;
+    let registry = hosted_types(&params.registry, &config.runner.skip_entity_types)?;
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
     // Liveness reads get their own small pool, so a burst of message work can never delay
@@ -119,7 +120,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
 
     let (runner_id_tx, runner_id_rx) = watch::channel(None);
     let runtime = EntityRuntime::new(
-        params.registry.clone(),
+        registry,
         messages.clone(),
         RuntimeConfig {
             sharding: config.sharding(),
@@ -206,6 +207,22 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     pool.close().await;
     control_pool.close().await;
     result
+}
+
+/// The registry without `runner.skip-entity-types` (each must be registered: a typo would
+/// otherwise host everything silently).
+fn hosted_types(registry: &EntityRegistry, skip: &[String]) -> Result<EntityRegistry, RunnerError> {
+    let mut hosted = registry.clone();
+    for name in skip {
+        let known = crate::ids::EntityType::new(name.as_str())
+            .is_ok_and(|entity_type| hosted.remove(&entity_type));
+        if !known {
+            return Err(RunnerError::Config(format!(
+                "runner.skip-entity-types: `{name}` is not a registered entity type"
+            )));
+        }
+    }
+    Ok(hosted)
 }
 
 /// Every cron schedule must target a registered type with a persisted message that decodes.
