@@ -473,6 +473,13 @@ impl ShoalClient {
                         {
                             return Err(error.into());
                         }
+                        // Stored, and waiting on its owner for the type: retrying before
+                        // the owner's backoff ends cannot help; the caller is told now.
+                        Err(TransportError::Delivery(
+                            error @ DeliveryError::TypeNotDeployed(_),
+                        )) => {
+                            return Err(error.into());
+                        }
                         Err(TransportError::Unauthorized(_)) => {
                             return Err(ClientError::Unauthorized);
                         }

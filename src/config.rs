@@ -297,7 +297,22 @@ pub struct RunnerConfig {
     #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
     /// Delivery attempts before a failing message is completed with an error. Default 5.
+    /// Also bounds how often a message whose entity type this runner lacks is retried.
     pub max_delivery_attempts: i32,
+    /// First wait of a persisted message whose entity type this runner does not have (a
+    /// rolling upgrade); doubles per attempt up to 32 ×. With the default 5 attempts it
+    /// waits 4 + 8 + 16 + 32 + 64 s ≈ 2 min before it is answered `unknown_entity_type`.
+    /// Default `4s`.
+    #[serde(with = "humantime_serde")]
+    pub type_wait_backoff: Duration,
+    /// Bytes (estimated) of recently completed replies the runner keeps in memory, for all
+    /// its shards together; older ones are read from storage when asked for. Default
+    /// 16777216 (16 MiB).
+    pub recent_replies_bytes: usize,
+    /// Entity types of this build the runner does not host, as if it ran an older version
+    /// without them: their persisted messages wait (see `type-wait-backoff`). For
+    /// rolling-upgrade drills and tests; each must be a registered type. Default empty.
+    pub skip_entity_types: Vec<String>,
 }
 
 impl Default for RunnerConfig {
@@ -318,6 +333,9 @@ impl Default for RunnerConfig {
             max_resident_entities: 100_000,
             scan_interval: Duration::from_secs(1),
             max_delivery_attempts: 5,
+            type_wait_backoff: Duration::from_secs(4),
+            recent_replies_bytes: 16 * 1024 * 1024,
+            skip_entity_types: Vec::new(),
         }
     }
 }
@@ -504,6 +522,7 @@ impl RunnerConfig {
             ("runner.lock-deadline", self.lock_deadline),
             ("runner.keepalive-idle", self.keepalive_idle),
             ("runner.keepalive-interval", self.keepalive_interval),
+            ("runner.type-wait-backoff", self.type_wait_backoff),
         ];
         for (key, value) in positive {
             if value < Duration::from_millis(10) {

@@ -523,6 +523,11 @@ impl EntityRegistry {
         self.types.get(entity_type)
     }
 
+    /// Removes a type; returns whether it was registered.
+    pub fn remove(&mut self, entity_type: &EntityType) -> bool {
+        self.types.remove(entity_type).is_some()
+    }
+
     /// Every registered type name.
     pub fn names(&self) -> impl Iterator<Item = &EntityType> {
         self.types.keys()

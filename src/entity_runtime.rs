@@ -13,10 +13,17 @@
 //! - A handler that panics or fails retryably kills only its entity actor: the shard actor
 //!   restarts it with backoff and replays its in-flight persisted messages from storage;
 //!   after `max_attempts` a message is completed with an error reply instead of looping.
+//! - A persisted message whose type this runner does not have waits in storage with backoff
+//!   (`TypeNotDeployed` to its callers) and is completed with `unknown_entity_type` after
+//!   `max_attempts` (see `shard/recovery.rs`).
+//! - Replies completed recently are remembered runner-wide within a byte budget
+//!   ([`recent`]); callers are otherwise answered from storage.
 //! - On drain the shard refuses new work, waits for in-flight work, then stops; on fencing
 //!   it stops at once (its completions would be refused by the epoch check anyway).
 
+mod bounded;
 mod entity_actor;
+mod recent;
 mod shard;
 
 use std::collections::HashMap;
@@ -35,7 +42,8 @@ use crate::message_storage::{MessageStorage, Reply, StoredMessage};
 use crate::ownership::ShardLifecycle;
 use crate::sharding::Sharding;
 
-use shard::{ShardActor, ShardArgs, ShardMsg};
+use recent::RecentReplies;
+use shard::{ScanKind, ShardActor, ShardArgs, ShardMsg};
 
 /// Why a delivery was not handled. Each variant says whether the sender may retry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -53,6 +61,14 @@ pub enum DeliveryError {
     /// No such entity type.
     #[error("unknown entity type `{0}`")]
     UnknownEntityType(String),
+    /// The owner does not have this entity type (yet: a rolling upgrade). The persisted
+    /// message is stored and waits for it with backoff; after the owner's
+    /// `max-delivery-attempts` it is completed with the error reply `unknown_entity_type`.
+    /// Retrying (with the same idempotency key) later reads what became of it.
+    #[error(
+        "entity type `{0}` is not deployed on its owner; the message is stored and runs once it is (or is answered `unknown_entity_type` after the owner's attempts)"
+    )]
+    TypeNotDeployed(String),
     /// The message does not decode for the type.
     #[error("{0}")]
     BadMessage(String),
@@ -121,8 +137,13 @@ pub struct RuntimeConfig {
     pub scan_batch: usize,
     /// Delivery attempts before a message that keeps failing gets an error reply.
     pub max_attempts: i32,
-    /// First restart backoff of a failed entity (doubles up to 30 × this).
+    /// First restart backoff of a failed entity (doubles up to 32 × this).
     pub restart_backoff: Duration,
+    /// First wait of a persisted message whose entity type this runner does not have
+    /// (doubles per attempt, up to 32 × this).
+    pub type_wait_backoff: Duration,
+    /// Bytes of recently completed replies the runner remembers (all shards together).
+    pub recent_replies_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -135,6 +156,8 @@ impl Default for RuntimeConfig {
             scan_batch: 1000,
             max_attempts: 5,
             restart_backoff: Duration::from_millis(100),
+            type_wait_backoff: Duration::from_secs(4),
+            recent_replies_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -156,6 +179,7 @@ pub(crate) struct Shared {
     config: RuntimeConfig,
     runner_id: watch::Receiver<Option<RunnerId>>,
     resident: AtomicUsize,
+    recent: RecentReplies,
 }
 
 impl Shared {
@@ -192,6 +216,7 @@ impl EntityRuntime {
         config: RuntimeConfig,
         runner_id: watch::Receiver<Option<RunnerId>>,
     ) -> Self {
+        let recent = RecentReplies::new(config.recent_replies_bytes);
         Self {
             shared: Arc::new(Shared {
                 registry,
@@ -199,6 +224,7 @@ impl EntityRuntime {
                 config,
                 runner_id,
                 resident: AtomicUsize::new(0),
+                recent,
             }),
             shards: Arc::new(Mutex::new(HashMap::new())),
             acquired: Arc::new(Mutex::new(Vec::new())),
@@ -236,6 +262,12 @@ impl EntityRuntime {
         self.shared.resident.load(Ordering::Relaxed)
     }
 
+    /// Estimated bytes of recently completed replies this runner remembers (at most
+    /// `recent_replies_bytes`).
+    pub fn recent_replies_bytes(&self) -> usize {
+        self.shared.recent.bytes()
+    }
+
     /// The registry of types this runtime hosts.
     pub fn registry(&self) -> &EntityRegistry {
         &self.shared.registry
@@ -248,10 +280,13 @@ impl EntityRuntime {
         shards
     }
 
-    /// Hands a message to its entity and waits for the reply.
+    /// Hands a message to its entity and waits for the reply. A volatile message of a type
+    /// this runner does not have is refused; a persisted one is stored already, so its
+    /// shard keeps it waiting for the type (`TypeNotDeployed`).
     pub async fn deliver(&self, delivery: Delivery) -> Result<Reply, DeliveryError> {
         let address = delivery.address();
-        if self.shared.registry.get(&address.entity_type).is_none() {
+        let volatile = matches!(delivery, Delivery::Volatile { .. });
+        if volatile && self.shared.registry.get(&address.entity_type).is_none() {
             return Err(DeliveryError::UnknownEntityType(
                 address.entity_type.to_string(),
             ));
@@ -319,7 +354,7 @@ impl EntityRuntime {
                     let map = self.shards_lock();
                     for shard in found {
                         if let Some(actor) = map.get(&shard) {
-                            let _ = actor.send_message(ShardMsg::Scan { initial: false });
+                            let _ = actor.send_message(ShardMsg::Scan(ScanKind::Settled));
                         }
                     }
                 }
@@ -348,7 +383,7 @@ impl EntityRuntime {
         let map = self.shards_lock();
         for shard in with_backlog {
             if let Some(actor) = map.get(&shard) {
-                let _ = actor.send_message(ShardMsg::Scan { initial: true });
+                let _ = actor.send_message(ShardMsg::Scan(ScanKind::Acquired));
             }
         }
     }

@@ -7,7 +7,8 @@
 //!   message again under its id is a no-op; a *different* message under a taken id is
 //!   refused with [`MessageStorageError::IdTaken`], never merged into the first.
 //! - [`MessageStorage::unprocessed`] lists a shard's backlog in id (insertion) order, only
-//!   rows whose `deliver_at` has come.
+//!   rows whose `deliver_at` has come; [`MessageStorage::unprocessed_after`] pages through
+//!   it by id.
 //! - [`MessageStorage::complete`] marks a message processed, stores its one reply and
 //!   writes the entity's new state **in one transaction that commits only if the shard's
 //!   epoch is still the completing owner's** and the message was not already processed.
@@ -184,7 +185,28 @@ pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
         shard: ShardId,
         now: DateTime<Utc>,
         limit: usize,
+    ) -> Result<Vec<StoredMessage>, MessageStorageError> {
+        self.unprocessed_after(shard, now, None, limit).await
+    }
+
+    /// One page of [`MessageStorage::unprocessed`]: only ids above `after` (a scan's
+    /// cursor; `None` starts at the beginning).
+    async fn unprocessed_after(
+        &self,
+        shard: ShardId,
+        now: DateTime<Utc>,
+        after: Option<MessageId>,
+        limit: usize,
     ) -> Result<Vec<StoredMessage>, MessageStorageError>;
+
+    /// Counts one more delivery attempt of an unprocessed message and makes it due no
+    /// earlier than `until` (a message its owner cannot run yet waits there, out of the
+    /// way of scans).
+    async fn postpone(
+        &self,
+        id: MessageId,
+        until: DateTime<Utc>,
+    ) -> Result<(), MessageStorageError>;
 
     /// The earliest `deliver_at` after `now` among `shard`'s unprocessed messages.
     async fn next_due(

@@ -33,6 +33,10 @@ pub const ENTITIES_RESIDENT: &str = "shoal_entities_resident";
 pub const MESSAGES_PROCESSED: &str = "shoal_messages_processed_total";
 /// Persisted messages delivered again by a backlog scan.
 pub const MESSAGES_REDELIVERED: &str = "shoal_messages_redelivered_total";
+/// Backlog scan pages read (one query each).
+pub const BACKLOG_SCANS: &str = "shoal_backlog_scans_total";
+/// Rows those backlog scan pages returned.
+pub const BACKLOG_SCAN_ROWS: &str = "shoal_backlog_scan_rows_total";
 /// Volatile sends refused because the entity's mailbox was full.
 pub const MAILBOX_FULL: &str = "shoal_mailbox_full_total";
 /// Entity restarts after a handler panic or retryable error.
@@ -74,11 +78,29 @@ pub const CACHE_DECODE_ERRORS: &str = "shoal_cache_decode_errors_total";
 /// Cache operation latency, by cache and operation.
 pub const CACHE_DURATION: &str = "shoal_cache_duration_seconds";
 
+/// How often histogram samples recorded since the last upkeep are folded into their
+/// summaries.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the global Prometheus recorder and describes every metric. Call once per process.
+///
+/// Also starts the recorder's upkeep on a thread of its own: `install_recorder` does not,
+/// and without it every histogram sample is kept until `/metrics` is scraped, so a process
+/// nobody scrapes grows with every request it serves.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install metrics recorder: {e}"))?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|e| format!("cannot start metrics upkeep: {e}"))?;
     describe_gauge!(
         RUNNERS_ALIVE,
         "Live runners seen by this runner's last poll."
@@ -103,6 +125,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         MESSAGES_REDELIVERED,
         "Persisted messages delivered again by a scan."
     );
+    describe_counter!(BACKLOG_SCANS, "Backlog scan pages read.");
+    describe_counter!(BACKLOG_SCAN_ROWS, "Rows read by backlog scans.");
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
     describe_counter!(REDIS_COMMANDS, "Redis commands sent (each attempt).");
@@ -122,6 +146,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Envelopes per batch delivery request sent to a runner."
     );
     Ok(handle)
+}
+
+pub(crate) fn backlog_scanned(rows: usize) {
+    counter!(BACKLOG_SCANS).increment(1);
+    counter!(BACKLOG_SCAN_ROWS).increment(rows as u64);
 }
 
 pub(crate) fn singletons_running(n: usize) {

@@ -83,6 +83,9 @@ impl DeliveryError {
             Self::HandlerFailed(_) => RetryClass::MayRunTwice,
             // The runner gave up waiting; the admitted message may still run.
             Self::Timeout => RetryClass::MayRunTwice,
+            // Only persisted messages wait for their type: the message is stored and runs
+            // once the type is deployed (or ends with `unknown_entity_type`).
+            Self::TypeNotDeployed(_) => RetryClass::SafeWithSameKey,
         }
     }
 }
@@ -155,6 +158,10 @@ mod tests {
                 RetryClass::MayRunTwice,
             ),
             (DeliveryError::Timeout, RetryClass::MayRunTwice),
+            (
+                DeliveryError::TypeNotDeployed("probe".into()),
+                RetryClass::SafeWithSameKey,
+            ),
         ];
         for (error, class) in cases {
             assert_eq!(error.retry_class(), class, "{error:?}");

@@ -68,6 +68,7 @@ pub struct RunnerParams {
 pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<(), RunnerError> {
     let config = &params.config;
     let schedules = check_cron_targets(config, &params.registry)?;
+    let registry = hosted_types(&params.registry, &config.runner.skip_entity_types)?;
     let db = &config.database;
     // Every session of this process carries its tag, so peers that find it hung can end
     // them all (see `runner_storage::RunnerStorage::end_hung`).
@@ -127,13 +128,15 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
 
     let (runner_id_tx, runner_id_rx) = watch::channel(None);
     let runtime = EntityRuntime::new(
-        params.registry.clone(),
+        registry,
         messages.clone(),
         RuntimeConfig {
             sharding: config.sharding(),
             max_resident_entities: config.runner.max_resident_entities,
             scan_interval: config.runner.scan_interval,
             max_attempts: config.runner.max_delivery_attempts,
+            type_wait_backoff: config.runner.type_wait_backoff,
+            recent_replies_bytes: config.runner.recent_replies_bytes,
             ..RuntimeConfig::default()
         },
         runner_id_rx.clone(),
@@ -214,6 +217,22 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     pool.close().await;
     control_pool.close().await;
     result
+}
+
+/// The registry without `runner.skip-entity-types` (each must be registered: a typo would
+/// otherwise host everything silently).
+fn hosted_types(registry: &EntityRegistry, skip: &[String]) -> Result<EntityRegistry, RunnerError> {
+    let mut hosted = registry.clone();
+    for name in skip {
+        let known = crate::ids::EntityType::new(name.as_str())
+            .is_ok_and(|entity_type| hosted.remove(&entity_type));
+        if !known {
+            return Err(RunnerError::Config(format!(
+                "runner.skip-entity-types: `{name}` is not a registered entity type"
+            )));
+        }
+    }
+    Ok(hosted)
 }
 
 /// Every cron schedule must target a registered type with a persisted message that decodes.

@@ -1,6 +1,12 @@
 //! Singletons: named long-running tasks that run on exactly one runner, the owner of
 //! `shard_of(name)`. A singleton starts when that shard is acquired and is cancelled when
 //! the shard is drained (it gets `grace` to finish) or fenced (it is aborted at once).
+//!
+//! Invariant: a singleton never runs after its shard's lock is released. Every running
+//! singleton is held by a [`Running`] whose drop aborts its task, so when the ownership
+//! loop's drain timer gives up on a drain (dropping the drain future) every singleton still
+//! in it is aborted, not detached. The singletons of one shard are drained side by side,
+//! each with its own `grace`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,9 +81,29 @@ impl Singleton {
     }
 }
 
+/// A running singleton. Dropping it cancels and aborts the task: a `JoinHandle` dropped on
+/// its own would detach it and let it outlive its shard's lock.
 struct Running {
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Cancels the singleton, gives it `grace` to return, then aborts it.
+    async fn stop(mut self, name: &str, grace: Duration) {
+        self.cancel.cancel();
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            tracing::warn!(singleton = %name, ?grace, "singleton ignored cancellation; aborting");
+        }
+        // `self` drops here: aborts the task if it is still running.
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+    }
 }
 
 /// Runs each registered singleton while this runner owns its shard.
@@ -163,13 +189,11 @@ impl ShardLifecycle for Singletons {
             };
             tracing::info!(singleton = %singleton.name, %shard, %epoch, "singleton starting");
             let task = tokio::spawn((singleton.run)(ctx));
-            if let Some(old) = self
-                .running()
-                .insert(singleton.name.clone(), Running { cancel, task })
-            {
-                old.cancel.cancel();
-                old.task.abort();
-            }
+            // A replaced one is aborted by its drop.
+            drop(
+                self.running()
+                    .insert(singleton.name.clone(), Running { cancel, task }),
+            );
             crate::metrics::singletons_running(self.running_names().len());
         }
     }
@@ -179,15 +203,13 @@ impl ShardLifecycle for Singletons {
         let grace = self.grace;
         let this = self.clone();
         Box::pin(async move {
-            for (name, running) in stopping {
-                running.cancel.cancel();
-                let abort = running.task.abort_handle();
-                if tokio::time::timeout(grace, running.task).await.is_err() {
-                    tracing::warn!(singleton = %name, ?grace, "singleton ignored cancellation; aborting");
-                    abort.abort();
-                }
+            // Side by side, each with its full grace; if this future is dropped first (the
+            // drain timed out), every `Running` left in it aborts its task as it drops.
+            let stops = stopping.into_iter().map(|(name, running)| async move {
+                running.stop(&name, grace).await;
                 tracing::info!(singleton = %name, "singleton stopped");
-            }
+            });
+            futures::future::join_all(stops).await;
             crate::metrics::singletons_running(this.running_names().len());
         })
     }
@@ -195,8 +217,7 @@ impl ShardLifecycle for Singletons {
     fn fenced(&self, shards: &[ShardId]) {
         for shard in shards {
             for (name, running) in self.take(*shard) {
-                running.cancel.cancel();
-                running.task.abort();
+                drop(running);
                 tracing::warn!(singleton = %name, "singleton aborted: runner fenced");
             }
         }
@@ -271,5 +292,51 @@ mod tests {
         }
         singletons.fenced(&[shard]);
         assert!(singletons.running_names().is_empty());
+    }
+
+    /// Sends on its channel when dropped (when the singleton's future is dropped).
+    struct Stopped(Option<tokio::sync::oneshot::Sender<()>>);
+
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn singletons_never_outlive_a_drain_that_was_given_up() {
+        // One shard: both singletons follow it. Neither honours cancellation.
+        let sharding = Sharding::new(NonZeroU32::new(1).expect("non-zero"));
+        let mut stopped = Vec::new();
+        let mut singletons = Vec::new();
+        for name in ["first", "second"] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            stopped.push(rx);
+            let guard = Arc::new(Mutex::new(Some(Stopped(Some(tx)))));
+            singletons.push(Singleton::new(name, move |_ctx| {
+                let guard = guard.lock().expect("not poisoned").take();
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<()>().await;
+                }
+            }));
+        }
+        let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
+        let singletons = Singletons::new(sharding, singletons, rx, Duration::from_secs(60));
+        let shard = ShardId::new(0);
+        singletons.acquired(shard, Epoch::new(1));
+        assert_eq!(singletons.running_names().len(), 2);
+        // The ownership loop's drain timer fires long before the singletons' grace.
+        let drain = tokio::time::timeout(Duration::from_millis(50), singletons.drain(shard));
+        assert!(drain.await.is_err(), "the drain was given up");
+        // The lock is released now: neither singleton may still run.
+        for rx in stopped {
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .expect("the singleton was aborted when its drain was given up")
+                .expect("signalled");
+        }
     }
 }

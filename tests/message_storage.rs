@@ -493,6 +493,55 @@ mod suite {
         assert_eq!(attempts, vec![(a.id, 3), (b.id, 1)]);
         Ok(())
     }
+
+    pub async fn unprocessed_after_pages_by_id(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let rows: Vec<NewMessage> = (0..5)
+            .map(|n| message(ids.next_id(), 11, &format!("p{n}"), None))
+            .collect::<anyhow::Result<_>>()?;
+        for m in &rows {
+            storage.save(m.clone()).await?;
+        }
+        let shard = ShardId::new(11);
+        let now = Utc::now();
+        let first = storage.unprocessed_after(shard, now, None, 2).await?;
+        assert_eq!(ids_of(&first), vec![rows[0].id, rows[1].id]);
+        let second = storage
+            .unprocessed_after(shard, now, Some(rows[1].id), 2)
+            .await?;
+        assert_eq!(ids_of(&second), vec![rows[2].id, rows[3].id]);
+        let last = storage
+            .unprocessed_after(shard, now, Some(rows[3].id), 2)
+            .await?;
+        assert_eq!(ids_of(&last), vec![rows[4].id]);
+        assert_eq!(
+            storage
+                .unprocessed_after(shard, now, Some(rows[4].id), 2)
+                .await?,
+            vec![]
+        );
+        Ok(())
+    }
+
+    pub async fn postpone_counts_an_attempt_and_moves_the_due_time(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let m = message(ids.next_id(), 12, "later", None)?;
+        storage.save(m.clone()).await?;
+        let until = whole_seconds_from_now(3600)?;
+        storage.postpone(m.id, until).await?;
+        let shard = ShardId::new(12);
+        assert_eq!(storage.unprocessed(shard, Utc::now(), 10).await?, vec![]);
+        assert_eq!(storage.next_due(shard, Utc::now()).await?, Some(until));
+        let due = storage.unprocessed(shard, until, 10).await?;
+        assert_eq!(ids_of(&due), vec![m.id]);
+        assert_eq!(due[0].attempts, 1);
+        assert_eq!(due[0].deliver_at, Some(until));
+        Ok(())
+    }
 }
 
 /// Declares one `#[tokio::test]` per conformance case, each run through `$run` (a function
@@ -512,6 +561,8 @@ macro_rules! conformance_tests {
             state_commits_only_with_its_completion,
             concurrent_completions_store_exactly_one_reply,
             record_attempts_counts_deliveries,
+            unprocessed_after_pages_by_id,
+            postpone_counts_an_attempt_and_moves_the_due_time,
         );
     };
     (@cases $run:path; $($case:ident),* $(,)?) => {

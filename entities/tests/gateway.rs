@@ -1001,3 +1001,65 @@ async fn openapi_and_metrics_are_served() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// A type the gateway has and the owner does not (a rolling upgrade)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_its_owner_lacks_waits_is_explained_and_ends_with_the_stored_error()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::new(SHARDS).await?;
+    let env = [
+        ("SHOAL__RUNNER__SKIP_ENTITY_TYPES", "[\"probe\"]"),
+        ("SHOAL__RUNNER__TYPE_WAIT_BACKOFF", "300ms"),
+        ("SHOAL__RUNNER__MAX_DELIVERY_ATTEMPTS", "3"),
+    ];
+    let runner = cluster
+        .start_runner_with(RunnerOptions {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..RunnerOptions::default()
+        })
+        .await?;
+    cluster.await_balanced(&[&runner]).await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    let key = [("idempotency-key", "upgrade-1")];
+    let path = "/entities/probe/p1/record";
+
+    // Stored, and the caller is told it waits for its type: retryable, not "unknown".
+    let sent = http.post_json(path, &json!({"value": 1}), &key).await?;
+    ensure!(sent.status == 503, "{} {}", sent.status, sent.text());
+    ensure!(
+        sent.error()? == ("type_not_deployed".to_owned(), true),
+        "{}",
+        sent.text()
+    );
+    let explain = http.get("/entities/probe/p1").await?.json()?;
+    ensure!(
+        explain["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not deployed on this runner")),
+        "{explain}"
+    );
+
+    // After the bounded attempts the stored message is answered `unknown_entity_type`, and
+    // that is what a retry under the same key reads.
+    wait_until(
+        DEADLINE,
+        "the waiting message gets its final reply",
+        || async {
+            let retry = http.post_json(path, &json!({"value": 1}), &key).await?;
+            Ok(retry.status == 422 && retry.error()?.0 == "unknown_entity_type")
+        },
+    )
+    .await?;
+    let explain = http.get("/entities/probe/p1").await?.json()?;
+    ensure!(explain["unprocessed"] == json!(0), "{explain}");
+    // Nothing is left stalled: readiness is green.
+    await_readiness(&gateway, "ready with nothing waiting", 200, &[]).await?;
+    Ok(())
+}

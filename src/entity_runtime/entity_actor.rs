@@ -364,7 +364,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Writes a completion. Also says whether the entity's memory still matches storage
 /// (false when this completion's state change was not written).
-async fn complete(storage: &dyn MessageStorage, completion: Completion) -> (WorkOutcome, bool) {
+pub(crate) async fn complete(
+    storage: &dyn MessageStorage,
+    completion: Completion,
+) -> (WorkOutcome, bool) {
     let id = completion.message_id;
     let reply = completion.reply.clone();
     match storage.complete(completion).await {

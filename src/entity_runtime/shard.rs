@@ -1,6 +1,19 @@
 //! The supervisor of one owned shard: admits deliveries, owns the entity actors of the
 //! shard, scans the shard's backlog, restarts failed entities with backoff, and drains or
 //! stops with the shard. All of the shard's in-memory bookkeeping has this one owner.
+//!
+//! Every caller waiting on a persisted message is answered with what storage holds: the
+//! reply a completion committed, a stored reply read back (a duplicate whose original was
+//! completed elsewhere or long ago, a completion that committed but reported an error),
+//! or an error (the shard moved; the transport's deadline). Per-entity maps are bounded:
+//! live entities by the runner's resident cap, last errors by [`LAST_ERRORS_PER_SHARD`],
+//! restart backoffs by [`BACKOFFS_PER_SHARD`], overflowed entities by the stored backlog
+//! (each has unprocessed rows; a finished scan pass prunes the rest), waiters by their
+//! callers (closed ones are dropped every tick).
+
+mod answers;
+mod recovery;
+mod scan;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -13,10 +26,15 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::bounded::BoundedMap;
 use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
-use super::{Delivery, DeliveryError, EntityStatus, Shared, older_than};
+use super::{Delivery, DeliveryError, EntityStatus, Shared};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
-use crate::message_storage::{Completion, Reply, StoredMessage};
+use crate::message_storage::{Reply, StoredMessage};
+
+use answers::Waiting;
+pub(crate) use scan::ScanKind;
+use scan::ScanState;
 
 type ReplyTx = oneshot::Sender<Result<Reply, DeliveryError>>;
 
@@ -41,15 +59,19 @@ pub(crate) enum ShardMsg {
         id: Option<MessageId>,
         outcome: WorkOutcome,
     },
-    Scan {
-        initial: bool,
-    },
+    Scan(ScanKind),
     Scanned {
         messages: Vec<StoredMessage>,
-        initial: bool,
         next_due: Option<chrono::DateTime<Utc>>,
     },
     ScanFailed(String),
+    /// What storage holds for a message callers wait on (`None`: not processed yet).
+    StoredReply {
+        id: MessageId,
+        reply: Option<Reply>,
+    },
+    /// A message waiting for its type was postponed in storage (or could not be).
+    Postponed(MessageId),
     Tick,
     Status(EntityAddress, oneshot::Sender<EntityStatus>),
     Drain(oneshot::Sender<()>),
@@ -69,6 +91,36 @@ enum Pending {
     Volatile(ReplyTx),
 }
 
+/// Where a stored message comes from when it is dispatched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Pushed by its sender: it waits behind an overflowed entity's stored backlog.
+    Push,
+    /// Found by a backlog scan, which delivers in id order.
+    Scan,
+}
+
+/// What became of a stored message handed to [`ShardState::dispatch_persisted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatch {
+    /// Given to its entity: one more delivery attempt.
+    Delivered,
+    /// Left in storage for a later scan (no room, or it would overtake older ones).
+    Stays,
+    /// Dealt with without running it: completed with an error, or postponed.
+    Settled,
+}
+
+/// Distinct entities whose last error a shard remembers (for explain).
+pub(crate) const LAST_ERRORS_PER_SHARD: usize = 64;
+/// Longest last error kept, in bytes (longer ones are cut).
+const LAST_ERROR_BYTES: usize = 512;
+/// Distinct entities whose restart backoff a shard remembers; past it the oldest entry is
+/// forgotten (that entity restarts without waiting out its backoff).
+const BACKOFFS_PER_SHARD: usize = 4096;
+/// Shortest interval of the shard's tick (passivation, waiter rechecks).
+const TICK_MIN: Duration = Duration::from_millis(50);
+
 struct Slot {
     actor: ActorRef<EntityMsg>,
     /// Unfinished work by the shard's sequence number, in the order it was handed over.
@@ -77,8 +129,6 @@ struct Slot {
     max_idle: Duration,
 }
 
-const RECENT_REPLIES: usize = 4096;
-
 pub(crate) struct ShardState {
     shard: ShardId,
     epoch: Epoch,
@@ -86,17 +136,17 @@ pub(crate) struct ShardState {
     entities: HashMap<EntityAddress, Slot>,
     next_seq: u64,
     by_actor: HashMap<ActorId, EntityAddress>,
-    waiters: HashMap<MessageId, Vec<ReplyTx>>,
+    waiters: HashMap<MessageId, Waiting>,
+    /// Messages being handled, completed or postponed here (scans skip them).
     in_flight: HashSet<MessageId>,
-    recent: HashMap<MessageId, Reply>,
-    recent_order: VecDeque<MessageId>,
+    /// Messages whose stored reply is being read.
+    looking_up: HashSet<MessageId>,
     /// Entities whose backlog is (partly) only in storage: pushes for them wait for a scan.
     overflowed: HashSet<EntityAddress>,
     /// Restart count and the instant until which a failed entity stays down.
-    backoff: HashMap<EntityAddress, (u32, Instant)>,
-    last_errors: HashMap<EntityAddress, String>,
-    scanning: bool,
-    rescan: bool,
+    backoff: BoundedMap<EntityAddress, (u32, Instant)>,
+    last_errors: BoundedMap<EntityAddress, String>,
+    scan: ScanState,
     draining: Option<oneshot::Sender<()>>,
     ticker: Option<JoinHandle<()>>,
     due_timer: Option<(chrono::DateTime<Utc>, JoinHandle<()>)>,
@@ -113,11 +163,7 @@ impl Actor for ShardActor {
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
         // Passivation granularity; backlog scans are driven by the runtime's sweep.
-        let tick_every = args
-            .shared
-            .config
-            .scan_interval
-            .max(Duration::from_millis(50));
+        let tick_every = args.shared.config.scan_interval.max(TICK_MIN);
         let ticker_ref = myself.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick_every);
@@ -137,13 +183,11 @@ impl Actor for ShardActor {
             by_actor: HashMap::new(),
             waiters: HashMap::new(),
             in_flight: HashSet::new(),
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
+            looking_up: HashSet::new(),
             overflowed: HashSet::new(),
-            backoff: HashMap::new(),
-            last_errors: HashMap::new(),
-            scanning: false,
-            rescan: false,
+            backoff: BoundedMap::new(BACKOFFS_PER_SHARD),
+            last_errors: BoundedMap::new(LAST_ERRORS_PER_SHARD),
+            scan: ScanState::default(),
             draining: None,
             ticker: Some(ticker),
             due_timer: None,
@@ -173,15 +217,14 @@ impl Actor for ShardActor {
                 id,
                 outcome,
             } => state.done(&myself, address, seq, id, outcome),
-            ShardMsg::Scan { initial } => state.start_scan(&myself, initial),
-            ShardMsg::Scanned {
-                messages,
-                initial,
-                next_due,
-            } => state.scanned(&myself, messages, initial, next_due).await,
-            ShardMsg::ScanFailed(error) => {
-                tracing::warn!(shard = %state.shard, %error, "backlog scan failed");
-                state.scanning = false;
+            ShardMsg::Scan(kind) => state.request_scan(&myself, kind),
+            ShardMsg::Scanned { messages, next_due } => {
+                state.scanned(&myself, messages, next_due).await;
+            }
+            ShardMsg::ScanFailed(error) => state.scan_failed(&myself, error),
+            ShardMsg::StoredReply { id, reply } => state.stored_reply(id, reply),
+            ShardMsg::Postponed(id) => {
+                state.in_flight.remove(&id);
             }
             ShardMsg::Tick => state.tick(&myself),
             ShardMsg::Status(address, tx) => {
@@ -234,15 +277,15 @@ impl ShardState {
         match delivery {
             Delivery::Persisted { message, duplicate } => {
                 let id = message.id;
-                if let Some(stored) = self.recent.get(&id) {
-                    let _ = reply.send(Ok(stored.clone()));
+                if let Some(stored) = self.shared.recent.get(id) {
+                    let _ = reply.send(Ok(stored));
                     return;
                 }
                 if self.draining.is_some() {
                     let _ = reply.send(Err(DeliveryError::ShardMoving(self.shard)));
                     return;
                 }
-                self.waiters.entry(id).or_default().push(reply);
+                self.add_waiter(id, reply);
                 if self.in_flight.contains(&id) {
                     return;
                 }
@@ -252,12 +295,16 @@ impl ShardState {
                     if let Some(at) = message.deliver_at.filter(|_| future) {
                         self.arm_due_timer(myself, at);
                     } else {
-                        self.request_scan(myself);
+                        self.request_scan(myself, ScanKind::Settled);
+                    }
+                    if duplicate {
+                        // Its original may have been completed long ago or elsewhere.
+                        self.look_up(myself, id);
                     }
                     return;
                 }
-                if !self.dispatch_persisted(myself, message, false).await {
-                    self.request_scan(myself);
+                if self.dispatch_persisted(myself, message, Source::Push).await == Dispatch::Stays {
+                    self.request_scan(myself, ScanKind::Settled);
                 }
             }
             Delivery::Volatile {
@@ -372,20 +419,25 @@ impl ShardState {
     }
 
     /// Hands a stored message to its entity if there is room and it keeps the entity's
-    /// order; returns false if it stays in storage for a later scan.
+    /// order.
     async fn dispatch_persisted(
         &mut self,
         myself: &ActorRef<ShardMsg>,
         message: StoredMessage,
-        from_scan: bool,
-    ) -> bool {
+        source: Source,
+    ) -> Dispatch {
         let entity = message.address.clone();
-        if self.draining.is_some() || (!from_scan && self.overflowed.contains(&entity)) {
-            return false;
+        if self.draining.is_some() || (source == Source::Push && self.overflowed.contains(&entity))
+        {
+            return Dispatch::Stays;
+        }
+        if self.shared.registry.get(&entity.entity_type).is_none() {
+            self.wait_for_type(myself, message);
+            return Dispatch::Settled;
         }
         if message.attempts >= self.shared.config.max_attempts {
             self.give_up(myself, message);
-            return true;
+            return Dispatch::Settled;
         }
         let capacity = self.capacity(&message.address);
         self.next_seq += 1;
@@ -394,7 +446,7 @@ impl ShardState {
             Ok(slot) if slot.pending.len() < capacity => slot,
             _ => {
                 self.overflowed.insert(entity);
-                return false;
+                return Dispatch::Stays;
             }
         };
         let work = Work {
@@ -405,62 +457,13 @@ impl ShardState {
             attempts: message.attempts,
         };
         if slot.actor.send_message(EntityMsg::Work(work)).is_err() {
-            return false;
+            return Dispatch::Stays;
         }
         slot.pending
             .push_back((seq, Pending::Persisted(message.id)));
         slot.last_active = Instant::now();
         self.in_flight.insert(message.id);
-        true
-    }
-
-    /// A message that failed `max_attempts` times gets an error reply instead of another
-    /// attempt: reported once, never looping.
-    fn give_up(&mut self, myself: &ActorRef<ShardMsg>, message: StoredMessage) {
-        tracing::error!(
-            shard = %self.shard,
-            message_id = %message.id,
-            entity = %message.address,
-            attempts = message.attempts,
-            "message failed too many times; completing it with an error"
-        );
-        self.in_flight.insert(message.id);
-        let reply = Reply::Err {
-            code: "too_many_attempts".to_owned(),
-            message: format!(
-                "the handler failed {} times; last error: {}",
-                message.attempts,
-                self.last_errors
-                    .get(&message.address)
-                    .map_or("unknown", String::as_str)
-            ),
-        };
-        let completion = Completion {
-            message_id: message.id,
-            shard: self.shard,
-            epoch: self.epoch,
-            reply: reply.clone(),
-            state: None,
-        };
-        let storage = self.shared.storage.clone();
-        let myself = myself.clone();
-        let address = message.address;
-        tokio::spawn(async move {
-            let outcome = match storage.complete(completion).await {
-                Ok(_) => match storage.reply(message.id).await {
-                    Ok(Some(stored)) => WorkOutcome::Replied(stored),
-                    _ => WorkOutcome::Replied(reply),
-                },
-                Err(error) => WorkOutcome::StorageFailed(error.to_string()),
-            };
-            // Not in the entity's slot: no sequence number matches.
-            let _ = myself.send_message(ShardMsg::Done {
-                address,
-                seq: 0,
-                id: Some(message.id),
-                outcome,
-            });
-        });
+        Dispatch::Delivered
     }
 
     fn done(
@@ -491,158 +494,8 @@ impl ShardState {
             (None, _) => {}
         }
         if self.overflowed.contains(&address) {
-            self.request_scan(myself);
+            self.request_scan(myself, ScanKind::Settled);
         }
-    }
-
-    fn finish_persisted(
-        &mut self,
-        myself: &ActorRef<ShardMsg>,
-        id: MessageId,
-        outcome: WorkOutcome,
-    ) {
-        match outcome {
-            WorkOutcome::Replied(reply) | WorkOutcome::Volatile(reply) => {
-                crate::metrics::message_processed();
-                for waiter in self.waiters.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(Ok(reply.clone()));
-                }
-                self.remember(id, reply);
-            }
-            WorkOutcome::Fenced => {
-                tracing::warn!(shard = %self.shard, epoch = %self.epoch, "completion refused: epoch moved on");
-                for waiter in self.waiters.remove(&id).unwrap_or_default() {
-                    let _ = waiter.send(Err(DeliveryError::ShardMoving(self.shard)));
-                }
-                let _ = myself.send_message(ShardMsg::Fence);
-            }
-            WorkOutcome::StorageFailed(error) => {
-                // Still unprocessed in storage: a later scan delivers it again.
-                tracing::warn!(shard = %self.shard, message_id = %id, %error, "completion failed");
-            }
-        }
-    }
-
-    fn remember(&mut self, id: MessageId, reply: Reply) {
-        if self.recent.insert(id, reply).is_none() {
-            self.recent_order.push_back(id);
-        }
-        while self.recent_order.len() > RECENT_REPLIES {
-            if let Some(old) = self.recent_order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
-    }
-
-    fn request_scan(&mut self, myself: &ActorRef<ShardMsg>) {
-        if self.scanning {
-            self.rescan = true;
-        } else {
-            self.start_scan(myself, false);
-        }
-    }
-
-    fn start_scan(&mut self, myself: &ActorRef<ShardMsg>, initial: bool) {
-        if self.scanning {
-            self.rescan = true;
-            return;
-        }
-        self.scanning = true;
-        self.rescan = false;
-        let storage = self.shared.storage.clone();
-        let shard = self.shard;
-        let limit = self.shared.config.scan_batch;
-        let myself = myself.clone();
-        tokio::spawn(async move {
-            let now = Utc::now();
-            let result = async {
-                let messages = storage.unprocessed(shard, now, limit).await?;
-                let next_due = storage.next_due(shard, now).await?;
-                Ok::<_, crate::message_storage::MessageStorageError>((messages, next_due))
-            }
-            .await;
-            let message = match result {
-                Ok((messages, next_due)) => ShardMsg::Scanned {
-                    messages,
-                    initial,
-                    next_due,
-                },
-                Err(error) => ShardMsg::ScanFailed(error.to_string()),
-            };
-            let _ = myself.send_message(message);
-        });
-    }
-
-    async fn scanned(
-        &mut self,
-        myself: &ActorRef<ShardMsg>,
-        messages: Vec<StoredMessage>,
-        initial: bool,
-        next_due: Option<chrono::DateTime<Utc>>,
-    ) {
-        self.scanning = false;
-        let full = messages.len() >= self.shared.config.scan_batch;
-        let grace = self.shared.config.scan_grace;
-        let mut blocked: HashSet<EntityAddress> = HashSet::new();
-        let mut redelivered = Vec::new();
-        for message in messages {
-            let entity = message.address.clone();
-            if self.in_flight.contains(&message.id)
-                || self.recent.contains_key(&message.id)
-                || blocked.contains(&entity)
-            {
-                continue;
-            }
-            // Young unscheduled messages are probably being pushed right now; leave them
-            // unless the entity's backlog is only in storage.
-            let young = message.deliver_at.is_none() && !older_than(message.id, grace);
-            if !initial && young && !self.overflowed.contains(&entity) {
-                continue;
-            }
-            let id = message.id;
-            if self.dispatch_persisted(myself, message, true).await {
-                redelivered.push(id);
-            } else {
-                blocked.insert(entity);
-            }
-        }
-        if !full {
-            self.overflowed.retain(|e| blocked.contains(e));
-        }
-        if !redelivered.is_empty() {
-            crate::metrics::messages_redelivered(redelivered.len());
-            let storage = self.shared.storage.clone();
-            tokio::spawn(async move {
-                if let Err(error) = storage.record_attempts(&redelivered).await {
-                    tracing::warn!(%error, "could not record delivery attempts");
-                }
-            });
-        }
-        if let Some(at) = next_due {
-            self.arm_due_timer(myself, at);
-        }
-        if self.rescan || (full && blocked.is_empty()) {
-            self.start_scan(myself, false);
-        }
-    }
-
-    fn arm_due_timer(&mut self, myself: &ActorRef<ShardMsg>, at: chrono::DateTime<Utc>) {
-        if let Some((current, _)) = &self.due_timer
-            && *current <= at
-            && *current > Utc::now()
-        {
-            return;
-        }
-        if let Some((_, old)) = self.due_timer.take() {
-            old.abort();
-        }
-        let wait = (at - Utc::now()).to_std().unwrap_or_default();
-        let myself = myself.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let _ = myself.send_message(ShardMsg::Scan { initial: false });
-        });
-        self.due_timer = Some((at, timer));
     }
 
     fn tick(&mut self, myself: &ActorRef<ShardMsg>) {
@@ -659,11 +512,12 @@ impl ShardState {
             self.remove_slot(&address, "passivated");
         }
         self.backoff
-            .retain(|_, (_, until)| *until + Duration::from_secs(60) > now);
+            .retain(|_, (_, until)| *until + recovery::BACKOFF_KEPT > now);
+        self.recheck_waiters(myself);
         // Entities whose backlog waits in storage (full mailbox, resident cap) get another
         // chance even if no completion woke us.
         if !self.overflowed.is_empty() {
-            self.request_scan(myself);
+            self.request_scan(myself, ScanKind::Settled);
         }
     }
 
@@ -686,48 +540,6 @@ impl ShardState {
         }
     }
 
-    fn entity_failed(&mut self, myself: &ActorRef<ShardMsg>, actor: ActorId, error: String) {
-        let Some(address) = self.by_actor.remove(&actor) else {
-            return;
-        };
-        tracing::error!(shard = %self.shard, entity = %address, %error, "entity failed; restarting with backoff");
-        crate::metrics::entity_restart();
-        // One at a time, the failed message is the oldest unfinished one; side-by-side
-        // entities record the attempt themselves, as only they know which one failed.
-        let one_at_a_time = self.capacity_of(&address, |o| o.concurrency.get()) == 1;
-        let culprit = self
-            .entities
-            .get(&address)
-            .filter(|_| one_at_a_time)
-            .and_then(|slot| match slot.pending.front() {
-                Some((_, Pending::Persisted(id))) => Some(*id),
-                _ => None,
-            });
-        self.last_errors.insert(address.clone(), error.clone());
-        self.remove_slot(&address, &format!("handler failed: {error}"));
-        let (count, until) = self
-            .backoff
-            .entry(address.clone())
-            .or_insert((0, Instant::now()));
-        *count += 1;
-        let delay = self.shared.config.restart_backoff * 2u32.pow((*count - 1).min(5));
-        *until = Instant::now() + delay;
-        // Replay: its persisted messages are still unprocessed; a scan after the backoff
-        // delivers them again in order.
-        self.overflowed.insert(address);
-        if let Some(id) = culprit {
-            let storage = self.shared.storage.clone();
-            tokio::spawn(async move {
-                let _ = storage.record_attempts(&[id]).await;
-            });
-        }
-        let myself = myself.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = myself.send_message(ShardMsg::Scan { initial: false });
-        });
-    }
-
     fn status(&self, address: &EntityAddress) -> EntityStatus {
         let slot = self.entities.get(address);
         EntityStatus {
@@ -735,21 +547,6 @@ impl ShardState {
             mailbox_depth: slot.map_or(0, |s| s.pending.len()),
             last_error: self.last_errors.get(address).cloned(),
         }
-    }
-
-    /// While draining, callers waiting on messages not in flight go elsewhere.
-    fn refuse_waiters(&mut self) {
-        let in_flight = &self.in_flight;
-        let shard = self.shard;
-        self.waiters.retain(|id, waiters| {
-            if in_flight.contains(id) {
-                return true;
-            }
-            for waiter in waiters.drain(..) {
-                let _ = waiter.send(Err(DeliveryError::ShardMoving(shard)));
-            }
-            false
-        });
     }
 
     fn drained(&self) -> bool {
@@ -769,8 +566,8 @@ impl ShardState {
         for id in ids {
             self.remove_slot(&id, "shard stopped");
         }
-        for (_, waiters) in self.waiters.drain() {
-            for waiter in waiters {
+        for (_, waiting) in self.waiters.drain() {
+            for waiter in waiting.callers {
                 let _ = waiter.send(Err(DeliveryError::ShardMoving(self.shard)));
             }
         }

@@ -93,6 +93,7 @@ struct Fixture {
     storage: MemoryMessageStorage,
     ids: Snowflake,
     sharding: Sharding,
+    counters: Arc<Counters>,
 }
 
 async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
@@ -101,6 +102,28 @@ async fn fixture(capacity: usize, max_idle: Duration) -> Fixture {
 
 /// A fixture whose completions take `linger` more after they commit.
 async fn fixture_with(capacity: usize, max_idle: Duration, linger: Duration) -> Fixture {
+    fixture_config(capacity, max_idle, linger, |_| {}).await
+}
+
+/// A fixture with its runtime config adjusted by `tweak`.
+async fn fixture_config(
+    capacity: usize,
+    max_idle: Duration,
+    linger: Duration,
+    tweak: impl FnOnce(&mut RuntimeConfig),
+) -> Fixture {
+    let f = unstarted(capacity, max_idle, linger, tweak);
+    f.start().await;
+    f
+}
+
+/// A fixture whose shards are not acquired yet (call [`Fixture::start`]).
+fn unstarted(
+    capacity: usize,
+    max_idle: Duration,
+    linger: Duration,
+    tweak: impl FnOnce(&mut RuntimeConfig),
+) -> Fixture {
     let storage = MemoryMessageStorage::new();
     let mut registry = EntityRegistry::new();
     registry
@@ -110,40 +133,51 @@ async fn fixture_with(capacity: usize, max_idle: Duration, linger: Duration) -> 
         .expect("registers");
     let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
     let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
+    let mut config = RuntimeConfig {
+        sharding,
+        scan_interval: Duration::from_millis(100),
+        scan_grace: Duration::from_millis(200),
+        restart_backoff: Duration::from_millis(20),
+        ..RuntimeConfig::default()
+    };
+    tweak(&mut config);
+    let counters = Arc::new(Counters::default());
     let runtime = EntityRuntime::new(
         registry,
         Arc::new(Lingering {
             inner: storage.clone(),
             linger,
+            counters: counters.clone(),
         }),
-        RuntimeConfig {
-            sharding,
-            scan_interval: Duration::from_millis(100),
-            scan_grace: Duration::from_millis(200),
-            restart_backoff: Duration::from_millis(20),
-            ..RuntimeConfig::default()
-        },
+        config,
         rx,
     );
-    tokio::spawn(
-        runtime
-            .clone()
-            .sweep_backlog(tokio_util::sync::CancellationToken::new()),
-    );
-    for shard in sharding.all() {
-        storage.set_epoch(shard, Epoch::new(1));
-        runtime.acquired(shard, Epoch::new(1));
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while runtime.shards().len() < SHARDS as usize {
-        assert!(Instant::now() < deadline, "shards did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     Fixture {
         runtime,
         storage,
         ids: Snowflake::new(1),
         sharding,
+        counters,
+    }
+}
+
+impl Fixture {
+    /// Starts the sweep and acquires every shard under epoch 1.
+    async fn start(&self) {
+        tokio::spawn(
+            self.runtime
+                .clone()
+                .sweep_backlog(tokio_util::sync::CancellationToken::new()),
+        );
+        for shard in self.sharding.all() {
+            self.storage.set_epoch(shard, Epoch::new(1));
+            self.runtime.acquired(shard, Epoch::new(1));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.runtime.shards().len() < SHARDS as usize {
+            assert!(Instant::now() < deadline, "shards did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -635,11 +669,22 @@ fn concurrency_needs_a_concurrent_type_and_no_stored_state() {
     );
 }
 
-/// Memory storage whose completions return `linger` after they commit (a slow network).
+/// Memory storage whose completions return `linger` after they commit (a slow network),
+/// counting scans.
 #[derive(Debug)]
 struct Lingering {
     inner: MemoryMessageStorage,
     linger: Duration,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    /// Backlog scan pages read, and the rows they returned.
+    scans: std::sync::atomic::AtomicUsize,
+    rows: std::sync::atomic::AtomicUsize,
+    /// Completions commit, then report an I/O error.
+    fail_after_commit: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -647,13 +692,27 @@ impl MessageStorage for Lingering {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
         self.inner.save(message).await
     }
-    async fn unprocessed(
+    async fn unprocessed_after(
         &self,
         shard: ShardId,
         now: chrono::DateTime<chrono::Utc>,
+        after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, MessageStorageError> {
-        self.inner.unprocessed(shard, now, limit).await
+        let page = self
+            .inner
+            .unprocessed_after(shard, now, after, limit)
+            .await?;
+        self.counters.scans.fetch_add(1, Ordering::SeqCst);
+        self.counters.rows.fetch_add(page.len(), Ordering::SeqCst);
+        Ok(page)
+    }
+    async fn postpone(
+        &self,
+        id: MessageId,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), MessageStorageError> {
+        self.inner.postpone(id, until).await
     }
     async fn next_due(
         &self,
@@ -668,6 +727,11 @@ impl MessageStorage for Lingering {
     ) -> Result<CompletionOutcome, MessageStorageError> {
         let outcome = self.inner.complete(completion).await;
         tokio::time::sleep(self.linger).await;
+        if self.counters.fail_after_commit.load(Ordering::SeqCst) {
+            return Err(MessageStorageError::Unavailable(
+                "connection reset after commit".into(),
+            ));
+        }
         outcome
     }
     async fn shards_with_backlog(
@@ -722,4 +786,274 @@ async fn a_sibling_failure_does_not_swallow_a_committed_reply() {
         .expect("the committed message's caller is answered");
     assert!(count(answered.expect("joins")) >= 1);
     assert!(count(failing.await.expect("joins")) >= 1);
+}
+
+/// Waits for `done` with a deadline, checking every few milliseconds.
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_scan_pages_forward_and_never_rereads_a_page_it_cannot_deliver_from() {
+    // 5,000 stored messages for 5,000 entities, slow handlers: the first page (1,000 rows)
+    // is all in flight at once. No periodic sweep finds them (interval and grace of an
+    // hour): only the acquisition scan runs.
+    const BACKLOG: usize = 5_000;
+    let f = unstarted(8, Duration::from_secs(60), Duration::ZERO, |c| {
+        c.scan_interval = Duration::from_secs(3600);
+        c.scan_grace = Duration::from_secs(3600);
+    });
+    let mut ids = Vec::new();
+    for n in 0..BACKLOG {
+        let (message, _) = f
+            .persist(
+                &format!("s{n}"),
+                "sleep",
+                serde_json::json!({"ms": 300}),
+                None,
+            )
+            .await;
+        ids.push(message.id);
+    }
+    f.start().await;
+    eventually("every message completes", async || {
+        ids.iter().all(|id| f.storage.is_processed(*id))
+    })
+    .await;
+    let rows = f.counters.rows.load(Ordering::SeqCst);
+    let scans = f.counters.scans.load(Ordering::SeqCst);
+    // One pass per shard: 1,250 rows in a full page and the rest. A scan that re-read its
+    // first page while it was in flight would read thousands of pages.
+    assert!(rows <= 2 * BACKLOG, "{rows} rows read in {scans} scans");
+    assert!(scans <= 4 * SHARDS as usize, "{scans} scans");
+}
+
+fn ghost(id: &str) -> EntityAddress {
+    EntityAddress {
+        entity_type: EntityType::new("ghost").expect("valid"),
+        entity_id: EntityId::new(id).expect("valid"),
+    }
+}
+
+#[tokio::test]
+async fn a_stored_message_of_a_type_the_owner_lacks_waits_with_backoff_then_gets_an_error_reply() {
+    let f = fixture_config(8, Duration::from_secs(60), Duration::ZERO, |c| {
+        c.type_wait_backoff = Duration::from_millis(40);
+    })
+    .await;
+    let (message, duplicate) = f
+        .persist_at(ghost("g"), "boo", serde_json::json!({}), None)
+        .await;
+    let id = message.id;
+    // The caller hears that it waits, retryably; the message stays stored.
+    let answer = f
+        .runtime
+        .deliver(Delivery::Persisted { message, duplicate })
+        .await;
+    assert_eq!(
+        answer,
+        Err(DeliveryError::TypeNotDeployed("ghost".to_owned()))
+    );
+    assert!(answer.expect_err("refused").is_retryable());
+    assert!(!f.storage.is_processed(id));
+    let status = f.runtime.entity_status(&ghost("g")).await;
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not deployed on this runner")),
+        "{status:?}"
+    );
+    // Postponed in storage: not due, so neither scans nor readiness count it now.
+    eventually("the message is postponed", async || {
+        f.storage
+            .unprocessed(
+                f.sharding.shard_of(&ghost("g").entity_id),
+                chrono::Utc::now(),
+                100,
+            )
+            .await
+            .expect("reads")
+            .iter()
+            .all(|m| m.id != id)
+    })
+    .await;
+    // After the bounded attempts it is completed with the error the caller then reads.
+    eventually("the message gets its final reply", async || {
+        f.storage.is_processed(id)
+    })
+    .await;
+    let reply = f.storage.reply(id).await.expect("reads");
+    assert!(
+        matches!(&reply, Some(Reply::Err { code, .. }) if code == "unknown_entity_type"),
+        "{reply:?}"
+    );
+    let attempts = f.storage.attempts(id);
+    assert_eq!(attempts, 5, "one attempt per backoff, not one per tick");
+    let status = f.runtime.entity_status(&ghost("g")).await;
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown_entity_type")),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_given_up_on_by_a_fenced_owner_is_not_answered_with_an_unstored_reply() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    let (message, _) = f
+        .persist("gu", "add", serde_json::json!({"n": 1}), None)
+        .await;
+    for _ in 0..5 {
+        f.storage
+            .record_attempts(&[message.id])
+            .await
+            .expect("counts");
+    }
+    let mut message = message;
+    message.attempts = 5;
+    // Another owner took the shard over: the give-up completion is refused.
+    f.storage.set_epoch(message.shard, Epoch::new(2));
+    let id = message.id;
+    let answer = f
+        .runtime
+        .deliver(Delivery::Persisted {
+            message,
+            duplicate: false,
+        })
+        .await;
+    assert!(
+        matches!(answer, Err(DeliveryError::ShardMoving(_))),
+        "{answer:?}"
+    );
+    assert_eq!(f.storage.reply(id).await.expect("reads"), None);
+}
+
+#[tokio::test]
+async fn a_duplicate_whose_original_completed_elsewhere_gets_the_stored_reply() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    let (message, _) = f
+        .persist("dup", "add", serde_json::json!({"n": 1}), Some("k"))
+        .await;
+    // An earlier owner completed it: this runtime never saw it.
+    let stored = Reply::Ok {
+        value: serde_json::json!(41),
+    };
+    f.storage
+        .complete(Completion {
+            message_id: message.id,
+            shard: message.shard,
+            epoch: Epoch::new(1),
+            reply: stored.clone(),
+            state: None,
+        })
+        .await
+        .expect("completes");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.runtime.deliver(Delivery::Persisted {
+            message,
+            duplicate: true,
+        }),
+    )
+    .await
+    .expect("answered from storage, not parked until the caller's deadline");
+    assert_eq!(answer, Ok(stored));
+}
+
+#[tokio::test]
+async fn a_completion_that_committed_but_reported_an_error_answers_with_the_stored_reply() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    f.counters.fail_after_commit.store(true, Ordering::SeqCst);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.ask_persisted("io", "add", serde_json::json!({"n": 3})),
+    )
+    .await
+    .expect("answered from storage, not parked until the caller's deadline");
+    assert_eq!(value(answer), 3);
+}
+
+#[tokio::test]
+async fn a_shard_remembers_a_bounded_number_of_last_errors() {
+    let f = fixture(8, Duration::from_secs(60)).await;
+    let shard = ShardId::new(0);
+    let failing: Vec<String> = (0..)
+        .map(|n| format!("e{n}"))
+        .filter(|id| {
+            f.sharding
+                .shard_of(&EntityId::new(id.as_str()).expect("valid"))
+                == shard
+        })
+        .take(shard::LAST_ERRORS_PER_SHARD + 8)
+        .collect();
+    for id in &failing {
+        // A volatile `panic_first` panics every time (volatile messages have no attempts).
+        let failed = f
+            .ask_volatile(id, "panic_first", serde_json::json!({}))
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        let entity = address(id);
+        eventually("the failure is recorded", async || {
+            f.runtime.entity_status(&entity).await.last_error.is_some()
+        })
+        .await;
+    }
+    let first = f.runtime.entity_status(&address(&failing[0])).await;
+    assert_eq!(first.last_error, None, "the oldest entry was forgotten");
+    let last = f
+        .runtime
+        .entity_status(&address(&failing[failing.len() - 1]))
+        .await;
+    assert!(last.last_error.is_some());
+}
+
+#[tokio::test]
+async fn the_recent_reply_memory_stays_within_its_bytes_across_many_shards() {
+    const BUDGET: usize = 32 * 1024;
+    let mut registry = EntityRegistry::new();
+    registry
+        .register(TestEntity {
+            capacity: 8,
+            max_idle: Duration::from_secs(60),
+        })
+        .expect("registers");
+    let sharding = Sharding::new(NonZeroU32::new(64).expect("non-zero"));
+    let config = RuntimeConfig {
+        sharding,
+        recent_replies_bytes: BUDGET,
+        ..RuntimeConfig::default()
+    };
+    let (runtime, storage) = EntityRuntime::standalone(registry, config).await;
+    let ids = Snowflake::new(2);
+    for n in 0..3_000 {
+        let address = address(&format!("r{}", n % 500));
+        let message = NewMessage {
+            id: ids.next_id(),
+            shard: sharding.shard_of(&address.entity_id),
+            address,
+            tag: "add".to_owned(),
+            payload: serde_json::json!({"n": 1}),
+            idempotency_key: None,
+            deliver_at: None,
+        };
+        storage.save(message.clone()).await.expect("saved");
+        let reply = runtime
+            .deliver(Delivery::Persisted {
+                message: message.into(),
+                duplicate: false,
+            })
+            .await;
+        assert!(matches!(reply, Ok(Reply::Ok { .. })), "{reply:?}");
+        assert!(runtime.recent_replies_bytes() <= BUDGET);
+    }
+    // 3,000 replies over 64 shards: a count per shard (4,096) would have kept them all.
+    assert!(runtime.recent_replies_bytes() > BUDGET / 2);
+    assert!(runtime.shared.recent.len() < 3_000 / 4);
 }

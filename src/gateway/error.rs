@@ -258,6 +258,11 @@ impl From<DeliveryError> for ApiError {
                 code: "unknown_entity_type",
                 message: format!("no entity type `{t}`"),
             },
+            DeliveryError::TypeNotDeployed(_) => Self::Unavailable {
+                code: "type_not_deployed",
+                message: error.to_string(),
+                retry,
+            },
             DeliveryError::BadMessage(message) => Self::bad_request("bad_message", message),
             DeliveryError::Timeout => Self::Timeout {
                 message: "the runner did not answer in time; the message may still run".to_owned(),

@@ -44,6 +44,11 @@ impl MemoryMessageStorage {
         self.lock().epochs.insert(shard, epoch);
     }
 
+    /// Delivery attempts counted for a message (0 if unknown).
+    pub fn attempts(&self, id: MessageId) -> i32 {
+        self.lock().messages.get(&id).map_or(0, |(m, _)| m.attempts)
+    }
+
     /// Whether a message is marked processed.
     pub fn is_processed(&self, id: MessageId) -> bool {
         self.lock().messages.get(&id).is_some_and(|(_, p)| *p)
@@ -81,16 +86,20 @@ impl MessageStorage for MemoryMessageStorage {
         Ok(SaveOutcome::Stored(id))
     }
 
-    async fn unprocessed(
+    async fn unprocessed_after(
         &self,
         shard: ShardId,
         now: DateTime<Utc>,
+        after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, MessageStorageError> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(self
             .lock()
             .messages
-            .values()
+            .range((from, Bound::Unbounded))
+            .map(|(_, row)| row)
             .filter(|(m, processed)| {
                 !processed && m.shard == shard && m.deliver_at.is_none_or(|at| at <= now)
             })
@@ -182,6 +191,18 @@ impl MessageStorage for MemoryMessageStorage {
             if let Some((m, _)) = state.messages.get_mut(id) {
                 m.attempts += 1;
             }
+        }
+        Ok(())
+    }
+
+    async fn postpone(
+        &self,
+        id: MessageId,
+        until: DateTime<Utc>,
+    ) -> Result<(), MessageStorageError> {
+        if let Some((m, false)) = self.lock().messages.get_mut(&id) {
+            m.attempts += 1;
+            m.deliver_at = Some(until);
         }
         Ok(())
     }

@@ -546,10 +546,11 @@ impl MessageStorage for PgMessageStorage {
         submit(&self.save_tx, message).await?
     }
 
-    async fn unprocessed(
+    async fn unprocessed_after(
         &self,
         shard: ShardId,
         now: DateTime<Utc>,
+        after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, MessageStorageError> {
         let rows = sqlx::query(
@@ -557,13 +558,14 @@ impl MessageStorage for PgMessageStorage {
                     attempts
                FROM shoal_messages
               WHERE cluster = $1 AND shard = $2 AND NOT processed
-                AND (deliver_at IS NULL OR deliver_at <= $3)
+                AND (deliver_at IS NULL OR deliver_at <= $3) AND id > $5
               ORDER BY id LIMIT $4",
         )
         .bind(self.inner.cluster.as_str())
         .bind(shard.lock_key())
         .bind(now)
         .bind(limit as i64)
+        .bind(after.map_or(i64::MIN, MessageId::get))
         .fetch_all(&self.inner.pool)
         .await
         .map_err(db_error)?;
@@ -672,6 +674,24 @@ impl MessageStorage for PgMessageStorage {
         )
         .bind(self.inner.cluster.as_str())
         .bind(ids.iter().map(|id| id.get()).collect::<Vec<_>>())
+        .execute(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn postpone(
+        &self,
+        id: MessageId,
+        until: DateTime<Utc>,
+    ) -> Result<(), MessageStorageError> {
+        sqlx::query(
+            "UPDATE shoal_messages SET attempts = attempts + 1, deliver_at = $3
+              WHERE cluster = $1 AND id = $2 AND NOT processed",
+        )
+        .bind(self.inner.cluster.as_str())
+        .bind(id.get())
+        .bind(until)
         .execute(&self.inner.pool)
         .await
         .map_err(db_error)?;

@@ -126,7 +126,9 @@ fn status_of(error: &DeliveryError) -> StatusCode {
         DeliveryError::MailboxFull(_) | DeliveryError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
         DeliveryError::UnknownEntityType(_) => StatusCode::NOT_FOUND,
         DeliveryError::BadMessage(_) => StatusCode::BAD_REQUEST,
-        DeliveryError::HandlerFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DeliveryError::HandlerFailed(_) | DeliveryError::TypeNotDeployed(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         DeliveryError::Timeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }
