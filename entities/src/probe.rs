@@ -6,6 +6,10 @@
 //!   list so far (shows persisted ordering).
 //! - `fail_until {attempts}` (persisted): panics while the message has had fewer than
 //!   `attempts` earlier delivery attempts, then succeeds (shows restart and replay).
+//! - `unstorable {part}` (persisted): produces a reply (`part = "reply"`) or a state
+//!   (`"state"`) holding a NUL character, which storage cannot hold (shows that such a
+//!   message is completed once with the error reply `unstorable_reply`). The gateway
+//!   refuses NUL in a persisted body, so the handler makes it itself.
 
 use std::time::Duration;
 
@@ -41,6 +45,21 @@ pub enum ProbeMessage {
         /// Earlier attempts needed before success.
         attempts: i32,
     },
+    /// Produces a reply or a state storage cannot hold.
+    Unstorable {
+        /// Which of the two holds the NUL character.
+        part: UnstorablePart,
+    },
+}
+
+/// Where [`ProbeMessage::Unstorable`] puts its NUL character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnstorablePart {
+    /// The reply.
+    Reply,
+    /// The entity's state.
+    State,
 }
 
 /// A probe's state.
@@ -70,7 +89,9 @@ impl Entity for Probe {
     fn is_persisted(&self, message: &ProbeMessage) -> bool {
         matches!(
             message,
-            ProbeMessage::Record { .. } | ProbeMessage::FailUntil { .. }
+            ProbeMessage::Record { .. }
+                | ProbeMessage::FailUntil { .. }
+                | ProbeMessage::Unstorable { .. }
         )
     }
 
@@ -95,6 +116,15 @@ impl Entity for Probe {
                     panic!("probe failing on attempt {} of {attempts}", ctx.attempts);
                 }
                 Ok(serde_json::json!({ "succeeded_on_attempt": ctx.attempts }))
+            }
+            ProbeMessage::Unstorable {
+                part: UnstorablePart::Reply,
+            } => Ok(serde_json::json!({ "text": "before\u{0}after" })),
+            ProbeMessage::Unstorable {
+                part: UnstorablePart::State,
+            } => {
+                state.recorded.push(serde_json::json!("before\u{0}after"));
+                Ok(serde_json::json!({ "recorded": state.recorded.len() }))
             }
         }
     }

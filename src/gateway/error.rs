@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::client::ClientError;
 use crate::entity_runtime::DeliveryError;
+use crate::message_storage::MessageStorageError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -187,6 +188,10 @@ impl From<ClientError> for ApiError {
                     None => format!("no reply within {timeout:?}"),
                 },
             },
+            // What storage cannot hold is the request's own fault, and names its field.
+            ClientError::Storage(error @ MessageStorageError::Unstorable { .. }) => {
+                Self::bad_request("unstorable", error.to_string())
+            }
             ClientError::Storage(error) if error.is_retryable() => Self::Unavailable {
                 code: "storage_unavailable",
                 message: error.to_string(),
