@@ -1,11 +1,11 @@
 //! Message storage on PostgreSQL, with group commit.
 //!
-//! Saves and completions go through a batcher each ([`batcher`]): concurrent requests run
+//! Saves and completions go through a batcher each (`batcher`): concurrent requests run
 //! as one multi-row statement, which is what lifts persisted throughput far above
 //! one-commit-per-message. With batching off every request is a batch of one. What storage
 //! cannot hold is refused before batching ([`super::storable`]); a batch the database still
 //! refuses as data is split until only the rows to blame fail. Every SQLSTATE is mapped to
-//! a domain error in one place, [`db_error`].
+//! a domain error in one place, `db_error`.
 
 mod batcher;
 mod complete;
