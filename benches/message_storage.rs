@@ -5,6 +5,12 @@
 //! iteration is [`PER_ITER`] messages, so every caller stays busy for the whole sample and
 //! the reported throughput is messages per second.
 //!
+//! `save_then_complete_retention/{off,on}` measures the same hot path without and then with
+//! a retention cleaner beside it: a task that purges everything already processed in
+//! batches of 1,000, 50 ms apart (the default batch size and pause, with a cutoff of *now*
+//! so there is always work), as the `shoal-retention` singleton would on a backlog.
+//! `cargo bench --bench message_storage -- retention` runs just those two.
+//!
 //! Connects to `SHOAL_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), creates a fresh `shoal_b_<uuid>`
 //! database and drops it at the end. Without a reachable Postgres it prints why and measures
@@ -216,6 +222,23 @@ async fn save_then_complete(
     .await
 }
 
+/// Purges everything processed so far, 1,000 rows a batch, 50 ms between batches, until
+/// `stop`; counts what it removed.
+async fn clean_beside(
+    storage: Arc<PgMessageStorage>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    purged: Arc<AtomicU64>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let removed = storage
+            .purge(chrono::Utc::now(), 1000)
+            .await
+            .expect("purge failed");
+        purged.fetch_add(removed, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn message_storage(c: &mut Criterion) {
     let runtime = Runtime::new().expect("a tokio runtime");
     let db = match runtime.block_on(BenchDb::create()) {
@@ -272,6 +295,29 @@ fn message_storage(c: &mut Criterion) {
                 save_then_complete(storage.clone(), ids.clone(), iters * PER_ITER)
             });
         });
+    }
+    for (name, cleaning) in [("off", false), ("on", true)] {
+        let (_, storage) = runtime.block_on(db.storage(BatchConfig::GROUP_COMMIT));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let purged = Arc::new(AtomicU64::new(0));
+        let cleaner = cleaning
+            .then(|| runtime.spawn(clean_beside(storage.clone(), stop.clone(), purged.clone())));
+        group.bench_function(
+            BenchmarkId::new("save_then_complete_retention", name),
+            |b| {
+                b.to_async(&runtime).iter_custom(|iters| {
+                    save_then_complete(storage.clone(), ids.clone(), iters * PER_ITER)
+                });
+            },
+        );
+        stop.store(true, Ordering::Relaxed);
+        if let Some(cleaner) = cleaner {
+            let _ = runtime.block_on(cleaner);
+            println!(
+                "retention {name}: {} messages purged beside the hot path",
+                purged.load(Ordering::Relaxed)
+            );
+        }
     }
     group.finish();
     runtime.block_on(db.drop_database());

@@ -159,6 +159,9 @@ impl ClientError {
             Self::Storage(MessageStorageError::IdTaken(_)) => RetryClass::Safe,
             // The statement failed on what it was given: a resend fails the same way.
             Self::Storage(MessageStorageError::Other(_)) => RetryClass::Never,
+            // Storage cannot hold what was sent (a NUL, a refused value): nothing was
+            // stored, and the same request is refused again.
+            Self::Storage(MessageStorageError::Unstorable { .. }) => RetryClass::Never,
             Self::Unauthorized => RetryClass::Never,
         }
     }

@@ -98,6 +98,8 @@ pub struct ShoalConfig {
     pub redis: RedisConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[retention]`: how long processed messages and their replies are kept.
+    pub retention: RetentionConfig,
     /// `[[cron]]`: cluster cron schedules, driven by one singleton.
     pub cron: Vec<CronScheduleConfig>,
 }
@@ -379,6 +381,63 @@ impl Default for LogConfig {
     }
 }
 
+/// `[retention]`: processed messages and their replies are kept for `period` after they
+/// were processed, then removed by the `shoal-retention` singleton in bounded batches.
+/// An idempotency key is honoured for as long as its message is kept: while it is
+/// unprocessed (always) and for `period` after it was processed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Remove old processed messages at all. Default true.
+    pub enabled: bool,
+    /// How long a processed message and its reply are kept (the idempotency window).
+    /// Default `7days`.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// Time between cleanup passes. Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Messages removed per statement (each a short transaction). Default 1000.
+    pub batch_size: usize,
+    /// Pause between two batches of one pass, so cleanup never holds the database for
+    /// long. Default `50ms`.
+    #[serde(with = "humantime_serde")]
+    pub batch_pause: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            period: Duration::from_secs(7 * 24 * 3600),
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+            batch_pause: Duration::from_millis(50),
+        }
+    }
+}
+
+impl RetentionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.period.is_zero() {
+            return invalid("retention.period", "must be above zero");
+        }
+        if self.interval.is_zero() {
+            return invalid("retention.interval", "must be above zero");
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return invalid("retention.batch-size", "must be between 1 and 100000");
+        }
+        Ok(())
+    }
+}
+
 /// Builds a [`ShoalConfig`] from its layers.
 #[derive(Debug, Default)]
 pub struct ConfigLoader {
@@ -491,6 +550,7 @@ impl ShoalConfig {
                 problem: "must be at least 1".to_owned(),
             });
         }
+        self.retention.validate()?;
         let mut names = std::collections::BTreeSet::new();
         for schedule in &self.cron {
             if !names.insert(schedule.name.as_str()) {
@@ -646,6 +706,20 @@ mod tests {
             .load()
             .expect_err("bad name");
         assert!(error.to_string().contains("cluster name"), "{error}");
+
+        let error = ConfigLoader::new()
+            .env(env(&[("SHOAL__RETENTION__BATCH_SIZE", "0")]))
+            .load()
+            .expect_err("empty batches");
+        assert!(
+            error.to_string().contains("retention.batch-size"),
+            "{error}"
+        );
+        let config = ConfigLoader::new()
+            .env(env(&[("SHOAL__RETENTION__PERIOD", "90s")]))
+            .load()
+            .expect("a short retention loads");
+        assert_eq!(config.retention.period, Duration::from_secs(90));
     }
 
     #[test]

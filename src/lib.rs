@@ -16,6 +16,8 @@
 //!   re-confirms shard locks, and fences the runner when it cannot.
 //! - [`message_storage`] persists messages before delivery (group commit), stores exactly
 //!   one reply per message, and completes work only under the shard's current epoch.
+//! - [`retention`] is a singleton that removes processed messages and their replies after
+//!   the retention period (the idempotency window), in bounded batches.
 //! - [`runner`] wires a runner process together: pool, ownership loop, HTTP endpoint,
 //!   graceful shutdown.
 //! - [`redis`] holds what every replica must share: rate limiters, circuit breakers and
@@ -35,6 +37,7 @@ pub mod message_storage;
 pub mod metrics;
 pub mod ownership;
 pub mod redis;
+pub mod retention;
 pub mod retry;
 pub mod runner;
 pub mod runner_storage;

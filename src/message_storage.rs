@@ -13,12 +13,20 @@
 //!   writes the entity's new state **in one transaction that commits only if the shard's
 //!   epoch is still the completing owner's** and the message was not already processed.
 //!   Otherwise nothing at all is written.
+//! - One caller's bad data stays its own: a message storage cannot hold is refused alone
+//!   with [`MessageStorageError::Unstorable`] (never retryable), and a completion whose
+//!   reply or state cannot be stored completes its message once with the error reply
+//!   [`storable::UNSTORABLE_REPLY`] instead ([`CompletionOutcome::Unstorable`]). Neither
+//!   fails the requests batched with it.
+//! - [`MessageStorage::purge`] removes processed messages (and their replies) processed
+//!   before a cutoff, in bounded batches; unprocessed messages are never removed.
 //!
 //! Backends: [`postgres`] (group commit: concurrent saves and completions are batched into
 //! multi-row statements) and [`memory`].
 
 pub mod memory;
 pub mod postgres;
+pub mod storable;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -39,6 +47,17 @@ pub enum MessageStorageError {
     /// they share a machine id). Nothing was stored; save the message under a new id.
     #[error("message id {0} is taken by another message; save it under a new id")]
     IdTaken(MessageId),
+    /// Storage cannot hold this message's data (a NUL character in a string, or a value
+    /// the database refused as data: SQLSTATE class 22, 23 or 54). Nothing was stored;
+    /// the same request will be refused again, so it is not retryable.
+    #[error("`{field}` cannot be stored: {problem}")]
+    Unstorable {
+        /// What holds the problem: a column (`idempotency_key`) or a JSON pointer under
+        /// `payload`, `reply` or `state` (`payload/items/3`).
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Anything else.
     #[error("message storage error: {0}")]
     Other(String),
@@ -171,6 +190,22 @@ pub enum CompletionOutcome {
     AlreadyProcessed,
     /// The shard's epoch moved on (the owner was fenced): nothing written.
     Fenced,
+    /// The reply or the state could not be stored: the message was completed with the
+    /// error reply [`storable::UNSTORABLE_REPLY`] instead (read it with
+    /// [`MessageStorage::reply`]) and the state was not written.
+    Unstorable,
+}
+
+/// How big storage is, for the storage metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageStats {
+    /// Rows in the messages table (Postgres: the planner's estimate, `pg_class.reltuples`,
+    /// for every cluster in the database; memory: exact).
+    pub messages: u64,
+    /// Rows in the replies table (same sources).
+    pub replies: u64,
+    /// When the oldest message this cluster still keeps (processed or not) was created.
+    pub oldest_kept: Option<DateTime<Utc>>,
 }
 
 /// Persisted message storage of one cluster.
@@ -247,4 +282,17 @@ pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
         &self,
         address: &EntityAddress,
     ) -> Result<Option<serde_json::Value>, MessageStorageError>;
+
+    /// Removes at most `limit` processed messages of this cluster, oldest first, that were
+    /// created and processed before `processed_before`, with their replies; returns how
+    /// many. Unprocessed messages are never removed. Their idempotency keys are forgotten
+    /// with them: a later send with the same key is a new message.
+    async fn purge(
+        &self,
+        processed_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, MessageStorageError>;
+
+    /// Row counts and the oldest kept message.
+    async fn stats(&self) -> Result<StorageStats, MessageStorageError>;
 }

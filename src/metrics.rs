@@ -59,6 +59,14 @@ pub const CRON_MISSES: &str = "shoal_cron_misses_total";
 /// Delay between a cron instant and its firing.
 pub const CRON_LAG: &str = "shoal_cron_lag_seconds";
 
+/// Rows in the message tables, by table (`messages`, `replies`): the planner's estimate
+/// (`pg_class.reltuples`, refreshed by autovacuum/ANALYZE), set by the retention singleton.
+pub const STORAGE_ROWS: &str = "shoal_storage_rows";
+/// Age of the oldest message this cluster still keeps (processed or not), in seconds.
+pub const STORAGE_OLDEST_KEPT_AGE: &str = "shoal_storage_oldest_kept_age_seconds";
+/// Processed messages (each with its reply) removed by retention.
+pub const RETENTION_PURGED: &str = "shoal_retention_purged_total";
+
 /// Redis commands sent (each attempt), by operation.
 pub const REDIS_COMMANDS: &str = "shoal_redis_commands_total";
 /// Redis commands that failed, by operation and error kind.
@@ -129,6 +137,18 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(BACKLOG_SCAN_ROWS, "Rows read by backlog scans.");
     describe_counter!(MAILBOX_FULL, "Volatile sends refused by a full mailbox.");
     describe_counter!(ENTITY_RESTARTS, "Entity restarts after a failure.");
+    describe_gauge!(
+        STORAGE_ROWS,
+        "Rows in the message tables by table (planner estimate, pg_class.reltuples)."
+    );
+    describe_gauge!(
+        STORAGE_OLDEST_KEPT_AGE,
+        "Age in seconds of the oldest message the cluster still keeps."
+    );
+    describe_counter!(
+        RETENTION_PURGED,
+        "Processed messages (with their replies) removed by retention."
+    );
     describe_counter!(REDIS_COMMANDS, "Redis commands sent (each attempt).");
     describe_counter!(REDIS_ERRORS, "Redis commands that failed, by error kind.");
     metrics::describe_histogram!(REDIS_DURATION, "Redis command latency (each attempt).");
@@ -164,6 +184,19 @@ pub(crate) fn cron_fired(schedule: &str, lag: std::time::Duration) {
 
 pub(crate) fn cron_missed(schedule: &str, n: usize) {
     counter!(CRON_MISSES, "schedule" => schedule.to_owned()).increment(n as u64);
+}
+
+pub(crate) fn storage_stats(stats: &crate::message_storage::StorageStats) {
+    gauge!(STORAGE_ROWS, "table" => "messages").set(stats.messages as f64);
+    gauge!(STORAGE_ROWS, "table" => "replies").set(stats.replies as f64);
+    let age = stats.oldest_kept.map_or(0.0, |t| {
+        (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    });
+    gauge!(STORAGE_OLDEST_KEPT_AGE).set(age);
+}
+
+pub(crate) fn retention_purged(n: u64) {
+    counter!(RETENTION_PURGED).increment(n);
 }
 
 pub(crate) fn http_request(route: &str, status: u16, elapsed: std::time::Duration) {

@@ -257,6 +257,13 @@ mod tests {
                 ClientError::Storage(MessageStorageError::Other("22P05".into())),
                 RetryClass::Never,
             ),
+            (
+                ClientError::Storage(MessageStorageError::Unstorable {
+                    field: "idempotency_key".into(),
+                    problem: "holds NUL".into(),
+                }),
+                RetryClass::Never,
+            ),
             (ClientError::Unauthorized, RetryClass::Never),
         ];
         for (error, class) in cases {

@@ -163,6 +163,12 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         let store = CronStore::new(pool.clone(), config.cluster.name.clone());
         singletons.push(crate::cron::driver(schedules, client.clone(), store));
     }
+    if config.retention.enabled {
+        singletons.push(crate::retention::singleton(
+            messages.clone(),
+            config.retention.clone(),
+        ));
+    }
     let singletons = Singletons::new(
         config.sharding(),
         singletons,

@@ -101,6 +101,20 @@ pub fn id_before(age: std::time::Duration) -> MessageId {
     MessageId::new((ms << (MACHINE_BITS + SEQUENCE_BITS)) as i64)
 }
 
+/// The smallest id a generator could produce at `at`: every id below it was generated
+/// earlier (an instant before the snowflake epoch gives 0).
+pub fn first_id_at(at: chrono::DateTime<chrono::Utc>) -> MessageId {
+    let ms = u64::try_from(at.timestamp_millis())
+        .unwrap_or(0)
+        .saturating_sub(EPOCH_MS);
+    MessageId::new((ms.min((1 << 41) - 1) << (MACHINE_BITS + SEQUENCE_BITS)) as i64)
+}
+
+/// When `id` was generated.
+pub fn created_at(id: MessageId) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_millis((created_ms(id) + EPOCH_MS) as i64)
+}
+
 /// Milliseconds since the snowflake epoch at which `id` was generated.
 pub fn created_ms(id: MessageId) -> u64 {
     (id.get() as u64) >> (MACHINE_BITS + SEQUENCE_BITS)
@@ -118,6 +132,18 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_id_at_bounds_ids_by_time() {
+        let ids = Snowflake::new(7);
+        let before = chrono::Utc::now() - chrono::TimeDelta::milliseconds(2);
+        let id = ids.next_id();
+        let after = chrono::Utc::now() + chrono::TimeDelta::milliseconds(2);
+        assert!(first_id_at(before) <= id && id < first_id_at(after));
+        assert_eq!(first_id_at(chrono::DateTime::UNIX_EPOCH), MessageId::new(0));
+        let made = created_at(id).map(|t| t.timestamp_millis());
+        assert!(made.is_some_and(|ms| ms >= before.timestamp_millis()));
+    }
 
     #[test]
     fn ids_strictly_increase_and_carry_the_machine() {

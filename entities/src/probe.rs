@@ -8,6 +8,10 @@
 //!   records `value` (a long persisted handler: drains, shutdowns).
 //! - `fail_until {attempts}` (persisted): panics while the message has had fewer than
 //!   `attempts` earlier delivery attempts, then succeeds (shows restart and replay).
+//! - `unstorable {part}` (persisted): produces a reply (`part = "reply"`) or a state
+//!   (`"state"`) holding a NUL character, which storage cannot hold (shows that such a
+//!   message is completed once with the error reply `unstorable_reply`). The gateway
+//!   refuses NUL in a persisted body, so the handler makes it itself.
 
 use std::time::Duration;
 
@@ -50,6 +54,21 @@ pub enum ProbeMessage {
         /// Earlier attempts needed before success.
         attempts: i32,
     },
+    /// Produces a reply or a state storage cannot hold.
+    Unstorable {
+        /// Which of the two holds the NUL character.
+        part: UnstorablePart,
+    },
+}
+
+/// Where [`ProbeMessage::Unstorable`] puts its NUL character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnstorablePart {
+    /// The reply.
+    Reply,
+    /// The entity's state.
+    State,
 }
 
 /// A probe's state.
@@ -82,6 +101,7 @@ impl Entity for Probe {
             ProbeMessage::Record { .. }
                 | ProbeMessage::RecordSlowly { .. }
                 | ProbeMessage::FailUntil { .. }
+                | ProbeMessage::Unstorable { .. }
         )
     }
 
@@ -111,6 +131,15 @@ impl Entity for Probe {
                     panic!("probe failing on attempt {} of {attempts}", ctx.attempts);
                 }
                 Ok(serde_json::json!({ "succeeded_on_attempt": ctx.attempts }))
+            }
+            ProbeMessage::Unstorable {
+                part: UnstorablePart::Reply,
+            } => Ok(serde_json::json!({ "text": "before\u{0}after" })),
+            ProbeMessage::Unstorable {
+                part: UnstorablePart::State,
+            } => {
+                state.recorded.push(serde_json::json!("before\u{0}after"));
+                Ok(serde_json::json!({ "recorded": state.recorded.len() }))
             }
         }
     }

@@ -372,8 +372,9 @@ pub(crate) async fn complete(
     let reply = completion.reply.clone();
     match storage.complete(completion).await {
         Ok(CompletionOutcome::Committed) => (WorkOutcome::Replied(reply), true),
-        Ok(CompletionOutcome::AlreadyProcessed) => {
-            // A redelivery: our state change was not written; the stored reply counts.
+        Ok(CompletionOutcome::AlreadyProcessed | CompletionOutcome::Unstorable) => {
+            // A redelivery, or a result storage could not hold: our state change was not
+            // written; the stored reply counts.
             let outcome = match storage.reply(id).await {
                 Ok(Some(stored)) => WorkOutcome::Replied(stored),
                 Ok(None) => WorkOutcome::StorageFailed("processed without a reply".into()),

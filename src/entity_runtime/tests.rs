@@ -762,6 +762,16 @@ impl MessageStorage for Lingering {
     ) -> Result<Option<serde_json::Value>, MessageStorageError> {
         self.inner.load_state(address).await
     }
+    async fn purge(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<u64, MessageStorageError> {
+        self.inner.purge(before, limit).await
+    }
+    async fn stats(&self) -> Result<crate::message_storage::StorageStats, MessageStorageError> {
+        self.inner.stats().await
+    }
 }
 
 #[tokio::test]

@@ -222,6 +222,10 @@ impl From<ClientError> for ApiError {
                 },
                 retry,
             },
+            // What storage cannot hold is the request's own fault, and names its field.
+            ClientError::Storage(error @ MessageStorageError::Unstorable { .. }) => {
+                Self::bad_request("unstorable", error.to_string())
+            }
             ClientError::Storage(error @ MessageStorageError::Shutdown) => Self::Unavailable {
                 code: "shutting_down",
                 message: error.to_string(),
@@ -385,6 +389,15 @@ mod tests {
             (
                 MessageStorageError::Other("boom".into()).into(),
                 StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+            (
+                MessageStorageError::Unstorable {
+                    field: "payload/a".into(),
+                    problem: "holds NUL".into(),
+                }
+                .into(),
+                StatusCode::BAD_REQUEST,
                 RetryClass::Never,
             ),
             (

@@ -20,6 +20,7 @@ use crate::client::Request;
 use crate::entity::{DecodeError, ErasedEntity};
 use crate::ids::{EntityAddress, EntityId, EntityType, RunnerId};
 use crate::message_storage::Reply;
+use crate::message_storage::storable::nul_pointer;
 use crate::retry::RetryClass;
 use crate::runner_storage::RunnerStorage;
 use crate::status::ClusterStatus;
@@ -138,6 +139,27 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// Refuses a persisted message storage cannot hold (a NUL character: Postgres' `jsonb` and
+/// `text` refuse it), naming where it is, before it can share a batch with other requests.
+fn check_storable(payload: &serde_json::Value, key: Option<&str>) -> Result<(), ApiError> {
+    if let Some(pointer) = nul_pointer(payload) {
+        return Err(ApiError::bad_request(
+            "unstorable_body",
+            format!(
+                "the string at `{pointer}` in the body holds a NUL character (\\u0000), \
+                 which a persisted message cannot hold"
+            ),
+        ));
+    }
+    if key.is_some_and(|k| k.contains('\0')) {
+        return Err(ApiError::bad_request(
+            "bad_idempotency_key",
+            "Idempotency-Key holds a NUL character, which a persisted message cannot hold",
+        ));
+    }
+    Ok(())
+}
+
 /// Send a message to an entity and wait for its reply.
 #[utoipa::path(
     post,
@@ -225,6 +247,9 @@ pub(crate) async fn send_message(
                 "message `{message}` is volatile; Idempotency-Key applies to persisted messages"
             ),
         ));
+    }
+    if persisted {
+        check_storable(&payload, key.as_deref())?;
     }
     let timeout = request_timeout(&headers, state.config.gateway.request_timeout)?;
     let mut request = if persisted {

@@ -1,6 +1,7 @@
 //! In-memory message storage, for tests of the runtime in one process. Shard epochs come
 //! from a [`MemoryRunnerStorage`]-like source: the storage is told the current epoch of
-//! each shard through [`MemoryMessageStorage::set_epoch`].
+//! each shard through [`MemoryMessageStorage::set_epoch`]. It refuses what PostgreSQL
+//! refuses (see [`super::storable`]), so the conformance suite holds for both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,9 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::storable::{check_message, completion_problem, unstorable_completion};
 use super::{
     Completion, CompletionOutcome, MessageStorage, MessageStorageError, NewMessage, Reply,
-    SaveOutcome, StoredMessage,
+    SaveOutcome, StorageStats, StoredMessage,
 };
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 
@@ -19,6 +21,7 @@ struct State {
     messages: BTreeMap<MessageId, (StoredMessage, bool)>,
     keys: HashMap<(EntityAddress, String), MessageId>,
     replies: HashMap<MessageId, Reply>,
+    processed_at: HashMap<MessageId, DateTime<Utc>>,
     states: HashMap<EntityAddress, serde_json::Value>,
     epochs: HashMap<ShardId, Epoch>,
 }
@@ -58,6 +61,7 @@ impl MemoryMessageStorage {
 #[async_trait]
 impl MessageStorage for MemoryMessageStorage {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
+        check_message(&message)?;
         let mut state = self.lock();
         if let Some((stored, _)) = state.messages.get(&message.id) {
             // The same message saved again is stored; another one under its id is not.
@@ -127,6 +131,10 @@ impl MessageStorage for MemoryMessageStorage {
         &self,
         completion: Completion,
     ) -> Result<CompletionOutcome, MessageStorageError> {
+        let (completion, unstorable) = match completion_problem(&completion) {
+            Some(problem) => (unstorable_completion(&completion, &problem), true),
+            None => (completion, false),
+        };
         let mut state = self.lock();
         if state.epochs.get(&completion.shard) != Some(&completion.epoch) {
             return Ok(CompletionOutcome::Fenced);
@@ -135,13 +143,18 @@ impl MessageStorage for MemoryMessageStorage {
             Some((_, processed)) if !*processed => *processed = true,
             _ => return Ok(CompletionOutcome::AlreadyProcessed),
         }
+        state.processed_at.insert(completion.message_id, Utc::now());
         state
             .replies
             .insert(completion.message_id, completion.reply);
         if let Some((address, value)) = completion.state {
             state.states.insert(address, value);
         }
-        Ok(CompletionOutcome::Committed)
+        Ok(if unstorable {
+            CompletionOutcome::Unstorable
+        } else {
+            CompletionOutcome::Committed
+        })
     }
 
     async fn shards_with_backlog(
@@ -216,5 +229,50 @@ impl MessageStorage for MemoryMessageStorage {
         address: &EntityAddress,
     ) -> Result<Option<serde_json::Value>, MessageStorageError> {
         Ok(self.lock().states.get(address).cloned())
+    }
+
+    async fn purge(
+        &self,
+        processed_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, MessageStorageError> {
+        let mut state = self.lock();
+        let cutoff = crate::snowflake::first_id_at(processed_before);
+        let gone: Vec<MessageId> = state
+            .messages
+            .range(..cutoff)
+            .filter(|(id, (_, processed))| {
+                *processed
+                    && state
+                        .processed_at
+                        .get(id)
+                        .is_some_and(|at| *at < processed_before)
+            })
+            .map(|(id, _)| *id)
+            .take(limit)
+            .collect();
+        for id in &gone {
+            if let Some((message, _)) = state.messages.remove(id)
+                && let Some(key) = message.idempotency_key
+            {
+                state.keys.remove(&(message.address, key));
+            }
+            state.replies.remove(id);
+            state.processed_at.remove(id);
+        }
+        Ok(gone.len() as u64)
+    }
+
+    async fn stats(&self) -> Result<StorageStats, MessageStorageError> {
+        let state = self.lock();
+        Ok(StorageStats {
+            messages: state.messages.len() as u64,
+            replies: state.replies.len() as u64,
+            oldest_kept: state
+                .messages
+                .keys()
+                .next()
+                .and_then(|id| crate::snowflake::created_at(*id)),
+        })
     }
 }

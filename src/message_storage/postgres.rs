@@ -1,23 +1,30 @@
 //! Message storage on PostgreSQL, with group commit.
 //!
-//! Saves and completions go through a batcher each: callers hand their request to a task
-//! over a bounded channel and wait on a oneshot; the task takes everything queued (up to
-//! `max_batch`) and runs it as one multi-row statement (saves) or one transaction
-//! (completions), with up to `max_in_flight` batches running at once. Under load many sends
-//! share one commit, which is what lifts persisted throughput far above
-//! one-commit-per-message. With batching off every request is a batch of one.
+//! Saves and completions go through a batcher each (`batcher`): concurrent requests run
+//! as one multi-row statement, which is what lifts persisted throughput far above
+//! one-commit-per-message. With batching off every request is a batch of one. What storage
+//! cannot hold is refused before batching ([`super::storable`]); a batch the database still
+//! refuses as data is split until only the rows to blame fail. Every SQLSTATE is mapped to
+//! a domain error in one place, `db_error`.
 
-use std::collections::{BTreeSet, HashMap};
+mod batcher;
+mod complete;
+mod save;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use self::batcher::{Respond, run_batcher, submit};
+use self::complete::CompleteKind;
+use self::save::SaveKind;
+use super::storable::{check_message, completion_problem, unstorable_completion};
 use super::{
     Completion, CompletionOutcome, MessageStorage, MessageStorageError, NewMessage, Reply,
-    SaveOutcome, StoredMessage,
+    SaveOutcome, StorageStats, StoredMessage,
 };
 use crate::ids::{ClusterName, EntityAddress, EntityId, EntityType, MessageId, ShardId};
 
@@ -52,36 +59,42 @@ impl Default for BatchConfig {
     }
 }
 
+/// The one mapping from database errors to [`MessageStorageError`].
 fn db_error(error: sqlx::Error) -> MessageStorageError {
-    match error {
+    let sqlx::Error::Database(db) = error else {
+        return match error {
+            sqlx::Error::PoolClosed => MessageStorageError::Shutdown,
+            other => MessageStorageError::Unavailable(other.to_string()),
+        };
+    };
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    let text = format!("{} (SQLSTATE {code})", db.message());
+    match code.get(..2).unwrap_or_default() {
         // A deadlock or serialization failure aborted the statement: nothing was written,
         // and saves (idempotent by id) and completions (epoch-checked) may simply run again.
-        sqlx::Error::Database(db)
-            if matches!(db.code().as_deref(), Some("40P01") | Some("40001")) =>
-        {
-            MessageStorageError::Unavailable(format!(
-                "{} (SQLSTATE {}); retry",
-                db.message(),
-                db.code().as_deref().unwrap_or("?")
-            ))
+        "40" if code == "40P01" || code == "40001" => {
+            MessageStorageError::Unavailable(format!("{text}; retry"))
         }
-        sqlx::Error::Database(db) => MessageStorageError::Other(format!(
-            "{} (SQLSTATE {})",
-            db.message(),
-            db.code().as_deref().unwrap_or("?")
-        )),
-        sqlx::Error::PoolClosed => MessageStorageError::Shutdown,
-        other => MessageStorageError::Unavailable(other.to_string()),
+        // Connection exceptions, insufficient resources, a server shutting down: nothing
+        // was committed, and the server may be back.
+        "08" | "53" | "57" => MessageStorageError::Unavailable(text),
+        // The data itself was refused (22 data exception, e.g. 22P05 NUL in jsonb; 23 an
+        // integrity violation no `ON CONFLICT` handles; 54 a program limit such as an index
+        // row too large). The same rows will be refused again: the batchers isolate them.
+        "22" | "23" | "54" => MessageStorageError::Unstorable {
+            field: "row".to_owned(),
+            problem: text,
+        },
+        _ => MessageStorageError::Other(text),
     }
 }
-
-type Respond<T> = oneshot::Sender<Result<T, MessageStorageError>>;
 
 /// Message storage backed by PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgMessageStorage {
     inner: Arc<Inner>,
-    /// Each save answers on its own: one message of a batch can be refused (`IdTaken`).
+    /// Each save answers on its own: one message of a batch can be refused (`IdTaken`,
+    /// `Unstorable`).
     save_tx: mpsc::Sender<(
         NewMessage,
         Respond<Result<SaveOutcome, MessageStorageError>>,
@@ -102,17 +115,11 @@ impl PgMessageStorage {
         let capacity = batching.max_batch.max(64) * 4;
         let (save_tx, save_rx) = mpsc::channel(capacity);
         let (complete_tx, complete_rx) = mpsc::channel(capacity);
-        tokio::spawn(run_batcher(
-            inner.clone(),
-            save_rx,
-            batching,
-            |inner, batch| Box::pin(async move { inner.save_batch(batch).await }),
-        ));
-        tokio::spawn(run_batcher(
+        tokio::spawn(run_batcher::<SaveKind>(inner.clone(), save_rx, batching));
+        tokio::spawn(run_batcher::<CompleteKind>(
             inner.clone(),
             complete_rx,
             batching,
-            |inner, batch| Box::pin(async move { inner.complete_batch(batch).await }),
         ));
         Self {
             inner,
@@ -120,64 +127,6 @@ impl PgMessageStorage {
             complete_tx,
         }
     }
-}
-
-type BatchFn<Req, Out> =
-    fn(
-        Arc<Inner>,
-        Vec<Req>,
-    ) -> futures::future::BoxFuture<'static, Result<Vec<Out>, MessageStorageError>>;
-
-/// Collects queued requests into batches and runs up to `max_in_flight` at once. Ends when
-/// every sender is gone.
-async fn run_batcher<Req: Send + 'static, Out: Send + 'static>(
-    inner: Arc<Inner>,
-    mut rx: mpsc::Receiver<(Req, Respond<Out>)>,
-    config: BatchConfig,
-    run: BatchFn<Req, Out>,
-) {
-    let permits = Arc::new(Semaphore::new(config.max_in_flight));
-    while let Some(first) = rx.recv().await {
-        // Waiting for a permit first lets the queue fill while earlier batches commit.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let mut batch = vec![first];
-        while batch.len() < config.max_batch {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let (requests, responders): (Vec<Req>, Vec<Respond<Out>>) = batch.into_iter().unzip();
-            match run(inner, requests).await {
-                Ok(outcomes) => {
-                    for (respond, outcome) in responders.into_iter().zip(outcomes) {
-                        let _ = respond.send(Ok(outcome));
-                    }
-                }
-                Err(error) => {
-                    for respond in responders {
-                        let _ = respond.send(Err(error.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn submit<Req, Out>(
-    tx: &mpsc::Sender<(Req, Respond<Out>)>,
-    request: Req,
-) -> Result<Out, MessageStorageError> {
-    let (respond, response) = oneshot::channel();
-    tx.send((request, respond))
-        .await
-        .map_err(|_| MessageStorageError::Shutdown)?;
-    response.await.map_err(|_| MessageStorageError::Shutdown)?
 }
 
 fn reply_from(ok: bool, payload: serde_json::Value) -> Reply {
@@ -209,340 +158,10 @@ fn reply_columns(reply: &Reply) -> (bool, serde_json::Value) {
     }
 }
 
-impl Inner {
-    /// Inserts a batch in one statement. Rows go in sorted by idempotency key, then id: an
-    /// insert waits on a conflicting row another batch has not committed yet, so two batches
-    /// holding the same keys in opposite orders would deadlock (two nodes retrying the same
-    /// sends do that); one global order makes them queue instead.
-    async fn save_batch(
-        &self,
-        batch: Vec<NewMessage>,
-    ) -> Result<Vec<Result<SaveOutcome, MessageStorageError>>, MessageStorageError> {
-        let inserted: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO shoal_messages
-                 (id, cluster, shard, entity_type, entity_id, tag, payload, idempotency_key,
-                  deliver_at)
-             SELECT m.id, $1, m.shard, m.entity_type, m.entity_id, m.tag, m.payload, m.key,
-                    m.deliver_at
-               FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::text[],
-                           $7::jsonb[], $8::text[], $9::timestamptz[])
-                    AS m(id, shard, entity_type, entity_id, tag, payload, key, deliver_at)
-             ORDER BY m.key IS NULL, m.entity_type, m.entity_id, m.key, m.id
-             ON CONFLICT DO NOTHING
-             RETURNING id",
-        )
-        .bind(self.cluster.as_str())
-        .bind(batch.iter().map(|m| m.id.get()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|m| m.shard.lock_key()).collect::<Vec<_>>())
-        .bind(
-            batch
-                .iter()
-                .map(|m| m.address.entity_type.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|m| m.address.entity_id.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(batch.iter().map(|m| m.tag.clone()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|m| m.payload.clone()).collect::<Vec<_>>())
-        .bind(
-            batch
-                .iter()
-                .map(|m| m.idempotency_key.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(batch.iter().map(|m| m.deliver_at).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let inserted: BTreeSet<i64> = inserted.into_iter().collect();
-
-        // Keyed messages that were not inserted met an earlier one: find it and its reply.
-        let conflicts: Vec<&NewMessage> = batch
-            .iter()
-            .filter(|m| !inserted.contains(&m.id.get()) && m.idempotency_key.is_some())
-            .collect();
-        let existing = if conflicts.is_empty() {
-            HashMap::new()
-        } else {
-            self.find_by_keys(&conflicts).await?
-        };
-        // An id twice in one batch (two generators sharing this storage) is resolved by
-        // the row's content like any other conflict.
-        let mut seen = BTreeSet::new();
-        let repeated: BTreeSet<i64> = batch
-            .iter()
-            .map(|m| m.id.get())
-            .filter(|id| !seen.insert(*id))
-            .collect();
-        let outcomes: Vec<Option<SaveOutcome>> = batch
-            .iter()
-            .map(|m| {
-                if repeated.contains(&m.id.get()) {
-                    return None;
-                }
-                if inserted.contains(&m.id.get()) {
-                    return Some(SaveOutcome::Stored(m.id));
-                }
-                let key = (
-                    m.address.entity_type.as_str().to_owned(),
-                    m.address.entity_id.as_str().to_owned(),
-                    m.idempotency_key.clone().unwrap_or_default(),
-                );
-                match existing.get(&key) {
-                    Some((id, reply)) if *id != m.id => Some(SaveOutcome::Duplicate {
-                        id: *id,
-                        reply: reply.clone(),
-                    }),
-                    // Same key, same id: saved before (a retried save).
-                    Some(_) => Some(SaveOutcome::Stored(m.id)),
-                    // The id itself conflicted: see whose it is.
-                    None => None,
-                }
-            })
-            .collect();
-        let unresolved: Vec<&NewMessage> = batch
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, outcome)| outcome.is_none())
-            .map(|(m, _)| m)
-            .collect();
-        let mut taken = if unresolved.is_empty() {
-            Vec::new()
-        } else {
-            self.taken_by_others(&unresolved).await?
-        }
-        .into_iter();
-        Ok(batch
-            .iter()
-            .zip(outcomes)
-            .map(|(m, outcome)| match outcome {
-                Some(outcome) => Ok(outcome),
-                // `taken` follows the order of the unresolved messages.
-                None => match taken.next() {
-                    Some(true) => Err(MessageStorageError::IdTaken(m.id)),
-                    // The same message saved before (a retried save): it is stored.
-                    _ => Ok(SaveOutcome::Stored(m.id)),
-                },
-            })
-            .collect())
-    }
-
-    /// For each of `messages`, whether its id is held by a different message: two nodes
-    /// that share a machine id generate the same ids, and merging their messages would lose
-    /// one and answer its sender with the other's reply.
-    async fn taken_by_others(
-        &self,
-        messages: &[&NewMessage],
-    ) -> Result<Vec<bool>, MessageStorageError> {
-        let rows = sqlx::query(
-            "SELECT id, cluster, entity_type, entity_id, tag, payload, idempotency_key
-               FROM shoal_messages WHERE id = ANY($1)",
-        )
-        .bind(messages.iter().map(|m| m.id.get()).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        // cluster, entity type, entity id, tag, payload, idempotency key
-        type Content = (
-            String,
-            String,
-            String,
-            String,
-            serde_json::Value,
-            Option<String>,
-        );
-        let mut stored: HashMap<i64, Content> = HashMap::new();
-        for row in rows {
-            stored.insert(
-                row.try_get("id").map_err(db_error)?,
-                (
-                    row.try_get("cluster").map_err(db_error)?,
-                    row.try_get("entity_type").map_err(db_error)?,
-                    row.try_get("entity_id").map_err(db_error)?,
-                    row.try_get("tag").map_err(db_error)?,
-                    row.try_get("payload").map_err(db_error)?,
-                    row.try_get("idempotency_key").map_err(db_error)?,
-                ),
-            );
-        }
-        Ok(messages
-            .iter()
-            .map(|m| match stored.get(&m.id.get()) {
-                Some((cluster, entity_type, entity_id, tag, payload, key)) => {
-                    cluster != self.cluster.as_str()
-                        || entity_type != m.address.entity_type.as_str()
-                        || entity_id != m.address.entity_id.as_str()
-                        || *tag != m.tag
-                        || *payload != m.payload
-                        || *key != m.idempotency_key
-                }
-                None => false,
-            })
-            .collect())
-    }
-
-    async fn find_by_keys(
-        &self,
-        messages: &[&NewMessage],
-    ) -> Result<HashMap<(String, String, String), (MessageId, Option<Reply>)>, MessageStorageError>
-    {
-        let rows = sqlx::query(
-            "SELECT m.entity_type, m.entity_id, m.idempotency_key, m.id, r.ok, r.payload
-               FROM unnest($2::text[], $3::text[], $4::text[]) AS k(entity_type, entity_id, key)
-               JOIN shoal_messages m
-                 ON m.cluster = $1 AND m.entity_type = k.entity_type
-                AND m.entity_id = k.entity_id AND m.idempotency_key = k.key
-               LEFT JOIN shoal_replies r ON r.message_id = m.id",
-        )
-        .bind(self.cluster.as_str())
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.address.entity_type.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.address.entity_id.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.idempotency_key.clone().unwrap_or_default())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let mut found = HashMap::new();
-        for row in rows {
-            let key = (
-                row.try_get::<String, _>("entity_type").map_err(db_error)?,
-                row.try_get::<String, _>("entity_id").map_err(db_error)?,
-                row.try_get::<String, _>("idempotency_key")
-                    .map_err(db_error)?,
-            );
-            let id = MessageId::new(row.try_get("id").map_err(db_error)?);
-            let ok: Option<bool> = row.try_get("ok").map_err(db_error)?;
-            let payload: Option<serde_json::Value> = row.try_get("payload").map_err(db_error)?;
-            let reply = ok.zip(payload).map(|(ok, payload)| reply_from(ok, payload));
-            found.insert(key, (id, reply));
-        }
-        Ok(found)
-    }
-
-    /// Completes a batch in ONE statement (one round trip, one commit): the shard rows are
-    /// locked `FOR SHARE` and their epochs checked, the messages still unprocessed are
-    /// marked, and replies and entity state are written for exactly those.
-    async fn complete_batch(
-        &self,
-        batch: Vec<Completion>,
-    ) -> Result<Vec<CompletionOutcome>, MessageStorageError> {
-        let shards: BTreeSet<i32> = batch.iter().map(|c| c.shard.lock_key()).collect();
-        let (oks, payloads): (Vec<bool>, Vec<serde_json::Value>) =
-            batch.iter().map(|c| reply_columns(&c.reply)).unzip();
-        let states: Vec<Option<serde_json::Value>> = batch
-            .iter()
-            .map(|c| c.state.as_ref().map(|(_, s)| s.clone()))
-            .collect();
-        let state_types: Vec<Option<String>> = batch
-            .iter()
-            .map(|c| {
-                c.state
-                    .as_ref()
-                    .map(|(a, _)| a.entity_type.as_str().to_owned())
-            })
-            .collect();
-        let state_ids: Vec<Option<String>> = batch
-            .iter()
-            .map(|c| {
-                c.state
-                    .as_ref()
-                    .map(|(a, _)| a.entity_id.as_str().to_owned())
-            })
-            .collect();
-        let rows = sqlx::query(include_str!("queries/complete_batch.sql"))
-            .bind(self.cluster.as_str())
-            .bind(shards.into_iter().collect::<Vec<_>>())
-            .bind(batch.iter().map(|c| c.message_id.get()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|c| c.shard.lock_key()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|c| c.epoch.get()).collect::<Vec<_>>())
-            .bind(oks)
-            .bind(payloads)
-            .bind(state_types)
-            .bind(state_ids)
-            .bind(states)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let mut epochs = HashMap::new();
-        let mut marked = BTreeSet::new();
-        for row in rows {
-            let kind: String = row.try_get("kind").map_err(db_error)?;
-            let a: i64 = row.try_get("a").map_err(db_error)?;
-            let b: i64 = row.try_get("b").map_err(db_error)?;
-            if kind == "epoch" {
-                epochs.insert(a as i32, b);
-            } else {
-                marked.insert(a);
-            }
-        }
-        // The first completion of each marked message is the one that committed.
-        let mut won = BTreeSet::new();
-        Ok(batch
-            .iter()
-            .map(|c| {
-                if epochs.get(&c.shard.lock_key()) != Some(&c.epoch.get()) {
-                    CompletionOutcome::Fenced
-                } else if marked.contains(&c.message_id.get()) && won.insert(c.message_id) {
-                    CompletionOutcome::Committed
-                } else {
-                    CompletionOutcome::AlreadyProcessed
-                }
-            })
-            .collect())
-    }
-
-    /// Completes a row whose address cannot be parsed with an error reply, so it is
-    /// reported once instead of being scanned forever.
-    async fn reject_malformed(&self, id: i64, problem: &str) -> Result<(), MessageStorageError> {
-        tracing::error!(
-            message_id = id,
-            problem,
-            "malformed message in storage; rejecting it"
-        );
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        sqlx::query(
-            "UPDATE shoal_messages SET processed = true, processed_at = now()
-              WHERE cluster = $1 AND id = $2",
-        )
-        .bind(self.cluster.as_str())
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        sqlx::query(
-            "INSERT INTO shoal_replies (message_id, ok, payload) VALUES ($1, false, $2)
-             ON CONFLICT (message_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(serde_json::json!({"code": "malformed_message", "message": problem}))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)
-    }
-}
-
 #[async_trait]
 impl MessageStorage for PgMessageStorage {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
+        check_message(&message)?;
         submit(&self.save_tx, message).await?
     }
 
@@ -619,7 +238,15 @@ impl MessageStorage for PgMessageStorage {
         &self,
         completion: Completion,
     ) -> Result<CompletionOutcome, MessageStorageError> {
-        submit(&self.complete_tx, completion).await
+        let Some(problem) = completion_problem(&completion) else {
+            return submit(&self.complete_tx, completion).await;
+        };
+        tracing::error!(message_id = %completion.message_id, %problem, "reply or state cannot be stored; completing with an error reply");
+        let substitute = unstorable_completion(&completion, &problem);
+        Ok(match submit(&self.complete_tx, substitute).await? {
+            CompletionOutcome::Committed => CompletionOutcome::Unstorable,
+            other => other,
+        })
     }
 
     async fn shards_with_backlog(
@@ -727,5 +354,44 @@ impl MessageStorage for PgMessageStorage {
         .fetch_optional(&self.inner.pool)
         .await
         .map_err(db_error)
+    }
+
+    async fn purge(
+        &self,
+        processed_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, MessageStorageError> {
+        let removed: i64 = sqlx::query_scalar(include_str!("queries/purge.sql"))
+            .bind(self.inner.cluster.as_str())
+            .bind(crate::snowflake::first_id_at(processed_before).get())
+            .bind(processed_before)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(removed.max(0) as u64)
+    }
+
+    async fn stats(&self) -> Result<StorageStats, MessageStorageError> {
+        // reltuples is the planner's estimate (-1 before the first ANALYZE); counting rows
+        // would scan the table.
+        let row = sqlx::query(
+            "SELECT (SELECT reltuples FROM pg_class WHERE oid = 'shoal_messages'::regclass)
+                        ::float8 AS messages,
+                    (SELECT reltuples FROM pg_class WHERE oid = 'shoal_replies'::regclass)
+                        ::float8 AS replies,
+                    (SELECT min(id) FROM shoal_messages WHERE cluster = $1) AS oldest",
+        )
+        .bind(self.inner.cluster.as_str())
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        let estimate = |v: f64| if v > 0.0 { v as u64 } else { 0 };
+        let oldest: Option<i64> = row.try_get("oldest").map_err(db_error)?;
+        Ok(StorageStats {
+            messages: estimate(row.try_get("messages").map_err(db_error)?),
+            replies: estimate(row.try_get("replies").map_err(db_error)?),
+            oldest_kept: oldest.and_then(|id| crate::snowflake::created_at(MessageId::new(id))),
+        })
     }
 }
