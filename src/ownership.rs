@@ -186,11 +186,16 @@ struct Incarnation {
     polls: u64,
     watchers: PeerWatchers,
     progress: ProgressTracker,
+    /// Shards assigned here that the last rebalance could not lock.
+    wanting: bool,
+    /// The next early poll's delay while `wanting`.
+    wanting_poll: Duration,
 }
 
-/// After a watcher saw a peer go, the next poll comes this soon: a lock the peer's ending
-/// session had not freed yet when the first rebalance ran is taken without a full poll.
-const FOLLOW_UP_POLL: Duration = Duration::from_millis(20);
+/// While shards assigned here are still held elsewhere (a peer draining them for this
+/// runner, a dying session that has not freed them yet), the next poll comes this soon,
+/// doubling up to `poll_interval`: a handover costs a drain, not a drain plus a poll.
+const WANTING_POLL: Duration = Duration::from_millis(20);
 
 /// The session could not be confirmed in time: fence.
 struct Lost(&'static str);
@@ -259,6 +264,8 @@ impl OwnershipLoop {
             polls: 0,
             watchers: PeerWatchers::new(self.storage.clone(), self.config.watch_peers),
             progress: ProgressTracker::new(self.config.hang_timeout),
+            wanting: false,
+            wanting_poll: WANTING_POLL,
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -280,15 +287,31 @@ impl OwnershipLoop {
                 peer = inc.watchers.next_gone() => {
                     tracing::info!(%peer, "a peer's session ended; rebalancing now");
                     m::peer_gone();
-                    poll.reset_after(FOLLOW_UP_POLL);
-                    self.rebalance(&mut inc).await
+                    inc.wanting_poll = WANTING_POLL;
+                    self.rebalanced(&mut inc, &mut poll).await
                 }
-                _ = poll.tick() => self.rebalance(&mut inc).await,
+                _ = poll.tick() => self.rebalanced(&mut inc, &mut poll).await,
             };
             if let Err(Lost(why)) = step {
                 break self.fence(inc, why);
             }
         }
+    }
+
+    /// Rebalances, then polls early while assigned shards are still held elsewhere.
+    async fn rebalanced(
+        &self,
+        inc: &mut Incarnation,
+        poll: &mut tokio::time::Interval,
+    ) -> Result<(), Lost> {
+        self.rebalance(inc).await?;
+        if inc.wanting {
+            poll.reset_after(inc.wanting_poll);
+            inc.wanting_poll = (inc.wanting_poll * 2).min(self.config.poll_interval);
+        } else {
+            inc.wanting_poll = WANTING_POLL;
+        }
+        Ok(())
     }
 
     /// Runs a session call under the fencing deadline.
@@ -372,9 +395,11 @@ impl OwnershipLoop {
             .filter(|s| !inc.owned.contains_key(s))
             .copied()
             .collect();
+        inc.wanting = false;
         if !to_acquire.is_empty() {
             let call = inc.session.try_acquire(&to_acquire);
             let acquired = self.guarded(&mut inc.confirmed_at, call).await?;
+            inc.wanting = acquired.len() < to_acquire.len();
             for (shard, epoch) in &acquired {
                 inc.owned.insert(*shard, *epoch);
                 self.lifecycle.acquired(*shard, *epoch);

@@ -528,7 +528,11 @@ fn spawn(config: &ShoalConfig, args: &[&str]) -> anyhow::Result<Child> {
             config.cluster.shards_per_group.to_string(),
         )
         .env("SHOAL__CLUSTER__SECRET", &config.cluster.secret)
-        .env("SHOAL__LOG__FILTER", "error")
+        // The drill's own output is the JSON; its children log errors only, unless asked.
+        .env(
+            "SHOAL__LOG__FILTER",
+            std::env::var("SHOAL_DRILL_LOG_FILTER").unwrap_or_else(|_| "error".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
