@@ -188,14 +188,17 @@ struct Incarnation {
     progress: ProgressTracker,
     /// Shards assigned here that the last rebalance could not lock.
     wanting: bool,
-    /// The next early poll's delay while `wanting`.
+    /// The next early poll's delay while `wanting`, and since when it wants.
     wanting_poll: Duration,
+    wanting_since: Option<Instant>,
 }
 
 /// While shards assigned here are still held elsewhere (a peer draining them for this
-/// runner, a dying session that has not freed them yet), the next poll comes this soon,
-/// doubling up to `poll_interval`: a handover costs a drain, not a drain plus a poll.
+/// runner, a dying session that has not freed them yet), the next poll comes this soon for
+/// [`WANTING_EAGER`], then doubling up to `poll_interval`: a handover costs a drain, not a
+/// drain plus a poll, and a long drain costs a few cheap lock attempts.
 const WANTING_POLL: Duration = Duration::from_millis(20);
+const WANTING_EAGER: Duration = Duration::from_secs(1);
 
 /// The session could not be confirmed in time: fence.
 struct Lost(&'static str);
@@ -266,6 +269,7 @@ impl OwnershipLoop {
             progress: ProgressTracker::new(self.config.hang_timeout),
             wanting: false,
             wanting_poll: WANTING_POLL,
+            wanting_since: None,
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -288,6 +292,7 @@ impl OwnershipLoop {
                     tracing::info!(%peer, "a peer's session ended; rebalancing now");
                     m::peer_gone();
                     inc.wanting_poll = WANTING_POLL;
+                    inc.wanting_since = None;
                     self.rebalanced(&mut inc, &mut poll).await
                 }
                 _ = poll.tick() => self.rebalanced(&mut inc, &mut poll).await,
@@ -306,10 +311,14 @@ impl OwnershipLoop {
     ) -> Result<(), Lost> {
         self.rebalance(inc).await?;
         if inc.wanting {
+            let since = *inc.wanting_since.get_or_insert_with(Instant::now);
             poll.reset_after(inc.wanting_poll);
-            inc.wanting_poll = (inc.wanting_poll * 2).min(self.config.poll_interval);
+            if since.elapsed() >= WANTING_EAGER {
+                inc.wanting_poll = (inc.wanting_poll * 2).min(self.config.poll_interval);
+            }
         } else {
             inc.wanting_poll = WANTING_POLL;
+            inc.wanting_since = None;
         }
         Ok(())
     }
