@@ -11,6 +11,10 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The expiry only collects garbage (the state above is judged by `now`), so it runs one
+-- second past the moment the key stops mattering: a key read a little late, or under an
+-- injected clock running behind the server's, still holds its state.
+local GC_SLACK_MS = 1000
 local key = KEYS[1]
 local start = now - (now % window)
 local reset_at = start + window
@@ -25,7 +29,7 @@ if count + cost <= limit then
   count = count + cost
   allowed = 1
   redis.call('HSET', key, 'start', start, 'count', count)
-  redis.call('PEXPIRE', key, reset_at - now)
+  redis.call('PEXPIRE', key, reset_at - now + GC_SLACK_MS)
 else
   retry_after = reset_at - now
 end

@@ -10,6 +10,10 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The expiry only collects garbage (the state above is judged by `now`), so it runs one
+-- second past the moment the key stops mattering: a key read a little late, or under an
+-- injected clock running behind the server's, still holds its state.
+local GC_SLACK_MS = 1000
 local key = KEYS[1]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 local count = redis.call('ZCARD', key)
@@ -18,7 +22,7 @@ if count < limit then
   -- ZADD of a member already present (a retried call) does not add a second entry.
   count = count + redis.call('ZADD', key, now, ARGV[3])
   allowed = 1
-  redis.call('PEXPIRE', key, window)
+  redis.call('PEXPIRE', key, window + GC_SLACK_MS)
 end
 -- A slot frees when the oldest entry leaves the window.
 local reset_at = now + window

@@ -13,6 +13,10 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The expiry only collects garbage (the state above is judged by `now`), so it runs one
+-- second past the moment the key stops mattering: a key read a little late, or under an
+-- injected clock running behind the server's, still holds its state.
+local GC_SLACK_MS = 1000
 local key = KEYS[1]
 local full = capacity * period
 local stored = redis.call('HMGET', key, 'level', 'ts')
@@ -33,7 +37,7 @@ if level >= cost then
   level = level - cost
   allowed = 1
   redis.call('HSET', key, 'level', level, 'ts', ts)
-  redis.call('PEXPIRE', key, math.ceil((full - level) / capacity) + 1)
+  redis.call('PEXPIRE', key, math.ceil((full - level) / capacity) + 1 + GC_SLACK_MS)
 else
   retry_after = math.ceil((cost - level) / capacity)
 end
