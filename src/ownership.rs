@@ -293,9 +293,9 @@ impl OwnershipLoop {
                     m::peer_gone();
                     inc.wanting_poll = WANTING_POLL;
                     inc.wanting_since = None;
-                    self.rebalanced(&mut inc, &mut poll).await
+                    self.rebalanced(&mut inc, &mut poll, Some(peer)).await
                 }
-                _ = poll.tick() => self.rebalanced(&mut inc, &mut poll).await,
+                _ = poll.tick() => self.rebalanced(&mut inc, &mut poll, None).await,
             };
             if let Err(Lost(why)) = step {
                 break self.fence(inc, why);
@@ -308,8 +308,9 @@ impl OwnershipLoop {
         &self,
         inc: &mut Incarnation,
         poll: &mut tokio::time::Interval,
+        gone: Option<RunnerId>,
     ) -> Result<(), Lost> {
-        self.rebalance(inc).await?;
+        self.rebalance(inc, gone).await?;
         if inc.wanting {
             let since = *inc.wanting_since.get_or_insert_with(Instant::now);
             poll.reset_after(inc.wanting_poll);
@@ -358,23 +359,35 @@ impl OwnershipLoop {
         }
     }
 
-    async fn rebalance(&self, inc: &mut Incarnation) -> Result<(), Lost> {
-        inc.polls += 1;
+    /// Recomputes the assignment and acquires and drains to match it. `gone` is a peer a
+    /// watcher just saw end: the live runners are then the last ones read without it (no
+    /// read on the takeover's path; the next poll reads them again).
+    async fn rebalance(&self, inc: &mut Incarnation, gone: Option<RunnerId>) -> Result<(), Lost> {
         // Pool calls never fence, but they must not hold the loop past the next check.
         let budget = self
             .config
             .lock_check_interval
             .max(self.config.poll_interval)
             * 2;
-        let live = match tokio::time::timeout(budget, self.storage.live_runners()).await {
-            Ok(Ok(live)) => live,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "could not read live runners; keeping current shards");
-                return Ok(());
+        let live = match gone {
+            Some(peer) => {
+                let mut live = self.view_tx.borrow().live_runners.clone();
+                live.retain(|r| r.id != peer);
+                live
             }
-            Err(_) => {
-                tracing::warn!("reading live runners timed out; keeping current shards");
-                return Ok(());
+            None => {
+                inc.polls += 1;
+                match tokio::time::timeout(budget, self.storage.live_runners()).await {
+                    Ok(Ok(live)) => live,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "could not read live runners; keeping shards");
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        tracing::warn!("reading live runners timed out; keeping shards");
+                        return Ok(());
+                    }
+                }
             }
         };
         let me = inc.session.runner_id();
@@ -419,6 +432,9 @@ impl OwnershipLoop {
             }
         }
         self.publish_holdings(inc);
+        if gone.is_some() {
+            return Ok(());
+        }
         // After acquiring: judging peers is never on the path of a takeover.
         self.end_hung_peers(inc, me, budget).await;
         if inc.polls.is_multiple_of(240) {
