@@ -436,13 +436,17 @@ mod suite {
         let a = storage.register(&registration("a")).await?;
         let b = storage.register(&registration("b")).await?;
         let (ia, ib) = (a.runner_id(), b.runner_id());
-        let watcher = tokio::spawn({
+        let mut watcher = tokio::spawn({
             let storage = storage.clone();
             async move { storage.await_gone(ia).await }
         });
-        // While it waits, the watcher makes nobody look alive or dead.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        ensure!(!watcher.is_finished(), "a is alive: the watcher waits");
+        // While a lives the watcher does not return, and makes nobody look alive or dead.
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(300), &mut watcher)
+                .await
+                .is_err(),
+            "a is alive: the watcher waits"
+        );
         ensure!(live_ids(&*storage).await? == vec![ia, ib], "both live");
         drop(a);
         tokio::time::timeout(DEADLINE, watcher)

@@ -18,7 +18,7 @@ use common::gateway::{Gateway, GatewayOptions, HttpResponse, sharding};
 use common::{DEADLINE, Runner, RunnerOptions, TestCluster, wait_until};
 use reqwest::StatusCode;
 use serde_json::json;
-use shoal::ids::EntityId;
+use shoal::ids::{EntityId, ShardId};
 use tokio::task::JoinSet;
 
 /// Shards of the test clusters.
@@ -504,21 +504,7 @@ async fn persisted_requests_survive_the_owners_kill_9() -> anyhow::Result<()> {
 
     // Entities owned by the victim.
     let snapshot = cluster.snapshot().await?;
-    let sharding = sharding(SHARDS)?;
-    let mut entities = Vec::new();
-    for i in 0.. {
-        let id = format!("k-{i}");
-        if snapshot
-            .owners
-            .get(&sharding.shard_of(&EntityId::new(&id)?))
-            == Some(&victim)
-        {
-            entities.push(id);
-            if entities.len() == KILL_ENTITIES {
-                break;
-            }
-        }
-    }
+    let entities = entities_on("k", |shard| snapshot.owners.get(&shard) == Some(&victim))?;
 
     let answered = Arc::new(AtomicUsize::new(0));
     let mut increments = JoinSet::new();
@@ -672,6 +658,22 @@ async fn persisted_requests_survive_the_owners_kill_9() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `KILL_ENTITIES` entity ids `<prefix>-<n>` whose shards satisfy `on`.
+fn entities_on(prefix: &str, on: impl Fn(ShardId) -> bool) -> anyhow::Result<Vec<String>> {
+    let sharding = sharding(SHARDS)?;
+    let mut entities = Vec::new();
+    for i in 0.. {
+        let id = format!("{prefix}-{i}");
+        if on(sharding.shard_of(&EntityId::new(&id)?)) {
+            entities.push(id);
+            if entities.len() == KILL_ENTITIES {
+                break;
+            }
+        }
+    }
+    Ok(entities)
+}
+
 /// A runner frozen with SIGSTOP keeps its Postgres sessions (the kernel still answers for
 /// it): the survivors must see it make no progress, end its sessions and take its shards,
 /// and nothing it does after it wakes may commit.
@@ -683,17 +685,7 @@ async fn persisted_requests_survive_a_frozen_owner() -> anyhow::Result<()> {
     let victim = runners[0].id().await?;
     let survivors = [runners[1].id().await?, runners[2].id().await?];
     let victim_epochs = runners[0].status().await?.owned;
-    let sharding = sharding(SHARDS)?;
-    let mut entities = Vec::new();
-    for i in 0.. {
-        let id = format!("f-{i}");
-        if victim_epochs.contains_key(&sharding.shard_of(&EntityId::new(&id)?)) {
-            entities.push(id);
-            if entities.len() == KILL_ENTITIES {
-                break;
-            }
-        }
-    }
+    let entities = entities_on("f", |shard| victim_epochs.contains_key(&shard))?;
 
     let answered = Arc::new(AtomicUsize::new(0));
     let mut increments = JoinSet::new();
