@@ -25,15 +25,7 @@ use tokio::task::JoinSet;
 const SHARDS: u32 = 64;
 
 async fn cluster_with(runners: usize) -> anyhow::Result<(TestCluster, Vec<Runner>)> {
-    let cluster = TestCluster::new(SHARDS).await?;
-    let mut started = Vec::new();
-    for _ in 0..runners {
-        started.push(cluster.start_runner().await?);
-    }
-    cluster
-        .await_balanced(&started.iter().collect::<Vec<_>>())
-        .await?;
-    Ok((cluster, started))
+    TestCluster::balanced(SHARDS, runners).await
 }
 
 fn reply_count(response: &HttpResponse) -> anyhow::Result<i64> {

@@ -54,14 +54,7 @@ async fn cluster_with(
     shards: u32,
     runners: usize,
 ) -> anyhow::Result<(TestCluster, Vec<common::Runner>, TestClient)> {
-    let cluster = TestCluster::new(shards).await?;
-    let mut started = Vec::new();
-    for _ in 0..runners {
-        started.push(cluster.start_runner().await?);
-    }
-    cluster
-        .await_balanced(&started.iter().collect::<Vec<_>>())
-        .await?;
+    let (cluster, started) = TestCluster::balanced(shards, runners).await?;
     let client = TestClient::connect(&cluster, DEFAULT_SECRET, 4, true).await?;
     Ok((cluster, started, client))
 }

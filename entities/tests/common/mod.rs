@@ -249,6 +249,19 @@ impl TestCluster {
         })
     }
 
+    /// A fresh cluster of `shards` shards with `runners` runners, balanced.
+    pub async fn balanced(shards: u32, runners: usize) -> anyhow::Result<(Self, Vec<Runner>)> {
+        let cluster = Self::new(shards).await?;
+        let mut started = Vec::new();
+        for _ in 0..runners {
+            started.push(cluster.start_runner().await?);
+        }
+        cluster
+            .await_balanced(&started.iter().collect::<Vec<_>>())
+            .await?;
+        Ok((cluster, started))
+    }
+
     /// Starts a runner with the defaults and waits until it has registered.
     pub async fn start_runner(&self) -> anyhow::Result<Runner> {
         self.start_runner_with(RunnerOptions::default()).await
