@@ -2,9 +2,12 @@
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+//! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
+//!   webhook job type.
 
 pub mod counter;
 pub mod probe;
+pub mod webhook;
 
 use shoal::entity::{EntityRegistry, RegistryError};
 
