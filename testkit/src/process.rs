@@ -190,28 +190,6 @@ impl ChildProcess {
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
-
-    /// What follows `marker` on the first log line containing it, once the process has
-    /// written one; fails if it exits without, or after `deadline`.
-    pub async fn await_line(&mut self, marker: &str, deadline: Duration) -> anyhow::Result<String> {
-        let started = Instant::now();
-        loop {
-            // The exit is checked before the log is read, so a line written just before
-            // exiting still counts.
-            let exited = self.child.try_wait()?;
-            let log = self.log();
-            if let Some((_, rest)) = log.lines().find_map(|line| line.split_once(marker)) {
-                return Ok(rest.trim().to_owned());
-            }
-            if let Some(status) = exited {
-                bail!("{} exited ({status}) before writing {marker}", self.name);
-            }
-            if started.elapsed() > deadline {
-                bail!("{} wrote no {marker} within {deadline:?}", self.name);
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
 }
 
 impl Drop for ChildProcess {
