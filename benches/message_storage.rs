@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
 use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use shoal::message_storage::{Completion, MessageStorage, MessageStorageError, NewMessage, Reply};
 use shoal::snowflake::Snowflake;
 use shoal::{ClusterName, EntityAddress, EntityId, EntityType, Epoch, ShardId};
-use anyhow::Context;
 use shoal_testkit::TestDb;
 use sqlx::PgPool;
 use tokio::runtime::Runtime;

@@ -41,7 +41,11 @@ pub fn shoal_command(program: impl AsRef<OsStr>, dir: &Path) -> Command {
 /// Runs `command` to its end, collecting stdout and stderr; fails if it takes longer than
 /// `deadline` (the child is killed then).
 pub async fn output_within(command: &mut Command, deadline: Duration) -> anyhow::Result<Output> {
-    let program = command.as_std().get_program().to_string_lossy().into_owned();
+    let program = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
     let args: Vec<String> = command
         .as_std()
         .get_args()
@@ -75,8 +79,8 @@ impl ChildProcess {
         log: impl Into<PathBuf>,
     ) -> anyhow::Result<Self> {
         let (name, log) = (name.into(), log.into());
-        let file = std::fs::File::create(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = command
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
