@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shoal_entities::webhook::{self, Delivery, Signer, Verdict};
+use shoal_testkit::free_port;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OTHER_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
@@ -221,10 +222,4 @@ async fn statuses_and_failures_become_verdicts() -> anyhow::Result<()> {
         refused.detail
     );
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
