@@ -71,6 +71,7 @@ fn completion(message: &NewMessage, epoch: i64, reply: Reply) -> Completion {
         epoch: Epoch::new(epoch),
         reply,
         state: None,
+        outbox: Vec::new(),
     }
 }
 
