@@ -45,7 +45,7 @@ states AS (
      ORDER BY state_type, state_id, id DESC
     ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
        SET state = EXCLUDED.state, message_id = EXCLUDED.message_id, updated_at = now()
-)
+),
 outbox AS (
     -- The messages of the completions that marked their message, deduplicated as a save
     -- is (a taken id, or a key the target entity already holds, inserts nothing), in the
