@@ -782,7 +782,10 @@ mod suite {
         // Stored as given: the due one is listed, the scheduled one waits for its instant.
         let listed = storage.unprocessed(ShardId::new(2), Utc::now(), 10).await?;
         assert_eq!(listed, vec![StoredMessage::from(now_due.clone())]);
-        assert_eq!(storage.next_due(ShardId::new(2), Utc::now()).await?, Some(at));
+        assert_eq!(
+            storage.next_due(ShardId::new(2), Utc::now()).await?,
+            Some(at)
+        );
         let then = storage.unprocessed(ShardId::new(2), at, 10).await?;
         assert_eq!(ids_of(&then), vec![now_due.id, later.id]);
         // Their keys are taken, as a save's would be.
@@ -865,7 +868,11 @@ mod suite {
         assert_eq!(storage.complete(c).await?, CompletionOutcome::Committed);
         let listed = storage.unprocessed(ShardId::new(2), Utc::now(), 10).await?;
         assert_eq!(ids_of(&listed), vec![earlier.id, twice_a.id, elsewhere.id]);
-        assert_eq!(listed[0], StoredMessage::from(earlier), "the earlier one stands");
+        assert_eq!(
+            listed[0],
+            StoredMessage::from(earlier),
+            "the earlier one stands"
+        );
         Ok(())
     }
 

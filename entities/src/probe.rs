@@ -189,7 +189,8 @@ impl Entity for Probe {
 fn probe(id: &str) -> Result<EntityAddress, HandlerError> {
     Ok(EntityAddress {
         entity_type: Probe.entity_type(),
-        entity_id: EntityId::new(id).map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
+        entity_id: EntityId::new(id)
+            .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
     })
 }
 

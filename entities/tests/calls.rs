@@ -95,22 +95,24 @@ async fn remind_and_check(
     })
     .await?;
     // Only processed rows: the time it ran, against the time it was due.
-    let rows: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as(
-            "SELECT deliver_at, processed_at FROM shoal_messages
+    let rows: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT deliver_at, processed_at FROM shoal_messages
               WHERE cluster = $1 AND entity_id = $2 AND tag = 'record'",
-        )
-        .bind(&cluster.name)
-        .bind(id)
-        .fetch_all(&cluster.pool)
-        .await?;
+    )
+    .bind(&cluster.name)
+    .bind(id)
+    .fetch_all(&cluster.pool)
+    .await?;
     ensure!(rows.len() == 1, "{} record messages stored", rows.len());
     let (due, ran) = rows[0];
     let late = (ran - due).to_std().context("ran before it was due")?;
     ensure!(late <= SCAN_TICK + slack, "ran {late:?} after it was due");
     // No scan or push runs it again.
     tokio::time::sleep(SCAN_TICK * 2).await;
-    ensure!(recorded(cluster, id).await? == vec![json!(id)], "recorded once");
+    ensure!(
+        recorded(cluster, id).await? == vec![json!(id)],
+        "recorded once"
+    );
     Ok(late)
 }
 
@@ -205,28 +207,46 @@ async fn forwards_arrive_exactly_once_exactly_when_the_sender_committed_under_ki
     for s in 0..SENDERS {
         for entry in recorded(&cluster, &format!("fwd-{s}")).await? {
             let value = entry["value"].as_str().context("a value")?.to_owned();
-            ensure!(sent.insert(value.clone(), entry).is_none(), "{value} committed twice");
+            ensure!(
+                sent.insert(value.clone(), entry).is_none(),
+                "{value} committed twice"
+            );
         }
     }
-    ensure!(sent.len() == total, "{} of {total} forwards committed", sent.len());
-    wait_until(DEADLINE, "every forward is recorded by its sink", || async {
-        let mut n = 0;
-        for sink in 0..SINKS {
-            n += recorded(&cluster, &format!("sink-{sink}")).await?.len();
-        }
-        Ok(n >= total)
-    })
+    ensure!(
+        sent.len() == total,
+        "{} of {total} forwards committed",
+        sent.len()
+    );
+    wait_until(
+        DEADLINE,
+        "every forward is recorded by its sink",
+        || async {
+            let mut n = 0;
+            for sink in 0..SINKS {
+                n += recorded(&cluster, &format!("sink-{sink}")).await?.len();
+            }
+            Ok(n >= total)
+        },
+    )
     .await?;
     let mut received: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for sink in 0..SINKS {
         for entry in recorded(&cluster, &format!("sink-{sink}")).await? {
             let value = entry["value"].as_str().context("a value")?.to_owned();
-            ensure!(received.insert(value.clone(), entry).is_none(), "{value} received twice");
+            ensure!(
+                received.insert(value.clone(), entry).is_none(),
+                "{value} received twice"
+            );
         }
     }
     // Exactly the committed entries: each names the runner whose handling committed, so a
     // send from a handling that died before its commit would show up as a mismatch.
-    ensure!(received.len() == total, "{} of {total} received", received.len());
+    ensure!(
+        received.len() == total,
+        "{} of {total} received",
+        received.len()
+    );
     for (value, entry) in &sent {
         ensure!(
             received.get(value) == Some(entry),

@@ -169,7 +169,9 @@ impl EntityContext {
         after: Duration,
     ) -> Result<MessageId, ClientError> {
         let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-        let at = Utc::now().checked_add_signed(after).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let at = Utc::now()
+            .checked_add_signed(after)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         self.schedule(request, at).await
     }
 

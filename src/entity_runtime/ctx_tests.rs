@@ -34,7 +34,11 @@ enum CallMsg {
     Remind { after_ms: u64, value: i64 },
     /// Sends `record {value}` to `to`, records `value`, then fails retryably on the first
     /// attempt (on every attempt when `always`).
-    SendThenFail { to: String, value: i64, always: bool },
+    SendThenFail {
+        to: String,
+        value: i64,
+        always: bool,
+    },
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,7 +246,10 @@ async fn a_handler_asks_another_entity_and_gets_its_reply() {
     let c = cluster().await;
     let (a, b) = (entity("calls", "a"), entity("calls", "b"));
     let reply = c
-        .ask(a.clone(), serde_json::json!({"ask": {"to": "b", "value": 7}}))
+        .ask(
+            a.clone(),
+            serde_json::json!({"ask": {"to": "b", "value": 7}}),
+        )
         .await;
     let Reply::Ok { value } = reply else {
         panic!("the ask failed: {reply:?}");
@@ -272,7 +279,11 @@ async fn an_entity_asking_itself_is_refused_at_once() {
         other => panic!("a self-ask must fail: {other:?}"),
     }
     // Refused, not waited out (the client's deadline is 10 s).
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     let retry = ClientError::SelfAsk(entity("calls", "a")).retry_class();
     assert_eq!(retry, crate::retry::RetryClass::Never);
 }
@@ -294,8 +305,14 @@ async fn a_message_scheduled_to_itself_arrives_once_and_not_before_its_time() {
         let state = c.recorded(&me).await;
         assert_eq!(state.values, vec![5], "{entity_type}");
         let late = state.at_ms[0] - asked_ms;
-        assert!(late >= 2000, "{entity_type}: delivered {late} ms after asking");
-        assert!(late < 2000 + 1500, "{entity_type}: {late} ms is past the scan tick");
+        assert!(
+            late >= 2000,
+            "{entity_type}: delivered {late} ms after asking"
+        );
+        assert!(
+            late < 2000 + 1500,
+            "{entity_type}: {late} ms is past the scan tick"
+        );
         // Stored once, processed once: no scan or push runs it again.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(c.state(&me).await.values, vec![5], "{entity_type}");
@@ -309,7 +326,8 @@ async fn a_replayed_handler_sends_once() {
     for entity_type in ["calls", "calls_direct"] {
         let sender = entity(entity_type, "flaky");
         let sink = entity(entity_type, "sink");
-        let message = serde_json::json!({"send_then_fail": {"to": "sink", "value": 3, "always": false}});
+        let message =
+            serde_json::json!({"send_then_fail": {"to": "sink", "value": 3, "always": false}});
         // The first attempt sends, then fails; the replay sends again and succeeds.
         let reply = c.ask(sender.clone(), message).await;
         assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
@@ -325,7 +343,8 @@ async fn a_replayed_handler_sends_once() {
 async fn a_handler_that_never_commits_sends_nothing_from_its_outbox() {
     let c = cluster().await;
     let (sender, sink) = (entity("calls", "doomed"), entity("calls", "sink2"));
-    let message = serde_json::json!({"send_then_fail": {"to": "sink2", "value": 9, "always": true}});
+    let message =
+        serde_json::json!({"send_then_fail": {"to": "sink2", "value": 9, "always": true}});
     let request = match message {
         serde_json::Value::Object(map) => {
             let (tag, payload) = map.into_iter().next().expect("one");
@@ -336,10 +355,17 @@ async fn a_handler_that_never_commits_sends_nothing_from_its_outbox() {
     // Every attempt fails after sending; the runtime gives up with an error reply.
     let reply = c.client.ask(request).await.expect("answered");
     assert!(matches!(reply, Reply::Err { .. }), "{reply:?}");
-    assert_eq!(c.records_to(&sink), 0, "an uncommitted handler's sends are not written");
+    assert_eq!(
+        c.records_to(&sink),
+        0,
+        "an uncommitted handler's sends are not written"
+    );
     assert!(c.state(&sink).await.values.is_empty());
     // The type without stored state sent at once, once under its derived key.
-    let (direct, direct_sink) = (entity("calls_direct", "doomed"), entity("calls_direct", "sink2"));
+    let (direct, direct_sink) = (
+        entity("calls_direct", "doomed"),
+        entity("calls_direct", "sink2"),
+    );
     let request = Request::persisted(
         direct,
         "send_then_fail",
@@ -347,6 +373,10 @@ async fn a_handler_that_never_commits_sends_nothing_from_its_outbox() {
     );
     let reply = c.client.ask(request).await.expect("answered");
     assert!(matches!(reply, Reply::Err { .. }), "{reply:?}");
-    assert_eq!(c.records_to(&direct_sink), 1, "sent at once, deduplicated across attempts");
+    assert_eq!(
+        c.records_to(&direct_sink),
+        1,
+        "sent at once, deduplicated across attempts"
+    );
     drop(c.runtime);
 }

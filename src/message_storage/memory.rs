@@ -68,7 +68,6 @@ impl MemoryMessageStorage {
     }
 }
 
-
 /// Stores a message unless its id or its idempotency key (for its entity) is taken: what
 /// both a save and a completion's outbox do.
 fn insert(state: &mut State, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {

@@ -60,7 +60,11 @@ fn bind_outbox<'q>(query: Query<'q>, batch: &[Completion]) -> Query<'q> {
     query
         .bind(rows.iter().map(|(n, _)| *n).collect::<Vec<i64>>())
         .bind(rows.iter().map(|(_, m)| m.id.get()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, m)| m.shard.lock_key()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.shard.lock_key())
+                .collect::<Vec<_>>(),
+        )
         .bind(
             rows.iter()
                 .map(|(_, m)| m.address.entity_type.as_str().to_owned())
@@ -72,7 +76,11 @@ fn bind_outbox<'q>(query: Query<'q>, batch: &[Completion]) -> Query<'q> {
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|(_, m)| m.tag.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, m)| m.payload.clone()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.payload.clone())
+                .collect::<Vec<_>>(),
+        )
         .bind(
             rows.iter()
                 .map(|(_, m)| m.idempotency_key.clone())
