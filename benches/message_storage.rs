@@ -173,6 +173,7 @@ fn completion(message: &NewMessage, i: u64) -> Completion {
             value: json!({ "total": i }),
         },
         state: Some((message.address.clone(), json!({ "total": i }))),
+        outbox: Vec::new(),
     }
 }
 

@@ -131,6 +131,18 @@ pub enum ClientError {
     /// A runner refused this node's cluster secret.
     #[error("a runner refused this node's cluster secret")]
     Unauthorized,
+    /// A handler asked its own entity: its mailbox is held by the asking handler, so the
+    /// ask could only wait out its deadline. Refused at once; nothing was sent.
+    #[error("{0} asked itself; a handler cannot wait on its own mailbox (send instead)")]
+    SelfAsk(EntityAddress),
+    /// The entity runtime running this handler was built without a client
+    /// ([`crate::entity_runtime::EntityRuntime::connect`]); nothing was sent.
+    #[error("this entity runtime has no client to reach other entities with")]
+    NotConnected,
+    /// A handler made more calls through its context than one message may
+    /// ([`crate::entity::MAX_CALLS_PER_MESSAGE`]); nothing more was sent.
+    #[error("a handler may make at most {0} calls per message")]
+    TooManyCalls(u32),
 }
 
 impl ClientError {
@@ -171,6 +183,25 @@ impl ClientError {
             // stored, and the same request is refused again.
             Self::Storage(MessageStorageError::Unstorable { .. }) => RetryClass::Never,
             Self::Unauthorized => RetryClass::Never,
+            // Refused before anything was sent, and refused the same way again.
+            Self::SelfAsk(_) | Self::NotConnected | Self::TooManyCalls(_) => RetryClass::Never,
+        }
+    }
+}
+
+impl From<ClientError> for crate::entity::HandlerError {
+    /// A failed call fails the handler: retryably when a resend may succeed (the message
+    /// is delivered again, and its calls, keyed by message id and ordinal, are deduplicated).
+    fn from(error: ClientError) -> Self {
+        let code = match &error {
+            ClientError::SelfAsk(_) => "self_ask",
+            ClientError::Timeout { .. } => "call_timeout",
+            _ => "call_failed",
+        };
+        Self {
+            code: code.to_owned(),
+            message: error.to_string(),
+            retryable: error.is_retryable(),
         }
     }
 }
@@ -322,16 +353,55 @@ impl ShoalClient {
     pub async fn send(&self, request: Request) -> Result<MessageId, ClientError> {
         let (id, saved) = self.store(&request).await?;
         let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
-        let envelope = self.envelope(&request, Some((id, duplicate)));
-        if let Ok(address) = self.owner_address(&request.address) {
-            // Best effort: a lost notification only delays delivery until the owner scans.
+        self.push(self.envelope(&request, Some((id, duplicate))));
+        Ok(id)
+    }
+
+    /// A persisted request as the message storage holds it, under a fresh id: for a
+    /// handler's outbox, which the completion of its message writes.
+    pub(crate) fn new_message(&self, request: &Request) -> NewMessage {
+        NewMessage {
+            id: self.inner.ids.next_id(),
+            shard: self.inner.sharding.shard_of(&request.address.entity_id),
+            address: request.address.clone(),
+            tag: request.tag.clone(),
+            payload: request.payload.clone(),
+            idempotency_key: request.idempotency_key.clone(),
+            deliver_at: request.deliver_at,
+        }
+    }
+
+    /// Tells the owner of a message stored as given (an outbox that committed), best
+    /// effort as [`Self::send`] does.
+    pub(crate) fn notify_stored(&self, message: NewMessage) {
+        self.push(Envelope {
+            version: ENVELOPE_VERSION,
+            entity_type: message.address.entity_type,
+            entity_id: message.address.entity_id,
+            tag: message.tag,
+            payload: message.payload,
+            request_id: None,
+            persisted: Some(PersistedInfo {
+                message_id: message.id,
+                shard: message.shard,
+                idempotency_key: message.idempotency_key,
+                deliver_at: message.deliver_at,
+                duplicate: false,
+            }),
+        });
+    }
+
+    /// Hands a stored message's envelope to its owner without waiting. Best effort: a lost
+    /// notification only delays delivery until the owner scans.
+    fn push(&self, envelope: Envelope) {
+        let entity = envelope.address();
+        if let Ok(address) = self.owner_address(&entity) {
             let transport = self.inner.transport.clone();
             let timeout = self.inner.config.attempt_timeout;
             tokio::spawn(async move {
                 let _ = transport.deliver(&address, envelope, timeout).await;
             });
         }
-        Ok(id)
     }
 
     /// Asks the owner of `address` what it knows about the entity.

@@ -4,7 +4,12 @@
 //! externally tagged, so `{"increment": {...}}` is message `increment` with that body), its
 //! reply type, its state, its handler and its [`EntityOptions`]. Registering a type on a
 //! runner is one call: [`EntityRegistry::register`]. The runtime sees types only through the
-//! object-safe [`ErasedEntity`], so it knows nothing of the built-in types.
+//! object-safe [`ErasedEntity`], so it knows nothing of the built-in types. A handler reaches
+//! other entities (ask, send, schedule) through its [`EntityContext`] (see `context.rs`).
+
+pub(crate) mod context;
+
+pub use context::MAX_CALLS_PER_MESSAGE;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -81,7 +86,8 @@ impl HandlerError {
 }
 
 /// What a handler knows about the message it handles (the cluster context that tracing
-/// spans carry too).
+/// spans carry too), and its way to other entities: [`EntityContext::ask`],
+/// [`EntityContext::send`], [`EntityContext::schedule`].
 #[derive(Debug, Clone)]
 pub struct EntityContext {
     /// The entity.
@@ -96,6 +102,8 @@ pub struct EntityContext {
     pub message_id: Option<MessageId>,
     /// Earlier delivery attempts of this message.
     pub attempts: i32,
+    /// The calls this handling makes (ordinals, outbox).
+    pub(crate) calls: context::Calls,
 }
 
 /// An entity type.
@@ -602,6 +610,7 @@ mod tests {
             runner_id: None,
             message_id: None,
             attempts: 0,
+            calls: context::Calls::default(),
         };
         let mut state = adder.new_state(Some(serde_json::json!(40))).expect("state");
         let add = adder

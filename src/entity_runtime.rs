@@ -18,6 +18,10 @@
 //!   `max_attempts` (see `shard/recovery.rs`).
 //! - Replies completed recently are remembered runner-wide within a byte budget
 //!   (`recent`); callers are otherwise answered from storage.
+//! - Handlers reach other entities through their context with the runner's client
+//!   ([`EntityRuntime::connect`]); for `persist_state` types their persisted sends ride on
+//!   the completion of the message (a transactional outbox, see `entity/context.rs`), and
+//!   are pushed to their owners once it commits.
 //! - On drain the shard refuses new work, waits for in-flight work, then stops; on fencing
 //!   it stops at once (its completions would be refused by the epoch check anyway).
 
@@ -28,13 +32,14 @@ mod shard;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ractor::ActorRef;
 use tokio::sync::{oneshot, watch};
 
+use crate::client::ShoalClient;
 use crate::entity::EntityRegistry;
 use crate::ids::{EntityAddress, Epoch, MessageId, RunnerId, ShardId};
 use crate::message_storage::{MessageStorage, Reply};
@@ -99,11 +104,17 @@ pub(crate) struct Shared {
     runner_id: watch::Receiver<Option<RunnerId>>,
     resident: AtomicUsize,
     recent: RecentReplies,
+    /// How handlers reach other entities; set once, by [`EntityRuntime::connect`].
+    client: OnceLock<ShoalClient>,
 }
 
 impl Shared {
     fn runner_id(&self) -> Option<RunnerId> {
         *self.runner_id.borrow()
+    }
+
+    fn client(&self) -> Option<ShoalClient> {
+        self.client.get().cloned()
     }
 }
 
@@ -144,6 +155,7 @@ impl EntityRuntime {
                 runner_id,
                 resident: AtomicUsize::new(0),
                 recent,
+                client: OnceLock::new(),
             }),
             shards: Arc::new(Mutex::new(HashMap::new())),
             acquired: Arc::new(Mutex::new(Vec::new())),
@@ -174,6 +186,15 @@ impl EntityRuntime {
 
     fn shards_lock(&self) -> MutexGuard<'_, HashMap<ShardId, ActorRef<ShardMsg>>> {
         self.shards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives handlers `client` to reach other entities with (`ctx.ask`, `ctx.send`,
+    /// `ctx.schedule`). The runner connects its own client; until then (or in a runtime never
+    /// connected) those calls answer
+    /// [`crate::client::ClientError::NotConnected`]. Returns false (and
+    /// changes nothing) if a client was connected before.
+    pub fn connect(&self, client: ShoalClient) -> bool {
+        self.shared.client.set(client).is_ok()
     }
 
     /// Entities resident on this runner.
@@ -362,3 +383,6 @@ pub(crate) fn older_than(id: MessageId, grace: Duration) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ctx_tests;

@@ -12,7 +12,11 @@
 //! - [`MessageStorage::complete`] marks a message processed, stores its one reply and
 //!   writes the entity's new state **in one transaction that commits only if the shard's
 //!   epoch is still the completing owner's** and the message was not already processed.
-//!   Otherwise nothing at all is written.
+//!   Otherwise nothing at all is written. The same transaction inserts the completion's
+//!   **outbox** ([`Completion::outbox`]: messages its handler sent or scheduled), with the
+//!   deduplication [`MessageStorage::save`] applies (a message whose idempotency key the
+//!   target entity already holds, or whose id is taken, is not inserted), so a state
+//!   change and the messages it causes commit together or not at all.
 //! - One caller's bad data stays its own: a message storage cannot hold is refused alone
 //!   with [`MessageStorageError::Unstorable`] (never retryable), and a completion whose
 //!   reply or state cannot be stored completes its message once with the error reply
@@ -179,20 +183,24 @@ pub struct Completion {
     pub reply: Reply,
     /// The entity's new state, written in the same transaction.
     pub state: Option<(EntityAddress, serde_json::Value)>,
+    /// Messages the handler sent or scheduled (a transactional outbox): inserted in the
+    /// same transaction, only if it commits, deduplicated as [`MessageStorage::save`] does
+    /// (no `Duplicate` answer: a message meeting an earlier one is simply not inserted).
+    pub outbox: Vec<NewMessage>,
 }
 
 /// What [`MessageStorage::complete`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompletionOutcome {
-    /// Reply, processed flag and state committed together.
+    /// Reply, processed flag, state and outbox committed together.
     Committed,
     /// The message was already processed (a redelivery): nothing written.
     AlreadyProcessed,
     /// The shard's epoch moved on (the owner was fenced): nothing written.
     Fenced,
-    /// The reply or the state could not be stored: the message was completed with the
-    /// error reply [`storable::UNSTORABLE_REPLY`] instead (read it with
-    /// [`MessageStorage::reply`]) and the state was not written.
+    /// The reply, the state or an outbox message could not be stored: the message was
+    /// completed with the error reply [`storable::UNSTORABLE_REPLY`] instead (read it with
+    /// [`MessageStorage::reply`]); neither the state nor the outbox was written.
     Unstorable,
 }
 

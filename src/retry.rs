@@ -265,6 +265,15 @@ mod tests {
                 RetryClass::Never,
             ),
             (ClientError::Unauthorized, RetryClass::Never),
+            (
+                ClientError::SelfAsk(crate::ids::EntityAddress {
+                    entity_type: crate::ids::EntityType::new("probe").expect("valid"),
+                    entity_id: crate::ids::EntityId::new("a").expect("valid"),
+                }),
+                RetryClass::Never,
+            ),
+            (ClientError::NotConnected, RetryClass::Never),
+            (ClientError::TooManyCalls(1024), RetryClass::Never),
         ];
         for (error, class) in cases {
             assert_eq!(error.retry_class(), class, "{error:?}");

@@ -158,6 +158,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         client_shutdown.clone(),
     );
     tokio::spawn(follow_machine_id(client.clone(), runner_id_rx.clone()));
+    // Handlers reach other entities through this runner's client.
+    runtime.connect(client.clone());
     let mut singletons = params.singletons.clone();
     if !schedules.is_empty() {
         let store = CronStore::new(pool.clone(), config.cluster.name.clone());

@@ -71,6 +71,7 @@ fn completion(message: &NewMessage, epoch: i64, reply: Reply) -> Completion {
         epoch: Epoch::new(epoch),
         reply,
         state: None,
+        outbox: Vec::new(),
     }
 }
 
@@ -739,6 +740,172 @@ mod suite {
         );
         Ok(())
     }
+
+    /// An outbox message for `entity` on `shard` (another entity type than the sender's).
+    fn outgoing(
+        id: MessageId,
+        shard: u32,
+        entity: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<NewMessage> {
+        Ok(NewMessage {
+            address: address("probe", entity)?,
+            tag: "record".to_owned(),
+            payload: json!({ "value": id.get() }),
+            ..message(id, shard, entity, key)?
+        })
+    }
+
+    pub async fn outbox_commits_with_its_completion(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let sender = message(ids.next_id(), 1, "sender", None)?;
+        storage.save(sender.clone()).await?;
+        let now_due = outgoing(ids.next_id(), 2, "target", Some("m/0"))?;
+        let at = whole_seconds_from_now(3600)?;
+        let later = NewMessage {
+            deliver_at: Some(at),
+            ..outgoing(ids.next_id(), 2, "target", Some("m/1"))?
+        };
+        let c = Completion {
+            state: Some((sender.address.clone(), json!({ "sent": 2 }))),
+            outbox: vec![now_due.clone(), later.clone()],
+            ..completion(&sender, 1, ok(json!(null)))
+        };
+
+        assert_eq!(storage.complete(c).await?, CompletionOutcome::Committed);
+        assert_eq!(
+            storage.load_state(&sender.address).await?,
+            Some(json!({ "sent": 2 }))
+        );
+        // Stored as given: the due one is listed, the scheduled one waits for its instant.
+        let listed = storage.unprocessed(ShardId::new(2), Utc::now(), 10).await?;
+        assert_eq!(listed, vec![StoredMessage::from(now_due.clone())]);
+        assert_eq!(
+            storage.next_due(ShardId::new(2), Utc::now()).await?,
+            Some(at)
+        );
+        let then = storage.unprocessed(ShardId::new(2), at, 10).await?;
+        assert_eq!(ids_of(&then), vec![now_due.id, later.id]);
+        // Their keys are taken, as a save's would be.
+        let again = outgoing(ids.next_id(), 2, "target", Some("m/0"))?;
+        let dup = storage.save(again).await?;
+        assert_eq!(
+            dup,
+            SaveOutcome::Duplicate {
+                id: now_due.id,
+                reply: None
+            }
+        );
+        Ok(())
+    }
+
+    pub async fn fenced_or_repeated_completion_writes_no_outbox(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        let shard = ShardId::new(1);
+        fx.set_epoch(shard, Epoch::new(1)).await?;
+        let first = message(ids.next_id(), 1, "sender", None)?;
+        let second = message(ids.next_id(), 1, "sender", None)?;
+        storage.save(first.clone()).await?;
+        storage.save(second.clone()).await?;
+        let with_outbox = |m: &NewMessage, epoch: i64, key: &str| -> anyhow::Result<_> {
+            Ok(Completion {
+                state: Some((m.address.clone(), json!({ "key": key }))),
+                outbox: vec![outgoing(ids.next_id(), 3, "target", Some(key))?],
+                ..completion(m, epoch, ok(json!(null)))
+            })
+        };
+
+        let done = storage.complete(with_outbox(&first, 1, "first")?).await?;
+        assert_eq!(done, CompletionOutcome::Committed);
+        // A redelivery of a completed message writes none of its (new) outbox.
+        let repeated = storage.complete(with_outbox(&first, 1, "again")?).await?;
+        assert_eq!(repeated, CompletionOutcome::AlreadyProcessed);
+        // A completion under a stale epoch writes none of it either.
+        fx.set_epoch(shard, Epoch::new(2)).await?;
+        let fenced = storage.complete(with_outbox(&second, 1, "fenced")?).await?;
+        assert_eq!(fenced, CompletionOutcome::Fenced);
+
+        let listed = storage.unprocessed(ShardId::new(3), Utc::now(), 10).await?;
+        let keys: Vec<Option<String>> = listed.iter().map(|m| m.idempotency_key.clone()).collect();
+        assert_eq!(keys, vec![Some("first".to_owned())]);
+        assert_eq!(
+            storage.load_state(&first.address).await?,
+            Some(json!({ "key": "first" }))
+        );
+        // The fenced key was never taken: a save of it is a new message.
+        let fresh = outgoing(ids.next_id(), 3, "target", Some("fenced"))?;
+        assert_eq!(
+            storage.save(fresh.clone()).await?,
+            SaveOutcome::Stored(fresh.id)
+        );
+        Ok(())
+    }
+
+    pub async fn outbox_keys_are_deduplicated(fx: &dyn Fixture) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let sender = message(ids.next_id(), 1, "sender", None)?;
+        storage.save(sender.clone()).await?;
+        // A message already holds key `k` at the target.
+        let earlier = outgoing(ids.next_id(), 2, "target", Some("k"))?;
+        storage.save(earlier.clone()).await?;
+        let met = outgoing(ids.next_id(), 2, "target", Some("k"))?;
+        let twice_a = outgoing(ids.next_id(), 2, "target", Some("j"))?;
+        let twice_b = outgoing(ids.next_id(), 2, "target", Some("j"))?;
+        // The same key at another entity is another message.
+        let elsewhere = outgoing(ids.next_id(), 2, "other", Some("k"))?;
+        let c = Completion {
+            outbox: vec![met, twice_a.clone(), twice_b, elsewhere.clone()],
+            ..completion(&sender, 1, ok(json!(null)))
+        };
+
+        assert_eq!(storage.complete(c).await?, CompletionOutcome::Committed);
+        let listed = storage.unprocessed(ShardId::new(2), Utc::now(), 10).await?;
+        assert_eq!(ids_of(&listed), vec![earlier.id, twice_a.id, elsewhere.id]);
+        assert_eq!(
+            listed[0],
+            StoredMessage::from(earlier),
+            "the earlier one stands"
+        );
+        Ok(())
+    }
+
+    pub async fn unstorable_outbox_completes_with_an_error_reply_and_writes_nothing(
+        fx: &dyn Fixture,
+    ) -> anyhow::Result<()> {
+        let storage = fx.storage();
+        let ids = Snowflake::new(1);
+        fx.set_epoch(ShardId::new(1), Epoch::new(1)).await?;
+        let sender = message(ids.next_id(), 1, "sender", None)?;
+        storage.save(sender.clone()).await?;
+        let fine = outgoing(ids.next_id(), 2, "target", Some("fine"))?;
+        let bad = NewMessage {
+            payload: json!({ "text": "x\u{0}y" }),
+            ..outgoing(ids.next_id(), 2, "target", Some("bad"))?
+        };
+        let c = Completion {
+            state: Some((sender.address.clone(), json!({ "sent": 2 }))),
+            outbox: vec![fine, bad],
+            ..completion(&sender, 1, ok(json!(null)))
+        };
+
+        assert_eq!(storage.complete(c).await?, CompletionOutcome::Unstorable);
+        let Some(Reply::Err { code, message }) = storage.reply(sender.id).await? else {
+            anyhow::bail!("an error reply expected");
+        };
+        assert_eq!(code, UNSTORABLE_REPLY);
+        assert!(message.contains("payload/text"), "{message}");
+        assert_eq!(storage.load_state(&sender.address).await?, None);
+        let listed = storage.unprocessed(ShardId::new(2), Utc::now(), 10).await?;
+        assert_eq!(listed, vec![], "no outbox message without its state");
+        Ok(())
+    }
 }
 
 /// Declares one `#[tokio::test]` per conformance case, each run through `$run` (a function
@@ -763,6 +930,10 @@ macro_rules! conformance_tests {
             unstorable_message_is_refused_alone_naming_the_field,
             unstorable_completion_completes_once_with_an_error_reply,
             purge_removes_old_processed_messages_only,
+            outbox_commits_with_its_completion,
+            fenced_or_repeated_completion_writes_no_outbox,
+            outbox_keys_are_deduplicated,
+            unstorable_outbox_completes_with_an_error_reply_and_writes_nothing,
         );
     };
     (@cases $run:path; $($case:ident),* $(,)?) => {

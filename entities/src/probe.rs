@@ -12,12 +12,19 @@
 //!   (`"state"`) holding a NUL character, which storage cannot hold (shows that such a
 //!   message is completed once with the error reply `unstorable_reply`). The gateway
 //!   refuses NUL in a persisted body, so the handler makes it itself.
+//! - `forward {to, value, hold_ms}` (persisted): records `{value, by}` (`by` the handling
+//!   runner) and sends `record` of the same to probe `to`, then holds the entity `hold_ms`
+//!   (default 0) before completing. The send rides on the completion (the outbox): the
+//!   other probe gets it exactly when this state change commits.
+//! - `remind {after_ms, value}` (persisted): schedules `record {value}` to itself `after_ms`
+//!   milliseconds from now (a durable timer).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal::client::Request;
 use shoal::entity::{Entity, EntityContext, EntityOptions, HandlerError};
-use shoal::ids::EntityType;
+use shoal::ids::{EntityAddress, EntityId, EntityType};
 
 /// The probe entity type.
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,6 +65,23 @@ pub enum ProbeMessage {
     Unstorable {
         /// Which of the two holds the NUL character.
         part: UnstorablePart,
+    },
+    /// Records `{value, by}` and sends `record` of it to probe `to`.
+    Forward {
+        /// The probe that records it too.
+        to: String,
+        /// Anything.
+        value: serde_json::Value,
+        /// Milliseconds to hold the entity after sending, at most 60000.
+        #[serde(default)]
+        hold_ms: u64,
+    },
+    /// Schedules `record {value}` to itself `after_ms` from now.
+    Remind {
+        /// Milliseconds until the record is due.
+        after_ms: u64,
+        /// Anything.
+        value: serde_json::Value,
     },
 }
 
@@ -102,6 +126,8 @@ impl Entity for Probe {
                 | ProbeMessage::RecordSlowly { .. }
                 | ProbeMessage::FailUntil { .. }
                 | ProbeMessage::Unstorable { .. }
+                | ProbeMessage::Forward { .. }
+                | ProbeMessage::Remind { .. }
         )
     }
 
@@ -141,6 +167,34 @@ impl Entity for Probe {
                 state.recorded.push(serde_json::json!("before\u{0}after"));
                 Ok(serde_json::json!({ "recorded": state.recorded.len() }))
             }
+            ProbeMessage::Forward { to, value, hold_ms } => {
+                let entry = serde_json::json!({ "value": value, "by": ctx.runner_id });
+                ctx.send(record_at(probe(&to)?, entry.clone())).await?;
+                state.recorded.push(entry);
+                tokio::time::sleep(Duration::from_millis(hold_ms.min(60_000))).await;
+                Ok(serde_json::json!({ "recorded": state.recorded.len() }))
+            }
+            ProbeMessage::Remind { after_ms, value } => {
+                let request = record_at(ctx.address.clone(), value);
+                let id = ctx
+                    .schedule_after(request, Duration::from_millis(after_ms))
+                    .await?;
+                Ok(serde_json::json!({ "scheduled": id }))
+            }
         }
     }
+}
+
+/// The probe with id `id`, or a final error naming the bad id.
+fn probe(id: &str) -> Result<EntityAddress, HandlerError> {
+    Ok(EntityAddress {
+        entity_type: Probe.entity_type(),
+        entity_id: EntityId::new(id)
+            .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
+    })
+}
+
+/// A persisted `record {value}` to `address`.
+fn record_at(address: EntityAddress, value: serde_json::Value) -> Request {
+    Request::persisted(address, "record", serde_json::json!({ "value": value }))
 }

@@ -9,6 +9,11 @@
 //! run in a `JoinSet` the actor owns: when the actor stops they are aborted with it. A
 //! handler that has returned completes its message on a task of its own, so an abort never
 //! falls between a committed completion and the report that answers its caller.
+//!
+//! Each handling gets a fresh call scope in its context. For a persisted message of a
+//! `persist_state` type the scope holds an outbox: the handler's sends are taken from it
+//! when the handler returns and written by the completion; once that commits, the targets'
+//! owners are told (messages under derived keys only, see `entity/context.rs`).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -20,6 +25,7 @@ use tokio::task::JoinSet;
 
 use super::Shared;
 use super::shard::{ShardMsg, WorkOutcome};
+use crate::entity::context::{Calls, Outgoing};
 use crate::entity::{AnyMessage, AnyState, EntityContext, ErasedEntity, HandlerError};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::{Completion, CompletionOutcome, MessageStorage, Reply};
@@ -163,6 +169,8 @@ impl EntityState {
     }
 
     fn context(&self, work: &Work) -> EntityContext {
+        // Only a completion that writes the state can carry the messages that go with it.
+        let outbox = work.id.is_some() && self.args.def.options().persist_state;
         EntityContext {
             address: self.args.address.clone(),
             shard: self.args.shard,
@@ -170,6 +178,7 @@ impl EntityState {
             runner_id: self.args.shared.runner_id(),
             message_id: work.id,
             attempts: work.attempts,
+            calls: Calls::new(self.args.shared.client(), outbox),
         }
     }
 
@@ -190,12 +199,14 @@ impl EntityState {
         let def = self.args.def.clone();
         let message = match self.decode(&mut work) {
             Ok(message) => message,
-            Err(reply) => return Ok(self.finish(work.id, reply, false).await),
+            Err(reply) => return Ok(self.finish(work.id, reply, false, Vec::new()).await),
         };
         let ctx = self.context(&work);
         let span = handler_span(&ctx, &work.tag);
         let state = self.load().await?;
         let result = tracing::Instrument::instrument(def.handle(&ctx, state, message), span).await;
+        // Taken whatever the result: a retryable failure drops it with the state change.
+        let outbox = ctx.calls.take_outbox();
         let reply = match result {
             Ok(value) => Reply::Ok { value },
             Err(HandlerError {
@@ -210,15 +221,16 @@ impl EntityState {
             Err(HandlerError { code, message, .. }) => Reply::Err { code, message },
         };
         let persist = def.options().persist_state;
-        Ok(self.finish(work.id, reply, persist).await)
+        Ok(self.finish(work.id, reply, persist, outbox).await)
     }
 
-    /// The volatile reply, or the persisted message's completion.
+    /// The volatile reply, or the persisted message's completion (with its outbox).
     async fn finish(
         &mut self,
         id: Option<MessageId>,
         reply: Reply,
         with_state: bool,
+        outbox: Vec<Outgoing>,
     ) -> WorkOutcome {
         let Some(id) = id else {
             return WorkOutcome::Volatile(reply);
@@ -239,14 +251,30 @@ impl EntityState {
             epoch: self.args.epoch,
             reply,
             state,
+            outbox: outbox.iter().map(|o| o.message.clone()).collect(),
         };
         let (outcome, in_step) = complete(self.args.shared.storage.as_ref(), completion).await;
+        if in_step {
+            self.notify_owners(outbox);
+        }
         // Stored state may now differ from memory: reload it. State that lives only in
         // memory (and a side-by-side entity's shared state) is kept.
         if !in_step && self.args.def.options().persist_state {
             self.state = None;
         }
         outcome
+    }
+
+    /// Tells the owners of a committed outbox's messages, best effort (their scans find
+    /// them anyway). A message under the caller's own key may have met an earlier one and
+    /// not been inserted: pushing it would run a message that is not stored.
+    fn notify_owners(&self, outbox: Vec<Outgoing>) {
+        let Some(client) = self.args.shared.client.get() else {
+            return;
+        };
+        for outgoing in outbox.into_iter().filter(|o| o.derived_key) {
+            client.notify_stored(outgoing.message);
+        }
     }
 
     /// Starts queued messages while fewer than `concurrency` run.
@@ -261,7 +289,7 @@ impl EntityState {
             let message = match self.decode(&mut work) {
                 Ok(message) => message,
                 Err(reply) => {
-                    let outcome = self.finish(work.id, reply, false).await;
+                    let outcome = self.finish(work.id, reply, false, Vec::new()).await;
                     self.report(work.seq, work.id, outcome);
                     continue;
                 }
@@ -314,6 +342,7 @@ impl EntityState {
                                 epoch,
                                 reply,
                                 state: None,
+                                outbox: Vec::new(),
                             };
                             let completed = complete(storage.as_ref(), completion);
                             match AssertUnwindSafe(completed).catch_unwind().await {

@@ -962,6 +962,7 @@ async fn a_duplicate_whose_original_completed_elsewhere_gets_the_stored_reply() 
             epoch: Epoch::new(1),
             reply: stored.clone(),
             state: None,
+            outbox: Vec::new(),
         })
         .await
         .expect("completes");

@@ -240,6 +240,10 @@ impl From<ClientError> for ApiError {
             ClientError::Unauthorized => {
                 Self::Internal("a runner refused the gateway's cluster secret".to_owned())
             }
+            // Only a handler's calls through its context meet these.
+            error @ (ClientError::SelfAsk(_)
+            | ClientError::NotConnected
+            | ClientError::TooManyCalls(_)) => Self::Internal(error.to_string()),
         }
     }
 }

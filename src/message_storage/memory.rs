@@ -56,38 +56,53 @@ impl MemoryMessageStorage {
     pub fn is_processed(&self, id: MessageId) -> bool {
         self.lock().messages.get(&id).is_some_and(|(_, p)| *p)
     }
+
+    /// Every stored message of one entity, processed or not, in id order.
+    pub fn messages_of(&self, address: &EntityAddress) -> Vec<StoredMessage> {
+        self.lock()
+            .messages
+            .values()
+            .filter(|(m, _)| &m.address == address)
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+}
+
+/// Stores a message unless its id or its idempotency key (for its entity) is taken: what
+/// both a save and a completion's outbox do.
+fn insert(state: &mut State, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
+    if let Some((stored, _)) = state.messages.get(&message.id) {
+        // The same message saved again is stored; another one under its id is not.
+        let same = stored.address == message.address
+            && stored.tag == message.tag
+            && stored.payload == message.payload
+            && stored.idempotency_key == message.idempotency_key;
+        return if same {
+            Ok(SaveOutcome::Stored(message.id))
+        } else {
+            Err(MessageStorageError::IdTaken(message.id))
+        };
+    }
+    if let Some(key) = &message.idempotency_key {
+        let slot = (message.address.clone(), key.clone());
+        if let Some(first) = state.keys.get(&slot).copied() {
+            return Ok(SaveOutcome::Duplicate {
+                id: first,
+                reply: state.replies.get(&first).cloned(),
+            });
+        }
+        state.keys.insert(slot, message.id);
+    }
+    let id = message.id;
+    state.messages.insert(id, (message.into(), false));
+    Ok(SaveOutcome::Stored(id))
 }
 
 #[async_trait]
 impl MessageStorage for MemoryMessageStorage {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, MessageStorageError> {
         check_message(&message)?;
-        let mut state = self.lock();
-        if let Some((stored, _)) = state.messages.get(&message.id) {
-            // The same message saved again is stored; another one under its id is not.
-            let same = stored.address == message.address
-                && stored.tag == message.tag
-                && stored.payload == message.payload
-                && stored.idempotency_key == message.idempotency_key;
-            return if same {
-                Ok(SaveOutcome::Stored(message.id))
-            } else {
-                Err(MessageStorageError::IdTaken(message.id))
-            };
-        }
-        if let Some(key) = &message.idempotency_key {
-            let slot = (message.address.clone(), key.clone());
-            if let Some(first) = state.keys.get(&slot).copied() {
-                return Ok(SaveOutcome::Duplicate {
-                    id: first,
-                    reply: state.replies.get(&first).cloned(),
-                });
-            }
-            state.keys.insert(slot, message.id);
-        }
-        let id = message.id;
-        state.messages.insert(id, (message.into(), false));
-        Ok(SaveOutcome::Stored(id))
+        insert(&mut self.lock(), message)
     }
 
     async fn unprocessed_after(
@@ -149,6 +164,10 @@ impl MessageStorage for MemoryMessageStorage {
             .insert(completion.message_id, completion.reply);
         if let Some((address, value)) = completion.state {
             state.states.insert(address, value);
+        }
+        for message in completion.outbox {
+            // As Postgres' `ON CONFLICT DO NOTHING`: a taken id or key inserts nothing.
+            let _ = insert(&mut state, message);
         }
         Ok(if unstorable {
             CompletionOutcome::Unstorable

@@ -87,11 +87,13 @@ pub fn completion_problem(completion: &Completion) -> Option<MessageStorageError
         Some((_, state)) => check_json("state", state),
         None => Ok(()),
     };
-    reply.and(state).err()
+    let outbox = completion.outbox.iter().try_for_each(check_message);
+    reply.and(state).and(outbox).err()
 }
 
-/// The completion written instead of one whose reply or state cannot be stored: the same
-/// message, completed with an error reply naming the problem, and no state change.
+/// The completion written instead of one whose reply, state or outbox cannot be stored: the
+/// same message, completed with an error reply naming the problem, no state change and no
+/// outbox (they commit together or not at all).
 pub fn unstorable_completion(completion: &Completion, problem: &MessageStorageError) -> Completion {
     Completion {
         message_id: completion.message_id,
@@ -105,6 +107,7 @@ pub fn unstorable_completion(completion: &Completion, problem: &MessageStorageEr
                 .replace('\0', "\\u0000"),
         },
         state: None,
+        outbox: Vec::new(),
     }
 }
 

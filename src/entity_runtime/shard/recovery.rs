@@ -127,6 +127,7 @@ impl ShardState {
             epoch: self.epoch,
             reply,
             state: None,
+            outbox: Vec::new(),
         };
         let storage = self.shared.storage.clone();
         let myself = myself.clone();

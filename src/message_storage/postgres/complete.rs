@@ -9,7 +9,7 @@ use sqlx::Row;
 use super::batcher::BatchKind;
 use super::{Inner, db_error, reply_columns};
 use crate::message_storage::storable::unstorable_completion;
-use crate::message_storage::{Completion, CompletionOutcome, MessageStorageError};
+use crate::message_storage::{Completion, CompletionOutcome, MessageStorageError, NewMessage};
 
 /// Completions, batched.
 #[derive(Debug)]
@@ -47,10 +47,52 @@ impl BatchKind for CompleteKind {
     }
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the batch's outbox messages, one array per column, each row naming the position
+/// (1-based, as `WITH ORDINALITY` counts) of the completion it belongs to.
+fn bind_outbox<'q>(query: Query<'q>, batch: &[Completion]) -> Query<'q> {
+    let rows: Vec<(i64, &NewMessage)> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| c.outbox.iter().map(move |m| (i as i64 + 1, m)))
+        .collect();
+    query
+        .bind(rows.iter().map(|(n, _)| *n).collect::<Vec<i64>>())
+        .bind(rows.iter().map(|(_, m)| m.id.get()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.shard.lock_key())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.address.entity_type.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.address.entity_id.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|(_, m)| m.tag.clone()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.payload.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, m)| m.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|(_, m)| m.deliver_at).collect::<Vec<_>>())
+}
+
 impl Inner {
     /// Completes a batch in ONE statement (one round trip, one commit): the shard rows are
     /// locked `FOR SHARE` and their epochs checked, the messages still unprocessed are
-    /// marked, and replies and entity state are written for exactly those.
+    /// marked, and replies, entity state and outbox messages are written for exactly those.
     pub(super) async fn complete_batch(
         &self,
         batch: &[Completion],
@@ -88,7 +130,8 @@ impl Inner {
             .bind(payloads)
             .bind(state_types)
             .bind(state_ids)
-            .bind(states)
+            .bind(states);
+        let rows = bind_outbox(rows, batch)
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;

@@ -1,6 +1,9 @@
 -- Completes a batch of messages in one statement.
 -- $1 cluster, $2 the batch's shards; per completion: $3 message id, $4 shard, $5 epoch,
--- $6 reply ok, $7 reply payload, $8/$9 entity type/id of the state, $10 state (or NULL).
+-- $6 reply ok, $7 reply payload, $8/$9 entity type/id of the state, $10 state (or NULL);
+-- per outbox message: $11 the position (1-based) of its completion in the batch, $12 id,
+-- $13 shard, $14/$15 entity type/id, $16 tag, $17 payload, $18 idempotency key,
+-- $19 deliver_at.
 WITH epochs AS (
     -- FOR SHARE: a new owner's epoch bump waits for this statement's transaction, and this
     -- statement sees any bump that committed before it.
@@ -26,8 +29,8 @@ marked AS (
        SET processed = true, processed_at = now(), epoch = current.epoch
       FROM current
      WHERE m.cluster = $1 AND m.id = current.id AND NOT m.processed
-    RETURNING m.id, current.ok, current.payload, current.state_type, current.state_id,
-              current.state
+    RETURNING m.id, current.n, current.ok, current.payload, current.state_type,
+              current.state_id, current.state
 ),
 replies AS (
     INSERT INTO shoal_replies (message_id, ok, payload)
@@ -42,6 +45,23 @@ states AS (
      ORDER BY state_type, state_id, id DESC
     ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
        SET state = EXCLUDED.state, message_id = EXCLUDED.message_id, updated_at = now()
+),
+outbox AS (
+    -- The messages of the completions that marked their message, deduplicated as a save
+    -- is (a taken id, or a key the target entity already holds, inserts nothing), in the
+    -- saves' global order (key, then id) so that batches holding the same keys queue
+    -- instead of deadlocking.
+    INSERT INTO shoal_messages
+        (id, cluster, shard, entity_type, entity_id, tag, payload, idempotency_key,
+         deliver_at)
+    SELECT o.id, $1, o.shard, o.entity_type, o.entity_id, o.tag, o.payload, o.key,
+           o.deliver_at
+      FROM unnest($11::int8[], $12::int8[], $13::int4[], $14::text[], $15::text[],
+                  $16::text[], $17::jsonb[], $18::text[], $19::timestamptz[])
+           AS o(n, id, shard, entity_type, entity_id, tag, payload, key, deliver_at)
+      JOIN marked ON marked.n = o.n
+     ORDER BY o.key IS NULL, o.entity_type, o.entity_id, o.key, o.id
+    ON CONFLICT DO NOTHING
 )
 SELECT 'epoch' AS kind, shard::int8 AS a, epoch AS b FROM epochs
 UNION ALL
