@@ -15,9 +15,9 @@
 //! at `2^63` (keys `p`, `!p`, `p + 2^63`, `!(p + 2^63)`; ties by runner id). Plain
 //! rendezvous draws every shard's ranking independently, so loads spread like a
 //! multinomial; here the four shards of a group go to four circle neighbours of two cuts,
-//! which spreads them more evenly: two runners always split a group two and two, and at
-//! 1,024 shards the most loaded of 3 runners holds at most ~1.08 × the ideal share, of 10 at
-//! most ~1.25 × (p99 over sampled runner sets; plain rendezvous 1.12 and 1.32; measured by
+//! which spreads them more evenly: two runners always split a full group two and two, and
+//! at 1,024 shards the most loaded of 3 runners holds ~1.08 × the ideal share, of 10
+//! ~1.27 × (p99 over sampled runner sets; plain rendezvous 1.12 and 1.33; measured by
 //! `balance_and_movement_are_measured` below).
 //!
 //! The result depends only on the set of runners and the shard count, never on the order in
