@@ -46,7 +46,8 @@
 //!
 //! - [`config`] loads one validated [`ShoalConfig`] from files, environment and flags.
 //! - [`sharding`] maps an entity id to its shard and computes, on every node alone, which
-//!   live runner should own each shard (bounded-load rendezvous hashing).
+//!   live runner should own each shard (rendezvous hashing: a runner's death moves only its
+//!   own shards).
 //! - [`runner_storage`] registers runners, reads liveness and takes shard locks (Postgres,
 //!   or memory for tests), bumping each shard's epoch on acquisition.
 //! - `ownership` is the loop in each runner that acquires, drains, releases and

@@ -2,8 +2,9 @@
 //!
 //! Both are pure functions of their inputs, computed by every node alone: the shard hash is
 //! xxh3 over the id's UTF-8 bytes (stable across processes, platforms and compiler
-//! versions, unlike std's `DefaultHasher`), and the assignment is bounded-load rendezvous
-//! hashing over the sorted list of live runners (see [`assignment`]).
+//! versions, unlike std's `DefaultHasher`), and the assignment is rendezvous hashing over
+//! the set of live runners, in which a runner's death or arrival moves only that runner's
+//! shards (see [`assignment`]).
 
 pub mod assignment;
 

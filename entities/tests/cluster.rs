@@ -15,6 +15,7 @@ use common::{
     with_host_port,
 };
 use shoal::ids::{Epoch, RunnerId, ShardId};
+use shoal::sharding::{Sharding, assign};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
@@ -38,16 +39,29 @@ async fn three_runners_split_the_shards() -> anyhow::Result<()> {
     let took = cluster.await_balanced(&refs).await?;
     eprintln!("three runners balanced {FULL} shards in {took:?}");
 
-    // Each runner's own view: disjoint, together every shard, none above the cap.
-    let cap = (FULL as usize).div_ceil(3);
-    assert_eq!(cap, 342);
+    // Each runner's own view: disjoint, together every shard, each what the assignment gives
+    // it, none far from a third.
+    let live = [
+        runners[0].id().await?,
+        runners[1].id().await?,
+        runners[2].id().await?,
+    ];
+    let assignment = assign(Sharding::default(), &live);
     let mut seen = BTreeSet::new();
     let mut ids = BTreeSet::new();
     for runner in &runners {
         let view = runner.status().await?;
         ensure!(view.phase == "active", "{} is {}", runner.name, view.phase);
+        let id = view.runner_id.context("registered")?;
         ensure!(
-            view.owned.len() <= cap,
+            view.owned.keys().copied().eq(assignment.shards_of(id)),
+            "{} owns {} shards, not its assigned {}",
+            runner.name,
+            view.owned.len(),
+            assignment.shards_of(id).count()
+        );
+        ensure!(
+            (300..=380).contains(&view.owned.len()),
             "{} owns {}",
             runner.name,
             view.owned.len()
@@ -55,7 +69,7 @@ async fn three_runners_split_the_shards() -> anyhow::Result<()> {
         for shard in view.owned.keys() {
             ensure!(seen.insert(*shard), "shard {shard} believed owned twice");
         }
-        ids.insert(view.runner_id.context("registered")?);
+        ids.insert(id);
     }
     ensure!(
         seen.len() == FULL as usize,
@@ -72,7 +86,6 @@ async fn three_runners_split_the_shards() -> anyhow::Result<()> {
     );
     ensure!(status.runners.len() == 3, "{status:?}");
     ensure!(status.runners.iter().all(|r| r.alive), "{status:?}");
-    ensure!(status.runners.iter().all(|r| r.shards <= cap), "{status:?}");
     let total: usize = status.runners.iter().map(|r| r.shards).sum();
     ensure!(total == FULL as usize, "shard counts sum to {total}");
     let listed: BTreeSet<RunnerId> = status.runners.iter().map(|r| r.id).collect();
@@ -113,6 +126,7 @@ async fn kill_9_survivors_take_every_shard_safely() -> anyhow::Result<()> {
         .await?;
     // At least one whole sample of the balanced cluster before the kill.
     sampler.await_more_samples(2).await?;
+    let before = cluster.snapshot().await?;
 
     let victim = runners[0].id().await?;
     let survivors = [runners[1].id().await?, runners[2].id().await?];
@@ -142,7 +156,20 @@ async fn kill_9_survivors_take_every_shard_safely() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // Once still, each survivor holds every shard it held before the kill under the same
+    // epoch: only the victim's shards moved (none waited for a drain on a survivor).
+    cluster.await_balanced(&[a, b]).await?;
     let snapshot = cluster.snapshot().await?;
+    for (shard, owner) in before.owners.iter().filter(|(_, r)| survivors.contains(r)) {
+        ensure!(
+            snapshot.owners.get(shard) == Some(owner)
+                && snapshot.epochs.get(shard) == before.epochs.get(shard),
+            "shard {shard} moved between survivors: {owner}@{:?} → {:?}@{:?}",
+            before.epochs.get(shard),
+            snapshot.owners.get(shard),
+            snapshot.epochs.get(shard)
+        );
+    }
     ensure!(
         snapshot.runners.iter().any(|r| r.id == victim && !r.alive),
         "the victim stays registered but dead: {:?}",

@@ -97,13 +97,20 @@ async fn until_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) 
     }
 }
 
+/// Every runner registered and holding exactly what the assignment gives it.
 fn balanced(runners: &[TestRunner]) -> bool {
-    let cap = (SHARDS as usize).div_ceil(runners.len());
-    let counts: Vec<usize> = runners
+    let views: Vec<OwnershipView> = runners.iter().map(|r| r.handle.view()).collect();
+    let Some(ids) = views
         .iter()
-        .map(|r| r.handle.view().owned.len())
-        .collect();
-    counts.iter().sum::<usize>() == SHARDS as usize && counts.iter().all(|c| *c <= cap)
+        .map(|v| v.runner_id)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    let assignment = assign(config().sharding, &ids);
+    views.iter().zip(&ids).all(|(view, id)| {
+        view.draining.is_empty() && view.owned.keys().copied().eq(assignment.shards_of(*id))
+    })
 }
 
 async fn owners(storage: &MemoryRunnerStorage) -> BTreeMap<ShardId, RunnerId> {
@@ -111,19 +118,13 @@ async fn owners(storage: &MemoryRunnerStorage) -> BTreeMap<ShardId, RunnerId> {
 }
 
 #[tokio::test(start_paused = true)]
-async fn three_runners_split_every_shard_within_the_cap() {
+async fn three_runners_split_every_shard_as_assigned() {
     let storage = MemoryRunnerStorage::new();
     let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
     until("balanced ownership", || balanced(&runners)).await;
-    let cap = (SHARDS as usize).div_ceil(3);
     let mut seen = BTreeSet::new();
     for runner in &runners {
         let view = runner.handle.view();
-        assert!(
-            view.owned.len() <= cap,
-            "{} above cap {cap}",
-            view.owned.len()
-        );
         for shard in view.owned.keys() {
             assert!(seen.insert(*shard), "shard {shard} believed owned twice");
         }
@@ -132,29 +133,42 @@ async fn three_runners_split_every_shard_within_the_cap() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_crashed_runners_shards_move_to_the_survivors() {
+async fn a_crashed_runners_shards_move_to_the_survivors_and_nothing_else_moves() {
     let storage = MemoryRunnerStorage::new();
     let runners: Vec<TestRunner> = (0..3).map(|_| start(&storage)).collect();
-    until("full ownership", || {
-        runners
-            .iter()
-            .map(|r| r.handle.view().owned.len())
-            .sum::<usize>()
-            == SHARDS as usize
-    })
-    .await;
+    until("balanced ownership", || balanced(&runners)).await;
+    let kept: Vec<BTreeMap<ShardId, Epoch>> =
+        runners[1..].iter().map(|r| r.handle.view().owned).collect();
+    let events_before: Vec<usize> = runners[1..]
+        .iter()
+        .map(|r| r.recorder.events().len())
+        .collect();
     // Aborting the task drops its session: the crash path.
     runners[0].join.abort();
     until("survivors own everything", || {
-        runners[1..]
-            .iter()
-            .map(|r| r.handle.view().owned.len())
-            .sum::<usize>()
-            == SHARDS as usize
+        owned_total(&runners[1..]) == SHARDS as usize
     })
     .await;
     let snapshot = storage.snapshot().await.expect("snapshot");
     assert!(snapshot.epochs.values().all(|e| e.get() >= 1));
+    // Each survivor still holds every shard it held before, under the same epoch, and
+    // drained nothing: only the dead runner's shards moved.
+    for ((survivor, kept), before) in runners[1..].iter().zip(&kept).zip(events_before) {
+        let now = survivor.handle.view().owned;
+        for (shard, epoch) in kept {
+            assert_eq!(
+                now.get(shard),
+                Some(epoch),
+                "shard {shard} moved between survivors"
+            );
+        }
+        let drains: Vec<String> = survivor.recorder.events()[before..]
+            .iter()
+            .filter(|e| e.starts_with("drain"))
+            .cloned()
+            .collect();
+        assert!(drains.is_empty(), "a survivor drained {drains:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -249,16 +263,30 @@ async fn a_joining_runner_takes_shards_only_after_they_drain() {
     })
     .await;
     let second = start(&storage);
-    until("balanced", || {
-        second.handle.view().owned.len() == (SHARDS / 2) as usize
-            && first.handle.view().owned.len() == (SHARDS / 2) as usize
-    })
-    .await;
+    let both = [first, second];
+    until("balanced", || balanced(&both)).await;
+    let [first, second] = both;
+    let newcomer = second.handle.view().runner_id.expect("registered");
     let events = first.recorder.events();
+    // The first runner drained exactly the shards the newcomer took, each once.
+    let drained: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.starts_with("drain"))
+        .cloned()
+        .collect();
+    let taken: BTreeSet<String> = second
+        .handle
+        .view()
+        .owned
+        .keys()
+        .map(|s| format!("drain {s}"))
+        .collect();
     assert_eq!(
-        events.iter().filter(|e| e.starts_with("drain")).count(),
-        (SHARDS / 2) as usize
+        drained.len(),
+        events.iter().filter(|e| e.starts_with("drain")).count()
     );
+    assert_eq!(drained, taken);
+    assert!(!taken.is_empty(), "runner {newcomer} took nothing");
     // Every shard the newcomer holds was acquired at epoch 2: once by the first runner,
     // once by the second; never concurrently (the memory locks are exclusive).
     assert!(second.handle.view().owned.values().all(|e| e.get() == 2));

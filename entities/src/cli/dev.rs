@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
+use shoal::ids::RunnerId;
+use shoal::sharding::assign;
 
 use super::DatabaseArgs;
 use super::children::{self, ShoalChild, free_port};
@@ -118,13 +120,22 @@ async fn settled_status(
     config: &ShoalConfig,
     runners: usize,
 ) -> anyhow::Result<shoal::status::ClusterStatus> {
-    let cap = (config.cluster.shards_per_group.get() as usize).div_ceil(runners);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = super::status::read(config).await?;
-        let live = status.runners.iter().filter(|r| r.alive).count();
-        let balanced = status.runners.iter().all(|r| r.shards <= cap);
-        if (live >= runners && balanced && status.unowned == 0) || Instant::now() > deadline {
+        let live: Vec<RunnerId> = status
+            .runners
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| r.id)
+            .collect();
+        let assignment = assign(config.sharding(), &live);
+        let balanced = status
+            .runners
+            .iter()
+            .filter(|r| r.alive)
+            .all(|r| r.shards == assignment.shards_of(r.id).count());
+        if (live.len() >= runners && balanced && status.unowned == 0) || Instant::now() > deadline {
             return Ok(status);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -20,6 +20,7 @@ use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::ids::{RunnerId, ShardId};
 use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
 use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use shoal::sharding::assign;
 use sqlx::Row;
 
 use super::children::{self, ShoalChild, free_port};
@@ -302,9 +303,13 @@ async fn drill_once(
         Cluster::Existing { .. } => 2,
     };
     let settled = wait_for(&storage, Duration::from_secs(60), |s| {
-        let alive: Vec<_> = s.runners.iter().filter(|r| r.alive).collect();
-        let cap = shards.div_ceil(alive.len().max(1));
-        alive.len() >= expected && s.owners.len() == shards && alive.iter().all(|r| r.shards <= cap)
+        let alive: Vec<RunnerId> = s.runners.iter().filter(|r| r.alive).map(|r| r.id).collect();
+        let assignment = assign(config.sharding(), &alive);
+        alive.len() >= expected
+            && s.owners.len() == shards
+            && s.owners
+                .iter()
+                .all(|(shard, r)| assignment.owner(*shard) == Some(*r))
     })
     .await
     .context("the cluster did not settle (needs at least 2 live runners owning every shard)")?;

@@ -18,6 +18,7 @@ pub mod gateway;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::str::FromStr;
@@ -30,6 +31,7 @@ use serde::Deserialize;
 use shoal::ids::{ClusterName, Epoch, RunnerId, ShardId};
 use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
 use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use shoal::sharding::{Sharding, assign};
 use shoal_testkit::ChildProcess;
 use shoal_testkit::process::output_within;
 use sqlx::PgPool;
@@ -268,11 +270,12 @@ impl TestCluster {
             && snapshot.owners.values().all(|r| owners.contains(r)))
     }
 
-    /// Waits until `runners` are all registered and alive, every shard is owned, no runner
-    /// holds more than ⌈shards / runners⌉, and each runner's own view agrees with the
-    /// database (nothing draining): the cluster is balanced and still.
+    /// Waits until `runners` are all registered and alive, every shard is owned, each runner
+    /// holds exactly the shards the assignment of the live runners gives it, and each
+    /// runner's own view agrees with the database (nothing draining): the cluster is
+    /// balanced and still.
     pub async fn await_balanced(&self, runners: &[&Runner]) -> anyhow::Result<Duration> {
-        let cap = (self.shards as usize).div_ceil(runners.len());
+        let sharding = Sharding::new(NonZeroU32::new(self.shards).context("no shards")?);
         let balanced = wait_until(DEADLINE, "the cluster is balanced", || async move {
             let snapshot = self.snapshot().await?;
             if snapshot.owners.len() != self.shards as usize {
@@ -290,9 +293,13 @@ impl TestCluster {
                     .map(|(s, _)| *s)
                     .collect();
                 let believed: BTreeSet<ShardId> = view.owned.keys().copied().collect();
+                let live: Vec<RunnerId> = view.live_runners.iter().map(|r| r.id).collect();
                 if view.live_runners.len() != runners.len()
                     || !view.draining.is_empty()
-                    || in_db.len() > cap
+                    || !in_db
+                        .iter()
+                        .copied()
+                        .eq(assign(sharding, &live).shards_of(id))
                     || in_db != believed
                 {
                     return Ok(false);
