@@ -12,6 +12,12 @@
 //! retried here only on failures where nothing ran, so the errors it returns say whether
 //! the handler may have run; a persisted ask's errors (after storing) say the message is
 //! stored and a resend with the same key is deduplicated.
+//!
+//! Typed calls: [`ShoalClient::entity`] gives an [`EntityRef`] that encodes a type's
+//! messages and decodes its replies (module `typed`); underneath it builds the same JSON
+//! [`Request`] the gateway does.
+
+mod typed;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +28,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::entity_runtime::DeliveryError;
-use crate::ids::{EntityAddress, MessageId, RunnerId};
+use crate::ids::{EntityAddress, EntityType, MessageId, RunnerId};
 use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
 use crate::retry::RetryClass;
 use crate::runner_storage::{RunnerInfo, RunnerStorage};
 use crate::sharding::{Assignment, Sharding, assign};
 use crate::snowflake::Snowflake;
 use crate::transport::{ENVELOPE_VERSION, Envelope, PersistedInfo, Transport, TransportError};
+
+pub use typed::EntityRef;
 
 /// One request to an entity.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,6 +131,28 @@ pub enum ClientError {
     /// A runner refused this node's cluster secret.
     #[error("a runner refused this node's cluster secret")]
     Unauthorized,
+    /// The handler answered with an error reply (final; for a persisted message it is the
+    /// stored reply, which a resend with the same key reads again).
+    #[error("the handler replied with error `{code}`: {message}")]
+    ErrorReply {
+        /// The handler's machine-readable code.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+    /// The reply does not decode as the type's reply: the caller and the entity's runner
+    /// disagree on the type (different versions). The message was handled.
+    #[error("the reply of `{entity_type}` does not decode: {problem}")]
+    BadReply {
+        /// The entity type.
+        entity_type: EntityType,
+        /// serde's description.
+        problem: String,
+    },
+    /// A typed request could not be built (a bad entity id, a volatile message with a
+    /// delivery time or key, `send` of a volatile message): nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
@@ -163,6 +193,12 @@ impl ClientError {
             // stored, and the same request is refused again.
             Self::Storage(MessageStorageError::Unstorable { .. }) => RetryClass::Never,
             Self::Unauthorized => RetryClass::Never,
+            // The reply is final: a resend with the same key reads it again.
+            Self::ErrorReply { .. } => RetryClass::Never,
+            // The handler ran; a resend gets a reply that does not decode either.
+            Self::BadReply { .. } => RetryClass::Never,
+            // Nothing was sent, and the same request is refused again.
+            Self::InvalidRequest(_) => RetryClass::Never,
         }
     }
 }

@@ -444,3 +444,6 @@ pub(crate) fn older_than(id: MessageId, grace: Duration) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod lifecycle_tests;

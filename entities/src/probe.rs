@@ -13,11 +13,11 @@
 //!   message is completed once with the error reply `unstorable_reply`). The gateway
 //!   refuses NUL in a persisted body, so the handler makes it itself.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal::entity::{Entity, EntityContext, EntityOptions, HandlerError};
-use shoal::ids::EntityType;
+use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
 
 /// The probe entity type.
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,32 +78,29 @@ pub struct ProbeState {
     pub recorded: Vec<serde_json::Value>,
 }
 
-impl Entity for Probe {
+impl EntityProtocol for Probe {
+    const NAME: &'static str = "probe";
     type Message = ProbeMessage;
     type Reply = serde_json::Value;
-    type State = ProbeState;
-
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("probe").expect("`probe` is a valid entity type name")
-    }
 
     fn options(&self) -> EntityOptions {
         EntityOptions {
-            persist_state: true,
-            mailbox_capacity: std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN),
+            mailbox_capacity: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             ..EntityOptions::default()
         }
     }
 
-    fn is_persisted(&self, message: &ProbeMessage) -> bool {
-        matches!(
+    fn is_persisted(message: &ProbeMessage) -> bool {
+        !matches!(
             message,
-            ProbeMessage::Record { .. }
-                | ProbeMessage::RecordSlowly { .. }
-                | ProbeMessage::FailUntil { .. }
-                | ProbeMessage::Unstorable { .. }
+            ProbeMessage::Echo { .. } | ProbeMessage::Sleep { .. }
         )
     }
+}
+
+impl Entity for Probe {
+    type State = ProbeState;
+    const PERSIST_STATE: bool = true;
 
     async fn handle(
         &self,

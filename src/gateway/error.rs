@@ -240,6 +240,18 @@ impl From<ClientError> for ApiError {
             ClientError::Unauthorized => {
                 Self::Internal("a runner refused the gateway's cluster secret".to_owned())
             }
+            // The gateway's own routes send untyped requests and pass error replies on as
+            // replies; routes built on the typed client meet these.
+            ClientError::InvalidRequest(message) => Self::bad_request("invalid_request", message),
+            ClientError::ErrorReply { code, message } => {
+                Self::Internal(format!("the entity replied with error `{code}`: {message}"))
+            }
+            ClientError::BadReply {
+                entity_type,
+                problem,
+            } => Self::Internal(format!(
+                "the reply of `{entity_type}` does not decode: {problem}"
+            )),
         }
     }
 }
