@@ -2,7 +2,9 @@
 //!
 //! `increment` is persisted; the new count is written in the same epoch-checked transaction
 //! that completes the message, so a redelivered message is never counted twice. `get` is
-//! volatile and reads the count in memory.
+//! volatile and reads the count in memory. From Rust:
+//! `client.entity::<Counter>("c1").ask(CounterMessage::Increment { by: 2 })` returns a
+//! [`CounterReply`].
 
 use serde::{Deserialize, Serialize};
 use shoal::entity::{Entity, EntityContext, EntityProtocol, HandlerError};
