@@ -240,12 +240,10 @@ impl From<ClientError> for ApiError {
             ClientError::Unauthorized => {
                 Self::Internal("a runner refused the gateway's cluster secret".to_owned())
             }
-            // The gateway's own routes send untyped requests and pass error replies on as
-            // replies; routes built on the typed client meet these.
+            // Routes built on the typed client meet these; an error reply is answered as the
+            // untyped route answers `Reply::Err` (422).
             ClientError::InvalidRequest(message) => Self::bad_request("invalid_request", message),
-            ClientError::ErrorReply { code, message } => {
-                Self::Internal(format!("the entity replied with error `{code}`: {message}"))
-            }
+            ClientError::ErrorReply { code, message } => Self::HandlerError { code, message },
             ClientError::BadReply {
                 entity_type,
                 problem,
@@ -415,6 +413,19 @@ mod tests {
             (
                 ClientError::Unauthorized,
                 StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+            (
+                ClientError::ErrorReply {
+                    code: "overflow".into(),
+                    message: "too big".into(),
+                },
+                StatusCode::UNPROCESSABLE_ENTITY,
+                RetryClass::Never,
+            ),
+            (
+                ClientError::InvalidRequest("a volatile message with a delivery time".into()),
+                StatusCode::BAD_REQUEST,
                 RetryClass::Never,
             ),
         ]
