@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
-use shoal::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
+use shoal::entity::{Entity, EntityContext, EntityProtocol, EntityRegistry, HandlerError};
 use shoal::entity_runtime::{EntityRuntime, RuntimeConfig};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::sharding::Sharding;
@@ -21,16 +21,17 @@ enum Msg {
 
 struct Pong;
 
-impl Entity for Pong {
+impl EntityProtocol for Pong {
+    const NAME: &'static str = "pong";
     type Message = Msg;
     type Reply = u64;
-    type State = u64;
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("pong").expect("valid")
-    }
-    fn is_persisted(&self, _: &Msg) -> bool {
+    fn is_persisted(_: &Msg) -> bool {
         false
     }
+}
+
+impl Entity for Pong {
+    type State = u64;
     async fn handle(
         &self,
         _: &EntityContext,

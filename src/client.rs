@@ -12,6 +12,12 @@
 //! retried here only on failures where nothing ran, so the errors it returns say whether
 //! the handler may have run; a persisted ask's errors (after storing) say the message is
 //! stored and a resend with the same key is deduplicated.
+//!
+//! Typed calls: [`ShoalClient::entity`] gives an [`EntityRef`] that encodes a type's
+//! messages and decodes its replies (module `typed`); underneath it builds the same JSON
+//! [`Request`] the gateway does.
+
+mod typed;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::ids::{EntityAddress, MessageId, RunnerId};
+use crate::ids::{EntityAddress, EntityType, MessageId, RunnerId};
 use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
 use crate::retry::RetryClass;
 use crate::runner_storage::{RunnerInfo, RunnerStorage};
@@ -37,6 +43,8 @@ use crate::transport::{
 const ATTEMPT_BACKOFF_FIRST: Duration = Duration::from_millis(20);
 /// Longest wait between delivery attempts of one request.
 const ATTEMPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+pub use typed::EntityRef;
 
 /// One request to an entity.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +151,28 @@ pub enum ClientError {
     /// ([`crate::entity::MAX_CALLS_PER_MESSAGE`]); nothing more was sent.
     #[error("a handler may make at most {0} calls per message")]
     TooManyCalls(u32),
+    /// The handler answered with an error reply (final; for a persisted message it is the
+    /// stored reply, which a resend with the same key reads again).
+    #[error("the handler replied with error `{code}`: {message}")]
+    ErrorReply {
+        /// The handler's machine-readable code.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+    /// The reply does not decode as the type's reply: the caller and the entity's runner
+    /// disagree on the type (different versions). The message was handled.
+    #[error("the reply of `{entity_type}` does not decode: {problem}")]
+    BadReply {
+        /// The entity type.
+        entity_type: EntityType,
+        /// serde's description.
+        problem: String,
+    },
+    /// A typed request could not be built (a bad entity id, a volatile message with a
+    /// delivery time or key, `send` of a volatile message): nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
@@ -185,6 +215,12 @@ impl ClientError {
             Self::Unauthorized => RetryClass::Never,
             // Refused before anything was sent, and refused the same way again.
             Self::SelfAsk(_) | Self::NotConnected | Self::TooManyCalls(_) => RetryClass::Never,
+            // The reply is final: a resend with the same key reads it again.
+            Self::ErrorReply { .. } => RetryClass::Never,
+            // The handler ran; a resend gets a reply that does not decode either.
+            Self::BadReply { .. } => RetryClass::Never,
+            // Nothing was sent, and the same request is refused again.
+            Self::InvalidRequest(_) => RetryClass::Never,
         }
     }
 }

@@ -386,3 +386,5 @@ mod tests;
 
 #[cfg(test)]
 mod ctx_tests;
+#[cfg(test)]
+mod lifecycle_tests;

@@ -274,6 +274,24 @@ mod tests {
             ),
             (ClientError::NotConnected, RetryClass::Never),
             (ClientError::TooManyCalls(1024), RetryClass::Never),
+            (
+                ClientError::ErrorReply {
+                    code: "overflow".into(),
+                    message: "too big".into(),
+                },
+                RetryClass::Never,
+            ),
+            (
+                ClientError::BadReply {
+                    entity_type: crate::ids::EntityType::new("counter").expect("valid"),
+                    problem: "missing field".into(),
+                },
+                RetryClass::Never,
+            ),
+            (
+                ClientError::InvalidRequest("volatile".into()),
+                RetryClass::Never,
+            ),
         ];
         for (error, class) in cases {
             assert_eq!(error.retry_class(), class, "{error:?}");

@@ -2,11 +2,12 @@
 //!
 //! `increment` is persisted; the new count is written in the same epoch-checked transaction
 //! that completes the message, so a redelivered message is never counted twice. `get` is
-//! volatile and reads the count in memory.
+//! volatile and reads the count in memory. From Rust:
+//! `client.entity::<Counter>("c1").ask(CounterMessage::Increment { by: 2 })` returns a
+//! [`CounterReply`].
 
 use serde::{Deserialize, Serialize};
-use shoal::entity::{Entity, EntityContext, EntityOptions, HandlerError};
-use shoal::ids::EntityType;
+use shoal::entity::{Entity, EntityContext, EntityProtocol, HandlerError};
 
 /// The counter entity type.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,26 +45,19 @@ pub struct CounterReply {
     pub count: i64,
 }
 
-impl Entity for Counter {
+impl EntityProtocol for Counter {
+    const NAME: &'static str = "counter";
     type Message = CounterMessage;
     type Reply = CounterReply;
-    type State = CounterState;
 
-    fn entity_type(&self) -> EntityType {
-        // A constant, valid name.
-        EntityType::new("counter").expect("`counter` is a valid entity type name")
-    }
-
-    fn options(&self) -> EntityOptions {
-        EntityOptions {
-            persist_state: true,
-            ..EntityOptions::default()
-        }
-    }
-
-    fn is_persisted(&self, message: &CounterMessage) -> bool {
+    fn is_persisted(message: &CounterMessage) -> bool {
         matches!(message, CounterMessage::Increment { .. })
     }
+}
+
+impl Entity for Counter {
+    type State = CounterState;
+    const PERSIST_STATE: bool = true;
 
     async fn handle(
         &self,
@@ -71,13 +65,10 @@ impl Entity for Counter {
         state: &mut CounterState,
         message: CounterMessage,
     ) -> Result<CounterReply, HandlerError> {
-        match message {
-            CounterMessage::Increment { by } => {
-                state.count = state.count.checked_add(by).ok_or_else(|| {
-                    HandlerError::permanent("overflow", "the count would overflow an i64")
-                })?;
-            }
-            CounterMessage::Get {} => {}
+        if let CounterMessage::Increment { by } = message {
+            state.count = state.count.checked_add(by).ok_or_else(|| {
+                HandlerError::permanent("overflow", "the count would overflow an i64")
+            })?;
         }
         Ok(CounterReply { count: state.count })
     }

@@ -19,11 +19,12 @@
 //! - `remind {after_ms, value}` (persisted): schedules `record {value}` to itself `after_ms`
 //!   milliseconds from now (a durable timer).
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal::client::Request;
-use shoal::entity::{Entity, EntityContext, EntityOptions, HandlerError};
+use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
 
 /// The probe entity type.
@@ -102,34 +103,29 @@ pub struct ProbeState {
     pub recorded: Vec<serde_json::Value>,
 }
 
-impl Entity for Probe {
+impl EntityProtocol for Probe {
+    const NAME: &'static str = "probe";
     type Message = ProbeMessage;
     type Reply = serde_json::Value;
-    type State = ProbeState;
-
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("probe").expect("`probe` is a valid entity type name")
-    }
 
     fn options(&self) -> EntityOptions {
         EntityOptions {
-            persist_state: true,
-            mailbox_capacity: std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN),
+            mailbox_capacity: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             ..EntityOptions::default()
         }
     }
 
-    fn is_persisted(&self, message: &ProbeMessage) -> bool {
-        matches!(
+    fn is_persisted(message: &ProbeMessage) -> bool {
+        !matches!(
             message,
-            ProbeMessage::Record { .. }
-                | ProbeMessage::RecordSlowly { .. }
-                | ProbeMessage::FailUntil { .. }
-                | ProbeMessage::Unstorable { .. }
-                | ProbeMessage::Forward { .. }
-                | ProbeMessage::Remind { .. }
+            ProbeMessage::Echo { .. } | ProbeMessage::Sleep { .. }
         )
     }
+}
+
+impl Entity for Probe {
+    type State = ProbeState;
+    const PERSIST_STATE: bool = true;
 
     async fn handle(
         &self,
@@ -188,7 +184,8 @@ impl Entity for Probe {
 /// The probe with id `id`, or a final error naming the bad id.
 fn probe(id: &str) -> Result<EntityAddress, HandlerError> {
     Ok(EntityAddress {
-        entity_type: Probe.entity_type(),
+        entity_type: EntityType::new(Probe::NAME)
+            .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
         entity_id: EntityId::new(id)
             .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
     })

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::client::{ClientConfig, ClientError, ClientParts, Request, ShoalClient};
-use crate::entity::{Entity, EntityContext, EntityOptions, HandlerError};
+use crate::entity::{Entity, EntityContext, EntityProtocol, HandlerError};
 use crate::ids::{EntityId, EntityType};
 use crate::message_storage::memory::MemoryMessageStorage;
 use crate::runner_storage::memory::MemoryRunnerStorage;
@@ -50,30 +50,27 @@ struct Recorded {
 
 /// One type with its state in storage (`calls`: sends ride on the completion), one without
 /// (`calls_direct`: sends go out at once).
-struct Caller {
-    name: &'static str,
-    persist_state: bool,
+struct Caller<const PERSIST: bool>;
+
+impl<const PERSIST: bool> Caller<PERSIST> {
+    const fn name() -> &'static str {
+        if PERSIST { "calls" } else { "calls_direct" }
+    }
 }
 
-impl Entity for Caller {
+impl<const PERSIST: bool> EntityProtocol for Caller<PERSIST> {
+    const NAME: &'static str = Self::name();
     type Message = CallMsg;
     type Reply = serde_json::Value;
-    type State = Recorded;
 
-    fn entity_type(&self) -> EntityType {
-        EntityType::new(self.name).expect("valid")
-    }
-
-    fn options(&self) -> EntityOptions {
-        EntityOptions {
-            persist_state: self.persist_state,
-            ..EntityOptions::default()
-        }
-    }
-
-    fn is_persisted(&self, message: &CallMsg) -> bool {
+    fn is_persisted(message: &CallMsg) -> bool {
         !matches!(message, CallMsg::Get {} | CallMsg::AskSelf {})
     }
+}
+
+impl<const PERSIST: bool> Entity for Caller<PERSIST> {
+    type State = Recorded;
+    const PERSIST_STATE: bool = PERSIST;
 
     async fn handle(
         &self,
@@ -82,7 +79,7 @@ impl Entity for Caller {
         message: CallMsg,
     ) -> Result<serde_json::Value, HandlerError> {
         let record = |value: i64| {
-            let address = entity(self.name, &ctx.address.entity_id.to_string());
+            let address = entity(Self::NAME, &ctx.address.entity_id.to_string());
             Request::persisted(address, "record", serde_json::json!({ "value": value }))
         };
         match message {
@@ -93,7 +90,7 @@ impl Entity for Caller {
             CallMsg::Get {} => {}
             CallMsg::Ask { to, value } => {
                 let mut request = record(value);
-                request.address = entity(self.name, &to);
+                request.address = entity(Self::NAME, &to);
                 return match ctx.ask(request).await? {
                     Reply::Ok { value } => Ok(value),
                     Reply::Err { code, message } => Err(HandlerError::permanent(code, message)),
@@ -108,7 +105,7 @@ impl Entity for Caller {
             }
             CallMsg::SendThenFail { to, value, always } => {
                 let mut request = record(value);
-                request.address = entity(self.name, &to);
+                request.address = entity(Self::NAME, &to);
                 ctx.send(request).await?;
                 state.values.push(value);
                 if always || ctx.attempts == 0 {
@@ -139,14 +136,11 @@ struct Cluster {
 async fn cluster() -> Cluster {
     let storage = MemoryMessageStorage::new();
     let mut registry = EntityRegistry::new();
-    for (name, persist_state) in [("calls", true), ("calls_direct", false)] {
-        registry
-            .register(Caller {
-                name,
-                persist_state,
-            })
-            .expect("registers");
-    }
+    registry
+        .register(Caller::<true>)
+        .expect("registers")
+        .register(Caller::<false>)
+        .expect("registers");
     let sharding = Sharding::new(NonZeroU32::new(SHARDS).expect("non-zero"));
     let (_tx, rx) = watch::channel(RunnerId::new(1).ok());
     let config = RuntimeConfig {

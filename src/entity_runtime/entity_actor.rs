@@ -10,6 +10,12 @@
 //! handler that has returned completes its message on a task of its own, so an abort never
 //! falls between a committed completion and the report that answers its caller.
 //!
+//! Lifecycle: the state is built by the type's activation hook on the first message (and
+//! whenever it must be reloaded), bounded by `activation_timeout`; a hook that fails or
+//! runs out of time fails the actor like a retryable handler failure. On
+//! [`EntityMsg::Passivate`] the actor runs the passivation hook (bounded by
+//! `passivation_timeout`) and stops itself; a plain stop (fencing, shard stop) skips it.
+//!
 //! Each handling gets a fresh call scope in its context. For a persisted message of a
 //! `persist_state` type the scope holds an outbox: the handler's sends are taken from it
 //! when the handler returns and written by the completion; once that commits, the targets'
@@ -21,12 +27,15 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::Shared;
 use super::shard::{ShardMsg, WorkOutcome};
 use crate::entity::context::{Calls, Outgoing};
-use crate::entity::{AnyMessage, AnyState, EntityContext, ErasedEntity, HandlerError};
+use crate::entity::{
+    ActivationContext, AnyMessage, AnyState, EntityContext, ErasedEntity, HandlerError,
+};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::{Completion, CompletionOutcome, MessageStorage, Reply};
 
@@ -43,7 +52,8 @@ pub(crate) struct EntityArgs {
 
 pub(crate) struct EntityState {
     args: EntityArgs,
-    /// Loaded on the first message (so spawning never waits on the database); dropped
+    /// Built by the activation hook on the first message (so spawning never waits on the
+    /// database or the hook); dropped
     /// whenever storage and memory may disagree, to be reloaded.
     state: Option<AnyState>,
     /// Messages waiting for one of the `concurrency` places (side-by-side types).
@@ -73,6 +83,9 @@ pub(crate) enum EntityMsg {
         id: Option<MessageId>,
         error: String,
     },
+    /// The entity is idle or its shard drained: run the passivation hook, tell `done`,
+    /// stop. The shard has already forgotten the actor.
+    Passivate(oneshot::Sender<()>),
 }
 
 impl Actor for EntityActor {
@@ -128,6 +141,11 @@ impl Actor for EntityActor {
                 }
                 return Err(error.into());
             }
+            EntityMsg::Passivate(done) => {
+                entity.passivate().await;
+                let _ = done.send(());
+                myself.stop(Some("passivated".to_owned()));
+            }
         }
         Ok(())
     }
@@ -135,7 +153,7 @@ impl Actor for EntityActor {
 
 impl EntityState {
     fn concurrency(&self) -> usize {
-        self.args.def.options().concurrency.get()
+        self.args.def.concurrency()
     }
 
     fn report(&self, seq: u64, id: Option<MessageId>, outcome: WorkOutcome) {
@@ -149,10 +167,12 @@ impl EntityState {
         let _ = self.args.shard_ref.send_message(done);
     }
 
+    /// The state, built by the activation hook if there is none. `Err` fails the actor
+    /// (the entity restarts with backoff, as after a retryable handler failure).
     async fn load(&mut self) -> Result<&mut AnyState, ActorProcessingErr> {
         if self.state.is_none() {
-            let def = &self.args.def;
-            let stored = if def.options().persist_state {
+            let def = self.args.def.clone();
+            let stored = if def.persist_state() {
                 self.args
                     .shared
                     .storage
@@ -161,16 +181,47 @@ impl EntityState {
             } else {
                 None
             };
-            self.state = Some(def.new_state(stored)?);
+            let ctx = self.activation_context();
+            let timeout = def.options().activation_timeout;
+            let state = match tokio::time::timeout(timeout, def.activate(&ctx, stored)).await {
+                Ok(Ok(state)) => state,
+                Ok(Err(error)) => return Err(format!("activation failed: {error}").into()),
+                Err(_) => {
+                    return Err(format!("activation took longer than {timeout:?}").into());
+                }
+            };
+            self.state = Some(state);
         }
         self.state
             .as_mut()
             .ok_or_else(|| "entity state missing after load".into())
     }
 
+    /// Runs the passivation hook, if the entity was activated, within its timeout.
+    async fn passivate(&mut self) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let ctx = self.activation_context();
+        let timeout = self.args.def.options().passivation_timeout;
+        let hook = self.args.def.passivate(&ctx, state);
+        if tokio::time::timeout(timeout, hook).await.is_err() {
+            tracing::warn!(entity = %ctx.address, ?timeout, "the passivation hook ran out of time");
+        }
+    }
+
+    fn activation_context(&self) -> ActivationContext {
+        ActivationContext {
+            address: self.args.address.clone(),
+            shard: self.args.shard,
+            epoch: self.args.epoch,
+            runner_id: self.args.shared.runner_id(),
+        }
+    }
+
     fn context(&self, work: &Work) -> EntityContext {
         // Only a completion that writes the state can carry the messages that go with it.
-        let outbox = work.id.is_some() && self.args.def.options().persist_state;
+        let outbox = work.id.is_some() && self.args.def.persist_state();
         EntityContext {
             address: self.args.address.clone(),
             shard: self.args.shard,
@@ -220,7 +271,7 @@ impl EntityState {
             }
             Err(HandlerError { code, message, .. }) => Reply::Err { code, message },
         };
-        let persist = def.options().persist_state;
+        let persist = def.persist_state();
         Ok(self.finish(work.id, reply, persist, outbox).await)
     }
 
@@ -259,7 +310,7 @@ impl EntityState {
         }
         // Stored state may now differ from memory: reload it. State that lives only in
         // memory (and a side-by-side entity's shared state) is kept.
-        if !in_step && self.args.def.options().persist_state {
+        if !in_step && self.args.def.persist_state() {
             self.state = None;
         }
         outcome

@@ -121,6 +121,9 @@ const LAST_ERROR_BYTES: usize = 512;
 const BACKOFFS_PER_SHARD: usize = 4096;
 /// Shortest interval of the shard's tick (passivation, waiter rechecks).
 const TICK_MIN: Duration = Duration::from_millis(50);
+/// How much longer than the longest passivation timeout a drained shard waits for the
+/// hooks of its entities (their actors enforce the timeout; this covers the handoff).
+const PASSIVATION_GRACE: Duration = Duration::from_millis(100);
 
 struct Slot {
     actor: ActorRef<EntityMsg>,
@@ -242,6 +245,7 @@ impl Actor for ShardActor {
             }
         }
         if state.drained() {
+            state.passivate_all().await;
             if let Some(done) = state.draining.take() {
                 let _ = done.send(());
             }
@@ -350,19 +354,19 @@ impl ShardState {
     }
 
     fn capacity(&self, address: &EntityAddress) -> usize {
-        self.capacity_of(address, |o| o.mailbox_capacity.get())
+        self.capacity_of(address, |def| def.options().mailbox_capacity.get())
     }
 
     /// An option of the entity's type (1 for an unknown type).
     fn capacity_of(
         &self,
         address: &EntityAddress,
-        option: impl Fn(&crate::entity::EntityOptions) -> usize,
+        option: impl Fn(&dyn crate::entity::ErasedEntity) -> usize,
     ) -> usize {
         self.shared
             .registry
             .get(&address.entity_type)
-            .map_or(1, |def| option(def.options()))
+            .map_or(1, |def| option(def.as_ref()))
     }
 
     /// Starts (or finds) the entity's actor.
@@ -510,7 +514,8 @@ impl ShardState {
             .map(|(address, _)| address.clone())
             .collect();
         for address in idle {
-            self.remove_slot(&address, "passivated");
+            // Nobody waits for the hook: the next activation may start before it ends.
+            drop(self.passivate_slot(&address));
         }
         self.backoff
             .retain(|_, (_, until)| *until + recovery::BACKOFF_KEPT > now);
@@ -522,23 +527,66 @@ impl ShardState {
         }
     }
 
+    /// Stops an entity at once (no passivation hook) and fails its unfinished work.
     fn remove_slot(&mut self, address: &EntityAddress, why: &str) {
-        if let Some(slot) = self.entities.remove(address) {
-            self.by_actor.remove(&slot.actor.get_id());
-            slot.actor.stop(Some(why.to_owned()));
-            let resident = self.shared.resident.fetch_sub(1, Ordering::Relaxed) - 1;
-            crate::metrics::entities_resident(resident);
-            for (_, pending) in slot.pending {
-                match pending {
-                    Pending::Persisted(id) => {
-                        self.in_flight.remove(&id);
-                    }
-                    Pending::Volatile(tx) => {
-                        let _ = tx.send(Err(DeliveryError::HandlerFailed(why.to_owned())));
-                    }
+        if let Some(actor) = self.forget_slot(address, why) {
+            actor.stop(Some(why.to_owned()));
+        }
+    }
+
+    /// Passivates an idle entity: it runs its passivation hook, then stops itself. The
+    /// receiver resolves when the hook has returned (or the actor is gone).
+    fn passivate_slot(&mut self, address: &EntityAddress) -> Option<oneshot::Receiver<()>> {
+        let actor = self.forget_slot(address, "passivated")?;
+        let (done_tx, done_rx) = oneshot::channel();
+        if let Err(error) = actor.send_message(EntityMsg::Passivate(done_tx)) {
+            tracing::debug!(entity = %address, %error, "could not passivate; stopping");
+            actor.stop(Some("passivated".to_owned()));
+        }
+        Some(done_rx)
+    }
+
+    /// Passivates every entity of a drained shard and waits for their hooks (each bounded
+    /// by its type's `passivation_timeout`, so a lost reply cannot hold the shard).
+    async fn passivate_all(&mut self) {
+        let longest = self
+            .entities
+            .keys()
+            .map(|a| {
+                self.shared
+                    .registry
+                    .get(&a.entity_type)
+                    .map_or(Duration::ZERO, |def| def.options().passivation_timeout)
+            })
+            .max()
+            .unwrap_or(Duration::ZERO);
+        let addresses: Vec<EntityAddress> = self.entities.keys().cloned().collect();
+        let hooks: Vec<_> = addresses
+            .iter()
+            .filter_map(|address| self.passivate_slot(address))
+            .collect();
+        let all = futures::future::join_all(hooks);
+        let _ = tokio::time::timeout(longest + PASSIVATION_GRACE, all).await;
+    }
+
+    /// Removes an entity's slot and fails its unfinished work; returns its actor, still
+    /// running, for the caller to stop or passivate.
+    fn forget_slot(&mut self, address: &EntityAddress, why: &str) -> Option<ActorRef<EntityMsg>> {
+        let slot = self.entities.remove(address)?;
+        self.by_actor.remove(&slot.actor.get_id());
+        let resident = self.shared.resident.fetch_sub(1, Ordering::Relaxed) - 1;
+        crate::metrics::entities_resident(resident);
+        for (_, pending) in slot.pending {
+            match pending {
+                Pending::Persisted(id) => {
+                    self.in_flight.remove(&id);
+                }
+                Pending::Volatile(tx) => {
+                    let _ = tx.send(Err(DeliveryError::HandlerFailed(why.to_owned())));
                 }
             }
         }
+        Some(slot.actor)
     }
 
     fn status(&self, address: &EntityAddress) -> EntityStatus {

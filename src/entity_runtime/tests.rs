@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::entity::{Entity, EntityContext, EntityOptions, HandlerError};
+use crate::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
 use crate::ids::{EntityId, EntityType};
 use crate::message_storage::memory::MemoryMessageStorage;
 use crate::message_storage::{
@@ -41,27 +41,27 @@ struct TestEntity {
     max_idle: Duration,
 }
 
-impl Entity for TestEntity {
+impl EntityProtocol for TestEntity {
+    const NAME: &'static str = "test";
     type Message = TestMsg;
     type Reply = i64;
-    type State = i64;
-
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("test").expect("valid")
-    }
 
     fn options(&self) -> EntityOptions {
         EntityOptions {
             mailbox_capacity: NonZeroUsize::new(self.capacity).expect("non-zero"),
             max_idle: self.max_idle,
-            persist_state: true,
             ..EntityOptions::default()
         }
     }
 
-    fn is_persisted(&self, message: &TestMsg) -> bool {
+    fn is_persisted(message: &TestMsg) -> bool {
         matches!(message, TestMsg::Add { .. } | TestMsg::PanicFirst {})
     }
+}
+
+impl Entity for TestEntity {
+    type State = i64;
+    const PERSIST_STATE: bool = true;
 
     async fn handle(
         &self,
@@ -485,25 +485,19 @@ enum WideMsg {
     },
 }
 
-impl crate::entity::ConcurrentEntity for Wide {
+impl EntityProtocol for Wide {
+    const NAME: &'static str = "wide";
     type Message = WideMsg;
     type Reply = usize;
-    type State = WideState;
 
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("wide").expect("valid")
-    }
-
-    fn options(&self) -> EntityOptions {
-        EntityOptions {
-            concurrency: NonZeroUsize::new(3).expect("non-zero"),
-            ..EntityOptions::default()
-        }
-    }
-
-    fn is_persisted(&self, _: &WideMsg) -> bool {
+    fn is_persisted(_: &WideMsg) -> bool {
         true
     }
+}
+
+impl crate::entity::ConcurrentEntity for Wide {
+    type State = WideState;
+    const CONCURRENCY: usize = 3;
 
     async fn handle(
         &self,
@@ -604,26 +598,23 @@ async fn a_panic_in_a_concurrent_handler_restarts_the_entity_and_replays_it() {
     );
 }
 
+/// One-at-a-time types cannot name a concurrency and side-by-side types cannot keep their
+/// state in Postgres (the traits have no such options); what is left to check at
+/// registration is a concurrency of zero.
 #[test]
-fn concurrency_needs_a_concurrent_type_and_no_stored_state() {
-    struct Stored;
-    impl crate::entity::ConcurrentEntity for Stored {
+fn a_concurrent_type_needs_a_concurrency_of_at_least_one() {
+    struct Idle;
+    impl EntityProtocol for Idle {
+        const NAME: &'static str = "idle";
         type Message = WideMsg;
         type Reply = usize;
-        type State = WideState;
-        fn entity_type(&self) -> EntityType {
-            EntityType::new("stored").expect("valid")
-        }
-        fn options(&self) -> EntityOptions {
-            EntityOptions {
-                concurrency: NonZeroUsize::new(2).expect("non-zero"),
-                persist_state: true,
-                ..EntityOptions::default()
-            }
-        }
-        fn is_persisted(&self, _: &WideMsg) -> bool {
+        fn is_persisted(_: &WideMsg) -> bool {
             true
         }
+    }
+    impl crate::entity::ConcurrentEntity for Idle {
+        type State = WideState;
+        const CONCURRENCY: usize = 0;
         async fn handle(
             &self,
             _: &EntityContext,
@@ -634,39 +625,8 @@ fn concurrency_needs_a_concurrent_type_and_no_stored_state() {
         }
     }
     let mut registry = EntityRegistry::new();
-    let refused = registry.register_concurrent(Stored).expect_err("refused");
-    assert!(refused.to_string().contains("persist_state"), "{refused}");
-    struct Serial;
-    impl Entity for Serial {
-        type Message = TestMsg;
-        type Reply = i64;
-        type State = i64;
-        fn entity_type(&self) -> EntityType {
-            EntityType::new("serial").expect("valid")
-        }
-        fn options(&self) -> EntityOptions {
-            EntityOptions {
-                concurrency: NonZeroUsize::new(4).expect("non-zero"),
-                ..EntityOptions::default()
-            }
-        }
-        fn is_persisted(&self, _: &TestMsg) -> bool {
-            true
-        }
-        async fn handle(
-            &self,
-            _: &EntityContext,
-            _: &mut i64,
-            _: TestMsg,
-        ) -> Result<i64, HandlerError> {
-            Ok(0)
-        }
-    }
-    let refused = registry.register(Serial).expect_err("refused");
-    assert!(
-        refused.to_string().contains("ConcurrentEntity"),
-        "{refused}"
-    );
+    let refused = registry.register_concurrent(Idle).expect_err("refused");
+    assert!(refused.to_string().contains("CONCURRENCY"), "{refused}");
 }
 
 /// Memory storage whose completions return `linger` after they commit (a slow network),

@@ -244,6 +244,16 @@ impl From<ClientError> for ApiError {
             error @ (ClientError::SelfAsk(_)
             | ClientError::NotConnected
             | ClientError::TooManyCalls(_)) => Self::Internal(error.to_string()),
+            // Routes built on the typed client meet these; an error reply is answered as the
+            // untyped route answers `Reply::Err` (422).
+            ClientError::InvalidRequest(message) => Self::bad_request("invalid_request", message),
+            ClientError::ErrorReply { code, message } => Self::HandlerError { code, message },
+            ClientError::BadReply {
+                entity_type,
+                problem,
+            } => Self::Internal(format!(
+                "the reply of `{entity_type}` does not decode: {problem}"
+            )),
         }
     }
 }
@@ -407,6 +417,19 @@ mod tests {
             (
                 ClientError::Unauthorized,
                 StatusCode::INTERNAL_SERVER_ERROR,
+                RetryClass::Never,
+            ),
+            (
+                ClientError::ErrorReply {
+                    code: "overflow".into(),
+                    message: "too big".into(),
+                },
+                StatusCode::UNPROCESSABLE_ENTITY,
+                RetryClass::Never,
+            ),
+            (
+                ClientError::InvalidRequest("a volatile message with a delivery time".into()),
+                StatusCode::BAD_REQUEST,
                 RetryClass::Never,
             ),
         ]

@@ -56,7 +56,7 @@ impl ShardState {
         crate::metrics::entity_restart();
         // One at a time, the failed message is the oldest unfinished one; side-by-side
         // entities record the attempt themselves, as only they know which one failed.
-        let one_at_a_time = self.capacity_of(&address, |o| o.concurrency.get()) == 1;
+        let one_at_a_time = self.capacity_of(&address, |def| def.concurrency()) == 1;
         let culprit = self
             .entities
             .get(&address)

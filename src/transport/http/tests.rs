@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::*;
-use crate::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
+use crate::entity::{Entity, EntityContext, EntityProtocol, EntityRegistry, HandlerError};
 use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
 use crate::ids::{EntityId, EntityType};
 use crate::sharding::Sharding;
@@ -29,18 +29,18 @@ enum SleepyMsg {
 
 struct Sleepy;
 
-impl Entity for Sleepy {
+impl EntityProtocol for Sleepy {
+    const NAME: &'static str = "sleepy";
     type Message = SleepyMsg;
     type Reply = u64;
-    type State = ();
 
-    fn entity_type(&self) -> EntityType {
-        EntityType::new("sleepy").expect("valid")
-    }
-
-    fn is_persisted(&self, _message: &SleepyMsg) -> bool {
+    fn is_persisted(_message: &SleepyMsg) -> bool {
         false
     }
+}
+
+impl Entity for Sleepy {
+    type State = ();
 
     async fn handle(
         &self,
