@@ -12,7 +12,7 @@ use shoal::entity_runtime::{Delivery, EntityRuntime, RuntimeConfig};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::sharding::Sharding;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Msg {
     Ping {},

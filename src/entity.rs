@@ -19,6 +19,9 @@ use serde::de::DeserializeOwned;
 
 use crate::ids::{EntityAddress, EntityType, Epoch, MessageId, RunnerId, ShardId};
 
+mod schemas;
+pub use schemas::EntitySchemas;
+
 /// Per-type runtime options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntityOptions {
@@ -101,9 +104,9 @@ pub struct EntityContext {
 /// An entity type.
 pub trait Entity: Send + Sync + 'static {
     /// The messages it accepts: an externally tagged serde enum.
-    type Message: Serialize + DeserializeOwned + Send + 'static;
+    type Message: Serialize + DeserializeOwned + utoipa::ToSchema + Send + 'static;
     /// Its reply.
-    type Reply: Serialize + Send + 'static;
+    type Reply: Serialize + utoipa::ToSchema + Send + 'static;
     /// Its state (kept in memory; in Postgres too when `persist_state`).
     type State: Serialize + DeserializeOwned + Default + Send + 'static;
 
@@ -141,9 +144,9 @@ pub trait Entity: Send + Sync + 'static {
 /// would include the half-done effects of the others, so `persist_state` is refused.
 pub trait ConcurrentEntity: Send + Sync + 'static {
     /// The messages it accepts: an externally tagged serde enum.
-    type Message: Serialize + DeserializeOwned + Send + 'static;
+    type Message: Serialize + DeserializeOwned + utoipa::ToSchema + Send + 'static;
     /// Its reply.
-    type Reply: Serialize + Send + 'static;
+    type Reply: Serialize + utoipa::ToSchema + Send + 'static;
     /// Its state, shared by the handlers running at once.
     type State: Default + Send + Sync + 'static;
 
@@ -225,6 +228,8 @@ pub trait ErasedEntity: Send + Sync + 'static {
     fn is_persisted(&self, message: &AnyMessage) -> bool;
     /// The decoded message's own idempotency key.
     fn idempotency_key(&self, message: &AnyMessage) -> Option<String>;
+    /// The OpenAPI schemas of its messages and reply (the gateway's document).
+    fn schemas(&self) -> EntitySchemas;
     /// Fresh state, or state decoded from storage.
     fn new_state(&self, stored: Option<serde_json::Value>) -> Result<AnyState, DecodeError>;
     /// The state as JSON, for storage.
@@ -328,6 +333,10 @@ macro_rules! erased_routing {
             message
                 .downcast_ref::<E::Message>()
                 .and_then(|m| self.entity.idempotency_key(m))
+        }
+
+        fn schemas(&self) -> EntitySchemas {
+            EntitySchemas::of::<E::Message, E::Reply>()
         }
     };
 }
@@ -540,7 +549,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
     #[serde(rename_all = "snake_case")]
     enum Msg {
         Add { amount: i64 },

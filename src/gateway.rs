@@ -6,7 +6,11 @@
 //! the id is in the request's span and travels to the runner in the envelope. Errors are
 //! [`ApiError`]s. Shutdown stops accepting and gives in-flight requests
 //! `gateway.shutdown-timeout` to finish.
+//!
+//! The application adds routes of its own ([`GatewayParams::with_routes`], see [`app`]):
+//! they are served behind the same middleware and listed in the same OpenAPI document.
 
+mod app;
 mod error;
 pub mod openapi;
 mod rate_limit;
@@ -26,7 +30,9 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use app::{AppRouter, GatewayContext, JsonBody};
 pub use error::ApiError;
+pub use routes::{ErrorBody, ErrorDetail};
 
 use crate::client::{ClientConfig, ClientParts, ShoalClient};
 use crate::config::ShoalConfig;
@@ -65,6 +71,34 @@ pub struct GatewayParams {
     pub registry: EntityRegistry,
     /// The process's metrics exporter, served at `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// The application's routes, served beside the gateway's own.
+    pub routes: Vec<AppRouter>,
+}
+
+impl GatewayParams {
+    /// A gateway for `config` that validates requests against `registry`, without metrics
+    /// or application routes.
+    pub fn new(config: ShoalConfig, registry: EntityRegistry) -> Self {
+        Self {
+            config,
+            registry,
+            metrics: None,
+            routes: Vec::new(),
+        }
+    }
+
+    /// Serves `metrics` at `/metrics`.
+    pub fn with_metrics(mut self, metrics: PrometheusHandle) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Adds an application's routes (see [`AppRouter`]; paths the gateway keeps for itself
+    /// are refused when the gateway starts).
+    pub fn with_routes(mut self, routes: AppRouter) -> Self {
+        self.routes.push(routes);
+        self
+    }
 }
 
 /// Shared by every request (behind an `Arc`: cloning the registry and the Redis services
@@ -78,6 +112,8 @@ pub(crate) struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) redis: Option<rate_limit::GatewayRedis>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    /// `/openapi.json`: the gateway's operations, the registry's and the application's.
+    pub(crate) openapi: axum::body::Bytes,
 }
 
 /// The request id of the request being handled.
@@ -132,6 +168,8 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
             address: config.gateway.listen.to_string(),
             source,
         })?;
+    let (app_routes, fragments) = app::compose(params.routes, &GatewayContext::new(client.clone()))?;
+    let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
     let state = AppState {
         config: config.clone(),
         registry: params.registry,
@@ -141,6 +179,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         pool: pool.clone(),
         redis,
         metrics: params.metrics,
+        openapi,
     };
     let address = listener.local_addr().map_err(|source| GatewayError::Bind {
         address: config.gateway.listen.to_string(),
@@ -148,7 +187,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     })?;
     tracing::info!(listen = %address, cluster = %config.cluster.name, "gateway started");
     // Connection info: the API rate limits key on the client's IP.
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = router(state, app_routes).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = config.gateway.shutdown_timeout;
@@ -168,9 +207,9 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
-/// Every route of the gateway (the OpenAPI document lists the same ones; a test keeps them
-/// in step).
-pub(crate) fn router(state: AppState) -> Router {
+/// Every route of the gateway and the application's `app` routes, behind the gateway's
+/// middleware (the OpenAPI document lists the same ones; tests keep them in step).
+pub(crate) fn router(state: AppState, app: Router) -> Router {
     let max_body = state.config.gateway.max_body_bytes;
     // Shared, not cloned: axum hands every handler and middleware its own copy of the state.
     let state = Arc::new(state);
@@ -186,6 +225,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi_json))
+        .with_state(state.clone())
+        .merge(app)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -194,7 +235,6 @@ pub(crate) fn router(state: AppState) -> Router {
             rate_limit::enforce,
         ))
         .layer(middleware::from_fn(request_context))
-        .with_state(state)
 }
 
 /// Assigns the request id, opens the request's span, records metrics.

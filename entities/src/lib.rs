@@ -2,8 +2,12 @@
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+//!
+//! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
+//! own.
 
 pub mod counter;
+pub mod http;
 pub mod probe;
 
 use shoal::entity::{EntityRegistry, RegistryError};

@@ -1,8 +1,17 @@
-//! The gateway's OpenAPI 3 document, generated from the handlers' annotations.
+//! The gateway's OpenAPI 3.1 document: the gateway's own operations (from the handlers'
+//! annotations), one typed operation per registered entity type and message (from the
+//! types' `ToSchema`s, see [`entities`]), and the application's routes (from their
+//! routers). On top of what the annotations say, it declares what the server enforces:
+//! the id patterns of `crate::ids`, and the shard map's keys as the decimal strings JSON
+//! object keys are.
 
+mod entities;
+
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 
 use super::routes;
+use crate::entity::EntityRegistry;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,9 +43,81 @@ use super::routes;
 )]
 struct ApiDoc;
 
-/// The document.
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+/// The document of a gateway that knows `registry`'s types and serves the application
+/// routes described by `fragments`.
+pub fn document(
+    registry: &EntityRegistry,
+    fragments: Vec<utoipa::openapi::OpenApi>,
+) -> Result<Value, String> {
+    let mut api = ApiDoc::openapi();
+    for fragment in fragments {
+        api.merge(fragment);
+    }
+    let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
+    declare_enforced(&mut doc);
+    let generic = doc["paths"][entities::GENERIC]["post"].clone();
+    let (paths, schemas) = entities::typed_paths(registry, &generic)?;
+    let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
+        if let Some(target) = target.as_object_mut() {
+            target.extend(entries);
+        }
+    };
+    into(&mut doc["paths"], paths);
+    into(&mut doc["components"]["schemas"], schemas);
+    Ok(doc)
+}
+
+/// The document as `/openapi.json` serves it.
+pub(crate) fn render(
+    registry: &EntityRegistry,
+    fragments: Vec<utoipa::openapi::OpenApi>,
+) -> Result<axum::body::Bytes, String> {
+    let doc = document(registry, fragments)?;
+    serde_json::to_vec(&doc)
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
+/// `EntityType`: ASCII letters, digits, `-`, `_`; 1 to 63.
+const ENTITY_TYPE_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
+/// `EntityId`: no control character (Unicode category Cc).
+const ENTITY_ID_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+
+/// Declares in `doc` the rules the server enforces that the annotations cannot say.
+fn declare_enforced(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for operation in paths.values_mut().filter_map(Value::as_object_mut) {
+        for operation in operation.values_mut() {
+            let Some(parameters) = operation["parameters"].as_array_mut() else {
+                continue;
+            };
+            for parameter in parameters {
+                let schema = match (parameter["name"].as_str(), parameter["in"].as_str()) {
+                    (Some("entity_type"), Some("path")) => json!({
+                        "type": "string", "pattern": ENTITY_TYPE_PATTERN,
+                        "minLength": 1, "maxLength": 63,
+                    }),
+                    (Some("entity_id"), Some("path")) => json!({
+                        "type": "string", "pattern": ENTITY_ID_PATTERN, "minLength": 1,
+                        "maxLength": 512,
+                        "description": "At most 512 bytes of UTF-8, no control characters",
+                    }),
+                    (Some("Idempotency-Key"), Some("header")) => json!({
+                        "type": "string", "minLength": 1, "maxLength": 255,
+                    }),
+                    _ => continue,
+                };
+                parameter["schema"] = schema;
+            }
+        }
+    }
+    // A JSON object's keys are strings: the shard numbers arrive as decimal text.
+    let shards = &mut doc["components"]["schemas"]["ClusterMap"]["properties"]["shards"];
+    if shards.is_object() {
+        shards["propertyNames"] = json!({"type": "string", "pattern": "^(0|[1-9][0-9]*)$"});
+    }
 }
 
 /// Every (method, path) the gateway's router serves; the test below keeps this list, the
@@ -58,9 +139,13 @@ mod tests {
 
     use super::*;
 
+    fn bare() -> Value {
+        document(&EntityRegistry::new(), Vec::new()).expect("the document builds")
+    }
+
     #[test]
     fn the_document_lists_every_route() {
-        let doc = serde_json::to_value(document()).expect("serializes");
+        let doc = bare();
         let paths = doc["paths"].as_object().expect("paths");
         let documented: BTreeSet<(String, String)> = paths
             .iter()
@@ -81,7 +166,7 @@ mod tests {
 
     #[test]
     fn the_error_schema_names_the_retry_class() {
-        let doc = serde_json::to_value(document()).expect("serializes");
+        let doc = bare();
         let schemas = &doc["components"]["schemas"];
         let detail = &schemas["ErrorDetail"];
         let required: Vec<&str> = detail["required"]

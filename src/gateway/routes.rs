@@ -605,11 +605,12 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// This API's OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")), tag = "operations")]
-pub(crate) async fn openapi_json() -> Response {
-    match super::openapi::document().to_json() {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
-    }
+pub(crate) async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.clone(),
+    )
+        .into_response()
 }
 
 pub(crate) async fn not_found() -> ApiError {
