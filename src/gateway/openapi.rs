@@ -39,9 +39,44 @@ use crate::entity::EntityRegistry;
         routes::ShardLine,
         crate::cron::CronListing,
         crate::cron::ScheduleView,
+        Health,
+        Readiness,
+        ReadinessCheck,
     ))
 )]
 struct ApiDoc;
+
+/// `/health`'s answer.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct Health {
+    /// Always `ok`.
+    #[schema(pattern = "^ok$")]
+    status: String,
+}
+
+/// `/ready`'s answer.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct Readiness {
+    /// Whether every check passed.
+    ready: bool,
+    /// Each check by name (`postgres`, `redis`, `breakers`, `shards_owned`, `backlog`).
+    checks: std::collections::BTreeMap<String, ReadinessCheck>,
+}
+
+/// One readiness check.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct ReadinessCheck {
+    /// Whether it passed.
+    ok: bool,
+    /// What it found, when it passed.
+    #[schema(value_type = Option<Value>)]
+    detail: Option<Value>,
+    /// Why it failed.
+    error: Option<String>,
+}
 
 /// The document of a gateway that knows `registry`'s types and serves the application
 /// routes described by `fragments`.
@@ -90,7 +125,10 @@ fn declare_enforced(doc: &mut Value) {
     };
     for operation in paths.values_mut().filter_map(Value::as_object_mut) {
         for operation in operation.values_mut() {
-            let Some(parameters) = operation["parameters"].as_array_mut() else {
+            let Some(parameters) = operation
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+            else {
                 continue;
             };
             for parameter in parameters {
@@ -114,24 +152,17 @@ fn declare_enforced(doc: &mut Value) {
         }
     }
     // A JSON object's keys are strings: the shard numbers arrive as decimal text.
-    let shards = &mut doc["components"]["schemas"]["ClusterMap"]["properties"]["shards"];
-    if shards.is_object() {
-        shards["propertyNames"] = json!({"type": "string", "pattern": "^(0|[1-9][0-9]*)$"});
+    if let Some(shards) = doc
+        .pointer_mut("/components/schemas/ClusterMap/properties/shards")
+        .and_then(Value::as_object_mut)
+    {
+        shards.insert(
+            "propertyNames".into(),
+            json!({"type": "string", "pattern": "^(0|[1-9][0-9]*)$"}),
+        );
     }
 }
 
-/// Every (method, path) the gateway's router serves; the test below keeps this list, the
-/// router and the document in step.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/entities/{entity_type}/{entity_id}/{message}"),
-    ("get", "/entities/{entity_type}/{entity_id}"),
-    ("get", "/cluster"),
-    ("get", "/cron"),
-    ("get", "/health"),
-    ("get", "/ready"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-];
 
 #[cfg(test)]
 mod tests {
@@ -156,12 +187,87 @@ mod tests {
                     .map(move |method| (method.clone(), path.clone()))
             })
             .collect();
-        let routed: BTreeSet<(String, String)> = ROUTES
-            .iter()
-            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+        let routed: BTreeSet<(String, String)> = super::super::own_routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.to_owned(), p.to_owned()))
             .collect();
         assert_eq!(documented, routed);
         assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "snake_case", deny_unknown_fields)]
+    enum Closed {
+        /// Sets the value.
+        Set { value: i64 },
+        Clear,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum Open {
+        Note { text: String },
+    }
+
+    struct Typed<M>(&'static str, std::marker::PhantomData<M>);
+
+    impl<M> crate::entity::Entity for Typed<M>
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + utoipa::ToSchema + Send + Sync,
+        M: 'static,
+    {
+        type Message = M;
+        type Reply = i64;
+        type State = i64;
+        fn entity_type(&self) -> crate::ids::EntityType {
+            crate::ids::EntityType::new(self.0).expect("valid")
+        }
+        fn is_persisted(&self, _: &M) -> bool {
+            false
+        }
+        async fn handle(
+            &self,
+            _: &crate::entity::EntityContext,
+            _: &mut i64,
+            _: M,
+        ) -> Result<i64, crate::entity::HandlerError> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn each_registered_message_has_a_typed_operation() {
+        let mut registry = EntityRegistry::new();
+        registry
+            .register(Typed::<Closed>("closed", Default::default()))
+            .expect("registers")
+            .register(Typed::<Open>("open", Default::default()))
+            .expect("registers");
+        let doc = document(&registry, Vec::new()).expect("the document builds");
+        let body = |path: &str| {
+            doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                .clone()
+        };
+        let set = body("/entities/closed/{entity_id}/set");
+        assert_eq!(set["properties"]["value"]["type"], "integer", "{set}");
+        assert_eq!(set["additionalProperties"], false, "deny_unknown_fields: {set}");
+        assert_eq!(body("/entities/closed/{entity_id}/clear")["additionalProperties"], false);
+        let note = body("/entities/open/{entity_id}/note");
+        assert!(note.get("additionalProperties").is_none(), "{note}");
+        let reply = &doc["paths"]["/entities/open/{entity_id}/note"]["post"]["responses"]["200"];
+        assert_eq!(
+            reply["content"]["application/json"]["schema"]["properties"]["reply"]["type"],
+            "integer"
+        );
+        let params = &doc["paths"]["/entities/open/{entity_id}/note"]["post"]["parameters"];
+        let names: Vec<&str> = params
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert!(names.contains(&"entity_id") && !names.contains(&"entity_type"), "{names:?}");
+        assert!(doc["paths"][entities::GENERIC]["post"].is_object(), "generic route kept");
     }
 
     #[test]
