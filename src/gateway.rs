@@ -168,7 +168,8 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
             address: config.gateway.listen.to_string(),
             source,
         })?;
-    let (app_routes, fragments) = app::compose(params.routes, &GatewayContext::new(client.clone()))?;
+    let (app_routes, fragments) =
+        app::compose(params.routes, &GatewayContext::new(client.clone()))?;
     let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
     let state = AppState {
         config: config.clone(),
@@ -187,7 +188,8 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     })?;
     tracing::info!(listen = %address, cluster = %config.cluster.name, "gateway started");
     // Connection info: the API rate limits key on the client's IP.
-    let app = router(state, app_routes).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app =
+        router(state, app_routes).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = config.gateway.shutdown_timeout;

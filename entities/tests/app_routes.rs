@@ -160,7 +160,10 @@ async fn an_application_router_is_served_behind_the_gateways_middleware() -> any
     );
     ensure!(greeted.request_id().is_some_and(|id| !id.is_empty()));
     ensure!(
-        greeted.headers.get("x-ratelimit-limit").and_then(|v| v.to_str().ok())
+        greeted
+            .headers
+            .get("x-ratelimit-limit")
+            .and_then(|v| v.to_str().ok())
             == Some(&LIMIT.to_string()),
         "the application group's limit: {:?}",
         greeted.headers
@@ -180,7 +183,10 @@ async fn an_application_router_is_served_behind_the_gateways_middleware() -> any
     let wrong_type = http
         .post_json("/greetings/g-1", &serde_json::json!({"name": 7}), &[])
         .await?;
-    ensure!(wrong_type.status == StatusCode::BAD_REQUEST, "{wrong_type:?}");
+    ensure!(
+        wrong_type.status == StatusCode::BAD_REQUEST,
+        "{wrong_type:?}"
+    );
     let body = wrong_type.json()?;
     ensure!(body["error"]["code"] == "bad_body", "{body}");
     ensure!(
@@ -191,21 +197,34 @@ async fn an_application_router_is_served_behind_the_gateways_middleware() -> any
     );
     ensure!(body["error"]["retry"] == "never" && body["error"]["retryable"] == false);
     let unknown_field = http
-        .post_json("/greetings/g-1", &serde_json::json!({"name": "c", "age": 3}), &[])
+        .post_json(
+            "/greetings/g-1",
+            &serde_json::json!({"name": "c", "age": 3}),
+            &[],
+        )
         .await?;
     ensure!(
         unknown_field.error()?.0 == "bad_body",
         "{}",
         unknown_field.text()
     );
-    let malformed = http.post_raw("/greetings/g-1", b"{not json".to_vec(), &[]).await?;
-    ensure!(malformed.error()?.0 == "malformed_json", "{}", malformed.text());
+    let malformed = http
+        .post_raw("/greetings/g-1", b"{not json".to_vec(), &[])
+        .await?;
+    ensure!(
+        malformed.error()?.0 == "malformed_json",
+        "{}",
+        malformed.text()
+    );
 
     // Five admitted in the window (the 400s count); the sixth is refused.
     let limited = http
         .post_json("/greetings/g-1", &serde_json::json!({"name": "dan"}), &[])
         .await?;
-    ensure!(limited.status == StatusCode::TOO_MANY_REQUESTS, "{limited:?}");
+    ensure!(
+        limited.status == StatusCode::TOO_MANY_REQUESTS,
+        "{limited:?}"
+    );
     let body = limited.json()?;
     ensure!(body["error"]["code"] == "rate_limited", "{body}");
     ensure!(body["error"]["retry"] == "safe", "{body}");
@@ -249,8 +268,8 @@ async fn a_router_on_the_gateways_own_paths_is_refused() -> anyhow::Result<()> {
     let cluster = TestCluster::new(SHARDS).await?;
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let routes = OpenApiRouter::new().routes(routes!(own_path));
-    let params =
-        GatewayParams::new(config(&cluster, listen)?, shoal_entities::registry()?).with_routes(routes);
+    let params = GatewayParams::new(config(&cluster, listen)?, shoal_entities::registry()?)
+        .with_routes(routes);
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
         shoal::gateway::run(params, CancellationToken::new()),

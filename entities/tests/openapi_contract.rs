@@ -113,7 +113,11 @@ async fn call(
     serial: usize,
 ) -> anyhow::Result<HttpResponse> {
     let mut path = operation.path.to_owned();
-    for parameter in operation.spec["parameters"].as_array().into_iter().flatten() {
+    for parameter in operation.spec["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         if parameter["in"] != "path" {
             continue;
         }
@@ -123,7 +127,10 @@ async fn call(
             &parameter["schema"],
             doc,
             &json!(value),
-            &format!("{} {}: parameter `{name}`", operation.method, operation.path),
+            &format!(
+                "{} {}: parameter `{name}`",
+                operation.method, operation.path
+            ),
         )?;
         path = path.replace(&format!("{{{name}}}"), &value);
     }
@@ -148,9 +155,17 @@ fn conforms(doc: &Value, operation: &Operation<'_>, answer: &HttpResponse) -> an
     let documented = responses
         .get(answer.status.as_str())
         .or_else(|| responses.get("default"))
-        .with_context(|| format!("{what}, a status the document does not list: {}", answer.text()))?;
+        .with_context(|| {
+            format!(
+                "{what}, a status the document does not list: {}",
+                answer.text()
+            )
+        })?;
     let Some(content) = documented.get("content").and_then(Value::as_object) else {
-        ensure!(answer.body.is_empty(), "{what} with a body the document does not describe");
+        ensure!(
+            answer.body.is_empty(),
+            "{what} with a body the document does not describe"
+        );
         return Ok(());
     };
     let content_type = answer
@@ -227,7 +242,79 @@ async fn the_document_and_the_server_agree() -> anyhow::Result<()> {
 /// `path` with every parameter filled in.
 fn concrete(path: &str) -> String {
     path.split('/')
-        .map(|segment| if segment.starts_with('{') { "x" } else { segment })
+        .map(|segment| {
+            if segment.starts_with('{') {
+                "x"
+            } else {
+                segment
+            }
+        })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// The other direction: what the document forbids (a field a closed body does not have, an
+/// id outside the declared pattern) the server refuses with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_document_forbids_the_server_refuses() -> anyhow::Result<()> {
+    let (cluster, _runners) = TestCluster::balanced(SHARDS, 1).await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    let doc = http.get("/openapi.json").await?.json()?;
+    let mut closed = 0;
+    for (path, item) in doc["paths"].as_object().context("paths")? {
+        let Some(post) = item.get("post") else {
+            continue;
+        };
+        let schema = &post["requestBody"]["content"]["application/json"]["schema"];
+        if schema["additionalProperties"] != false {
+            continue;
+        }
+        let mut body = example(schema, &doc, 0)?;
+        body["not_a_field"] = json!(1);
+        ensure!(
+            jsonschema::validator_for(&rooted(schema, &doc))?
+                .iter_errors(&body)
+                .next()
+                .is_some(),
+            "{path}: the document should refuse {body}"
+        );
+        let answer = http
+            .post_json(&path.replace("{entity_id}", "closed-1"), &body, &[])
+            .await?;
+        ensure!(
+            answer.status == StatusCode::BAD_REQUEST && answer.error()?.0 == "bad_message",
+            "{path} with {body}: {} {}",
+            answer.status,
+            answer.text()
+        );
+        closed += 1;
+    }
+    ensure!(closed >= 8, "only {closed} closed bodies found");
+    let pattern = &doc["paths"]["/entities/counter/{entity_id}/get"]["post"]["parameters"][0];
+    ensure!(pattern["name"] == "entity_id", "{pattern}");
+    check(
+        &pattern["schema"],
+        &doc,
+        &json!("a b-c_é"),
+        "a printable id",
+    )?;
+    let control = "bad\u{1}id";
+    ensure!(
+        jsonschema::validator_for(&rooted(&pattern["schema"], &doc))?
+            .iter_errors(&json!(control))
+            .next()
+            .is_some(),
+        "the declared pattern should refuse a control character"
+    );
+    let answer = http
+        .post_json("/entities/counter/bad%01id/get", &json!({}), &[])
+        .await?;
+    ensure!(
+        answer.status == StatusCode::BAD_REQUEST && answer.error()?.0 == "bad_entity_id",
+        "{} {}",
+        answer.status,
+        answer.text()
+    );
+    Ok(())
 }

@@ -163,7 +163,6 @@ fn declare_enforced(doc: &mut Value) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -199,7 +198,9 @@ mod tests {
     #[serde(rename_all = "snake_case", deny_unknown_fields)]
     enum Closed {
         /// Sets the value.
-        Set { value: i64 },
+        Set {
+            value: i64,
+        },
         Clear,
     }
 
@@ -250,8 +251,14 @@ mod tests {
         };
         let set = body("/entities/closed/{entity_id}/set");
         assert_eq!(set["properties"]["value"]["type"], "integer", "{set}");
-        assert_eq!(set["additionalProperties"], false, "deny_unknown_fields: {set}");
-        assert_eq!(body("/entities/closed/{entity_id}/clear")["additionalProperties"], false);
+        assert_eq!(
+            set["additionalProperties"], false,
+            "deny_unknown_fields: {set}"
+        );
+        assert_eq!(
+            body("/entities/closed/{entity_id}/clear")["additionalProperties"],
+            false
+        );
         let note = body("/entities/open/{entity_id}/note");
         assert!(note.get("additionalProperties").is_none(), "{note}");
         let reply = &doc["paths"]["/entities/open/{entity_id}/note"]["post"]["responses"]["200"];
@@ -266,8 +273,14 @@ mod tests {
             .iter()
             .filter_map(|p| p["name"].as_str())
             .collect();
-        assert!(names.contains(&"entity_id") && !names.contains(&"entity_type"), "{names:?}");
-        assert!(doc["paths"][entities::GENERIC]["post"].is_object(), "generic route kept");
+        assert!(
+            names.contains(&"entity_id") && !names.contains(&"entity_type"),
+            "{names:?}"
+        );
+        assert!(
+            doc["paths"][entities::GENERIC]["post"].is_object(),
+            "generic route kept"
+        );
     }
 
     #[test]

@@ -109,7 +109,12 @@ pub(crate) fn typed_paths(
 }
 
 /// The generic operation narrowed to one type and message.
-fn typed_operation(generic: &Value, entity_type: &str, message: &MessageBody, reply: &Value) -> Value {
+fn typed_operation(
+    generic: &Value,
+    entity_type: &str,
+    message: &MessageBody,
+    reply: &Value,
+) -> Value {
     let mut operation = generic.clone();
     let Some(object) = operation.as_object_mut() else {
         return operation;
