@@ -91,14 +91,14 @@ pub fn document(
     let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
     declare_enforced(&mut doc);
     let generic = doc["paths"][entities::GENERIC]["post"].clone();
-    let (paths, schemas) = entities::typed_paths(registry, &generic)?;
+    let typed = entities::typed_paths(registry, &generic)?;
     let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
         if let Some(target) = target.as_object_mut() {
             target.extend(entries);
         }
     };
-    into(&mut doc["paths"], paths);
-    into(&mut doc["components"]["schemas"], schemas);
+    into(&mut doc["paths"], typed.paths);
+    into(&mut doc["components"]["schemas"], typed.components);
     Ok(doc)
 }
 

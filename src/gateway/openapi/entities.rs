@@ -74,12 +74,21 @@ fn refuses_unknown_fields(def: &dyn ErasedEntity, name: &str) -> bool {
     }
 }
 
+/// What the registered types add to the document.
+#[derive(Debug, Default)]
+pub(crate) struct TypedPaths {
+    /// Path → path item, one per type and message.
+    pub(crate) paths: Map<String, Value>,
+    /// The named schemas they refer to.
+    pub(crate) components: Map<String, Value>,
+}
+
 /// The typed operations of every registered type (sorted by path), and the named
 /// schemas they refer to. `generic` is the generic route's `post` operation.
 pub(crate) fn typed_paths(
     registry: &EntityRegistry,
     generic: &Value,
-) -> Result<(Map<String, Value>, Map<String, Value>), String> {
+) -> Result<TypedPaths, String> {
     let mut paths = Map::new();
     let mut components = Map::new();
     let mut names: Vec<_> = registry.names().cloned().collect();
@@ -105,7 +114,7 @@ pub(crate) fn typed_paths(
             paths.insert(path, json!({ "post": operation }));
         }
     }
-    Ok((paths, components))
+    Ok(TypedPaths { paths, components })
 }
 
 /// The generic operation narrowed to one type and message.
