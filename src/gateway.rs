@@ -7,7 +7,7 @@
 //! [`ApiError`]s. Shutdown stops accepting and gives in-flight requests
 //! `gateway.shutdown-timeout` to finish.
 //!
-//! The application adds routes of its own ([`GatewayParams::with_routes`], see [`app`]):
+//! The application adds routes of its own ([`GatewayParams::with_routes`], [`AppRouter`]):
 //! they are served behind the same middleware and listed in the same OpenAPI document.
 
 mod app;
@@ -124,6 +124,14 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Runs the gateway until `shutdown`, then drains in-flight requests (bounded).
 pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    app::check(&params.routes)?;
+    // What the document says of the application's routes is known before they are bound.
+    let fragments: Vec<_> = params
+        .routes
+        .iter()
+        .map(|r| r.get_openapi().clone())
+        .collect();
+    let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -168,9 +176,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
             address: config.gateway.listen.to_string(),
             source,
         })?;
-    let (app_routes, fragments) =
-        app::compose(params.routes, &GatewayContext::new(client.clone()))?;
-    let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
+    let app_routes = app::compose(params.routes, &GatewayContext::new(client.clone()));
     let state = AppState {
         config: config.clone(),
         registry: params.registry,

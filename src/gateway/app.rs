@@ -84,18 +84,12 @@ fn route_shape(path: &str) -> String {
         .join("/")
 }
 
-/// The application's routers bound to `context`, as one router and the OpenAPI fragments
-/// of each; refuses reserved and doubly declared paths.
-pub(crate) fn compose(
-    routers: Vec<AppRouter>,
-    context: &GatewayContext,
-) -> Result<(Router, Vec<utoipa::openapi::OpenApi>), GatewayError> {
-    let mut router = Router::new();
-    let mut fragments = Vec::new();
+/// Refuses application routes on the gateway's own paths, and paths two routers both
+/// declare (checked before the gateway starts anything).
+pub(crate) fn check(routers: &[AppRouter]) -> Result<(), GatewayError> {
     let mut seen = BTreeSet::new();
-    for app in routers {
-        let (routes, fragment) = app.with_state::<()>(context.clone()).split_for_parts();
-        for path in fragment.paths.paths.keys() {
+    for router in routers {
+        for path in router.get_openapi().paths.paths.keys() {
             if is_reserved(path) {
                 return Err(GatewayError::Setup(format!(
                     "application route `{path}` uses a path the gateway keeps for itself"
@@ -107,10 +101,15 @@ pub(crate) fn compose(
                 )));
             }
         }
-        router = router.merge(routes);
-        fragments.push(fragment);
     }
-    Ok((router, fragments))
+    Ok(())
+}
+
+/// The application's routers bound to `context`, as one router (after [`check`]).
+pub(crate) fn compose(routers: Vec<AppRouter>, context: &GatewayContext) -> Router {
+    routers.into_iter().fold(Router::new(), |router, app| {
+        router.merge(Router::from(app.with_state::<()>(context.clone())))
+    })
 }
 
 /// A JSON request body of type `T`. Its rejections are [`ApiError`]s: 413 over the body
@@ -187,6 +186,30 @@ mod tests {
         for path in ["/jobs", "/clusters", "/tenants/{t}/events", "/entitiesx"] {
             assert!(!is_reserved(path), "{path}");
         }
+    }
+
+    fn declaring(path: &str) -> AppRouter {
+        let doc = serde_json::json!({
+            "openapi": "3.1.0",
+            "info": {"title": "t", "version": "1"},
+            "paths": {path: {"get": {"responses": {}}}},
+        });
+        OpenApiRouter::with_openapi(serde_json::from_value(doc).expect("a document"))
+    }
+
+    #[test]
+    fn reserved_and_doubly_declared_paths_are_refused() {
+        assert!(check(&[declaring("/jobs/{id}"), declaring("/extractions")]).is_ok());
+        let twice = check(&[declaring("/jobs/{id}"), declaring("/jobs/{job}")]);
+        assert!(
+            matches!(&twice, Err(GatewayError::Setup(m)) if m.contains("two routers")),
+            "{twice:?}"
+        );
+        let own = check(&[declaring("/entities/{t}/{id}/go")]);
+        assert!(
+            matches!(&own, Err(GatewayError::Setup(m)) if m.contains("keeps for itself")),
+            "{own:?}"
+        );
     }
 
     #[test]
