@@ -8,9 +8,10 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
 use shoal::entity::{Entity, EntityContext, EntityRegistry, HandlerError};
-use shoal::entity_runtime::{Delivery, EntityRuntime, RuntimeConfig};
+use shoal::entity_runtime::{EntityRuntime, RuntimeConfig};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::sharding::Sharding;
+use shoal::transport::Delivery;
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

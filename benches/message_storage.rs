@@ -21,16 +21,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
 use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use shoal::message_storage::{Completion, MessageStorage, MessageStorageError, NewMessage, Reply};
 use shoal::snowflake::Snowflake;
 use shoal::{ClusterName, EntityAddress, EntityId, EntityType, Epoch, ShardId};
-use sqlx::{Connection, PgConnection, PgPool};
+use shoal_testkit::TestDb;
+use sqlx::PgPool;
 use tokio::runtime::Runtime;
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Concurrent callers, as many request handlers of a busy runner would be.
 const CALLERS: u64 = 64;
 /// Shards the messages spread over (each gets an epoch so completions are not fenced).
@@ -41,40 +42,20 @@ const PER_ITER: u64 = 2_000;
 
 /// A fresh database with Shoal's schema.
 struct BenchDb {
-    admin_url: String,
-    database: String,
     pool: PgPool,
+    // Last: the database is dropped after its pool.
+    _db: TestDb,
 }
 
 impl BenchDb {
-    async fn create() -> Result<Self, String> {
-        let admin_url =
-            std::env::var("SHOAL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-        let connect = PgConnection::connect(&admin_url);
-        let mut admin = tokio::time::timeout(Duration::from_secs(3), connect)
-            .await
-            .map_err(|_| format!("no answer from {admin_url} within 3 s"))?
-            .map_err(|e| format!("cannot connect to {admin_url}: {e}"))?;
-        let database = format!("shoal_b_{}", uuid::Uuid::now_v7().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-            .execute(&mut admin)
-            .await
-            .map_err(|e| format!("cannot create a database: {e}"))?;
-        let _ = admin.close().await;
-        let url = shoal::runner_storage::postgres::url_with_database(&admin_url, &database)
-            .map_err(|e| e.to_string())?;
-        let pool = shoal::runner_storage::postgres::connect_pool(&url, 48, Duration::from_secs(5))
-            .await
-            .map_err(|e| format!("cannot connect to {database}: {e}"))?;
-        shoal::MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| format!("cannot migrate: {e}"))?;
-        Ok(Self {
-            admin_url,
-            database,
-            pool,
-        })
+    async fn create() -> anyhow::Result<Self> {
+        let db = TestDb::create_named("shoal_b").await?;
+        db.migrate().await?;
+        let pool =
+            shoal::runner_storage::postgres::connect_pool(&db.url, 48, Duration::from_secs(5))
+                .await
+                .with_context(|| format!("cannot connect to {}", db.name))?;
+        Ok(Self { pool, _db: db })
     }
 
     /// A storage for a new cluster whose shards all have an owner at [`EPOCH`].
@@ -95,19 +76,9 @@ impl BenchDb {
         (cluster, Arc::new(storage))
     }
 
+    /// Closes the pool, then drops the database.
     async fn drop_database(self) {
         self.pool.close().await;
-        let dropped = async {
-            let mut admin = PgConnection::connect(&self.admin_url).await?;
-            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut admin)
-                .await?;
-            admin.close().await
-        };
-        if let Err(error) = dropped.await {
-            println!("could not drop bench database {}: {error}", self.database);
-        }
     }
 }
 
@@ -244,7 +215,7 @@ fn message_storage(c: &mut Criterion) {
     let db = match runtime.block_on(BenchDb::create()) {
         Ok(db) => db,
         Err(why) => {
-            println!("message_storage bench skipped: PostgreSQL is not usable ({why})");
+            println!("message_storage bench skipped: PostgreSQL is not usable ({why:#})");
             return;
         }
     };

@@ -98,8 +98,7 @@ fn plain_get_rate(url: &str) -> Option<f64> {
 }
 
 fn main() {
-    let url =
-        std::env::var("SHOAL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = shoal_testkit::redis::redis_url();
     let runtime = Runtime::new().expect("a tokio runtime");
     let prefix = format!("shoal-bench:{}", uuid::Uuid::now_v7().simple());
     let config = RedisConfig {
@@ -161,15 +160,5 @@ fn main() {
     group.finish();
     criterion.final_summary();
 
-    runtime.block_on(async {
-        let mut keys = redis::cmd("KEYS");
-        keys.arg(format!("{}:*", client.prefix()));
-        if let Ok(keys) = client.command::<Vec<String>>("keys", &keys).await {
-            for chunk in keys.chunks(500) {
-                let mut del = redis::cmd("DEL");
-                del.arg(chunk);
-                let _ = client.command::<i64>("del", &del).await;
-            }
-        }
-    });
+    runtime.block_on(shoal_testkit::redis::delete_prefixed(&client));
 }

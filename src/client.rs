@@ -21,14 +21,22 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::entity_runtime::DeliveryError;
+use crate::backoff::Backoff;
 use crate::ids::{EntityAddress, MessageId, RunnerId};
 use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
 use crate::retry::RetryClass;
 use crate::runner_storage::{RunnerInfo, RunnerStorage};
 use crate::sharding::{Assignment, Sharding, assign};
 use crate::snowflake::Snowflake;
-use crate::transport::{ENVELOPE_VERSION, Envelope, PersistedInfo, Transport, TransportError};
+use crate::transport::{
+    DeliveryError, ENVELOPE_VERSION, EntityStatus, Envelope, PersistedInfo, Transport,
+    TransportError,
+};
+
+/// First wait between delivery attempts of one request (doubles up to the max).
+const ATTEMPT_BACKOFF_FIRST: Duration = Duration::from_millis(20);
+/// Longest wait between delivery attempts of one request.
+const ATTEMPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// One request to an entity.
 #[derive(Debug, Clone, PartialEq)]
@@ -330,7 +338,7 @@ impl ShoalClient {
     pub async fn entity_status(
         &self,
         address: &EntityAddress,
-    ) -> Result<crate::entity_runtime::EntityStatus, ClientError> {
+    ) -> Result<EntityStatus, ClientError> {
         let owner = self.owner_address(address)?;
         self.inner
             .transport
@@ -441,7 +449,7 @@ impl ShoalClient {
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let envelope = self.envelope(request, Some((id, duplicate)));
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(ATTEMPT_BACKOFF_FIRST, ATTEMPT_BACKOFF_MAX);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -498,7 +506,7 @@ impl ShoalClient {
             if let Some(reply) = self.inner.messages.reply(id).await? {
                 return Ok(reply);
             }
-            backoff.wait(deadline).await;
+            backoff.wait_until(deadline).await;
         }
     }
 
@@ -509,7 +517,7 @@ impl ShoalClient {
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let envelope = self.envelope(request, None);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(ATTEMPT_BACKOFF_FIRST, ATTEMPT_BACKOFF_MAX);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -522,10 +530,10 @@ impl ShoalClient {
                 Ok(address) => address,
                 Err(error) => {
                     self.inner.refresh_now.notify_one();
-                    if Instant::now() + backoff.current >= deadline {
+                    if Instant::now() + backoff.current() >= deadline {
                         return Err(error);
                     }
-                    backoff.wait(deadline).await;
+                    backoff.wait_until(deadline).await;
                     continue;
                 }
             };
@@ -549,26 +557,8 @@ impl ShoalClient {
                     return Err(ClientError::OwnerLost(error.to_string()));
                 }
             }
-            backoff.wait(deadline).await;
+            backoff.wait_until(deadline).await;
         }
-    }
-}
-
-struct Backoff {
-    current: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            current: Duration::from_millis(20),
-        }
-    }
-
-    async fn wait(&mut self, deadline: Instant) {
-        let until = (Instant::now() + self.current).min(deadline);
-        tokio::time::sleep_until(until).await;
-        self.current = (self.current * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -16,10 +16,13 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
+use crate::backoff::Backoff;
 use crate::client::{ClientError, Request, ShoalClient};
-use crate::config::{CronScheduleConfig, MissedRunPolicy};
 use crate::ids::{ClusterName, EntityAddress, EntityId, EntityType, RunnerId};
 use crate::singleton::{Singleton, SingletonContext};
+use config::{CronScheduleConfig, MissedRunPolicy};
+
+pub mod config;
 
 /// The singleton that drives every schedule.
 pub const DRIVER: &str = "shoal-cron";
@@ -334,17 +337,17 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     while ctx.is_leader() {
         match call().await {
             Ok(value) => return Some(value),
             Err(error) => {
-                tracing::warn!(%error, ?backoff, "cron driver step failed; retrying");
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, ?delay, "cron driver step failed; retrying");
                 tokio::select! {
                     _ = ctx.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -417,8 +420,8 @@ mod tests {
     use chrono::TimeZone;
     use proptest::prelude::*;
 
+    use super::config::CronTargetConfig;
     use super::*;
-    use crate::config::CronTargetConfig;
 
     fn schedule(expression: &str, policy: MissedRunPolicy, max_catch_up: usize) -> Schedule {
         Schedule::parse(&CronScheduleConfig {

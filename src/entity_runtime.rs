@@ -2,8 +2,8 @@
 //! entity under it.
 //!
 //! - Deliveries (pushed by the transport, or found by a backlog scan) go to the shard's
-//!   [`shard::ShardActor`], which admits them against the entity's mailbox capacity and the
-//!   runner's resident-entity cap and hands them to the entity's [`entity_actor`].
+//!   `shard::ShardActor`, which admits them against the entity's mailbox capacity and the
+//!   runner's resident-entity cap and hands them to the entity's `entity_actor`.
 //! - A persisted message that finds no room stays in storage; the entity is marked
 //!   *overflowed*, newer pushes for it are left in storage too (so order is kept), and a
 //!   backlog scan delivers them in id order once room frees.
@@ -17,7 +17,7 @@
 //!   (`TypeNotDeployed` to its callers) and is completed with `unknown_entity_type` after
 //!   `max_attempts` (see `shard/recovery.rs`).
 //! - Replies completed recently are remembered runner-wide within a byte budget
-//!   ([`recent`]); callers are otherwise answered from storage.
+//!   (`recent`); callers are otherwise answered from storage.
 //! - On drain the shard refuses new work, waits for in-flight work, then stops; on fencing
 //!   it stops at once (its completions would be refused by the epoch check anyway).
 
@@ -33,94 +33,24 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ractor::ActorRef;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::entity::EntityRegistry;
 use crate::ids::{EntityAddress, Epoch, MessageId, RunnerId, ShardId};
-use crate::message_storage::{MessageStorage, Reply, StoredMessage};
+use crate::message_storage::{MessageStorage, Reply};
 use crate::ownership::ShardLifecycle;
 use crate::sharding::Sharding;
+use crate::transport::wire::{Delivery, DeliveryError, EntityStatus};
 
 use recent::RecentReplies;
 use shard::{ScanKind, ShardActor, ShardArgs, ShardMsg};
 
-/// Why a delivery was not handled. Each variant says whether the sender may retry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "code", content = "detail")]
-pub enum DeliveryError {
-    /// This runner does not own the entity's shard (any more): find the owner and retry.
-    #[error("this runner does not own shard {0}")]
-    NotOwner(ShardId),
-    /// The entity has too many unfinished requests; retry after a short wait.
-    #[error("mailbox of {0} is full")]
-    MailboxFull(String),
-    /// The runner hosts as many entities as it may; retry later.
-    #[error("runner at its resident-entity limit")]
-    Overloaded,
-    /// No such entity type.
-    #[error("unknown entity type `{0}`")]
-    UnknownEntityType(String),
-    /// The owner does not have this entity type (yet: a rolling upgrade). The persisted
-    /// message is stored and waits for it with backoff; after the owner's
-    /// `max-delivery-attempts` it is completed with the error reply `unknown_entity_type`.
-    /// Retrying (with the same idempotency key) later reads what became of it.
-    #[error(
-        "entity type `{0}` is not deployed on its owner; the message is stored and runs once it is (or is answered `unknown_entity_type` after the owner's attempts)"
-    )]
-    TypeNotDeployed(String),
-    /// The message does not decode for the type.
-    #[error("{0}")]
-    BadMessage(String),
-    /// The handler panicked or failed retryably while handling this volatile message.
-    #[error("the handler failed: {0}")]
-    HandlerFailed(String),
-    /// The shard is being drained or was fenced: retry with the next owner.
-    #[error("shard {0} is moving to another runner")]
-    ShardMoving(ShardId),
-    /// Waiting for the reply took too long (the message may still be processed).
-    #[error("timed out waiting for the reply")]
-    Timeout,
-}
+/// How long the sweep lets a burst of shard acquisitions gather before it checks them for a
+/// backlog in one query (a takeover acquires hundreds of shards within milliseconds).
+const ACQUIRED_GATHER: Duration = Duration::from_millis(10);
 
-impl DeliveryError {
-    /// Whether retrying the same request may succeed (see [`DeliveryError::retry_class`]
-    /// in `retry.rs` for whether it may run twice).
-    pub fn is_retryable(&self) -> bool {
-        self.retry_class().is_retryable()
-    }
-}
-
-/// A message handed to the runtime.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Delivery {
-    /// A message already in storage.
-    Persisted {
-        /// The stored message.
-        message: StoredMessage,
-        /// The sender met an earlier message with the same key: only wait for its reply
-        /// (the stored one is what runs).
-        duplicate: bool,
-    },
-    /// A message that lives only in this request.
-    Volatile {
-        /// The entity.
-        address: EntityAddress,
-        /// Message name.
-        tag: String,
-        /// Message body.
-        payload: serde_json::Value,
-    },
-}
-
-impl Delivery {
-    fn address(&self) -> &EntityAddress {
-        match self {
-            Self::Persisted { message, .. } => &message.address,
-            Self::Volatile { address, .. } => address,
-        }
-    }
-}
+/// How often [`EntityRuntime::standalone`] checks that every shard's actor has started.
+const STANDALONE_START_POLL: Duration = Duration::from_millis(5);
 
 /// Runtime settings (from `[runner]` in the config).
 #[derive(Debug, Clone)]
@@ -160,17 +90,6 @@ impl Default for RuntimeConfig {
             recent_replies_bytes: 16 * 1024 * 1024,
         }
     }
-}
-
-/// What the runtime reports about one entity (for the explain endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EntityStatus {
-    /// Whether an actor is live for it.
-    pub resident: bool,
-    /// Unfinished requests.
-    pub mailbox_depth: usize,
-    /// The last handler error or panic, if any.
-    pub last_error: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -248,7 +167,7 @@ impl EntityRuntime {
             runtime.acquired(shard, Epoch::new(1));
         }
         while runtime.shards().len() < sharding.all().count() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(STANDALONE_START_POLL).await;
         }
         (runtime, storage)
     }
@@ -335,8 +254,7 @@ impl EntityRuntime {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.acquired_notify.notified() => {
-                    // Let a burst of acquisitions gather into one query.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    tokio::time::sleep(ACQUIRED_GATHER).await;
                     self.scan_acquired().await;
                     continue;
                 }
@@ -370,7 +288,7 @@ impl EntityRuntime {
             return;
         }
         // Everything unprocessed counts, scheduled or not: the scan also arms the due timer.
-        let far_future = chrono::Utc::now() + chrono::Duration::days(365 * 100);
+        let far_future = chrono::Utc::now() + chrono::Duration::days(36_500);
         let with_backlog = self
             .shared
             .storage

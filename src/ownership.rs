@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 mod peers;
 mod progress;
 
+use crate::backoff::Backoff;
 use crate::ids::{Epoch, RunnerId, ShardId};
 use crate::metrics as m;
 use crate::runner_storage::{
@@ -54,18 +55,6 @@ pub trait ShardLifecycle: Send + Sync + 'static {
     fn drain(&self, shard: ShardId) -> BoxFuture<'static, ()>;
     /// The runner fenced itself: stop the work of these shards at once, completing nothing.
     fn fenced(&self, shards: &[ShardId]);
-}
-
-/// A lifecycle for runners that host nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoShardWork;
-
-impl ShardLifecycle for NoShardWork {
-    fn acquired(&self, _: ShardId, _: Epoch) {}
-    fn drain(&self, _: ShardId) -> BoxFuture<'static, ()> {
-        Box::pin(async {})
-    }
-    fn fenced(&self, _: &[ShardId]) {}
 }
 
 /// Timings of the loop (from `[runner]` in the config).
@@ -189,7 +178,7 @@ struct Incarnation {
     /// Shards assigned here that the last rebalance could not lock.
     wanting: bool,
     /// The next early poll's delay while `wanting`, and since when it wants.
-    wanting_poll: Duration,
+    wanting_poll: Backoff,
     wanting_since: Option<Instant>,
 }
 
@@ -205,7 +194,7 @@ struct Lost(&'static str);
 
 impl OwnershipLoop {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             self.publish(|v| v.phase = v.phase_after_join());
             let registered = tokio::select! {
@@ -215,16 +204,16 @@ impl OwnershipLoop {
             let session = match registered {
                 Ok(session) => session,
                 Err(error) => {
-                    tracing::warn!(%error, ?backoff, "runner registration failed; retrying");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "runner registration failed; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             match self.run_incarnation(session).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Fenced => continue,
@@ -268,7 +257,7 @@ impl OwnershipLoop {
             watchers: PeerWatchers::new(self.storage.clone(), self.config.watch_peers),
             progress: ProgressTracker::new(self.config.hang_timeout),
             wanting: false,
-            wanting_poll: WANTING_POLL,
+            wanting_poll: Backoff::new(WANTING_POLL, self.config.poll_interval),
             wanting_since: None,
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
@@ -291,7 +280,7 @@ impl OwnershipLoop {
                 peer = inc.watchers.next_gone() => {
                     tracing::info!(%peer, "a peer's session ended; rebalancing now");
                     m::peer_gone();
-                    inc.wanting_poll = WANTING_POLL;
+                    inc.wanting_poll.reset();
                     inc.wanting_since = None;
                     self.rebalanced(&mut inc, &mut poll, Some(peer)).await
                 }
@@ -313,12 +302,14 @@ impl OwnershipLoop {
         self.rebalance(inc, gone).await?;
         if inc.wanting {
             let since = *inc.wanting_since.get_or_insert_with(Instant::now);
-            poll.reset_after(inc.wanting_poll);
-            if since.elapsed() >= WANTING_EAGER {
-                inc.wanting_poll = (inc.wanting_poll * 2).min(self.config.poll_interval);
-            }
+            let delay = if since.elapsed() >= WANTING_EAGER {
+                inc.wanting_poll.next_delay()
+            } else {
+                inc.wanting_poll.current()
+            };
+            poll.reset_after(delay);
         } else {
-            inc.wanting_poll = WANTING_POLL;
+            inc.wanting_poll.reset();
             inc.wanting_since = None;
         }
         Ok(())

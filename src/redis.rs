@@ -1,5 +1,5 @@
 //! The Redis client layer: what must be shared by every replica and fast. Built on one
-//! [`ConnectionManager`](::redis::aio::ConnectionManager) (a multiplexed connection that
+//! [`ConnectionManager`] (a multiplexed connection that
 //! reconnects by itself) and used by the rate limiters ([`limits`]), the circuit breaker
 //! ([`breaker`]) and the caches ([`cache`]).
 //!
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, FromRedisValue, Script, ServerErrorKind};
 
+use crate::backoff::{Backoff, jittered};
 use crate::config::RedisConfig;
 use crate::ids::ClusterName;
 
@@ -267,8 +268,8 @@ impl RedisClient {
             match self.attempt(op, &mut run).await {
                 Err(error) if error.is_retryable() && retries < self.inner.max_retries => {
                     retries += 1;
-                    let base = self.inner.retry_backoff * 2u32.pow(retries - 1);
-                    tokio::time::sleep(with_jitter(base)).await;
+                    let base = Backoff::nth(self.inner.retry_backoff, retries - 1, u32::MAX);
+                    tokio::time::sleep(jittered(base)).await;
                     tracing::debug!(op, retries, %error, "retrying redis command");
                 }
                 result => return result,
@@ -293,16 +294,6 @@ impl RedisClient {
         crate::metrics::redis_command(op, started.elapsed(), label);
         result
     }
-}
-
-/// `base` plus up to 50% more, at random, so callers released together do not retry
-/// together.
-pub(crate) fn with_jitter(base: Duration) -> Duration {
-    let extra = base.as_micros() as u64 / 2;
-    if extra == 0 {
-        return base;
-    }
-    base + Duration::from_micros(rand::random_range(0..=extra))
 }
 
 /// Milliseconds since the Unix epoch as an `i64` (what the scripts return).

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::entity_runtime::DeliveryError;
+use crate::transport::DeliveryError;
 
 /// What sending the same request again can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]

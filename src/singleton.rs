@@ -3,7 +3,7 @@
 //! the shard is drained (it gets `grace` to finish) or fenced (it is aborted at once).
 //!
 //! Invariant: a singleton never runs after its shard's lock is released. Every running
-//! singleton is held by a [`Running`] whose drop aborts its task, so when the ownership
+//! singleton is held by a `Running` whose drop aborts its task, so when the ownership
 //! loop's drain timer gives up on a drain (dropping the drain future) every singleton still
 //! in it is aborted, not detached. The singletons of one shard are drained side by side,
 //! each with its own `grace`.

@@ -11,6 +11,7 @@
 
 pub mod http;
 pub mod local;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -18,10 +19,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity_runtime::{Delivery, DeliveryError, EntityStatus};
 use crate::ids::{EntityAddress, EntityId, EntityType, MessageId, ShardId};
 use crate::message_storage::{Reply, StoredMessage};
 use crate::retry::RetryClass;
+pub use wire::{Delivery, DeliveryError, EntityStatus};
 
 /// The envelope version this build speaks.
 pub const ENVELOPE_VERSION: u16 = 1;

@@ -5,8 +5,8 @@
 //! reply constraint, malformed rows, cluster isolation and saves under load.
 //!
 //! The Postgres tests connect to `SHOAL_TEST_DATABASE_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`), create `shoal_t_<uuid>` there and drop it
-//! afterwards, also when the case fails.
+//! `postgres://postgres@127.0.0.1:5432/postgres`), create `shoal_t_<uuid>` there (the
+//! testkit's `TestDb`) and drop it afterwards, also when the case fails.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -808,24 +808,20 @@ mod memory {
 }
 
 mod postgres {
-    use std::panic::AssertUnwindSafe;
-
-    use futures::FutureExt;
     use shoal::ClusterName;
     use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
-    use sqlx::{Connection, PgConnection, PgPool};
+    use shoal_testkit::TestDb;
+    use sqlx::PgPool;
 
     use super::*;
 
-    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
     /// A fresh database with Shoal's schema and a storage for a unique cluster in it.
     pub(crate) struct PgFixture {
-        admin_url: String,
-        database: String,
         pub(crate) pool: PgPool,
         cluster: ClusterName,
         pub(crate) storage: Arc<PgMessageStorage>,
+        // Last: the database is dropped (also when the case panics) after its pool.
+        _db: TestDb,
     }
 
     fn unique_cluster() -> anyhow::Result<ClusterName> {
@@ -837,49 +833,20 @@ mod postgres {
 
     impl PgFixture {
         async fn create() -> anyhow::Result<Self> {
-            let admin_url =
-                std::env::var("SHOAL_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-            let database = format!("shoal_t_{}", uuid::Uuid::now_v7().simple());
-            let mut admin = PgConnection::connect(&admin_url)
-                .await
-                .with_context(|| format!("connecting to {admin_url}"))?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-                .execute(&mut admin)
-                .await
-                .context("creating the test database")?;
-            let _ = admin.close().await;
-            let url = shoal::runner_storage::postgres::url_with_database(&admin_url, &database)?;
+            let db = TestDb::migrated().await?;
             let pool =
-                shoal::runner_storage::postgres::connect_pool(&url, 16, Duration::from_secs(10))
+                shoal::runner_storage::postgres::connect_pool(&db.url, 16, Duration::from_secs(10))
                     .await
                     .context("connecting to the test database")?;
-            shoal::MIGRATOR.run(&pool).await.context("migrating")?;
             let cluster = unique_cluster()?;
             let storage =
                 PgMessageStorage::new(pool.clone(), cluster.clone(), BatchConfig::GROUP_COMMIT);
             Ok(Self {
-                admin_url,
-                database,
                 pool,
                 cluster,
                 storage: Arc::new(storage),
+                _db: db,
             })
-        }
-
-        /// Closes the pool and drops the database; best effort.
-        async fn teardown(self) {
-            self.pool.close().await;
-            let dropped = async {
-                let mut admin = PgConnection::connect(&self.admin_url).await?;
-                let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut admin)
-                    .await?;
-                admin.close().await
-            };
-            if let Err(error) = dropped.await {
-                eprintln!("could not drop test database {}: {error}", self.database);
-            }
         }
     }
 
@@ -917,14 +884,9 @@ mod postgres {
         F: for<'a> FnOnce(&'a PgFixture) -> BoxFuture<'a, anyhow::Result<()>>,
     {
         let fx = PgFixture::create().await?;
-        let outcome = AssertUnwindSafe(tokio::time::timeout(CASE_DEADLINE, case(&fx)))
-            .catch_unwind()
-            .await;
-        fx.teardown().await;
-        match outcome {
-            Ok(result) => result.context("case did not finish in time")?,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        let outcome = tokio::time::timeout(CASE_DEADLINE, case(&fx)).await;
+        fx.pool.close().await;
+        outcome.context("case did not finish in time")?
     }
 
     conformance_tests!(run);

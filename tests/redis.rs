@@ -23,20 +23,13 @@ use shoal::redis::limits::{
     Admission, ConcurrencyLimit, Decision, FixedWindow, LimitError, SlidingWindow, TokenBucket,
 };
 use shoal::redis::{RedisClient, RedisError};
+use shoal_testkit::redis::{delete_prefixed, redis_url, unique_prefix};
+use shoal_testkit::{DEADLINE, OwnRedis, wait_until};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
 const ROLE: &str = "SHOAL_REDIS_TEST_ROLE";
 const PREFIX: &str = "SHOAL_REDIS_TEST_PREFIX";
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn redis_url() -> String {
-    std::env::var("SHOAL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn unique_prefix() -> String {
-    format!("shoal-test:{}", uuid::Uuid::now_v7().simple())
-}
 
 fn config(url: &str, prefix: &str) -> RedisConfig {
     RedisConfig {
@@ -53,34 +46,6 @@ fn replica(prefix: &str) -> anyhow::Result<RedisClient> {
         &config(&redis_url(), prefix),
         &cluster,
     )?)
-}
-
-/// Deletes every key under `prefix` (best effort).
-async fn cleanup(client: &RedisClient) {
-    let mut keys = redis::cmd("KEYS");
-    keys.arg(format!("{}:*", client.prefix()));
-    if let Ok(keys) = client.command::<Vec<String>>("keys", &keys).await
-        && !keys.is_empty()
-    {
-        let mut del = redis::cmd("DEL");
-        del.arg(keys);
-        let _ = client.command::<i64>("del", &del).await;
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut condition: F) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !condition().await {
-        if started.elapsed() > DEADLINE {
-            bail!("timed out after {DEADLINE:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(started.elapsed())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -116,7 +81,7 @@ async fn sliding_window_admits_exactly_the_limit_across_replicas() -> anyhow::Re
     }
     // Another key has its own window.
     ensure!(limiters[0].check("other:127.0.0.1").await?.allowed);
-    cleanup(&replicas[0]).await;
+    delete_prefixed(&replicas[0]).await;
     Ok(())
 }
 
@@ -228,7 +193,7 @@ async fn a_cost_above_the_limit_is_refused_without_asking_redis() -> anyhow::Res
         matches!(refused, Err(LimitError::Limited { .. })),
         "{refused:?}"
     );
-    cleanup(&client).await;
+    delete_prefixed(&client).await;
     Ok(())
 }
 
@@ -428,7 +393,7 @@ async fn token_bucket_is_never_exceeded_by_fifty_consumers_in_five_processes() -
     );
     // 2,000 calls asking ~11,000 tokens leave less than the largest cost unused.
     ensure!(admitted + 10 > BUCKET_CAPACITY, "only {admitted} admitted");
-    cleanup(&replica(&prefix)?).await;
+    delete_prefixed(&replica(&prefix)?).await;
     Ok(())
 }
 
@@ -486,7 +451,7 @@ async fn concurrency_limit_holds_across_processes_and_reclaims_a_killed_holder()
         "reclaimed after {reclaimed:?}"
     );
     lease.release().await?;
-    cleanup(&client).await;
+    delete_prefixed(&client).await;
     Ok(())
 }
 
@@ -532,10 +497,8 @@ async fn failures_on_one_replica_open_the_breaker_for_all_and_half_open_admits_b
 
     // After the reset timeout, exactly two trial calls pass, from any replica.
     let opened = Instant::now();
-    wait_until("the breaker turns half-open", || async {
-        on_b.state()
-            .await
-            .is_ok_and(|s| s == BreakerState::HalfOpen)
+    wait_until(DEADLINE, "the breaker turns half-open", || async {
+        Ok(on_b.state().await? == BreakerState::HalfOpen)
     })
     .await?;
     ensure!(
@@ -583,10 +546,8 @@ async fn failures_on_one_replica_open_the_breaker_for_all_and_half_open_admits_b
     // A failed trial opens it again.
     ensure!(fail(&on_a).await? == BreakerState::Closed);
     ensure!(matches!(fail(&on_b).await?, BreakerState::Open { .. }));
-    wait_until("half-open again", || async {
-        on_a.state()
-            .await
-            .is_ok_and(|s| s == BreakerState::HalfOpen)
+    wait_until(DEADLINE, "half-open again", || async {
+        Ok(on_a.state().await? == BreakerState::HalfOpen)
     })
     .await?;
     let trial = on_a.admit().await?;
@@ -596,7 +557,7 @@ async fn failures_on_one_replica_open_the_breaker_for_all_and_half_open_admits_b
         BreakerState::Open { .. }
     ));
     ensure!(matches!(on_b.admit().await, Err(BreakerError::Open { .. })));
-    cleanup(&a).await;
+    delete_prefixed(&a).await;
     Ok(())
 }
 
@@ -659,65 +620,18 @@ async fn cache_keeps_typed_values_with_ttls_and_drops_undecodable_entries() -> a
     let short = Cache::<u32>::new(client.clone(), "short", Duration::from_millis(50));
     short.put("k", &7).await?;
     ensure!(short.get("k").await? == Some(7));
-    wait_until("the entry expires", || async {
-        short.get("k").await.is_ok_and(|v| v.is_none())
+    wait_until(DEADLINE, "the entry expires", || async {
+        Ok(short.get("k").await?.is_none())
     })
     .await?;
     ensure!(extraction.remove("text-1").await?);
-    cleanup(&client).await;
+    delete_prefixed(&client).await;
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
 // Redis down
 // ---------------------------------------------------------------------------------------
-
-/// A `redis-server` of this test's own, on a fixed port so it can be restarted there.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    async fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut server = Self { port, child: None };
-        server.restart().await?;
-        Ok(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server")?;
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until("redis-server accepts connections", || async {
-            tokio::net::TcpStream::connect(&addr).await.is_ok()
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill()?;
-            child.wait().await?;
-        }
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_every_operation_fails_fast_and_recovers_without_a_restart()
@@ -753,8 +667,8 @@ async fn with_redis_down_every_operation_fails_fast_and_recovers_without_a_resta
 
     // Back on the same port (empty, scripts unloaded): the same client recovers.
     server.restart().await?;
-    let took = wait_until("the client recovers", || async {
-        limiter.check("k").await.is_ok()
+    let took = wait_until(DEADLINE, "the client recovers", || async {
+        Ok(limiter.check("k").await.is_ok())
     })
     .await?;
     eprintln!("recovered {took:?} after redis came back");

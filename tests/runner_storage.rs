@@ -20,11 +20,9 @@ use shoal::runner_storage::{
     ClusterSnapshot, LockSession, ProgressMark, RunnerProgress, RunnerRegistration, RunnerStorage,
     StorageError,
 };
-use sqlx::{Connection, PgConnection};
-
-/// Generous: Postgres frees a dropped session's locks asynchronously, and the machine may be
-/// busy with other tests. The suite measures nothing; it only waits for conditions.
-const DEADLINE: Duration = Duration::from_secs(30);
+// Generous: Postgres frees a dropped session's locks asynchronously, and the machine may be
+// busy with other tests. The suite measures nothing; it only waits for conditions.
+use shoal_testkit::{DEADLINE, TestDb};
 
 // ---------------------------------------------------------------------------------------
 // Backends
@@ -60,7 +58,7 @@ struct Postgres {
 
 impl Postgres {
     async fn open_cluster(cluster: &str) -> anyhow::Result<Self> {
-        let db = TestDb::create().await?;
+        let db = TestDb::migrated().await?;
         let pool = connect_pool(&db.url, 2, Duration::from_secs(10)).await?;
         let storage = Arc::new(pg_storage(&db, &pool, cluster)?);
         Ok(Self { storage, pool, db })
@@ -82,82 +80,6 @@ impl Backend for Postgres {
     }
     fn storage(&self) -> Arc<dyn RunnerStorage> {
         self.storage.clone()
-    }
-}
-
-/// A fresh database with Shoal's schema, dropped (best effort) when this is dropped.
-struct TestDb {
-    /// URL of the fresh database.
-    url: String,
-    name: String,
-    admin_url: String,
-}
-
-impl TestDb {
-    async fn create() -> anyhow::Result<Self> {
-        let admin_url = std::env::var("SHOAL_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("shoal_t_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .with_context(|| format!("connecting to {admin_url} (set SHOAL_TEST_DATABASE_URL)"))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        admin.close().await?;
-        let db = Self {
-            url: database_url(&admin_url, &name)?,
-            name,
-            admin_url,
-        };
-        let mut conn = PgConnection::connect(&db.url).await?;
-        shoal::MIGRATOR
-            .run(&mut conn)
-            .await
-            .context("applying migrations")?;
-        conn.close().await?;
-        Ok(db)
-    }
-}
-
-/// `admin_url` with its database replaced by `name`.
-fn database_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
-    let (base, query) = match admin_url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (admin_url, String::new()),
-    };
-    let scheme_end = base.find("://").context("database URL without scheme")? + 3;
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    Ok(format!("{base}/{name}{query}"))
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        // Async work cannot run in `drop`; a thread with its own runtime does it, so the
-        // database is dropped even when the test panicked.
-        let admin_url = self.admin_url.clone();
-        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropper = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                        .execute(&mut admin)
-                        .await;
-                    let _ = admin.close().await;
-                }
-            });
-        });
-        let _ = dropper.join();
     }
 }
 
@@ -696,7 +618,7 @@ mod postgres_only {
     /// shard's row `FOR SHARE`; the new owner's epoch bump would wait for it forever.
     #[tokio::test]
     async fn ending_a_hung_runner_ends_every_session_of_its_process() -> anyhow::Result<()> {
-        let db = TestDb::create().await?;
+        let db = TestDb::migrated().await?;
         let pool = connect_pool(&db.url, 2, Duration::from_secs(10)).await?;
         let tag = ProcessTag::random();
         let hung = pg_storage(&db, &pool, "tagged")?.with_process_tag(tag.clone());

@@ -2,6 +2,7 @@
 //! environment, which wins over the config file.
 
 mod bench;
+mod children;
 mod cron;
 mod dev;
 mod drill;

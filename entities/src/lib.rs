@@ -2,6 +2,8 @@
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+//! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
+//!   webhook job type.
 //!
 //! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
 //! own.
@@ -9,6 +11,7 @@
 pub mod counter;
 pub mod http;
 pub mod probe;
+pub mod webhook;
 
 use shoal::entity::{EntityRegistry, RegistryError};
 

@@ -15,7 +15,7 @@ use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use common::gateway::Http;
-use common::{DEADLINE, TestCluster, wait_until};
+use common::{DEADLINE, TestCluster, free_port, wait_until};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use shoal::client::Request;
@@ -87,10 +87,6 @@ fn test_router() -> AppRouter {
     OpenApiRouter::new().routes(routes!(greet))
 }
 
-fn redis_url() -> String {
-    std::env::var("SHOAL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 fn config(cluster: &TestCluster, listen: SocketAddr) -> anyhow::Result<ShoalConfig> {
     let prefix = format!("shoal-test:{}", cluster.db.name);
     Ok(ConfigLoader::new()
@@ -99,7 +95,7 @@ fn config(cluster: &TestCluster, listen: SocketAddr) -> anyhow::Result<ShoalConf
         .set("cluster.name", Some(cluster.name.clone()))
         .set("cluster.shards-per-group", Some(SHARDS))
         .set("gateway.listen", Some(listen.to_string()))
-        .set("redis.url", Some(redis_url()))
+        .set("redis.url", Some(shoal_testkit::redis::redis_url()))
         .set("redis.key-prefix", Some(prefix))
         .set("redis.api-limits.applications.requests", Some(LIMIT))
         .load()?)
@@ -134,12 +130,6 @@ impl InProcessGateway {
         .await?;
         Ok(gateway)
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,21 +305,11 @@ async fn shoal(
     cluster: &TestCluster,
     args: &[&str],
 ) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
-    let mut command = tokio::process::Command::new(common::SHOAL);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::shoal_command(&cluster.dir);
     command
         .args(args)
-        .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", SHARDS.to_string())
-        .current_dir(&cluster.dir)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(DEADLINE, command.output())
-        .await
-        .with_context(|| format!("shoal {args:?} did not exit within {DEADLINE:?}"))??;
+        .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", SHARDS.to_string());
+    let output = shoal_testkit::process::output_within(&mut command, DEADLINE).await?;
     Ok((
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -831,10 +831,7 @@ async fn ready_is_red_while_a_shard_is_unowned_or_a_consumer_stalls() -> anyhow:
                 "SHOAL__GATEWAY__READY_MAX_BACKLOG_AGE".to_owned(),
                 "1s".to_owned(),
             )],
-            redis_url: Some(
-                std::env::var("SHOAL_TEST_REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
-            ),
+            redis_url: Some(shoal_testkit::redis::redis_url()),
         },
     )
     .await?;

@@ -19,9 +19,9 @@ use common::gateway::{DEFAULT_SECRET, Gateway, GatewayOptions, Http, TestClient,
 use common::{DEADLINE, RunnerOptions, TestCluster, wait_until};
 use serde_json::json;
 use shoal::client::{ClientError, Request};
-use shoal::entity_runtime::DeliveryError;
 use shoal::ids::{EntityAddress, EntityId, EntityType, MessageId, ShardId};
 use shoal::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
+use shoal::transport::DeliveryError;
 use tokio::task::JoinSet;
 
 /// Shards of the small clusters (quick to balance, light on Postgres' lock table).

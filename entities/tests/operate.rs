@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use common::gateway::{Gateway, GatewayOptions, HttpResponse};
-use common::{DEADLINE, Runner, SHOAL, TestCluster, TestDb, wait_until};
+use common::{DEADLINE, Runner, TestCluster, TestDb, wait_until};
 use reqwest::StatusCode;
 use serde_json::json;
+use shoal_testkit::process::signal_pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,20 +27,11 @@ use tokio_util::sync::CancellationToken;
 /// Shards of the test clusters.
 const SHARDS: u32 = 64;
 
-/// `shoal` with a clean environment (no inherited `SHOAL__*`, `SHOAL_CONFIG` or `RUST_LOG`)
-/// in `dir` (a temporary directory without `cluster-config/`).
+/// `shoal` with a clean environment in `dir` (a temporary directory without
+/// `cluster-config/`), for clusters of [`SHARDS`] shards.
 fn shoal_command(dir: &Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(SHOAL);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", SHARDS.to_string())
-        .kill_on_drop(true);
+    let mut command = common::shoal_command(dir);
+    command.env("SHOAL__CLUSTER__SHARDS_PER_GROUP", SHARDS.to_string());
     command
 }
 
@@ -48,12 +40,6 @@ fn reply_count(response: &HttpResponse) -> anyhow::Result<i64> {
     body.pointer("/reply/count")
         .and_then(|c| c.as_i64())
         .with_context(|| format!("{}: no reply count in {body}", response.status))
-}
-
-fn signal(pid: u32, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-    nix::sys::signal::kill(pid, signal)?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -139,7 +125,7 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
 
     // Ctrl-C.
     let pid = dev.id().context("shoal dev already exited")?;
-    signal(pid, nix::sys::signal::Signal::SIGINT)?;
+    signal_pid(pid, nix::sys::signal::Signal::SIGINT)?;
     let started = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(30), dev.wait())
         .await

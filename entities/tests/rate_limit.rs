@@ -8,12 +8,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use common::gateway::{Gateway, GatewayOptions};
 use common::{DEADLINE, TestCluster, wait_until};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -21,31 +19,15 @@ use shoal::ClusterName;
 use shoal::config::{BreakerConfig, RedisConfig};
 use shoal::redis::RedisClient;
 use shoal::redis::breaker::{CircuitBreaker, Outcome};
-use tokio::process::{Child, Command};
+use shoal_testkit::OwnRedis;
+use shoal_testkit::redis::{redis_url, unique_prefix};
 use tokio::time::Instant;
 
 const SHARDS: u32 = 8;
 
-fn shared_redis() -> String {
-    std::env::var("SHOAL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn unique_prefix() -> String {
-    format!("shoal-test:{}", uuid::Uuid::now_v7().simple())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A `shoal gateway` process with Redis (killed when dropped).
+/// A `shoal gateway` process with Redis under `prefix` (killed when dropped).
 struct RedisGateway {
-    addr: SocketAddr,
-    child: Child,
-    log: PathBuf,
-    http: reqwest::Client,
+    gateway: Gateway,
 }
 
 /// One answer, whatever its status.
@@ -78,56 +60,16 @@ impl RedisGateway {
         prefix: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let log = cluster.dir.join(format!("gateway-{}.log", addr.port()));
-        let file = std::fs::File::create(&log)?;
-        let mut command = Command::new(common::SHOAL);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
-                command.env_remove(key);
-            }
-        }
-        command
-            .current_dir(&cluster.dir)
-            .args(["gateway", "--database-url", &cluster.db.url])
-            .args(["--listen", &addr.to_string(), "--cluster", &cluster.name])
-            .args(["--redis-url", redis_url])
-            .env("SHOAL__REDIS__KEY_PREFIX", prefix)
-            .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", SHARDS.to_string())
-            .env("SHOAL__DATABASE__POOL_MAX_CONNECTIONS", "4")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        let mut gateway = Self {
-            addr,
-            child: command.spawn().context("starting shoal gateway")?,
-            log,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(30))
-                .build()?,
+        let mut options = GatewayOptions {
+            env: vec![("SHOAL__REDIS__KEY_PREFIX".to_owned(), prefix.to_owned())],
+            redis_url: Some(redis_url.to_owned()),
         };
-        let started = Instant::now();
-        loop {
-            if let Some(status) = gateway.child.try_wait()? {
-                bail!("the gateway exited with {status}:\n{}", gateway.log());
-            }
-            if gateway
-                .get("/health", None)
-                .await
-                .is_ok_and(|a| a.status == 200)
-            {
-                return Ok(gateway);
-            }
-            ensure!(
-                started.elapsed() < DEADLINE,
-                "no /health:\n{}",
-                gateway.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        options
+            .env
+            .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Ok(Self {
+            gateway: Gateway::start(cluster, options).await?,
+        })
     }
 
     async fn get(&self, path: &str, tenant: Option<&str>) -> anyhow::Result<Answer> {
@@ -140,7 +82,8 @@ impl RedisGateway {
         path: &str,
         tenant: Option<&str>,
     ) -> impl Future<Output = anyhow::Result<Answer>> + Send + 'static {
-        let mut request = self.http.get(format!("http://{}{path}", self.addr));
+        let http = &self.gateway.http;
+        let mut request = http.client.get(http.url(path));
         if let Some(tenant) = tenant {
             request = request.header("x-tenant-id", tenant);
         }
@@ -159,24 +102,15 @@ impl RedisGateway {
     }
 
     async fn metrics(&self) -> anyhow::Result<String> {
-        let url = format!("http://{}/metrics", self.addr);
-        Ok(self.http.get(url).send().await?.text().await?)
+        Ok(self.gateway.http.get("/metrics").await?.text())
     }
 
     fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.gateway.is_running()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for RedisGateway {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- gateway {} log ---\n{}", self.addr, self.log());
-        }
+        self.gateway.log()
     }
 }
 
@@ -186,7 +120,7 @@ async fn three_gateways_admit_exactly_one_hundred_of_three_hundred_requests() ->
     let cluster = TestCluster::new(SHARDS).await?;
     let prefix = unique_prefix();
     let env = [("SHOAL__REDIS__API_LIMITS__CLUSTER__REQUESTS", "100")];
-    let redis = shared_redis();
+    let redis = redis_url();
     let gateways = [
         RedisGateway::start(&cluster, &redis, &prefix, &env).await?,
         RedisGateway::start(&cluster, &redis, &prefix, &env).await?,
@@ -261,7 +195,7 @@ async fn a_breaker_opened_elsewhere_shows_degraded_in_every_gateway_ready() -> a
     let cluster = TestCluster::new(SHARDS).await?;
     let _runner = cluster.start_runner().await?;
     let prefix = unique_prefix();
-    let redis = shared_redis();
+    let redis = redis_url();
     let env = [
         ("SHOAL__REDIS__BREAKER__FAILURE_THRESHOLD", "2"),
         ("SHOAL__REDIS__BREAKER__RESET_TIMEOUT", "1s"),
@@ -336,53 +270,6 @@ async fn a_breaker_opened_elsewhere_shows_degraded_in_every_gateway_ready() -> a
         );
     }
     Ok(())
-}
-
-/// A `redis-server` of this test's own, restartable on the same port.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    async fn start() -> anyhow::Result<Self> {
-        let mut server = Self {
-            port: free_port()?,
-            child: None,
-        };
-        server.restart().await?;
-        Ok(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server")?;
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until(DEADLINE, "redis-server accepts connections", || async {
-            Ok(tokio::net::TcpStream::connect(&addr).await.is_ok())
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill()?;
-            child.wait().await?;
-        }
-        Ok(())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

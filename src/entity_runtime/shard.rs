@@ -26,11 +26,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::Shared;
 use super::bounded::BoundedMap;
 use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
-use super::{Delivery, DeliveryError, EntityStatus, Shared};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::{Reply, StoredMessage};
+use crate::transport::{Delivery, DeliveryError, EntityStatus};
 
 use answers::Waiting;
 pub(crate) use scan::ScanKind;

@@ -11,7 +11,7 @@ use crate::entity::{Entity, EntityContext, EntityOptions, HandlerError};
 use crate::ids::{EntityId, EntityType};
 use crate::message_storage::memory::MemoryMessageStorage;
 use crate::message_storage::{
-    Completion, CompletionOutcome, MessageStorageError, NewMessage, SaveOutcome,
+    Completion, CompletionOutcome, MessageStorageError, NewMessage, SaveOutcome, StoredMessage,
 };
 use crate::snowflake::Snowflake;
 

@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::client::ClientError;
-use crate::entity_runtime::DeliveryError;
 use crate::message_storage::MessageStorageError;
 use crate::retry::RetryClass;
+use crate::transport::DeliveryError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! In-memory message storage, for tests of the runtime in one process. Shard epochs come
-//! from a [`MemoryRunnerStorage`]-like source: the storage is told the current epoch of
+//! from a `MemoryRunnerStorage`-like source: the storage is told the current epoch of
 //! each shard through [`MemoryMessageStorage::set_epoch`]. It refuses what PostgreSQL
 //! refuses (see [`super::storable`]), so the conformance suite holds for both.
 

@@ -19,11 +19,12 @@ pub mod math;
 
 pub use concurrency::{ConcurrencyLimit, Lease};
 
+use crate::backoff::jittered;
 use std::time::{Duration, Instant, SystemTime};
 
 use ::redis::Script;
 
-use super::{RedisClient, RedisError, system_time_from_ms, with_jitter};
+use super::{RedisClient, RedisError, system_time_from_ms};
 use crate::config::ProviderLimitsConfig;
 
 static SLIDING_WINDOW: std::sync::LazyLock<Script> =
@@ -153,7 +154,7 @@ where
             return Ok(decision);
         }
         crate::metrics::rate_limit_decision(limiter, "limited");
-        let wait = with_jitter(decision.retry_after.max(Duration::from_millis(1)));
+        let wait = jittered(decision.retry_after.max(Duration::from_millis(1)));
         match admission {
             Admission::Wait { max_wait } if started.elapsed() + wait <= max_wait => {
                 tokio::time::sleep(wait).await;

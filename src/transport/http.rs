@@ -3,7 +3,7 @@
 //! knowledge, so each peer gets one multiplexed connection, re-established by itself after
 //! the peer restarts.
 //!
-//! Deliveries to one peer are batched ([`peer`]): `POST /_shoal/v1/deliver-batch` carries
+//! Deliveries to one peer are batched (`peer`): `POST /_shoal/v1/deliver-batch` carries
 //! many envelopes as JSON, and the runner streams the answers back as NDJSON lines in the
 //! order they finish. One HTTP/2 request per batch instead of per message is most of what a
 //! delivery costs on both sides. `POST /_shoal/v1/deliver` (one envelope, one answer) stays
@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 pub use server::router;
 
 use super::{Envelope, Transport, TransportError};
-use crate::entity_runtime::{DeliveryError, EntityStatus};
 use crate::ids::EntityAddress;
 use crate::message_storage::Reply;
+use crate::transport::{DeliveryError, EntityStatus};
 
 /// The header that carries the cluster secret.
 pub const SECRET_HEADER: &str = "x-shoal-secret";

@@ -7,9 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{ENVELOPE_VERSION, Envelope, Transport, TransportError};
-use crate::entity_runtime::{EntityRuntime, EntityStatus};
+use crate::entity_runtime::EntityRuntime;
 use crate::ids::EntityAddress;
 use crate::message_storage::Reply;
+use crate::transport::EntityStatus;
 
 /// Routes envelopes to runtimes registered under an address.
 #[derive(Debug, Clone, Default)]

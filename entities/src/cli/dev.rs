@@ -2,15 +2,14 @@
 //! processes and a gateway as children on free ports, prints the gateway URL and a status
 //! screen, and on Ctrl-C (or SIGTERM) stops every child gracefully, leaving no orphans.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
-use tokio::process::{Child, Command};
 
 use super::DatabaseArgs;
+use super::children::{self, ShoalChild, free_port};
 
 /// The Redis a local cluster uses when none is configured.
 const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
@@ -51,22 +50,21 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         .context("applying migrations")?;
     pool.close().await;
 
-    let exe = std::env::current_exe().context("locating the shoal binary")?;
-    let mut children: Vec<(String, Child)> = Vec::new();
+    let mut children: Vec<ShoalChild> = Vec::new();
     for n in 1..=args.runners {
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let child = spawn(
-            &exe,
-            &[
-                "runner",
-                "--database-url",
-                &config.database.url,
-                "--listen",
-                &listen,
-            ],
+        let runner_args = [
+            "runner",
+            "--database-url",
+            &config.database.url,
+            "--listen",
+            &listen,
+        ];
+        children.push(spawn(
+            format!("runner {n} ({listen})"),
+            &runner_args,
             &config,
-        )?;
-        children.push((format!("runner {n} ({listen})"), child));
+        )?);
     }
     let port = if args.gateway_port == 0 {
         free_port()?
@@ -88,10 +86,11 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         "--redis-url",
         &redis,
     ];
-    children.push((
+    children.push(spawn(
         format!("gateway ({gateway_listen})"),
-        spawn(&exe, &gateway_args, &config)?,
-    ));
+        &gateway_args,
+        &config,
+    )?);
 
     let url = format!("http://{gateway_listen}");
     let result = tokio::select! {
@@ -109,7 +108,8 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
             exited = first_exit(&mut children) => eprintln!("{exited}; stopping the cluster"),
         }
     }
-    stop_all(&mut children).await;
+    // SIGTERM the gateway first, then the runners; SIGKILL whatever outlives the deadline.
+    children::stop_all(&mut children).await;
     result
 }
 
@@ -157,9 +157,9 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn(exe: &std::path::Path, args: &[&str], config: &ShoalConfig) -> anyhow::Result<Child> {
-    Command::new(exe)
-        .args(args)
+fn spawn(name: String, args: &[&str], config: &ShoalConfig) -> anyhow::Result<ShoalChild> {
+    let mut command = children::shoal_command(args)?;
+    command
         .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
         .env(
             "SHOAL__CLUSTER__SHARDS_PER_GROUP",
@@ -169,23 +169,18 @@ fn spawn(exe: &std::path::Path, args: &[&str], config: &ShoalConfig) -> anyhow::
             "SHOAL__LOG__FILTER",
             std::env::var("SHOAL__LOG__FILTER").unwrap_or_else(|_| "warn".to_owned()),
         )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         // Children ignore the terminal's Ctrl-C; we stop them in order.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting `shoal {}`", args.join(" ")))
+        .process_group(0);
+    ShoalChild::spawn(name, &mut command)
 }
 
-async fn wait_ready(url: &str, children: &mut [(String, Child)]) -> anyhow::Result<()> {
+async fn wait_ready(url: &str, children: &mut [ShoalChild]) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        for (name, child) in children.iter_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!("{name} exited during start-up with {status}");
+        for child in children.iter_mut() {
+            if let Some(status) = child.exited()? {
+                bail!("{} exited during start-up with {status}", child.name);
             }
         }
         if let Ok(response) = client.get(format!("{url}/ready")).send().await
@@ -200,41 +195,13 @@ async fn wait_ready(url: &str, children: &mut [(String, Child)]) -> anyhow::Resu
     }
 }
 
-async fn first_exit(children: &mut [(String, Child)]) -> String {
+async fn first_exit(children: &mut [ShoalChild]) -> String {
     loop {
-        for (name, child) in children.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return format!("{name} exited with {status}");
+        for child in children.iter_mut() {
+            if let Ok(Some(status)) = child.exited() {
+                return format!("{} exited with {status}", child.name);
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// SIGTERM the gateway first, then the runners; SIGKILL whatever outlives the deadline.
-async fn stop_all(children: &mut [(String, Child)]) {
-    for (_, child) in children.iter().rev() {
-        if let Some(pid) = child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-    for (name, child) in children.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
-            Ok(Ok(status)) if status.success() => eprintln!("{name} stopped"),
-            Ok(Ok(status)) => eprintln!("{name} stopped with {status}"),
-            _ => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                eprintln!("{name} killed after the shutdown deadline");
-            }
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }

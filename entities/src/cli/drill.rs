@@ -9,7 +9,6 @@
 mod load;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,8 +21,8 @@ use shoal::ids::{RunnerId, ShardId};
 use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
 use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
 use sqlx::Row;
-use tokio::process::{Child, Command};
 
+use super::children::{self, ShoalChild, free_port};
 use super::{ClusterArgs, DatabaseArgs};
 
 #[derive(Debug, Subcommand)]
@@ -204,8 +203,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 enum Cluster {
     Own {
         config: ShoalConfig,
-        runners: Vec<Child>,
-        gateway: Box<Child>,
+        runners: Vec<ShoalChild>,
+        gateway: Box<ShoalChild>,
         url: String,
     },
     Existing {
@@ -222,8 +221,13 @@ impl Cluster {
         // Runners bind a port of their own choosing and register the address they got, so
         // no other process can take it between picking and binding.
         let mut runners = Vec::new();
-        for _ in 0..args.runners {
-            runners.push(spawn(&config, &["runner", "--listen", "127.0.0.1:0"])?);
+        for n in 1..=args.runners {
+            let name = format!("runner {n}");
+            runners.push(spawn(
+                name,
+                &config,
+                &["runner", "--listen", "127.0.0.1:0"],
+            )?);
         }
         let (gateway, gateway_listen) = spawn_gateway(&config).await?;
         Ok(Self::Own {
@@ -270,9 +274,9 @@ impl Cluster {
             runners, gateway, ..
         } = self
         {
-            stop(gateway).await;
+            gateway.stop().await;
             for child in runners.iter_mut() {
-                stop(child).await;
+                child.stop().await;
             }
         }
     }
@@ -565,10 +569,9 @@ async fn wait_for(
     }
 }
 
-fn spawn(config: &ShoalConfig, args: &[&str]) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("locating the shoal binary")?;
-    Command::new(exe)
-        .args(args)
+fn spawn(name: String, config: &ShoalConfig, args: &[&str]) -> anyhow::Result<ShoalChild> {
+    let mut command = children::shoal_command(args)?;
+    command
         .args(["--database-url", &config.database.url])
         .args(["--cluster", config.cluster.name.as_str()])
         .env(
@@ -580,24 +583,20 @@ fn spawn(config: &ShoalConfig, args: &[&str]) -> anyhow::Result<Child> {
         .env(
             "SHOAL__LOG__FILTER",
             std::env::var("SHOAL_DRILL_LOG_FILTER").unwrap_or_else(|_| "error".to_owned()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting `shoal {}`", args.join(" ")))
+        );
+    ShoalChild::spawn(name, &mut command)
 }
 
 /// Starts the drill's gateway on a free port; another process can take the port between
 /// picking and binding, so a gateway that exits at once is started again on another.
-async fn spawn_gateway(config: &ShoalConfig) -> anyhow::Result<(Child, String)> {
+async fn spawn_gateway(config: &ShoalConfig) -> anyhow::Result<(ShoalChild, String)> {
     for _ in 0..5 {
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let mut gateway = spawn(config, &["gateway", "--listen", &listen])?;
+        let name = format!("gateway ({listen})");
+        let mut gateway = spawn(name, config, &["gateway", "--listen", &listen])?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::time::Instant::now() < deadline {
-            if gateway.try_wait()?.is_some() {
+            if gateway.exited()?.is_some() {
                 break;
             }
             if reqwest::get(format!("http://{listen}/health"))
@@ -608,28 +607,7 @@ async fn spawn_gateway(config: &ShoalConfig) -> anyhow::Result<(Child, String)> 
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        stop(&mut gateway).await;
+        gateway.stop().await;
     }
     anyhow::bail!("the drill's gateway did not start (5 attempts)")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-async fn stop(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    if tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
 }

@@ -8,8 +8,6 @@
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Deref;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +20,10 @@ use shoal::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
 use shoal::sharding::Sharding;
 use shoal::transport::http::HttpTransport;
-use tokio::process::Child;
-use tokio::time::Instant;
+use shoal_testkit::ChildProcess;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{DEADLINE, SHOAL, TestCluster};
+use super::{DEADLINE, TestCluster, free_port, shoal_command};
 
 /// The cluster secret runners use when none is configured (`shoal::config::DEFAULT_SECRET`).
 pub const DEFAULT_SECRET: &str = shoal::config::DEFAULT_SECRET;
@@ -46,15 +43,15 @@ pub struct GatewayOptions {
     pub redis_url: Option<String>,
 }
 
-/// A `shoal gateway` process (killed when dropped).
+/// A `shoal gateway` process (killed when dropped; its log tail is printed if the test
+/// fails).
 #[derive(Debug)]
 pub struct Gateway {
     /// Its HTTP address.
     pub addr: SocketAddr,
     /// HTTP client for it.
     pub http: Http,
-    child: Child,
-    log: PathBuf,
+    process: ChildProcess,
 }
 
 impl Gateway {
@@ -83,10 +80,6 @@ impl Gateway {
         attempt: usize,
     ) -> anyhow::Result<Self> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let log = cluster
-            .dir
-            .join(format!("gateway-{}-{attempt}.log", addr.port()));
-        let file = std::fs::File::create(&log)?;
         let mut command = shoal_command(&cluster.dir);
         command
             .args(["gateway", "--database-url", &cluster.db.url])
@@ -105,90 +98,45 @@ impl Gateway {
                 format!("shoal-test:{}", cluster.db.name),
             );
         }
-        command
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        let child = command.spawn().context("starting shoal gateway")?;
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
+        let log = cluster
+            .dir
+            .join(format!("gateway-{}-{attempt}.log", addr.port()));
         Ok(Self {
             addr,
             http: Http::new(format!("http://{addr}"))?,
-            child,
-            log,
+            process: ChildProcess::spawn(format!("gateway ({addr})"), &mut command, log)?,
         })
     }
 
     async fn await_healthy(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the gateway exited during start-up with {status}");
-            }
-            if let Ok(response) = self.http.get("/health").await
-                && response.status == StatusCode::OK
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the gateway did not answer /health within {DEADLINE:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let http = &self.http;
+        self.process
+            .await_ready(DEADLINE, "answering /health", || async move {
+                Ok(http.get("/health").await?.status == StatusCode::OK)
+            })
+            .await
     }
 
     /// SIGKILL.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.start_kill().context("sending SIGKILL")
+        self.process.kill()
     }
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 
     /// Everything the gateway has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.process.log_tail(lines)
     }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- gateway ({}) log tail, full log in {} ---\n{}",
-                self.addr,
-                self.log.display(),
-                self.log_tail(40)
-            );
-        }
-    }
-}
-
-/// `shoal` with a clean environment (no inherited `SHOAL__*`, `SHOAL_CONFIG` or `RUST_LOG`)
-/// in `dir`, like the runners the harness starts.
-fn shoal_command(dir: &std::path::Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(SHOAL);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command.current_dir(dir).stdin(Stdio::null());
-    command
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@
 //! so tests run in parallel and rerun cleanly. The server comes from
 //! `SHOAL_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`). Runner
 //! logs go to files in a temporary directory, printed (tail) when a test fails.
+//!
+//! What is not about a Shoal cluster (the database, waiting, child processes, free ports,
+//! Redis prefixes) comes from `shoal-testkit` and is re-exported here, so tests keep
+//! writing `common::TestDb`, `common::wait_until` and `common::DEADLINE`.
 
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
@@ -13,10 +17,9 @@
 pub mod gateway;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,121 +30,19 @@ use serde::Deserialize;
 use shoal::ids::{ClusterName, Epoch, RunnerId, ShardId};
 use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
 use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use shoal_testkit::ChildProcess;
+use shoal_testkit::process::output_within;
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
-use tokio::time::Instant;
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+pub use shoal_testkit::{DEADLINE, TestDb, free_port, wait_until};
 
 /// The `shoal` binary under test.
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-
-/// A generous bound for anything the cluster must get done (the drill measures timing; the
-/// tests only check that it happens).
-pub const DEADLINE: Duration = Duration::from_secs(30);
-
-/// How often conditions are re-checked.
-const POLL: Duration = Duration::from_millis(20);
-
-// ---------------------------------------------------------------------------------------
-// Waiting
-// ---------------------------------------------------------------------------------------
-
-/// Re-checks `condition` every 20 ms until it returns `Ok(true)`; returns the time it took.
-/// An `Err` counts as "not yet" (a runner still starting, a killed one not answering) and is
-/// reported if the deadline passes.
-pub async fn wait_until<F, Fut>(
-    deadline: Duration,
-    what: &str,
-    mut condition: F,
-) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let started = Instant::now();
-    let mut last_error = None;
-    loop {
-        match condition().await {
-            Ok(true) => return Ok(started.elapsed()),
-            Ok(false) => {}
-            Err(error) => last_error = Some(error),
-        }
-        if started.elapsed() > deadline {
-            match last_error {
-                Some(error) => {
-                    bail!("timed out after {deadline:?} waiting until {what}: {error:#}")
-                }
-                None => bail!("timed out after {deadline:?} waiting until {what}"),
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Database
-// ---------------------------------------------------------------------------------------
-
-/// A fresh, empty database, dropped (best effort, `WITH (FORCE)`) when this is dropped.
-#[derive(Debug)]
-pub struct TestDb {
-    /// URL of the fresh database.
-    pub url: String,
-    /// Its name.
-    pub name: String,
-    admin_url: String,
-}
-
-impl TestDb {
-    /// Creates `shoal_t_<uuid>` on the server of `SHOAL_TEST_DATABASE_URL`.
-    pub async fn create() -> anyhow::Result<Self> {
-        let admin_url = std::env::var("SHOAL_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("shoal_t_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .with_context(|| format!("connecting to {admin_url} (set SHOAL_TEST_DATABASE_URL)"))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        admin.close().await?;
-        Ok(Self {
-            url: shoal::runner_storage::postgres::url_with_database(&admin_url, &name)?,
-            name,
-            admin_url,
-        })
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        // `drop` cannot await; a thread with its own runtime drops the database, so it goes
-        // away even when the test panicked.
-        let admin_url = self.admin_url.clone();
-        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let dropper = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                        .execute(&mut admin)
-                        .await;
-                    let _ = admin.close().await;
-                }
-            });
-        });
-        let _ = dropper.join();
-    }
-}
 
 /// `url` with its host and port replaced by `addr` (to route it through a proxy).
 pub fn with_host_port(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
@@ -221,11 +122,9 @@ impl TestCluster {
         let db = TestDb::create().await?;
         let dir = std::env::temp_dir().join(&db.name);
         std::fs::create_dir_all(&dir)?;
-        let output = shoal_command(&dir)
-            .args(["migrate", "--database-url", &db.url])
-            .output()
-            .await
-            .context("running shoal migrate")?;
+        let mut migrate = shoal_command(&dir);
+        migrate.args(["migrate", "--database-url", &db.url]);
+        let output = output_within(&mut migrate, DEADLINE).await?;
         if !output.status.success() {
             bail!(
                 "shoal migrate failed ({}): {}",
@@ -292,8 +191,7 @@ impl TestCluster {
             Some(addr) => addr,
             None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         };
-        let log = self.dir.join(format!("runner-{n}.log"));
-        let file = std::fs::File::create(&log)?;
+        let name = format!("runner-{n}");
         let url = options.database_url.as_deref().unwrap_or(&self.db.url);
         let cluster = options.cluster.as_deref().unwrap_or(&self.name);
         let shards = options.shards.unwrap_or(self.shards).to_string();
@@ -304,16 +202,13 @@ impl TestCluster {
             .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", shards)
             .env("SHOAL__LOG__FILTER", "info")
             .env("SHOAL__DATABASE__POOL_MAX_CONNECTIONS", "3")
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true);
-        let child = command.spawn().context("starting shoal runner")?;
+            .envs(options.env.iter().map(|(k, v)| (k, v)));
+        let log = self.dir.join(format!("{name}.log"));
+        let process = ChildProcess::spawn(format!("{name} ({addr})"), &mut command, log)?;
         Ok(Runner {
-            name: format!("runner-{n}"),
-            child,
+            name,
+            process,
             addr,
-            log,
             http: self.http.clone(),
         })
     }
@@ -325,13 +220,12 @@ impl TestCluster {
 
     /// `shoal status --json` for `cluster`.
     pub async fn cluster_status_of(&self, cluster: &str) -> anyhow::Result<StatusJson> {
-        let output = shoal_command(&self.dir)
+        let mut status = shoal_command(&self.dir);
+        status
             .args(["status", "--json", "--database-url", &self.db.url])
             .args(["--cluster", cluster])
-            .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", self.shards.to_string())
-            .output()
-            .await
-            .context("running shoal status")?;
+            .env("SHOAL__CLUSTER__SHARDS_PER_GROUP", self.shards.to_string());
+        let output = output_within(&mut status, DEADLINE).await?;
         if !output.status.success() {
             bail!(
                 "shoal status failed ({}): {}",
@@ -509,13 +403,8 @@ pub async fn run_shoal_in(
     env: &[(&str, &str)],
 ) -> anyhow::Result<(ExitStatus, String)> {
     let mut command = shoal_command(dir);
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(DEADLINE, command.output())
-        .await
-        .with_context(|| format!("shoal {args:?} did not exit within {DEADLINE:?}"))??;
+    command.args(args).envs(env.iter().copied());
+    let output = output_within(&mut command, DEADLINE).await?;
     Ok((
         output.status,
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -523,21 +412,9 @@ pub async fn run_shoal_in(
 }
 
 /// `shoal` with a clean environment: no inherited `SHOAL__*`, `SHOAL_CONFIG` or `RUST_LOG`,
-/// and a working directory without `cluster-config/`.
-fn shoal_command(dir: &Path) -> Command {
-    let mut command = Command::new(SHOAL);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SHOAL__") || key == "SHOAL_CONFIG" || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
-    command.current_dir(dir).stdin(Stdio::null());
-    command
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+/// and `dir` (a directory without `cluster-config/`) as its working directory.
+pub fn shoal_command(dir: &Path) -> Command {
+    shoal_testkit::process::shoal_command(SHOAL, dir)
 }
 
 fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -604,24 +481,22 @@ pub struct StatusRunner {
     pub shards: usize,
 }
 
-/// A `shoal runner` process (killed when dropped).
+/// A `shoal runner` process (killed when dropped; its log tail is printed if the test
+/// fails).
 #[derive(Debug)]
 pub struct Runner {
     /// For messages.
     pub name: String,
     /// Its HTTP endpoint.
     pub addr: SocketAddr,
-    child: Child,
-    log: PathBuf,
+    process: ChildProcess,
     http: reqwest::Client,
 }
 
 impl Runner {
     /// `GET /status`.
     pub async fn status(&self) -> anyhow::Result<RunnerView> {
-        let url = format!("http://{}/status", self.addr);
-        let response = self.http.get(&url).send().await?.error_for_status()?;
-        Ok(response.json().await?)
+        runner_status(&self.http, self.addr).await
     }
 
     /// The current incarnation's id (fails before registration).
@@ -633,86 +508,54 @@ impl Runner {
     }
 
     async fn await_registered(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited during start-up with {status}", self.name);
-            }
-            if let Ok(view) = self.status().await
-                && view.runner_id.is_some()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not register within {DEADLINE:?}", self.name);
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let (http, addr) = (&self.http, self.addr);
+        self.process
+            .await_ready(DEADLINE, "registered", || async move {
+                Ok(runner_status(http, addr).await?.runner_id.is_some())
+            })
+            .await
     }
 
     /// SIGKILL.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.start_kill().context("sending SIGKILL")
+        self.process.kill()
     }
 
     /// SIGTERM: graceful shutdown.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the runner has exited")?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        Ok(())
+        self.process.terminate()
     }
 
     /// SIGSTOP: the process stays, its sockets stay open, it makes no progress.
     pub fn freeze(&self) -> anyhow::Result<()> {
-        self.signal(nix::sys::signal::Signal::SIGSTOP)
+        self.process.freeze()
     }
 
     /// SIGCONT after [`Runner::freeze`].
     pub fn thaw(&self) -> anyhow::Result<()> {
-        self.signal(nix::sys::signal::Signal::SIGCONT)
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the runner has exited")?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-        nix::sys::signal::kill(pid, signal)?;
-        Ok(())
+        self.process.thaw()
     }
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
-        tokio::time::timeout(deadline, self.child.wait())
-            .await
-            .with_context(|| format!("{} did not exit within {deadline:?}", self.name))?
-            .context("waiting for the runner")
+        self.process.wait_exit(deadline).await
     }
 
     /// Everything the runner has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.process.log_tail(lines)
     }
 }
 
-impl Drop for Runner {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} ({}) log tail, full log in {} ---\n{}",
-                self.name,
-                self.addr,
-                self.log.display(),
-                self.log_tail(40)
-            );
-        }
-    }
+async fn runner_status(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<RunnerView> {
+    let url = format!("http://{addr}/status");
+    let response = http.get(&url).send().await?.error_for_status()?;
+    Ok(response.json().await?)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ use ractor::{ActorId, ActorRef};
 use tokio::time::Instant;
 
 use super::{DeliveryError, Pending, ShardMsg, ShardState};
+use crate::backoff::Backoff;
 use crate::entity_runtime::entity_actor::complete;
 use crate::entity_runtime::shard::{LAST_ERROR_BYTES, ScanKind};
 use crate::ids::EntityAddress;
@@ -70,8 +71,11 @@ impl ShardState {
             .backoff
             .get_or_insert_with(address.clone(), || (0, Instant::now()));
         *count += 1;
-        let delay =
-            self.shared.config.restart_backoff * 2u32.pow((*count - 1).min(BACKOFF_DOUBLINGS));
+        let delay = Backoff::nth(
+            self.shared.config.restart_backoff,
+            *count - 1,
+            BACKOFF_DOUBLINGS,
+        );
         *until = Instant::now() + delay;
         // Replay: its persisted messages are still unprocessed; a scan after the backoff
         // delivers them again in order.
@@ -165,10 +169,12 @@ impl ShardState {
             self.complete_with(myself, message, reply);
             return;
         }
-        let exponent = u32::try_from(message.attempts)
-            .unwrap_or(0)
-            .min(BACKOFF_DOUBLINGS);
-        let wait = self.shared.config.type_wait_backoff * 2u32.pow(exponent);
+        let attempts = u32::try_from(message.attempts).unwrap_or(0);
+        let wait = Backoff::nth(
+            self.shared.config.type_wait_backoff,
+            attempts,
+            BACKOFF_DOUBLINGS,
+        );
         let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
         self.note_error(
             message.address.clone(),

@@ -2,12 +2,13 @@
 //! released on completion; a lease whose holder crashed is reclaimed once its TTL has
 //! passed (`lease_acquire.lua` drops expired leases before counting).
 
+use crate::backoff::jittered;
 use std::time::{Duration, Instant, SystemTime};
 
 use ::redis::Script;
 
 use super::{Admission, Decision, LimitError, millis};
-use crate::redis::{RedisClient, RedisError, with_jitter};
+use crate::redis::{RedisClient, RedisError};
 
 static LEASE_ACQUIRE: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("../lua/lease_acquire.lua")));
@@ -82,7 +83,7 @@ impl ConcurrencyLimit {
                 return Ok(lease);
             }
             crate::metrics::rate_limit_decision("concurrency", "limited");
-            let wait = with_jitter(decision.retry_after.min(Duration::from_millis(50)));
+            let wait = jittered(decision.retry_after.min(Duration::from_millis(50)));
             match admission {
                 Admission::Wait { max_wait } if started.elapsed() + wait <= max_wait => {
                     tokio::time::sleep(wait).await;

@@ -15,8 +15,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{BatchAnswer, GRACE, SECRET_HEADER, TIMEOUT_HEADER, single_answer};
-use crate::entity_runtime::DeliveryError;
 use crate::message_storage::Reply;
+use crate::transport::DeliveryError;
 use crate::transport::{Envelope, TransportError};
 
 /// Batch requests to one peer being sent at once.

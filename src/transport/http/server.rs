@@ -20,9 +20,10 @@ use super::{
     BatchAnswer, BatchItem, DELIVER_BATCH_PATH, DELIVER_PATH, ENTITY_PATH, NDJSON, SECRET_HEADER,
     TIMEOUT_HEADER,
 };
-use crate::entity_runtime::{DeliveryError, EntityRuntime, EntityStatus};
+use crate::entity_runtime::EntityRuntime;
 use crate::ids::{EntityAddress, EntityId, EntityType};
 use crate::message_storage::Reply;
+use crate::transport::{DeliveryError, EntityStatus};
 use crate::transport::{ENVELOPE_VERSION, Envelope};
 
 /// The deadline of a delivery that names none.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shoal::backoff::Backoff;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -128,7 +129,7 @@ async fn run(
 /// Sends one increment, retrying retryable failures with the same key for up to 30 s.
 async fn send(client: &reqwest::Client, url: &str, key: &str) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     while tokio::time::Instant::now() < deadline {
         let response = client
             .post(url)
@@ -143,8 +144,7 @@ async fn send(client: &reqwest::Client, url: &str, key: &str) -> bool {
             Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => return false,
             _ => {}
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff.wait().await;
     }
     false
 }

@@ -1,0 +1,356 @@
+//! Webhook delivery as the Standard Webhooks specification describes it: one signed `POST`
+//! and what its outcome means for the next attempt.
+//!
+//! - **Signing**: `webhook-id` (the same on every attempt, so a receiver drops duplicates),
+//!   `webhook-timestamp` (Unix seconds, when this attempt was signed) and
+//!   `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, once per configured
+//!   secret, space-separated, so a receiver that knows either the old or the new secret
+//!   accepts the delivery while secrets rotate. Signatures come from the specification's own
+//!   `standardwebhooks` crate; the tests check them with an independent implementation.
+//! - **Outcome**: 2xx is delivered. Connection errors, timeouts, 5xx, 408 and 429 are worth
+//!   another attempt (429 and 503 honour `Retry-After`). 410 means the endpoint is gone:
+//!   dead, and the endpoint should be disabled. Any other 4xx is dead at once (a resend gets
+//!   the same answer). Redirects are not followed: a 3xx is dead too (a signed body is not
+//!   re-sent to wherever a receiver points).
+//!
+//! This module makes one attempt; retries, backoff and the per-endpoint breaker belong to
+//! the job that calls it.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use serde::{Deserialize, Serialize};
+
+/// Most bytes of a response body kept in an attempt's record.
+pub const SNIPPET_BYTES: usize = 256;
+
+/// Why a webhook could not be signed or sent as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// A configured secret is not `whsec_` followed by base64.
+    #[error("webhook secret {index} is not `whsec_` followed by base64: {problem}")]
+    BadSecret {
+        /// Its position in `[jobs.webhook] secrets`.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// No secret is configured, so nothing could be signed.
+    #[error("no webhook signing secret is configured (`[jobs.webhook] secrets`)")]
+    NoSecret,
+    /// A header the payload asks for cannot be sent.
+    #[error("header `{name}` cannot be sent: {problem}")]
+    BadHeader {
+        /// The header's name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The payload asks to set a header the signature owns.
+    #[error("header `{0}` is set by the signature and cannot be overridden")]
+    ReservedHeader(String),
+}
+
+/// The signing secrets, newest first. `Debug` never shows them.
+pub struct Signer {
+    keys: Vec<standardwebhooks::Webhook>,
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signer({} secrets)", self.keys.len())
+    }
+}
+
+impl Signer {
+    /// Parses `whsec_…` secrets; at least one is needed.
+    pub fn new<S: AsRef<str>>(secrets: &[S]) -> Result<Self, WebhookError> {
+        if secrets.is_empty() {
+            return Err(WebhookError::NoSecret);
+        }
+        let keys = secrets
+            .iter()
+            .enumerate()
+            .map(|(index, secret)| {
+                let bad = |problem: String| WebhookError::BadSecret { index, problem };
+                let encoded = secret
+                    .as_ref()
+                    .strip_prefix("whsec_")
+                    .ok_or_else(|| bad("missing the `whsec_` prefix".to_owned()))?;
+                standardwebhooks::Webhook::new(encoded).map_err(|e| bad(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+
+    /// The three signature headers for `body` sent as message `id` at `timestamp`.
+    pub fn headers(
+        &self,
+        id: &str,
+        timestamp: DateTime<Utc>,
+        body: &str,
+    ) -> Result<HeaderMap, WebhookError> {
+        let seconds = timestamp.timestamp();
+        let signatures = self
+            .keys
+            .iter()
+            .map(|key| key.sign(id, seconds, body.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WebhookError::BadHeader {
+                name: "webhook-signature".to_owned(),
+                problem: e.to_string(),
+            })?
+            .join(" ");
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            (standardwebhooks::HEADER_WEBHOOK_ID, id.to_owned()),
+            (
+                standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
+                seconds.to_string(),
+            ),
+            (standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signatures),
+        ] {
+            let value = HeaderValue::from_str(&value).map_err(|e| WebhookError::BadHeader {
+                name: name.to_owned(),
+                problem: e.to_string(),
+            })?;
+            headers.insert(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+/// One delivery to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery<'a> {
+    /// The message id (`webhook-id`): the same on every attempt.
+    pub id: &'a str,
+    /// Where to.
+    pub url: &'a str,
+    /// The JSON body, exactly as signed.
+    pub body: &'a str,
+    /// Extra headers.
+    pub headers: &'a [(String, String)],
+}
+
+/// What one attempt's outcome means for the delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Verdict {
+    /// Delivered (2xx).
+    Delivered,
+    /// Worth another attempt; no earlier than `after` when the receiver said so.
+    Retry {
+        /// The receiver's `Retry-After`, if it sent one.
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        after: Option<Duration>,
+    },
+    /// Another attempt gets the same answer.
+    Dead,
+    /// The endpoint is gone (410): dead, and the endpoint should be disabled.
+    Gone,
+}
+
+/// What one attempt did, for the job's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// What to do next.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The HTTP status, if a response came back.
+    pub status: Option<u16>,
+    /// From sending to the response's end (or the failure).
+    pub latency_ms: u64,
+    /// The start of the response body, or what went wrong.
+    pub detail: String,
+}
+
+/// Sends one signed attempt. `client` must not follow redirects and should carry the
+/// connect timeout; `timeout` bounds the whole attempt.
+pub async fn attempt(
+    client: &reqwest::Client,
+    signer: &Signer,
+    delivery: &Delivery<'_>,
+    timeout: Duration,
+) -> Result<Attempt, WebhookError> {
+    let mut headers = extra_headers(delivery.headers)?;
+    headers.extend(signer.headers(delivery.id, Utc::now(), delivery.body)?);
+    headers.insert(
+        reqwest::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let started = Instant::now();
+    let sent = client
+        .post(delivery.url)
+        .headers(headers)
+        .body(delivery.body.to_owned())
+        .timeout(timeout)
+        .send()
+        .await;
+    let (verdict, status, detail) = match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = retry_after(response.headers());
+            // A body that never finishes is cut off by the attempt's timeout.
+            let detail = match response.bytes().await {
+                Ok(body) => snippet(&body),
+                Err(error) => format!("response body unreadable: {error}"),
+            };
+            (verdict_of(status, retry_after), Some(status), detail)
+        }
+        Err(error) => (Verdict::Retry { after: None }, None, describe(&error)),
+    };
+    Ok(Attempt {
+        verdict,
+        status,
+        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        detail,
+    })
+}
+
+/// A client fit for webhooks: no redirects, a connect timeout, our user agent.
+pub fn client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("shoal-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// The verdict a status (and its `Retry-After`) carries.
+pub fn verdict_of(status: u16, retry_after: Option<Duration>) -> Verdict {
+    match status {
+        200..=299 => Verdict::Delivered,
+        410 => Verdict::Gone,
+        408 | 429 | 500..=599 => Verdict::Retry { after: retry_after },
+        _ => Verdict::Dead,
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date; absent or unreadable → None.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
+    (at - Utc::now()).to_std().ok()
+}
+
+fn extra_headers(pairs: &[(String, String)]) -> Result<HeaderMap, WebhookError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let bad = |problem: String| WebhookError::BadHeader {
+            name: name.clone(),
+            problem,
+        };
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        if header.as_str().starts_with("webhook-") || header == reqwest::header::CONTENT_TYPE {
+            return Err(WebhookError::ReservedHeader(header.to_string()));
+        }
+        let value = HeaderValue::from_str(value).map_err(|e| bad(e.to_string()))?;
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(SNIPPET_BYTES)]);
+    text.into_owned()
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    format!("{kind}: {error}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_verdicts() {
+        let later = Some(Duration::from_secs(2));
+        assert_eq!(verdict_of(204, None), Verdict::Delivered);
+        assert_eq!(verdict_of(500, None), Verdict::Retry { after: None });
+        assert_eq!(verdict_of(503, later), Verdict::Retry { after: later });
+        assert_eq!(verdict_of(429, later), Verdict::Retry { after: later });
+        assert_eq!(verdict_of(408, None), Verdict::Retry { after: None });
+        assert_eq!(verdict_of(400, None), Verdict::Dead);
+        assert_eq!(verdict_of(404, None), Verdict::Dead);
+        assert_eq!(verdict_of(301, None), Verdict::Dead);
+        assert_eq!(verdict_of(410, None), Verdict::Gone);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        let soon = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&soon).expect("a date"));
+        let after = retry_after(&headers).expect("a date is read");
+        assert!(after > Duration::from_secs(25) && after <= Duration::from_secs(30));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn secrets_must_be_whsec_base64() {
+        assert_eq!(
+            Signer::new::<&str>(&[]).map(|_| ()),
+            Err(WebhookError::NoSecret)
+        );
+        assert!(matches!(
+            Signer::new(&["MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]),
+            Err(WebhookError::BadSecret { index: 0, .. })
+        ));
+        assert!(matches!(
+            Signer::new(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_%%%"]),
+            Err(WebhookError::BadSecret { index: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn each_secret_signs_once_and_the_signature_headers_cannot_be_overridden() {
+        let signer = Signer::new(&[
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+        ])
+        .expect("valid secrets");
+        let at = DateTime::from_timestamp(1_614_265_330, 0).expect("a time");
+        let headers = signer
+            .headers(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                at,
+                r#"{"test": 2432232314}"#,
+            )
+            .expect("signs");
+        let signature = headers["webhook-signature"].to_str().expect("ascii");
+        // The specification's published example for the first secret.
+        assert!(
+            signature.starts_with("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE= v1,"),
+            "{signature}"
+        );
+        assert_eq!(signature.split(' ').count(), 2);
+        assert_eq!(headers["webhook-timestamp"], "1614265330");
+        assert_eq!(
+            extra_headers(&[("Webhook-Signature".into(), "v1,forged".into())]),
+            Err(WebhookError::ReservedHeader("webhook-signature".into()))
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! Shoal's test harness, shared by the runtime's integration tests and benches (`tests/`,
+//! `benches/`) and the application's (`entities/tests/`). Dev-only: nothing ships with it.
+//!
+//! - [`db`] — a fresh PostgreSQL database per test ([`TestDb`]), dropped even when the test
+//!   panics.
+//! - [`mod@redis`] — the shared Redis's URL, a key prefix per test and its cleanup, and a
+//!   `redis-server` of a test's own that can be killed and restarted ([`OwnRedis`]).
+//! - [`process`] — child processes with their output in a log file, signalled (SIGKILL,
+//!   SIGTERM, SIGSTOP, SIGCONT) and run to their end under a deadline; the log's tail is
+//!   printed when the test fails ([`ChildProcess`]).
+//! - [`wait`] — [`wait_until`] a condition holds, under a deadline ([`DEADLINE`]).
+//! - [`net`] — [`free_port`].
+//!
+//! Everything reads its servers from the environment: `SHOAL_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and `SHOAL_TEST_REDIS_URL` (default
+//! `redis://127.0.0.1:6379`).
+
+pub mod db;
+pub mod net;
+pub mod process;
+pub mod redis;
+pub mod wait;
+
+pub use self::redis::OwnRedis;
+pub use db::TestDb;
+pub use net::free_port;
+pub use process::ChildProcess;
+pub use wait::{DEADLINE, wait_until};
