@@ -13,7 +13,7 @@ use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::sharding::Sharding;
 use shoal::transport::Delivery;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Msg {
     Ping {},

@@ -37,8 +37,11 @@ use serde::de::DeserializeOwned;
 
 use crate::ids::{EntityAddress, EntityType, Epoch, MessageId, RunnerId, ShardId};
 
+mod schemas;
+
 pub(crate) use erased::{AnyMessage, AnyState, ErasedEntity};
 pub use registry::{EntityRegistry, RegistryError};
+pub use schemas::EntitySchemas;
 
 /// Runtime options every kind of entity type has.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,9 +150,9 @@ pub trait EntityProtocol: Send + Sync + 'static {
     /// and when a client first uses it).
     const NAME: &'static str;
     /// The messages it accepts: an externally tagged serde enum.
-    type Message: Serialize + DeserializeOwned + Send + 'static;
-    /// Its reply (decoded by typed clients).
-    type Reply: Serialize + DeserializeOwned + Send + 'static;
+    type Message: Serialize + DeserializeOwned + utoipa::ToSchema + Send + 'static;
+    /// Its reply (decoded by typed clients; its schema is in the gateway's document).
+    type Reply: Serialize + DeserializeOwned + utoipa::ToSchema + Send + 'static;
 
     /// Whether a message is persisted before delivery (at-least-once, survives a crash) or
     /// volatile (lost with its owner; the caller gets an error).

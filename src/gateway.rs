@@ -6,7 +6,11 @@
 //! the id is in the request's span and travels to the runner in the envelope. Errors are
 //! [`ApiError`]s. Shutdown stops accepting and gives in-flight requests
 //! `gateway.shutdown-timeout` to finish.
+//!
+//! The application adds routes of its own ([`GatewayParams::with_routes`], [`AppRouter`]):
+//! they are served behind the same middleware and listed in the same OpenAPI document.
 
+mod app;
 mod error;
 pub mod openapi;
 mod rate_limit;
@@ -20,13 +24,15 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use app::{AppRouter, GatewayContext, JsonBody};
 pub use error::ApiError;
+pub use routes::{ErrorBody, ErrorDetail};
 
 use crate::client::{ClientConfig, ClientParts, ShoalClient};
 use crate::config::ShoalConfig;
@@ -65,6 +71,34 @@ pub struct GatewayParams {
     pub registry: EntityRegistry,
     /// The process's metrics exporter, served at `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// The application's routes, served beside the gateway's own.
+    pub routes: Vec<AppRouter>,
+}
+
+impl GatewayParams {
+    /// A gateway for `config` that validates requests against `registry`, without metrics
+    /// or application routes.
+    pub fn new(config: ShoalConfig, registry: EntityRegistry) -> Self {
+        Self {
+            config,
+            registry,
+            metrics: None,
+            routes: Vec::new(),
+        }
+    }
+
+    /// Serves `metrics` at `/metrics`.
+    pub fn with_metrics(mut self, metrics: PrometheusHandle) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Adds an application's routes (see [`AppRouter`]; paths the gateway keeps for itself
+    /// are refused when the gateway starts).
+    pub fn with_routes(mut self, routes: AppRouter) -> Self {
+        self.routes.push(routes);
+        self
+    }
 }
 
 /// Shared by every request (behind an `Arc`: cloning the registry and the Redis services
@@ -78,6 +112,8 @@ pub(crate) struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) redis: Option<rate_limit::GatewayRedis>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    /// `/openapi.json`: the gateway's operations, the registry's and the application's.
+    pub(crate) openapi: axum::body::Bytes,
 }
 
 /// The request id of the request being handled.
@@ -88,6 +124,14 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Runs the gateway until `shutdown`, then drains in-flight requests (bounded).
 pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    app::check(&params.routes)?;
+    // What the document says of the application's routes is known before they are bound.
+    let fragments: Vec<_> = params
+        .routes
+        .iter()
+        .map(|r| r.get_openapi().clone())
+        .collect();
+    let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -132,6 +176,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
             address: config.gateway.listen.to_string(),
             source,
         })?;
+    let app_routes = app::compose(params.routes, &GatewayContext::new(client.clone()));
     let state = AppState {
         config: config.clone(),
         registry: params.registry,
@@ -141,6 +186,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         pool: pool.clone(),
         redis,
         metrics: params.metrics,
+        openapi,
     };
     let address = listener.local_addr().map_err(|source| GatewayError::Bind {
         address: config.gateway.listen.to_string(),
@@ -148,7 +194,8 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     })?;
     tracing::info!(listen = %address, cluster = %config.cluster.name, "gateway started");
     // Connection info: the API rate limits key on the client's IP.
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app =
+        router(state, app_routes).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = config.gateway.shutdown_timeout;
@@ -168,24 +215,19 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
-/// Every route of the gateway (the OpenAPI document lists the same ones; a test keeps them
-/// in step).
-pub(crate) fn router(state: AppState) -> Router {
+/// Every route of the gateway and the application's `app` routes, behind the gateway's
+/// middleware (the OpenAPI document lists the same ones; tests keep them in step).
+pub(crate) fn router(state: AppState, app: Router) -> Router {
     let max_body = state.config.gateway.max_body_bytes;
     // Shared, not cloned: axum hands every handler and middleware its own copy of the state.
     let state = Arc::new(state);
-    Router::new()
-        .route(
-            "/entities/{entity_type}/{entity_id}/{message}",
-            post(routes::send_message),
-        )
-        .route("/entities/{entity_type}/{entity_id}", get(routes::explain))
-        .route("/cluster", get(routes::cluster))
-        .route("/cron", get(routes::cron))
-        .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready))
-        .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi_json))
+    own_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, route)| {
+            router.route(path, route)
+        })
+        .with_state(state.clone())
+        .merge(app)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -194,7 +236,29 @@ pub(crate) fn router(state: AppState) -> Router {
             rate_limit::enforce,
         ))
         .layer(middleware::from_fn(request_context))
-        .with_state(state)
+}
+
+/// The gateway's own routes as (method, path, handler): the router is built from this
+/// list, and a test holds the OpenAPI document to it.
+pub(crate) fn own_routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        (
+            "post",
+            "/entities/{entity_type}/{entity_id}/{message}",
+            post(routes::send_message),
+        ),
+        (
+            "get",
+            "/entities/{entity_type}/{entity_id}",
+            get(routes::explain),
+        ),
+        ("get", "/cluster", get(routes::cluster)),
+        ("get", "/cron", get(routes::cron)),
+        ("get", "/health", get(routes::health)),
+        ("get", "/ready", get(routes::ready)),
+        ("get", "/metrics", get(routes::metrics)),
+        ("get", "/openapi.json", get(routes::openapi_json)),
+    ]
 }
 
 /// Assigns the request id, opens the request's span, records metrics.

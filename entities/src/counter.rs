@@ -8,13 +8,14 @@
 
 use serde::{Deserialize, Serialize};
 use shoal::entity::{Entity, EntityContext, EntityProtocol, HandlerError};
+use utoipa::ToSchema;
 
 /// The counter entity type.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counter;
 
 /// A counter's messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum CounterMessage {
     /// Adds `by` (default 1) and replies with the new count.
@@ -39,7 +40,7 @@ pub struct CounterState {
 }
 
 /// A counter's reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CounterReply {
     /// The count after the message.
     pub count: i64,

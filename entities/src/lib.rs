@@ -4,8 +4,12 @@
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
 //! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
 //!   webhook job type.
+//!
+//! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
+//! own.
 
 pub mod counter;
+pub mod http;
 pub mod probe;
 pub mod webhook;
 

@@ -26,13 +26,14 @@ use serde::{Deserialize, Serialize};
 use shoal::client::Request;
 use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
+use utoipa::ToSchema;
 
 /// The probe entity type.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Probe;
 
 /// A probe's messages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ProbeMessage {
     /// Replies with `value`.
@@ -87,7 +88,7 @@ pub enum ProbeMessage {
 }
 
 /// Where [`ProbeMessage::Unstorable`] puts its NUL character.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UnstorablePart {
     /// The reply.

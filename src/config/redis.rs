@@ -105,6 +105,8 @@ pub struct ApiLimitsConfig {
     pub entities: RatePreset,
     /// `/cluster` and `/cron`. Default 120 per `1m`.
     pub cluster: RatePreset,
+    /// The application's routes (added to the gateway by the binary). Default 600 per `1m`.
+    pub applications: RatePreset,
 }
 
 impl Default for ApiLimitsConfig {
@@ -119,6 +121,10 @@ impl Default for ApiLimitsConfig {
             },
             cluster: RatePreset {
                 requests: 120,
+                window: minute,
+            },
+            applications: RatePreset {
+                requests: 600,
                 window: minute,
             },
         }
@@ -237,6 +243,10 @@ impl RedisConfig {
                 "redis.api-limits.cluster.window",
                 self.api_limits.cluster.window,
             ),
+            (
+                "redis.api-limits.applications.window",
+                self.api_limits.applications.window,
+            ),
             ("redis.breaker.failure-window", self.breaker.failure_window),
             ("redis.breaker.reset-timeout", self.breaker.reset_timeout),
             ("redis.cache.extraction-ttl", self.cache.extraction_ttl),
@@ -261,6 +271,10 @@ impl RedisConfig {
             (
                 "redis.api-limits.cluster.requests",
                 self.api_limits.cluster.requests,
+            ),
+            (
+                "redis.api-limits.applications.requests",
+                self.api_limits.applications.requests,
             ),
             (
                 "redis.breaker.failure-threshold",

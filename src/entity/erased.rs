@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     ActivationContext, ConcurrentEntity, DecodeError, Entity, EntityContext, EntityOptions,
-    HandlerError,
+    EntitySchemas, HandlerError,
 };
 use crate::ids::EntityType;
 
@@ -36,6 +36,8 @@ pub(crate) trait ErasedEntity: Send + Sync + 'static {
     fn is_persisted(&self, message: &AnyMessage) -> bool;
     /// The decoded message's own idempotency key.
     fn idempotency_key(&self, message: &AnyMessage) -> Option<String>;
+    /// The OpenAPI schemas of its messages and reply (the gateway's document).
+    fn schemas(&self) -> EntitySchemas;
     /// Runs the activation hook on the stored state (decoded here), if any.
     fn activate<'a>(
         &'a self,
@@ -146,6 +148,10 @@ macro_rules! erased_routing {
             message
                 .downcast_ref::<E::Message>()
                 .and_then(|m| E::idempotency_key(m))
+        }
+
+        fn schemas(&self) -> EntitySchemas {
+            EntitySchemas::of::<E::Message, E::Reply>()
         }
     };
 }

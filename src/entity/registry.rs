@@ -122,7 +122,7 @@ mod tests {
     use crate::entity::{EntityProtocol, encode_message};
     use crate::ids::{EntityAddress, EntityId, Epoch, ShardId};
 
-    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
     #[serde(rename_all = "snake_case")]
     enum Msg {
         Add { amount: i64 },

@@ -19,7 +19,7 @@ use crate::transport::local::LocalTransport;
 const SHARDS: u32 = 4;
 const DEADLINE: Duration = Duration::from_secs(15);
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum CallMsg {
     /// Appends `value` (and when it was handled) to the state.

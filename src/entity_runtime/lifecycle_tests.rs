@@ -17,7 +17,7 @@ use crate::message_storage::memory::MemoryMessageStorage;
 use crate::message_storage::{NewMessage, SaveOutcome, StoredMessage};
 use crate::snowflake::Snowflake;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum HookedMsg {
     Add { n: i64 },

@@ -15,7 +15,7 @@ use crate::message_storage::{
 };
 use crate::snowflake::Snowflake;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum TestMsg {
     Add { n: i64 },
@@ -473,7 +473,7 @@ struct WideState {
     most: std::sync::atomic::AtomicUsize,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum WideMsg {
     /// Sleeps `ms`, then replies with the most handlers seen running at once. `panic_first`

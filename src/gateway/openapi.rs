@@ -1,8 +1,17 @@
-//! The gateway's OpenAPI 3 document, generated from the handlers' annotations.
+//! The gateway's OpenAPI 3.1 document: the gateway's own operations (from the handlers'
+//! annotations), one typed operation per registered entity type and message (from the
+//! types' `ToSchema`s, see [`entities`]), and the application's routes (from their
+//! routers). On top of what the annotations say, it declares what the server enforces:
+//! the id patterns of `crate::ids`, and the shard map's keys as the decimal strings JSON
+//! object keys are.
 
+mod entities;
+
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 
 use super::routes;
+use crate::entity::EntityRegistry;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,27 +39,129 @@ use super::routes;
         routes::ShardLine,
         crate::cron::CronListing,
         crate::cron::ScheduleView,
+        Health,
+        Readiness,
+        ReadinessCheck,
     ))
 )]
 struct ApiDoc;
 
-/// The document.
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+/// `/health`'s answer.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct Health {
+    /// Always `ok`.
+    #[schema(pattern = "^ok$")]
+    status: String,
 }
 
-/// Every (method, path) the gateway's router serves; the test below keeps this list, the
-/// router and the document in step.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/entities/{entity_type}/{entity_id}/{message}"),
-    ("get", "/entities/{entity_type}/{entity_id}"),
-    ("get", "/cluster"),
-    ("get", "/cron"),
-    ("get", "/health"),
-    ("get", "/ready"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-];
+/// `/ready`'s answer.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct Readiness {
+    /// Whether every check passed.
+    ready: bool,
+    /// Each check by name (`postgres`, `redis`, `breakers`, `shards_owned`, `backlog`).
+    checks: std::collections::BTreeMap<String, ReadinessCheck>,
+}
+
+/// One readiness check.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the JSON the handler writes.
+pub(crate) struct ReadinessCheck {
+    /// Whether it passed.
+    ok: bool,
+    /// What it found, when it passed.
+    #[schema(value_type = Option<Value>)]
+    detail: Option<Value>,
+    /// Why it failed.
+    error: Option<String>,
+}
+
+/// The document of a gateway that knows `registry`'s types and serves the application
+/// routes described by `fragments`.
+pub fn document(
+    registry: &EntityRegistry,
+    fragments: Vec<utoipa::openapi::OpenApi>,
+) -> Result<Value, String> {
+    let mut api = ApiDoc::openapi();
+    for fragment in fragments {
+        api.merge(fragment);
+    }
+    let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
+    declare_enforced(&mut doc);
+    let generic = doc["paths"][entities::GENERIC]["post"].clone();
+    let typed = entities::typed_paths(registry, &generic)?;
+    let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
+        if let Some(target) = target.as_object_mut() {
+            target.extend(entries);
+        }
+    };
+    into(&mut doc["paths"], typed.paths);
+    into(&mut doc["components"]["schemas"], typed.components);
+    Ok(doc)
+}
+
+/// The document as `/openapi.json` serves it.
+pub(crate) fn render(
+    registry: &EntityRegistry,
+    fragments: Vec<utoipa::openapi::OpenApi>,
+) -> Result<axum::body::Bytes, String> {
+    let doc = document(registry, fragments)?;
+    serde_json::to_vec(&doc)
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
+/// `EntityType`: ASCII letters, digits, `-`, `_`; 1 to 63.
+const ENTITY_TYPE_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
+/// `EntityId`: no control character (Unicode category Cc).
+const ENTITY_ID_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+
+/// Declares in `doc` the rules the server enforces that the annotations cannot say.
+fn declare_enforced(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for operation in paths.values_mut().filter_map(Value::as_object_mut) {
+        for operation in operation.values_mut() {
+            let Some(parameters) = operation
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+            else {
+                continue;
+            };
+            for parameter in parameters {
+                let schema = match (parameter["name"].as_str(), parameter["in"].as_str()) {
+                    (Some("entity_type"), Some("path")) => json!({
+                        "type": "string", "pattern": ENTITY_TYPE_PATTERN,
+                        "minLength": 1, "maxLength": 63,
+                    }),
+                    (Some("entity_id"), Some("path")) => json!({
+                        "type": "string", "pattern": ENTITY_ID_PATTERN, "minLength": 1,
+                        "maxLength": 512,
+                        "description": "At most 512 bytes of UTF-8, no control characters",
+                    }),
+                    (Some("Idempotency-Key"), Some("header")) => json!({
+                        "type": "string", "minLength": 1, "maxLength": 255,
+                    }),
+                    _ => continue,
+                };
+                parameter["schema"] = schema;
+            }
+        }
+    }
+    // A JSON object's keys are strings: the shard numbers arrive as decimal text.
+    if let Some(shards) = doc
+        .pointer_mut("/components/schemas/ClusterMap/properties/shards")
+        .and_then(Value::as_object_mut)
+    {
+        shards.insert(
+            "propertyNames".into(),
+            json!({"type": "string", "pattern": "^(0|[1-9][0-9]*)$"}),
+        );
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -58,9 +169,13 @@ mod tests {
 
     use super::*;
 
+    fn bare() -> Value {
+        document(&EntityRegistry::new(), Vec::new()).expect("the document builds")
+    }
+
     #[test]
     fn the_document_lists_every_route() {
-        let doc = serde_json::to_value(document()).expect("serializes");
+        let doc = bare();
         let paths = doc["paths"].as_object().expect("paths");
         let documented: BTreeSet<(String, String)> = paths
             .iter()
@@ -71,17 +186,111 @@ mod tests {
                     .map(move |method| (method.clone(), path.clone()))
             })
             .collect();
-        let routed: BTreeSet<(String, String)> = ROUTES
-            .iter()
-            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+        let routed: BTreeSet<(String, String)> = super::super::own_routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.to_owned(), p.to_owned()))
             .collect();
         assert_eq!(documented, routed);
         assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
     }
 
+    #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "snake_case", deny_unknown_fields)]
+    enum Closed {
+        /// Sets the value.
+        Set {
+            value: i64,
+        },
+        Clear,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    enum Open {
+        Note { text: String },
+    }
+
+    struct Typed<const CLOSED: bool, M>(std::marker::PhantomData<M>);
+
+    impl<const CLOSED: bool, M> crate::entity::EntityProtocol for Typed<CLOSED, M>
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + utoipa::ToSchema + Send + Sync,
+        M: 'static,
+    {
+        const NAME: &'static str = if CLOSED { "closed" } else { "open" };
+        type Message = M;
+        type Reply = i64;
+        fn is_persisted(_: &M) -> bool {
+            false
+        }
+    }
+
+    impl<const CLOSED: bool, M> crate::entity::Entity for Typed<CLOSED, M>
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + utoipa::ToSchema + Send + Sync,
+        M: 'static,
+    {
+        type State = i64;
+        async fn handle(
+            &self,
+            _: &crate::entity::EntityContext,
+            _: &mut i64,
+            _: M,
+        ) -> Result<i64, crate::entity::HandlerError> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn each_registered_message_has_a_typed_operation() {
+        let mut registry = EntityRegistry::new();
+        registry
+            .register(Typed::<true, Closed>(Default::default()))
+            .expect("registers")
+            .register(Typed::<false, Open>(Default::default()))
+            .expect("registers");
+        let doc = document(&registry, Vec::new()).expect("the document builds");
+        let body = |path: &str| {
+            doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                .clone()
+        };
+        let set = body("/entities/closed/{entity_id}/set");
+        assert_eq!(set["properties"]["value"]["type"], "integer", "{set}");
+        assert_eq!(
+            set["additionalProperties"], false,
+            "deny_unknown_fields: {set}"
+        );
+        assert_eq!(
+            body("/entities/closed/{entity_id}/clear")["additionalProperties"],
+            false
+        );
+        let note = body("/entities/open/{entity_id}/note");
+        assert!(note.get("additionalProperties").is_none(), "{note}");
+        let reply = &doc["paths"]["/entities/open/{entity_id}/note"]["post"]["responses"]["200"];
+        assert_eq!(
+            reply["content"]["application/json"]["schema"]["properties"]["reply"]["type"],
+            "integer"
+        );
+        let params = &doc["paths"]["/entities/open/{entity_id}/note"]["post"]["parameters"];
+        let names: Vec<&str> = params
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"entity_id") && !names.contains(&"entity_type"),
+            "{names:?}"
+        );
+        assert!(
+            doc["paths"][entities::GENERIC]["post"].is_object(),
+            "generic route kept"
+        );
+    }
+
     #[test]
     fn the_error_schema_names_the_retry_class() {
-        let doc = serde_json::to_value(document()).expect("serializes");
+        let doc = bare();
         let schemas = &doc["components"]["schemas"];
         let detail = &schemas["ErrorDetail"];
         let required: Vec<&str> = detail["required"]

@@ -1,7 +1,8 @@
 //! The gateway's use of Redis: API rate limits (an axum middleware) and the readiness
 //! report of the providers' circuit breakers.
 //!
-//! Rate limits: each request of a limited route group is decided by a sliding window keyed
+//! Rate limits: each request of a limited route group (`entities`, `cluster`, and
+//! `applications` for the application's routes) is decided by a sliding window keyed
 //! by route group, tenant (`X-Tenant-Id`, else `anonymous`) and client IP, shared by every
 //! gateway through Redis. Admitted responses carry `X-RateLimit-Limit`,
 //! `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until a slot frees); refused
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -44,6 +45,7 @@ pub(crate) struct GatewayRedis {
 struct ApiLimits {
     entities: SlidingWindow,
     cluster: SlidingWindow,
+    applications: SlidingWindow,
     when_unavailable: RedisDownPolicy,
 }
 
@@ -68,6 +70,12 @@ impl GatewayRedis {
                 "api:cluster",
                 limits.cluster.requests,
                 limits.cluster.window,
+            ),
+            applications: SlidingWindow::new(
+                client.clone(),
+                "api:applications",
+                limits.applications.requests,
+                limits.applications.window,
             ),
             when_unavailable: limits.when_unavailable,
         });
@@ -103,12 +111,15 @@ impl GatewayRedis {
 
 impl ApiLimits {
     /// The limiter of the route group `path` belongs to; `None` for unlimited routes
-    /// (health, readiness, metrics, the OpenAPI document, unknown paths).
-    fn group(&self, path: &str) -> Option<(&'static str, &SlidingWindow)> {
+    /// (health, readiness, metrics, the OpenAPI document, unknown paths). A path that
+    /// `matched` a route and is not the gateway's own is an application route.
+    fn group(&self, path: &str, matched: bool) -> Option<(&'static str, &SlidingWindow)> {
         if path.starts_with("/entities/") {
             Some(("entities", &self.entities))
         } else if path == "/cluster" || path == "/cron" {
             Some(("cluster", &self.cluster))
+        } else if matched && !super::app::is_reserved(path) {
+            Some(("applications", &self.applications))
         } else {
             None
         }
@@ -147,7 +158,8 @@ pub(crate) async fn enforce(
     let Some(api) = state.redis.as_ref().and_then(|r| r.api.as_ref()) else {
         return next.run(request).await;
     };
-    let Some((group, limiter)) = api.group(request.uri().path()) else {
+    let matched = request.extensions().get::<MatchedPath>().is_some();
+    let Some((group, limiter)) = api.group(request.uri().path(), matched) else {
         return next.run(request).await;
     };
     let tenant = match tenant(request.headers()) {

@@ -31,8 +31,7 @@ const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// A message's reply.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SendResponse {
-    /// The handler's reply.
-    #[schema(value_type = Object)]
+    /// The handler's reply (any JSON value; the typed operations say which).
     pub reply: serde_json::Value,
     /// `type/id` of the entity.
     pub entity: String,
@@ -476,7 +475,7 @@ pub(crate) async fn cron(
 }
 
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "Up")), tag = "operations")]
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Up", body = super::openapi::Health)), tag = "operations")]
 pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -486,8 +485,8 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
     get,
     path = "/ready",
     responses(
-        (status = 200, description = "Ready; every check passed"),
-        (status = 503, description = "Not ready; the failing checks are named"),
+        (status = 200, description = "Ready; every check passed", body = super::openapi::Readiness),
+        (status = 503, description = "Not ready; the failing checks are named", body = super::openapi::Readiness),
     ),
     tag = "operations"
 )]
@@ -604,12 +603,13 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// This API's OpenAPI document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")), tag = "operations")]
-pub(crate) async fn openapi_json() -> Response {
-    match super::openapi::document().to_json() {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
-    }
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json", body = Object)), tag = "operations")]
+pub(crate) async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.clone(),
+    )
+        .into_response()
 }
 
 pub(crate) async fn not_found() -> ApiError {

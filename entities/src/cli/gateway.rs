@@ -34,11 +34,9 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
-    let params = GatewayParams {
-        config,
-        registry: shoal_entities::registry()?,
-        metrics: Some(metrics),
-    };
+    let params = GatewayParams::new(config, shoal_entities::registry()?)
+        .with_metrics(metrics)
+        .with_routes(shoal_entities::http::routes());
     shoal::gateway::run(params, shutdown).await?;
     Ok(())
 }

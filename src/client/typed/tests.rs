@@ -18,7 +18,7 @@ use crate::runner_storage::{LockSession, RunnerRegistration, RunnerStorage};
 use crate::sharding::Sharding;
 use crate::transport::local::LocalTransport;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum LedgerMessage {
     /// Persisted: adds `n`.
@@ -29,7 +29,7 @@ enum LedgerMessage {
     Refuse {},
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 struct LedgerReply {
     total: i64,
 }
@@ -71,7 +71,7 @@ impl Entity for Ledger {
 /// runner's version does not send.
 struct LedgerV2;
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 struct LedgerReplyV2 {
     total: i64,
     owner: String,

@@ -20,7 +20,7 @@ use crate::transport::ENVELOPE_VERSION;
 
 const SECRET: &str = "the-secret";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum SleepyMsg {
     /// Replies `ms` after sleeping that long.

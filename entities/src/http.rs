@@ -1,0 +1,60 @@
+//! The application's HTTP routes, served by the gateway beside its own: the binary hands
+//! [`routes`] to `GatewayParams::with_routes`, so they share the gateway's request ids,
+//! rate limits (`redis.api-limits.applications`), JSON errors and OpenAPI document. Each
+//! handler reaches entities only through the gateway's typed client.
+//!
+//! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::counter::{Counter, CounterMessage};
+
+/// Every route of the built-in application.
+pub fn routes() -> AppRouter {
+    OpenApiRouter::new().routes(routes!(counter_value))
+}
+
+/// A counter's count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CounterValue {
+    /// `counter/<id>`.
+    pub counter: String,
+    /// The count.
+    pub count: i64,
+}
+
+/// Reads a counter's count.
+#[utoipa::path(
+    get,
+    path = "/counters/{entity_id}",
+    params(("entity_id" = String, Path, description = "The counter's id")),
+    responses(
+        (status = 200, description = "The count", body = CounterValue),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 429, description = "Rate limited or the mailbox is full", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
+        (status = 504, description = "No reply in time", body = ErrorBody),
+    ),
+    tag = "counters"
+)]
+async fn counter_value(
+    State(gateway): State<GatewayContext>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CounterValue>, ApiError> {
+    let Path(id) = path?;
+    let counter = gateway.client().entity::<Counter>(id.as_str());
+    let address = counter.address()?.to_string();
+    let reply = counter.ask(CounterMessage::Get {}).await?;
+    Ok(Json(CounterValue {
+        counter: address,
+        count: reply.count,
+    }))
+}

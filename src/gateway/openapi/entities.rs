@@ -1,0 +1,189 @@
+//! One operation per registered type and message, from the schemas of the type's Rust
+//! types: `POST /entities/counter/{entity_id}/increment` with the body schema of that
+//! variant of the message enum and the reply schema in the 200 answer. The rest of each
+//! operation (headers, query, error answers) is copied from the generic route, so the two
+//! cannot drift apart.
+
+use serde_json::{Map, Value, json};
+
+use crate::entity::{DecodeError, EntityRegistry, ErasedEntity};
+
+/// The generic route the typed operations are instances of.
+pub(crate) const GENERIC: &str = "/entities/{entity_type}/{entity_id}/{message}";
+
+/// One message of a type: its name, what its body looks like, and its description.
+#[derive(Debug, PartialEq)]
+pub(crate) struct MessageBody {
+    pub(crate) name: String,
+    pub(crate) schema: Value,
+    pub(crate) description: Option<String>,
+}
+
+/// The messages of an externally tagged enum's schema: an object variant
+/// `{"<name>": body}` gives `body`; a unit variant (a string enum) takes an empty object.
+/// Variants of other shapes (untagged, internally tagged) are left out: the generic route
+/// still serves them.
+pub(crate) fn messages(schema: &Value) -> Vec<MessageBody> {
+    let variants = match schema.get("oneOf").and_then(Value::as_array) {
+        Some(variants) => variants.clone(),
+        None => vec![schema.clone()],
+    };
+    let mut out = Vec::new();
+    for variant in variants {
+        let description = variant
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let Some(names) = variant.get("enum").and_then(Value::as_array) {
+            for name in names.iter().filter_map(Value::as_str) {
+                out.push(MessageBody {
+                    name: name.to_owned(),
+                    schema: json!({"type": "object", "additionalProperties": false}),
+                    description: description.clone(),
+                });
+            }
+        } else if let Some(properties) = variant.get("properties").and_then(Value::as_object)
+            && properties.len() == 1
+            && let Some((name, body)) = properties.iter().next()
+        {
+            let description = description.or_else(|| {
+                body.get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            out.push(MessageBody {
+                name: name.clone(),
+                schema: body.clone(),
+                description,
+            });
+        }
+    }
+    out
+}
+
+/// A field no message has.
+const UNKNOWN_FIELD: &str = "__shoal_unknown_field__";
+
+/// Whether the type's decoder refuses fields its message `name` does not have (serde's
+/// `deny_unknown_fields`, which the schema derive does not carry over to enum variants):
+/// asked of the decoder itself, so the document says what the server does.
+fn refuses_unknown_fields(def: &dyn ErasedEntity, name: &str) -> bool {
+    match def.decode(name, json!({ UNKNOWN_FIELD: null })) {
+        Err(DecodeError::InvalidBody { problem, .. }) => problem.contains("unknown field"),
+        _ => false,
+    }
+}
+
+/// What the registered types add to the document.
+#[derive(Debug, Default)]
+pub(crate) struct TypedPaths {
+    /// Path → path item, one per type and message.
+    pub(crate) paths: Map<String, Value>,
+    /// The named schemas they refer to.
+    pub(crate) components: Map<String, Value>,
+}
+
+/// The typed operations of every registered type (sorted by path), and the named
+/// schemas they refer to. `generic` is the generic route's `post` operation.
+pub(crate) fn typed_paths(
+    registry: &EntityRegistry,
+    generic: &Value,
+) -> Result<TypedPaths, String> {
+    let mut paths = Map::new();
+    let mut components = Map::new();
+    let mut names: Vec<_> = registry.names().cloned().collect();
+    names.sort();
+    for entity_type in names {
+        let Some(def) = registry.get(&entity_type) else {
+            continue;
+        };
+        let schemas = def.schemas();
+        let to_json = |s| serde_json::to_value(s).map_err(|e| e.to_string());
+        let reply = to_json(&schemas.reply)?;
+        for (name, schema) in &schemas.components {
+            components.insert(name.clone(), to_json(schema)?);
+        }
+        for mut message in messages(&to_json(&schemas.message)?) {
+            if refuses_unknown_fields(def.as_ref(), &message.name)
+                && message.schema.get("type").is_some_and(|t| t == "object")
+            {
+                message.schema["additionalProperties"] = json!(false);
+            }
+            let path = format!("/entities/{entity_type}/{{entity_id}}/{}", message.name);
+            let operation = typed_operation(generic, entity_type.as_str(), &message, &reply);
+            paths.insert(path, json!({ "post": operation }));
+        }
+    }
+    Ok(TypedPaths { paths, components })
+}
+
+/// The generic operation narrowed to one type and message.
+fn typed_operation(
+    generic: &Value,
+    entity_type: &str,
+    message: &MessageBody,
+    reply: &Value,
+) -> Value {
+    let mut operation = generic.clone();
+    let Some(object) = operation.as_object_mut() else {
+        return operation;
+    };
+    object.insert(
+        "operationId".into(),
+        json!(format!("{entity_type}_{}", message.name)),
+    );
+    object.insert("tags".into(), json!([entity_type]));
+    object.insert(
+        "summary".into(),
+        json!(format!("`{}` to a `{entity_type}`", message.name)),
+    );
+    match &message.description {
+        Some(description) => object.insert("description".into(), json!(description)),
+        None => object.remove("description"),
+    };
+    if let Some(parameters) = object.get_mut("parameters").and_then(Value::as_array_mut) {
+        parameters.retain(|p| {
+            !(p["in"] == "path" && (p["name"] == "entity_type" || p["name"] == "message"))
+        });
+    }
+    object.insert(
+        "requestBody".into(),
+        json!({
+            "description": format!("The body of `{}`", message.name),
+            "content": {"application/json": {"schema": message.schema}},
+        }),
+    );
+    let answer = &mut object["responses"]["200"];
+    answer["content"]["application/json"]["schema"] = json!({
+        "type": "object",
+        "required": ["reply", "entity", "persisted"],
+        "properties": {
+            "reply": reply,
+            "entity": {"type": "string", "description": "`type/id` of the entity"},
+            "persisted": {"type": "boolean", "description": "Whether the message was persisted before delivery"},
+        },
+        "additionalProperties": false,
+    });
+    operation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_variants_become_messages() {
+        let schema = json!({"oneOf": [
+            {"type": "object", "required": ["add"], "description": "Adds.",
+             "properties": {"add": {"type": "object", "properties": {"n": {"type": "integer"}}}}},
+            {"type": "string", "enum": ["get", "reset"]},
+            {"type": "object", "properties": {"a": {}, "b": {}}},
+        ]});
+        let found = messages(&schema);
+        let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["add", "get", "reset"]);
+        assert_eq!(found[0].schema["properties"]["n"]["type"], "integer");
+        assert_eq!(found[0].description.as_deref(), Some("Adds."));
+        assert_eq!(found[1].schema["additionalProperties"], false);
+    }
+}
