@@ -23,9 +23,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal::client::Request;
 use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
-use shoal::ids::{EntityAddress, EntityId, EntityType};
 use utoipa::ToSchema;
 
 /// The probe entity type.
@@ -166,33 +164,22 @@ impl Entity for Probe {
             }
             ProbeMessage::Forward { to, value, hold_ms } => {
                 let entry = serde_json::json!({ "value": value, "by": ctx.runner_id });
-                ctx.send(record_at(probe(&to)?, entry.clone())).await?;
+                let record = ProbeMessage::Record {
+                    value: entry.clone(),
+                };
+                ctx.entity::<Probe>(to.as_str()).send(record).await?;
                 state.recorded.push(entry);
                 tokio::time::sleep(Duration::from_millis(hold_ms.min(60_000))).await;
                 Ok(serde_json::json!({ "recorded": state.recorded.len() }))
             }
             ProbeMessage::Remind { after_ms, value } => {
-                let request = record_at(ctx.address.clone(), value);
                 let id = ctx
-                    .schedule_after(request, Duration::from_millis(after_ms))
+                    .entity::<Probe>(ctx.address.entity_id.clone())
+                    .after(Duration::from_millis(after_ms))
+                    .send(ProbeMessage::Record { value })
                     .await?;
                 Ok(serde_json::json!({ "scheduled": id }))
             }
         }
     }
-}
-
-/// The probe with id `id`, or a final error naming the bad id.
-fn probe(id: &str) -> Result<EntityAddress, HandlerError> {
-    Ok(EntityAddress {
-        entity_type: EntityType::new(Probe::NAME)
-            .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
-        entity_id: EntityId::new(id)
-            .map_err(|e| HandlerError::permanent("bad_target", e.to_string()))?,
-    })
-}
-
-/// A persisted `record {value}` to `address`.
-fn record_at(address: EntityAddress, value: serde_json::Value) -> Request {
-    Request::persisted(address, "record", serde_json::json!({ "value": value }))
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{ClientError, Request, ShoalClient};
-use crate::entity::{EntityProtocol, encode_message};
+use crate::entity::{EntityContext, EntityProtocol, encode_message};
 use crate::ids::{EntityAddress, EntityId, EntityType, MessageId};
 use crate::message_storage::Reply;
 
@@ -35,7 +35,7 @@ impl ShoalClient {
     ) -> EntityRef<E> {
         let address = address_of::<E>(id);
         EntityRef {
-            client: self.clone(),
+            route: Route::Client(self.clone()),
             address,
             key: None,
             timeout: None,
@@ -59,6 +59,35 @@ fn address_of<E: EntityProtocol>(
     })
 }
 
+impl EntityContext {
+    /// A typed handle on entity `id` of type `E`, from inside a handler: its calls go
+    /// through this context, so they take the handling's ordinals (keys derived from the
+    /// message id, a replayed handler calls once), its persisted sends and schedules ride
+    /// on the completion under `PERSIST_STATE` (the outbox), and asking the handler's own
+    /// entity is refused (see `entity/context.rs`).
+    pub fn entity<E: EntityProtocol>(
+        &self,
+        id: impl TryInto<EntityId, Error: fmt::Display>,
+    ) -> EntityRef<E> {
+        EntityRef {
+            route: Route::Handler(self.clone()),
+            address: address_of::<E>(id),
+            key: None,
+            timeout: None,
+            schedule: None,
+            entity: PhantomData,
+        }
+    }
+}
+
+/// How a handle's calls leave: through a client (any node), or through a handler's
+/// context (its call scope and outbox).
+#[derive(Debug, Clone)]
+enum Route {
+    Client(ShoalClient),
+    Handler(EntityContext),
+}
+
 /// When a persisted message is to be delivered.
 #[derive(Debug, Clone, Copy)]
 enum Schedule {
@@ -73,7 +102,7 @@ enum Schedule {
 /// to the first: set keys per message, as in
 /// `client.entity::<Counter>("c1").with_key(k).ask(message)`.
 pub struct EntityRef<E: EntityProtocol> {
-    client: ShoalClient,
+    route: Route,
     address: Result<EntityAddress, String>,
     key: Option<String>,
     timeout: Option<Duration>,
@@ -86,7 +115,7 @@ pub struct EntityRef<E: EntityProtocol> {
 impl<E: EntityProtocol> Clone for EntityRef<E> {
     fn clone(&self) -> Self {
         Self {
-            client: self.client.clone(),
+            route: self.route.clone(),
             address: self.address.clone(),
             key: self.key.clone(),
             timeout: self.timeout,
@@ -144,7 +173,10 @@ impl<E: EntityProtocol> EntityRef<E> {
     pub async fn ask(&self, message: E::Message) -> Result<E::Reply, ClientError> {
         let request = self.request(&message)?;
         let entity_type = request.address.entity_type.clone();
-        let reply = self.client.ask(request).await?;
+        let reply = match &self.route {
+            Route::Client(client) => client.ask(request).await?,
+            Route::Handler(ctx) => ctx.ask(request).await?,
+        };
         decode_reply::<E::Reply>(&entity_type, reply)
     }
 
@@ -160,7 +192,10 @@ impl<E: EntityProtocol> EntityRef<E> {
                 E::NAME
             )));
         }
-        self.client.send(request).await
+        match &self.route {
+            Route::Client(client) => client.send(request).await,
+            Route::Handler(ctx) => ctx.send(request).await,
+        }
     }
 
     /// The untyped request for `message`, as the gateway would build it: the one encoding

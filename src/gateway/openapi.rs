@@ -1,6 +1,6 @@
 //! The gateway's OpenAPI 3.1 document: the gateway's own operations (from the handlers'
 //! annotations), one typed operation per registered entity type and message (from the
-//! types' `ToSchema`s, see [`entities`]), and the application's routes (from their
+//! types' `ToSchema`s, see `openapi/entities.rs`), and the application's routes (from their
 //! routers). On top of what the annotations say, it declares what the server enforces:
 //! the id patterns of `crate::ids`, and the shard map's keys as the decimal strings JSON
 //! object keys are.
