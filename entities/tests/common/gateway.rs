@@ -115,7 +115,21 @@ impl Gateway {
             .await_ready(DEADLINE, "answering /health", || async move {
                 Ok(http.get("/health").await?.status == StatusCode::OK)
             })
-            .await
+            .await?;
+        // Whoever holds the port answers /health: only this gateway's log says it bound.
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let log = self.log();
+            anyhow::ensure!(!log.contains("cannot listen"), "the gateway could not bind");
+            if log.contains("gateway started") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "the gateway did not log that it bound its address within {DEADLINE:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL.

@@ -174,7 +174,14 @@ impl TestCluster {
         loop {
             attempt += 1;
             let mut runner = self.spawn_runner(&options)?;
-            match runner.await_registered().await {
+            // A port from `free_port` can be taken by another test's process before this
+            // runner binds it; that process then answers the readiness checks. Only this
+            // runner's own log says whether it bound.
+            let registered = match runner.await_registered().await {
+                Ok(()) => runner.await_bound().await,
+                Err(error) => Err(error),
+            };
+            match registered {
                 Ok(()) => return Ok(runner),
                 Err(error) if attempt < 3 && runner.log().contains("cannot listen") => {
                     eprintln!("runner could not bind (retrying): {error:#}");
@@ -551,6 +558,24 @@ impl Runner {
     /// Everything the runner has logged so far.
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// Waits until this runner's own log says it bound its listen address (the readiness
+    /// checks alone may be answered by whoever holds the port).
+    async fn await_bound(&self) -> anyhow::Result<()> {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let log = self.log();
+            anyhow::ensure!(!log.contains("cannot listen"), "the runner could not bind");
+            if log.contains("runner started") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "the runner did not log that it bound its address within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The last `lines` lines of the log.
