@@ -1,0 +1,218 @@
+//! The job system across real processes: runners and a gateway over Postgres, jobs driven
+//! through `POST /jobs`, `GET /jobs/{id}`, retry and cancel, with the diagnostic job types
+//! (`diag.flaky`, `diag.sleep`, `diag.noop`).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use chrono::{DateTime, Utc};
+use common::gateway::{Gateway, GatewayOptions, Http};
+use common::{DEADLINE, Runner, TestCluster, wait_until};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A cluster of `runners` runners and a gateway.
+async fn cluster(runners: usize) -> anyhow::Result<(TestCluster, Vec<Runner>, Gateway)> {
+    let (cluster, runners) = TestCluster::balanced(16, runners).await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    Ok((cluster, runners, gateway))
+}
+
+/// Enqueues a job; returns its id.
+async fn enqueue(http: &Http, body: Value) -> anyhow::Result<String> {
+    let response = http.post_json("/jobs", &body, &[]).await?;
+    ensure!(
+        response.status == StatusCode::ACCEPTED,
+        "enqueue {body}: {} {}",
+        response.status,
+        response.text()
+    );
+    let json = response.json()?;
+    let id = json["id"].as_str().context("an id")?.to_owned();
+    ensure!(json["status_url"] == format!("/jobs/{id}"), "{json}");
+    Ok(id)
+}
+
+async fn show(http: &Http, id: &str) -> anyhow::Result<Value> {
+    let response = http.get(&format!("/jobs/{id}")).await?;
+    ensure!(response.status == StatusCode::OK, "{} {}", response.status, response.text());
+    response.json()
+}
+
+/// Waits until the job's status is `status`; returns the job.
+async fn await_status(http: &Http, id: &str, status: &str) -> anyhow::Result<Value> {
+    let last = std::sync::Mutex::new(Value::Null);
+    let waited = wait_until(DEADLINE, &format!("job {id} {status}"), || async {
+        let job = show(http, id).await?;
+        let done = job["status"] == status;
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = job;
+        Ok(done)
+    })
+    .await;
+    let job = last.into_inner().unwrap_or_else(|e| e.into_inner());
+    waited.with_context(|| format!("last seen: {job}"))?;
+    Ok(job)
+}
+
+fn time(value: &Value) -> anyhow::Result<DateTime<Utc>> {
+    let text = value.as_str().with_context(|| format!("a time, got {value}"))?;
+    Ok(text.parse()?)
+}
+
+fn outcomes(job: &Value) -> Vec<String> {
+    job["attempts"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x["outcome"].as_str().unwrap_or("").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// The wait between the end of attempt `i` and the start of attempt `i + 1`.
+fn gap(job: &Value, i: usize) -> anyhow::Result<Duration> {
+    let ended = time(&job["attempts"][i]["ended_at"])?;
+    let started = time(&job["attempts"][i + 1]["started_at"])?;
+    Ok((started - ended).to_std()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let id = enqueue(http, json!({"type": "diag.flaky", "payload": {"fail_times": 2}})).await?;
+    let job = await_status(http, &id, "succeeded").await?;
+    ensure!(outcomes(&job) == ["failed", "failed", "succeeded"], "{job}");
+    ensure!(job["result"] == json!({"succeeded_on_attempt": 3}), "{job}");
+    ensure!(job["attempts"][0]["error"] == "failing attempt 1", "{job}");
+    // diag.flaky: backoff 1 s doubling, jitter up to +50 %; the due timer fires on time,
+    // so a little slack for the delivery.
+    let slack = Duration::from_millis(500);
+    for (i, first) in [(0, 1000u64), (1, 2000)] {
+        let gap = gap(&job, i)?;
+        let low = Duration::from_millis(first);
+        let high = Duration::from_millis(first * 3 / 2) + slack;
+        ensure!(gap >= low && gap <= high, "gap {i}: {gap:?} not in [{low:?}, {high:?}]: {job}");
+    }
+    ensure!(job["progress"]["percent"] == 50, "the last progress is kept: {job}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_out_of_attempts_is_dead_and_a_retry_runs_it_to_success() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let body = json!({"type": "diag.flaky", "payload": {"fail_times": 3}, "max_attempts": 2});
+    let id = enqueue(http, body).await?;
+    let dead = await_status(http, &id, "dead").await?;
+    ensure!(outcomes(&dead) == ["failed", "failed"], "{dead}");
+    ensure!(dead["waiting"] == "failing attempt 2", "{dead}");
+
+    // A job that is not dead cannot be retried; a dead one gets a fresh budget of 2.
+    let retried = http.post_json(&format!("/jobs/{id}/retry"), &json!({}), &[]).await?;
+    ensure!(retried.status == StatusCode::ACCEPTED, "{}", retried.text());
+    let done = await_status(http, &id, "succeeded").await?;
+    ensure!(outcomes(&done) == ["failed", "failed", "failed", "succeeded"], "{done}");
+    let again = http.post_json(&format!("/jobs/{id}/retry"), &json!({}), &[]).await?;
+    ensure!(again.status == StatusCode::UNPROCESSABLE_ENTITY, "{}", again.text());
+    ensure!(again.error()?.0 == "not_retryable", "{}", again.text());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_due_in_two_seconds_starts_on_time() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let run_at = Utc::now() + chrono::Duration::seconds(2);
+    let body = json!({"type": "diag.noop", "payload": {}, "run_at": run_at});
+    let id = enqueue(http, body).await?;
+    let scheduled = show(http, &id).await?;
+    ensure!(scheduled["status"] == "scheduled", "{scheduled}");
+    let job = await_status(http, &id, "succeeded").await?;
+    let started = time(&job["attempts"][0]["started_at"])?;
+    ensure!(started >= run_at, "started {started} before {run_at}");
+    let late = (started - run_at).to_std()?;
+    ensure!(late < Duration::from_secs(1), "started {late:?} late");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_cancels_a_sleeping_handler_which_observes_it() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let body = json!({"type": "diag.sleep", "payload": {"ms": 60000}, "timeout_ms": 500});
+    let id = enqueue(http, body).await?;
+    let job = await_status(http, &id, "dead").await?;
+    ensure!(outcomes(&job) == ["timed_out"], "{job}");
+    let attempt = &job["attempts"][0];
+    ensure!(attempt["notes"] == json!([{"observed": "cancelled"}]), "{job}");
+    let ran = (time(&attempt["ended_at"])? - time(&attempt["started_at"])?).to_std()?;
+    ensure!(ran >= Duration::from_millis(500) && ran < Duration::from_secs(3), "ran {ran:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let id = enqueue(http, json!({"type": "diag.sleep", "payload": {"ms": 60000}})).await?;
+    let running = await_status(http, &id, "running").await?;
+    ensure!(running["progress"] == json!({"percent": 10, "message": "sleeping"}), "{running}");
+    let cancel = http.post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[]).await?;
+    ensure!(cancel.status == StatusCode::ACCEPTED, "{}", cancel.text());
+    ensure!(cancel.json()?["running"] == true, "{}", cancel.text());
+    let job = await_status(http, &id, "cancelled").await?;
+    ensure!(outcomes(&job) == ["cancelled"], "{job}");
+    ensure!(job["attempts"][0]["notes"] == json!([{"observed": "cancelled"}]), "{job}");
+
+    // A job that is not running is cancelled too: its scheduled attempt never runs.
+    let later = Utc::now() + chrono::Duration::seconds(2);
+    let id = enqueue(http, json!({"type": "diag.noop", "payload": {}, "run_at": later})).await?;
+    let cancel = http.post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[]).await?;
+    ensure!(cancel.json()?["running"] == false, "{}", cancel.text());
+    await_status(http, &id, "cancelled").await?;
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(3)).await;
+    let job = show(http, &id).await?;
+    ensure!(job["status"] == "cancelled" && outcomes(&job).is_empty(), "{job}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_enqueued_ten_times_at_once_is_one_job() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let body = json!({"type": "diag.noop", "payload": {}, "key": "once"});
+    let calls = (0..10).map(|_| enqueue(http, body.clone()));
+    let ids = futures::future::try_join_all(calls).await?;
+    ensure!(ids.iter().all(|id| id == &ids[0]), "ids {ids:?}");
+    // The header names the same job as the field.
+    let response = http
+        .post_json("/jobs", &json!({"type": "diag.noop", "payload": {}}), &[("Idempotency-Key", "once")])
+        .await?;
+    ensure!(response.json()?["id"] == ids[0].as_str(), "{}", response.text());
+    let job = await_status(http, &ids[0], "succeeded").await?;
+    ensure!(outcomes(&job) == ["succeeded"], "{job}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_enqueues_are_400s_naming_the_field() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(1).await?;
+    let http = &gateway.http;
+    let cases = [
+        (json!({"type": "nope", "payload": {}}), "unknown_type", "field `type`"),
+        (json!({"type": "diag.flaky", "payload": {"fail_times": "x"}}), "bad_payload", "field `payload`"),
+        (json!({"type": "diag.noop", "payload": {}, "max_attempts": 0}), "bad_body", "max_attempts"),
+        (json!({"payload": {}}), "bad_body", "type"),
+    ];
+    for (body, code, names) in cases {
+        let response = http.post_json("/jobs", &body, &[]).await?;
+        ensure!(response.status == StatusCode::BAD_REQUEST, "{body}: {}", response.status);
+        let (got, _) = response.error()?;
+        ensure!(got == code && response.text().contains(names), "{body}: {}", response.text());
+    }
+    let missing = http.get(&format!("/jobs/{}", uuid::Uuid::now_v7())).await?;
+    ensure!(missing.status == StatusCode::NOT_FOUND, "{}", missing.text());
+    let bad = http.get("/jobs/not-a-uuid").await?;
+    ensure!(bad.status == StatusCode::BAD_REQUEST, "{}", bad.text());
+    Ok(())
+}
