@@ -19,7 +19,9 @@ use crate::counter::{Counter, CounterMessage};
 
 /// Every route of the built-in application.
 pub fn routes() -> AppRouter {
-    let jobs = crate::jobs::job_types().map(std::sync::Arc::new).unwrap_or_default();
+    let jobs = crate::jobs::job_types()
+        .map(std::sync::Arc::new)
+        .unwrap_or_default();
     OpenApiRouter::new()
         .routes(routes!(counter_value))
         .merge(crate::jobs::routes::routes(jobs))

@@ -37,7 +37,12 @@ async fn enqueue(http: &Http, body: Value) -> anyhow::Result<String> {
 
 async fn show(http: &Http, id: &str) -> anyhow::Result<Value> {
     let response = http.get(&format!("/jobs/{id}")).await?;
-    ensure!(response.status == StatusCode::OK, "{} {}", response.status, response.text());
+    ensure!(
+        response.status == StatusCode::OK,
+        "{} {}",
+        response.status,
+        response.text()
+    );
     response.json()
 }
 
@@ -57,14 +62,20 @@ async fn await_status(http: &Http, id: &str, status: &str) -> anyhow::Result<Val
 }
 
 fn time(value: &Value) -> anyhow::Result<DateTime<Utc>> {
-    let text = value.as_str().with_context(|| format!("a time, got {value}"))?;
+    let text = value
+        .as_str()
+        .with_context(|| format!("a time, got {value}"))?;
     Ok(text.parse()?)
 }
 
 fn outcomes(job: &Value) -> Vec<String> {
     job["attempts"]
         .as_array()
-        .map(|a| a.iter().map(|x| x["outcome"].as_str().unwrap_or("").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| x["outcome"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -79,7 +90,11 @@ fn gap(job: &Value, i: usize) -> anyhow::Result<Duration> {
 async fn a_job_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> anyhow::Result<()> {
     let (_cluster, _runners, gateway) = cluster(2).await?;
     let http = &gateway.http;
-    let id = enqueue(http, json!({"type": "diag.flaky", "payload": {"fail_times": 2}})).await?;
+    let id = enqueue(
+        http,
+        json!({"type": "diag.flaky", "payload": {"fail_times": 2}}),
+    )
+    .await?;
     let job = await_status(http, &id, "succeeded").await?;
     ensure!(outcomes(&job) == ["failed", "failed", "succeeded"], "{job}");
     ensure!(job["result"] == json!({"succeeded_on_attempt": 3}), "{job}");
@@ -91,9 +106,15 @@ async fn a_job_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> an
         let gap = gap(&job, i)?;
         let low = Duration::from_millis(first);
         let high = Duration::from_millis(first * 3 / 2) + slack;
-        ensure!(gap >= low && gap <= high, "gap {i}: {gap:?} not in [{low:?}, {high:?}]: {job}");
+        ensure!(
+            gap >= low && gap <= high,
+            "gap {i}: {gap:?} not in [{low:?}, {high:?}]: {job}"
+        );
     }
-    ensure!(job["progress"]["percent"] == 50, "the last progress is kept: {job}");
+    ensure!(
+        job["progress"]["percent"] == 50,
+        "the last progress is kept: {job}"
+    );
     Ok(())
 }
 
@@ -108,12 +129,23 @@ async fn a_job_out_of_attempts_is_dead_and_a_retry_runs_it_to_success() -> anyho
     ensure!(dead["waiting"] == "failing attempt 2", "{dead}");
 
     // A job that is not dead cannot be retried; a dead one gets a fresh budget of 2.
-    let retried = http.post_json(&format!("/jobs/{id}/retry"), &json!({}), &[]).await?;
+    let retried = http
+        .post_json(&format!("/jobs/{id}/retry"), &json!({}), &[])
+        .await?;
     ensure!(retried.status == StatusCode::ACCEPTED, "{}", retried.text());
     let done = await_status(http, &id, "succeeded").await?;
-    ensure!(outcomes(&done) == ["failed", "failed", "failed", "succeeded"], "{done}");
-    let again = http.post_json(&format!("/jobs/{id}/retry"), &json!({}), &[]).await?;
-    ensure!(again.status == StatusCode::UNPROCESSABLE_ENTITY, "{}", again.text());
+    ensure!(
+        outcomes(&done) == ["failed", "failed", "failed", "succeeded"],
+        "{done}"
+    );
+    let again = http
+        .post_json(&format!("/jobs/{id}/retry"), &json!({}), &[])
+        .await?;
+    ensure!(
+        again.status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        again.text()
+    );
     ensure!(again.error()?.0 == "not_retryable", "{}", again.text());
     Ok(())
 }
@@ -144,9 +176,15 @@ async fn a_timeout_cancels_a_sleeping_handler_which_observes_it() -> anyhow::Res
     let job = await_status(http, &id, "dead").await?;
     ensure!(outcomes(&job) == ["timed_out"], "{job}");
     let attempt = &job["attempts"][0];
-    ensure!(attempt["notes"] == json!([{"observed": "cancelled"}]), "{job}");
+    ensure!(
+        attempt["notes"] == json!([{"observed": "cancelled"}]),
+        "{job}"
+    );
     let ran = (time(&attempt["ended_at"])? - time(&attempt["started_at"])?).to_std()?;
-    ensure!(ran >= Duration::from_millis(500) && ran < Duration::from_secs(3), "ran {ran:?}");
+    ensure!(
+        ran >= Duration::from_millis(500) && ran < Duration::from_secs(3),
+        "ran {ran:?}"
+    );
     Ok(())
 }
 
@@ -154,25 +192,46 @@ async fn a_timeout_cancels_a_sleeping_handler_which_observes_it() -> anyhow::Res
 async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<()> {
     let (_cluster, _runners, gateway) = cluster(2).await?;
     let http = &gateway.http;
-    let id = enqueue(http, json!({"type": "diag.sleep", "payload": {"ms": 60000}})).await?;
+    let id = enqueue(
+        http,
+        json!({"type": "diag.sleep", "payload": {"ms": 60000}}),
+    )
+    .await?;
     let running = await_status(http, &id, "running").await?;
-    ensure!(running["progress"] == json!({"percent": 10, "message": "sleeping"}), "{running}");
-    let cancel = http.post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[]).await?;
+    ensure!(
+        running["progress"] == json!({"percent": 10, "message": "sleeping"}),
+        "{running}"
+    );
+    let cancel = http
+        .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
+        .await?;
     ensure!(cancel.status == StatusCode::ACCEPTED, "{}", cancel.text());
     ensure!(cancel.json()?["running"] == true, "{}", cancel.text());
     let job = await_status(http, &id, "cancelled").await?;
     ensure!(outcomes(&job) == ["cancelled"], "{job}");
-    ensure!(job["attempts"][0]["notes"] == json!([{"observed": "cancelled"}]), "{job}");
+    ensure!(
+        job["attempts"][0]["notes"] == json!([{"observed": "cancelled"}]),
+        "{job}"
+    );
 
     // A job that is not running is cancelled too: its scheduled attempt never runs.
     let later = Utc::now() + chrono::Duration::seconds(2);
-    let id = enqueue(http, json!({"type": "diag.noop", "payload": {}, "run_at": later})).await?;
-    let cancel = http.post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[]).await?;
+    let id = enqueue(
+        http,
+        json!({"type": "diag.noop", "payload": {}, "run_at": later}),
+    )
+    .await?;
+    let cancel = http
+        .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
+        .await?;
     ensure!(cancel.json()?["running"] == false, "{}", cancel.text());
     await_status(http, &id, "cancelled").await?;
     tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(3)).await;
     let job = show(http, &id).await?;
-    ensure!(job["status"] == "cancelled" && outcomes(&job).is_empty(), "{job}");
+    ensure!(
+        job["status"] == "cancelled" && outcomes(&job).is_empty(),
+        "{job}"
+    );
     Ok(())
 }
 
@@ -186,9 +245,17 @@ async fn one_key_enqueued_ten_times_at_once_is_one_job() -> anyhow::Result<()> {
     ensure!(ids.iter().all(|id| id == &ids[0]), "ids {ids:?}");
     // The header names the same job as the field.
     let response = http
-        .post_json("/jobs", &json!({"type": "diag.noop", "payload": {}}), &[("Idempotency-Key", "once")])
+        .post_json(
+            "/jobs",
+            &json!({"type": "diag.noop", "payload": {}}),
+            &[("Idempotency-Key", "once")],
+        )
         .await?;
-    ensure!(response.json()?["id"] == ids[0].as_str(), "{}", response.text());
+    ensure!(
+        response.json()?["id"] == ids[0].as_str(),
+        "{}",
+        response.text()
+    );
     let job = await_status(http, &ids[0], "succeeded").await?;
     ensure!(outcomes(&job) == ["succeeded"], "{job}");
     Ok(())
@@ -199,19 +266,43 @@ async fn bad_enqueues_are_400s_naming_the_field() -> anyhow::Result<()> {
     let (_cluster, _runners, gateway) = cluster(1).await?;
     let http = &gateway.http;
     let cases = [
-        (json!({"type": "nope", "payload": {}}), "unknown_type", "field `type`"),
-        (json!({"type": "diag.flaky", "payload": {"fail_times": "x"}}), "bad_payload", "field `payload`"),
-        (json!({"type": "diag.noop", "payload": {}, "max_attempts": 0}), "bad_body", "max_attempts"),
+        (
+            json!({"type": "nope", "payload": {}}),
+            "unknown_type",
+            "field `type`",
+        ),
+        (
+            json!({"type": "diag.flaky", "payload": {"fail_times": "x"}}),
+            "bad_payload",
+            "field `payload`",
+        ),
+        (
+            json!({"type": "diag.noop", "payload": {}, "max_attempts": 0}),
+            "bad_body",
+            "max_attempts",
+        ),
         (json!({"payload": {}}), "bad_body", "type"),
     ];
     for (body, code, names) in cases {
         let response = http.post_json("/jobs", &body, &[]).await?;
-        ensure!(response.status == StatusCode::BAD_REQUEST, "{body}: {}", response.status);
+        ensure!(
+            response.status == StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            response.status
+        );
         let (got, _) = response.error()?;
-        ensure!(got == code && response.text().contains(names), "{body}: {}", response.text());
+        ensure!(
+            got == code && response.text().contains(names),
+            "{body}: {}",
+            response.text()
+        );
     }
     let missing = http.get(&format!("/jobs/{}", uuid::Uuid::now_v7())).await?;
-    ensure!(missing.status == StatusCode::NOT_FOUND, "{}", missing.text());
+    ensure!(
+        missing.status == StatusCode::NOT_FOUND,
+        "{}",
+        missing.text()
+    );
     let bad = http.get("/jobs/not-a-uuid").await?;
     ensure!(bad.status == StatusCode::BAD_REQUEST, "{}", bad.text());
     Ok(())

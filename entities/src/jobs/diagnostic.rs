@@ -44,7 +44,10 @@ impl JobHandler for Flaky {
     async fn run(&self, ctx: &JobContext, payload: FlakyPayload) -> Result<Self::Output, JobError> {
         ctx.progress(50, "flaking");
         if ctx.attempt() <= payload.fail_times {
-            return Err(JobError::retryable(format!("failing attempt {}", ctx.attempt())));
+            return Err(JobError::retryable(format!(
+                "failing attempt {}",
+                ctx.attempt()
+            )));
         }
         Ok(serde_json::json!({ "succeeded_on_attempt": ctx.attempt() }))
     }
@@ -97,7 +100,11 @@ impl JobHandler for Noop {
     type Payload = serde_json::Map<String, serde_json::Value>;
     type Output = serde_json::Value;
 
-    async fn run(&self, ctx: &JobContext, _payload: Self::Payload) -> Result<Self::Output, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        _payload: Self::Payload,
+    ) -> Result<Self::Output, JobError> {
         Ok(serde_json::json!({ "attempt": ctx.attempt() }))
     }
 }

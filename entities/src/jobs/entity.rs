@@ -257,7 +257,10 @@ async fn retry(ctx: &EntityContext, state: &mut JobView) -> Result<(), HandlerEr
     if !matches!(state.status, JobStatus::Dead | JobStatus::Cancelled) {
         return Err(HandlerError::permanent(
             "not_retryable",
-            format!("only a dead or cancelled job can be retried; this one is {:?}", state.status),
+            format!(
+                "only a dead or cancelled job can be retried; this one is {:?}",
+                state.status
+            ),
         ));
     }
     let now = Utc::now();

@@ -12,12 +12,14 @@
 //! - `POST /jobs/{id}/cancel`: cancels the job (a running attempt cooperatively).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use shoal::client::{ClientError, ShoalClient};
 use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -91,7 +93,10 @@ async fn enqueue(
             .await?;
         id = holder.job_id.unwrap_or(id);
     }
-    client.entity::<Job>(id.as_str()).ask(JobMessage::Enqueue(new)).await?;
+    client
+        .entity::<Job>(id.as_str())
+        .ask(JobMessage::Enqueue(new))
+        .await?;
     let status_url = format!("/jobs/{id}");
     Ok((StatusCode::ACCEPTED, Json(Enqueued { id, status_url })))
 }
@@ -101,7 +106,10 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         let known = registry.types().join(", ");
         ApiError::bad_request(
             "unknown_type",
-            format!("field `type`: no job type `{}` (known: {known})", new.job_type),
+            format!(
+                "field `type`: no job type `{}` (known: {known})",
+                new.job_type
+            ),
         )
     })?;
     handler
@@ -112,7 +120,9 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             .get("idempotency-key")
             .map(|v| v.to_str().map(str::to_owned))
             .transpose()
-            .map_err(|_| ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text"))?;
+            .map_err(|_| {
+                ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text")
+            })?;
     }
     if let Some(key) = &new.key
         && (key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control))
@@ -123,10 +133,16 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         ));
     }
     if new.max_attempts == Some(0) {
-        return Err(ApiError::bad_request("bad_body", "field `max_attempts`: at least 1"));
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `max_attempts`: at least 1",
+        ));
     }
     if new.timeout_ms == Some(0) {
-        return Err(ApiError::bad_request("bad_body", "field `timeout_ms`: at least 1"));
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `timeout_ms`: at least 1",
+        ));
     }
     Ok(())
 }
@@ -163,19 +179,35 @@ async fn show(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = job_id(path)?;
-    let client = gateway.client();
-    let control = client
-        .entity::<JobControl>(id.as_str())
-        .ask(JobControlMessage::Status {})
-        .await?;
-    if let Some(live) = control.live {
-        return Ok(Json(live));
-    }
-    let view = client.entity::<Job>(id.as_str()).ask(JobMessage::Get {}).await?;
+    let view = read(gateway.client(), &id).await?;
     if view.status == JobStatus::New {
         return Err(not_found(&id));
     }
     Ok(Json(view))
+}
+
+/// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
+/// attempt again (a `get` queued behind an attempt that just started waits for all of it).
+const READ_WAIT: Duration = Duration::from_millis(500);
+/// Rounds of (live view, stored record) before giving up.
+const READ_ROUNDS: usize = 20;
+
+/// The live view of a running attempt, else the stored record.
+async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
+    let control = client.entity::<JobControl>(id);
+    let job = client.entity::<Job>(id).with_timeout(READ_WAIT);
+    let mut last = None;
+    for _ in 0..READ_ROUNDS {
+        if let Some(live) = control.ask(JobControlMessage::Status {}).await?.live {
+            return Ok(live);
+        }
+        match job.ask(JobMessage::Get {}).await {
+            Ok(view) => return Ok(view),
+            Err(error @ ClientError::Timeout { .. }) => last = Some(error),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(last.map_or_else(|| ApiError::Internal("no read".to_owned()), ApiError::from))
 }
 
 /// Runs a dead or cancelled job again with a fresh attempt budget.
@@ -195,11 +227,14 @@ async fn retry(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = job_id(path)?;
-    let job = gateway.client().entity::<Job>(id.as_str());
-    if job.ask(JobMessage::Get {}).await?.status == JobStatus::New {
+    let client = gateway.client();
+    if read(client, &id).await?.status == JobStatus::New {
         return Err(not_found(&id));
     }
-    let view = job.ask(JobMessage::Retry {}).await?;
+    let view = client
+        .entity::<Job>(id.as_str())
+        .ask(JobMessage::Retry {})
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
