@@ -19,7 +19,7 @@ use crate::counter::{Counter, CounterMessage};
 
 /// Every route of the built-in application.
 pub fn routes() -> AppRouter {
-    let jobs = crate::jobs::job_types()
+    let jobs = crate::jobs::job_types(None)
         .map(std::sync::Arc::new)
         .unwrap_or_default();
     OpenApiRouter::new()

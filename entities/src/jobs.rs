@@ -33,13 +33,15 @@ use std::sync::Arc;
 
 use shoal::entity::{EntityRegistry, RegistryError};
 
-/// The job types built into the binary (the diagnostic ones).
-pub fn job_types() -> Result<JobRegistry, JobRegistryError> {
+/// The job types built into the binary (the diagnostic ones); `pool` is the database the
+/// `diag.count` type writes to (none on a node that only validates payloads).
+pub fn job_types(pool: Option<sqlx::PgPool>) -> Result<JobRegistry, JobRegistryError> {
     let mut types = JobRegistry::new();
     types
         .register(diagnostic::Flaky)?
         .register(diagnostic::Sleep)?
-        .register(diagnostic::Noop)?;
+        .register(diagnostic::Noop)?
+        .register(diagnostic::Count::new(pool))?;
     Ok(types)
 }
 

@@ -307,3 +307,80 @@ async fn bad_enqueues_are_400s_naming_the_field() -> anyhow::Result<()> {
     ensure!(bad.status == StatusCode::BAD_REQUEST, "{}", bad.text());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_owner_while_500_jobs_run_leaves_each_succeeded_once() -> anyhow::Result<()> {
+    const JOBS: usize = 500;
+    let (cluster, mut runners, gateway) = cluster(3).await?;
+    let http = &gateway.http;
+    sqlx::query("CREATE TABLE diag_job_effects (job_id text PRIMARY KEY, hits int NOT NULL)")
+        .execute(&cluster.pool)
+        .await?;
+    let body = json!({"type": "diag.count", "payload": {"ms": 6000}});
+    let mut ids = Vec::new();
+    for _ in 0..JOBS / 50 {
+        let batch = (0..50).map(|_| enqueue(http, body.clone()));
+        ids.extend(futures::future::try_join_all(batch).await?);
+    }
+    // Kill -9 one runner while every attempt is in flight (each sleeps 6 s before its
+    // side effect).
+    wait_until(DEADLINE, "every job running", || async {
+        for chunk in ids.chunks(50) {
+            let views = futures::future::try_join_all(chunk.iter().map(|id| show(http, id))).await?;
+            if views.iter().any(|v| v["status"] != "running") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    let effects = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM diag_job_effects")
+            .fetch_one(&cluster.pool)
+            .await?;
+        anyhow::Ok(n)
+    };
+    ensure!(effects().await? < JOBS as i64, "the jobs finished before the kill");
+    runners[0].kill()?;
+    let killed_at = Utc::now();
+
+    let long = Duration::from_secs(120);
+    wait_until(long, "every job succeeded", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM shoal_entity_state
+              WHERE entity_type = 'job' AND state->>'status' = 'succeeded'",
+        )
+        .fetch_one(&cluster.pool)
+        .await?;
+        Ok(n == JOBS as i64)
+    })
+    .await?;
+    // Exactly-once state: each record has one succeeded attempt and no other outcome.
+    let records: Vec<(String, Value)> =
+        sqlx::query_as("SELECT entity_id, state FROM shoal_entity_state WHERE entity_type = 'job'")
+            .fetch_all(&cluster.pool)
+            .await?;
+    ensure!(records.len() == JOBS, "{} records", records.len());
+    let mut rerun = 0;
+    for (id, state) in &records {
+        ensure!(outcomes(state) == ["succeeded"], "job {id}: {state}");
+        ensure!(ids.contains(id), "job {id} was never enqueued");
+        // Every job was running at the kill; one whose recorded attempt started after it
+        // was cut by the kill and run again by the shard's next owner.
+        if time(&state["attempts"][0]["started_at"])? > killed_at {
+            rerun += 1;
+        }
+    }
+    ensure!(rerun > 0, "no attempt was running on the killed runner");
+    // The keyed side effect: one row per job; an attempt cut by the kill ran again, which
+    // at-least-once attempts allow, but no job is missing.
+    let (rows, total): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(hits)::int8 FROM diag_job_effects")
+            .fetch_one(&cluster.pool)
+            .await?;
+    ensure!(rows == JOBS as i64, "{rows} jobs ran their side effect");
+    eprintln!(
+        "{rerun} attempts cut by the kill ran again; side effects: {rows} jobs, {total} hits"
+    );
+    Ok(())
+}
