@@ -125,6 +125,9 @@ async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
         .run(&pool)
         .await
         .context("applying migrations")?;
+    shoal_entities::jobs::listing::migrate(&pool)
+        .await
+        .context("creating the job indexes")?;
     println!("migrations applied");
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod diagnostic;
 pub mod entity;
 pub mod handler;
 pub mod key;
+pub mod listing;
 mod metrics;
 pub mod record;
 pub mod registry;

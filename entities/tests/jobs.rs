@@ -326,7 +326,8 @@ async fn killing_an_owner_while_500_jobs_run_leaves_each_succeeded_once() -> any
     // side effect).
     wait_until(DEADLINE, "every job running", || async {
         for chunk in ids.chunks(50) {
-            let views = futures::future::try_join_all(chunk.iter().map(|id| show(http, id))).await?;
+            let views =
+                futures::future::try_join_all(chunk.iter().map(|id| show(http, id))).await?;
             if views.iter().any(|v| v["status"] != "running") {
                 return Ok(false);
             }
@@ -340,7 +341,10 @@ async fn killing_an_owner_while_500_jobs_run_leaves_each_succeeded_once() -> any
             .await?;
         anyhow::Ok(n)
     };
-    ensure!(effects().await? < JOBS as i64, "the jobs finished before the kill");
+    ensure!(
+        effects().await? < JOBS as i64,
+        "the jobs finished before the kill"
+    );
     runners[0].kill()?;
     let killed_at = Utc::now();
 
@@ -381,6 +385,127 @@ async fn killing_an_owner_while_500_jobs_run_leaves_each_succeeded_once() -> any
     ensure!(rows == JOBS as i64, "{rows} jobs ran their side effect");
     eprintln!(
         "{rerun} attempts cut by the kill ran again; side effects: {rows} jobs, {total} hits"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_pages_by_state_and_type() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let mut dead = Vec::new();
+    for _ in 0..3 {
+        let body = json!({"type": "diag.flaky", "payload": {"fail_times": 1}, "max_attempts": 1});
+        dead.push(enqueue(http, body).await?);
+    }
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        done.push(enqueue(http, json!({"type": "diag.noop", "payload": {}})).await?);
+    }
+    for id in &dead {
+        await_status(http, id, "dead").await?;
+    }
+    for id in &done {
+        await_status(http, id, "succeeded").await?;
+    }
+    // Dead jobs, two per page, newest first.
+    let first = http.get("/jobs?state=dead&limit=2").await?.json()?;
+    let cursor = first["next_cursor"].as_str().context("a second page")?;
+    let second = http
+        .get(&format!("/jobs?state=dead&limit=2&cursor={cursor}"))
+        .await?
+        .json()?;
+    ensure!(second.get("next_cursor").is_none(), "{second}");
+    let listed: Vec<&str> = [&first, &second]
+        .iter()
+        .flat_map(|page| page["jobs"].as_array().into_iter().flatten())
+        .filter_map(|job| job["id"].as_str())
+        .collect();
+    let mut expected: Vec<&str> = dead.iter().map(String::as_str).rev().collect();
+    expected.sort_by(|a, b| b.cmp(a));
+    ensure!(listed == expected, "listed {listed:?}, dead {expected:?}");
+    let noop = http
+        .get("/jobs?type=diag.noop&state=succeeded")
+        .await?
+        .json()?;
+    ensure!(noop["jobs"].as_array().map(Vec::len) == Some(2), "{noop}");
+    for bad in [
+        "/jobs?state=sleepy",
+        "/jobs?limit=0",
+        "/jobs?cursor=x",
+        "/jobs?colour=red",
+    ] {
+        let response = http.get(bad).await?;
+        ensure!(
+            response.status == StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            response.text()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_ten_thousand_jobs_by_state_is_an_index_scan() -> anyhow::Result<()> {
+    use shoal_entities::jobs::listing::{ListQuery, list, query};
+    let cluster = TestCluster::new(16).await?;
+    // 10k job records as the job entity commits them, a fifth of them dead.
+    sqlx::query(
+        "INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
+         SELECT $1, 'job', id, jsonb_build_object('id', id, 'type', 'diag.noop',
+                'payload', '{}'::jsonb, 'status', CASE WHEN n % 5 = 0 THEN 'dead' ELSE 'succeeded' END,
+                'max_attempts', 1, 'timeout_ms', 1000, 'attempts', '[]'::jsonb,
+                'budget_start', 0, 'generation', 0), n
+           FROM (SELECT n, lpad(to_hex(n), 8, '0') || '-0000-7000-8000-000000000000' AS id
+                   FROM generate_series(1, 10000) AS n) AS jobs",
+    )
+    .bind(&cluster.name)
+    .execute(&cluster.pool)
+    .await?;
+    sqlx::query("ANALYZE shoal_entity_state")
+        .execute(&cluster.pool)
+        .await?;
+    let filter = ListQuery {
+        state: Some("dead".to_owned()),
+        limit: Some(50),
+        ..ListQuery::default()
+    };
+    // The listing's own statement, prepared and explained with its values.
+    let listing = query(&cluster.name, &filter, 50).sql().as_str().to_owned();
+    ensure!(listing.contains("state->>'status' = $2"), "{listing}");
+    let mut conn = cluster.pool.acquire().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PREPARE listing (text, text, int8) AS {listing}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, FORMAT TEXT) EXECUTE listing ('{}', 'dead', 51)",
+        cluster.name
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    drop(conn);
+    let plan = plan.join("\n");
+    eprintln!("{plan}");
+    ensure!(
+        plan.contains("shoal_jobs_by_status") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    let started = std::time::Instant::now();
+    let page = list(&cluster.pool, &cluster.name, &filter).await?;
+    eprintln!(
+        "a page of 50 dead jobs out of 10k in {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        page.jobs.len() == 50 && page.next_cursor.is_some(),
+        "{page:?}"
+    );
+    ensure!(
+        page.jobs
+            .iter()
+            .all(|j| j.status == shoal_entities::jobs::JobStatus::Dead)
     );
     Ok(())
 }

@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -29,20 +29,31 @@ use super::JobId;
 use super::control::{JobControl, JobControlMessage};
 use super::entity::{Job, JobMessage, NewJob};
 use super::key::{JobKey, JobKeyMessage, key_entity_id};
+use super::listing::{self, JobPage, ListQuery, MAX_LIMIT};
 use super::record::{JobStatus, JobView};
 use super::registry::JobRegistry;
 
 /// Longest unique key.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// The job routes over `registry`'s types.
-pub fn routes(registry: Arc<JobRegistry>) -> AppRouter {
+/// Where the listing reads: the cluster's database.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    /// A pool on the cluster's database.
+    pub pool: sqlx::PgPool,
+    /// The cluster's name.
+    pub cluster: String,
+}
+
+/// The job routes over `registry`'s types; without a `store`, `GET /jobs` answers 503.
+pub fn routes(registry: Arc<JobRegistry>, store: Option<JobStore>) -> AppRouter {
     OpenApiRouter::new()
-        .routes(routes!(enqueue))
+        .routes(routes!(enqueue, list))
         .routes(routes!(show))
         .routes(routes!(retry))
         .routes(routes!(cancel))
         .layer(Extension(registry))
+        .layer(Extension(store))
 }
 
 /// An enqueued job.
@@ -266,4 +277,71 @@ async fn cancel(
             running: reply.running,
         }),
     ))
+}
+
+const STATES: [&str; 6] = [
+    "scheduled",
+    "queued",
+    "retrying",
+    "succeeded",
+    "dead",
+    "cancelled",
+];
+
+/// Lists jobs, newest first, by state and type, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = JobPage),
+        (status = 400, description = "A bad state, limit or cursor", body = ErrorBody),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn list(
+    Extension(store): Extension<Option<JobStore>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    let Query(query) = query?;
+    check_list(&query)?;
+    let unavailable = |message: String| ApiError::Unavailable {
+        code: "database_unavailable",
+        message,
+        retry: shoal::retry::RetryClass::Safe,
+    };
+    let store = store.ok_or_else(|| unavailable("this gateway lists no jobs".to_owned()))?;
+    let page = listing::list(&store.pool, &store.cluster, &query)
+        .await
+        .map_err(|e| unavailable(format!("listing jobs: {e}")))?;
+    Ok(Json(page))
+}
+
+fn check_list(query: &ListQuery) -> Result<(), ApiError> {
+    if let Some(state) = &query.state
+        && !STATES.contains(&state.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!(
+                "query `state`: `{state}` is not one of {}",
+                STATES.join(", ")
+            ),
+        ));
+    }
+    if let Some(limit) = query.limit
+        && !(1..=MAX_LIMIT).contains(&limit)
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("query `limit`: 1–{MAX_LIMIT}, got {limit}"),
+        ));
+    }
+    if let Some(cursor) = &query.cursor {
+        cursor
+            .parse::<JobId>()
+            .map_err(|e| ApiError::bad_request("bad_query", format!("query `cursor`: {e}")))?;
+    }
+    Ok(())
 }
