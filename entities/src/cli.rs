@@ -7,6 +7,7 @@ mod cron;
 mod dev;
 mod drill;
 mod gateway;
+mod jobs;
 mod runner;
 mod signals;
 mod status;
@@ -51,6 +52,9 @@ enum Command {
     /// Failover drills.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
+    /// Jobs through a gateway's HTTP API (JSON).
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
 }
 
 /// `--database-url`, shared by most commands.
@@ -116,6 +120,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = cli.load_config(|l| drill.apply(l))?;
             drill.run(config).await
         }
+        Command::Jobs(jobs) => jobs.run().await,
     }
 }
 

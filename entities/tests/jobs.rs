@@ -509,3 +509,63 @@ async fn listing_ten_thousand_jobs_by_state_is_an_index_scan() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_shows_cancels_and_retries_jobs() -> anyhow::Result<()> {
+    let (cluster, _runners, gateway) = cluster(1).await?;
+    let http = &gateway.http;
+    let url = format!("http://{}", gateway.addr);
+    let shoal = |args: Vec<String>| {
+        let dir = cluster.dir.clone();
+        async move {
+            let mut command = common::shoal_command(&dir);
+            command.args(&args);
+            let output = shoal_testkit::process::output_within(&mut command, DEADLINE).await?;
+            ensure!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok::<Value, anyhow::Error>(serde_json::from_slice(&output.stdout)?)
+        }
+    };
+    let id = enqueue(
+        http,
+        json!({"type": "diag.sleep", "payload": {"ms": 60000}}),
+    )
+    .await?;
+    await_status(http, &id, "running").await?;
+    let cancelled = shoal(vec![
+        "jobs".into(),
+        "cancel".into(),
+        id.clone(),
+        "--gateway".into(),
+        url.clone(),
+    ])
+    .await?;
+    ensure!(cancelled["running"] == true, "{cancelled}");
+    await_status(http, &id, "cancelled").await?;
+    let shown = shoal(vec![
+        "jobs".into(),
+        "show".into(),
+        id.clone(),
+        "--gateway".into(),
+        url.clone(),
+    ])
+    .await?;
+    ensure!(shown["status"] == "cancelled", "{shown}");
+    let list = vec!["jobs", "list", "--state", "cancelled", "--gateway", &url];
+    let listed = shoal(list.iter().map(|s| s.to_string()).collect()).await?;
+    ensure!(listed["jobs"][0]["id"] == id.as_str(), "{listed}");
+    let retried = shoal(vec![
+        "jobs".into(),
+        "retry".into(),
+        id.clone(),
+        "--gateway".into(),
+        url.clone(),
+    ])
+    .await?;
+    ensure!(retried["status"] == "queued", "{retried}");
+    await_status(http, &id, "running").await?;
+    Ok(())
+}
