@@ -569,3 +569,69 @@ async fn the_cli_lists_shows_cancels_and_retries_jobs() -> anyhow::Result<()> {
     await_status(http, &id, "running").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    let redis = vec![
+        (
+            "SHOAL__REDIS__URL".to_owned(),
+            "redis://127.0.0.1:6379".to_owned(),
+        ),
+        (
+            "SHOAL__REDIS__KEY_PREFIX".to_owned(),
+            format!("shoal-test:{}", cluster.db.name),
+        ),
+    ];
+    let mut runners = Vec::new();
+    for _ in 0..3 {
+        let options = common::RunnerOptions {
+            env: redis.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    cluster
+        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(
+            enqueue(
+                http,
+                json!({"type": "diag.limited", "payload": {"ms": 1000}}),
+            )
+            .await?,
+        );
+    }
+    // (most running at once, samples, whether a job said why it waited)
+    let seen = std::sync::Mutex::new((0usize, 0usize, false));
+    let sample = || async {
+        let views = futures::future::try_join_all(ids.iter().map(|id| show(http, id))).await?;
+        let running = views.iter().filter(|v| v["status"] == "running").count();
+        let waiting = views.iter().any(|v| {
+            v["waiting"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("waiting for a slot"))
+        });
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.0 = seen.0.max(running);
+        seen.1 += 1;
+        seen.2 |= waiting;
+        Ok(views.iter().all(|v| v["status"] == "succeeded"))
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "every limited job succeeded",
+        sample,
+    )
+    .await?;
+    let (most, samples, saw_waiting) = seen.into_inner().unwrap_or_else(|e| e.into_inner());
+    eprintln!("{samples} samples, at most {most} running at once");
+    ensure!(most <= 3, "{most} running at once");
+    ensure!(most >= 2, "the limit was never approached: at most {most}");
+    ensure!(saw_waiting, "no job said why it waited");
+    Ok(())
+}

@@ -35,9 +35,16 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
     let pool = job_pool(&config)?;
+    let redis = match &config.redis.url {
+        Some(_) => Some(shoal::redis::RedisClient::connect(
+            &config.redis,
+            &config.cluster.name,
+        )?),
+        None => None,
+    };
     let params = RunnerParams {
         config,
-        registry: shoal_entities::registry_with(Some(pool))?,
+        registry: shoal_entities::registry_with(Some(pool), redis)?,
         singletons: Vec::new(),
         metrics: Some(metrics),
     };

@@ -5,6 +5,7 @@
 //!   (backoff 1 s doubling to 4 s, with jitter).
 //! - `diag.sleep {ms}`: sleeps `ms`, or stops when cancelled and notes that it saw the
 //!   cancellation (`{"observed": "cancelled"}` in its attempt's notes).
+//! - `diag.limited {ms}`: sleeps `ms`; at most 3 run at once across the cluster.
 //! - `diag.noop {}`: succeeds at once, replying with its attempt number.
 //! - `diag.count {ms}`: sleeps `ms` (observing cancellation), then adds one to the row of
 //!   its job id in the table `diag_job_effects (job_id text primary key, hits int)`, which
@@ -163,5 +164,26 @@ impl JobHandler for Count {
         .await
         .map_err(|e| JobError::retryable(format!("diag_job_effects: {e}")))?;
         Ok(serde_json::json!({ "hits": hits }))
+    }
+}
+
+/// `diag.limited`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limited;
+
+impl JobHandler for Limited {
+    const TYPE: &'static str = "diag.limited";
+    type Payload = SleepPayload;
+    type Output = serde_json::Value;
+
+    fn options(&self) -> JobOptions {
+        JobOptions {
+            concurrency: Some(3),
+            ..JobOptions::default()
+        }
+    }
+
+    async fn run(&self, ctx: &JobContext, payload: SleepPayload) -> Result<Self::Output, JobError> {
+        Sleep.run(ctx, payload).await
     }
 }
