@@ -554,7 +554,7 @@ async fn the_cli_lists_shows_cancels_and_retries_jobs() -> anyhow::Result<()> {
     ])
     .await?;
     ensure!(shown["status"] == "cancelled", "{shown}");
-    let list = vec!["jobs", "list", "--state", "cancelled", "--gateway", &url];
+    let list = ["jobs", "list", "--state", "cancelled", "--gateway", &url];
     let listed = shoal(list.iter().map(|s| s.to_string()).collect()).await?;
     ensure!(listed["jobs"][0]["id"] == id.as_str(), "{listed}");
     let retried = shoal(vec![
@@ -633,5 +633,51 @@ async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Re
     ensure!(most <= 3, "{most} running at once");
     ensure!(most >= 2, "the limit was never approached: at most {most}");
     ensure!(saw_waiting, "no job said why it waited");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_pruned_after_the_retention_and_free_their_key() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    // `[jobs] retention` through the environment: the runtime's loader leaves the section
+    // to the application.
+    let env = vec![("SHOAL__JOBS__RETENTION".to_owned(), "2s".to_owned())];
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = common::RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    cluster
+        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    let body = json!({"type": "diag.noop", "payload": {}, "key": "pruned-key"});
+    let first = enqueue(http, body.clone()).await?;
+    let done = await_status(http, &first, "succeeded").await?;
+    let finished = time(&done["finished_at"])?;
+    // While kept, the key names the finished job.
+    ensure!(
+        enqueue(http, body.clone()).await? == first,
+        "the key was freed early"
+    );
+    wait_until(DEADLINE, "the finished job pruned", || async {
+        Ok(http.get(&format!("/jobs/{first}")).await?.status == StatusCode::NOT_FOUND)
+    })
+    .await?;
+    let kept = (Utc::now() - finished).to_std()?;
+    ensure!(kept >= Duration::from_secs(2), "pruned after {kept:?}");
+    let listed = http.get("/jobs?type=diag.noop").await?.json()?;
+    ensure!(
+        listed["jobs"] == json!([]),
+        "a pruned job is listed: {listed}"
+    );
+    // The key is free again: a new job.
+    let second = enqueue(http, body).await?;
+    ensure!(second != first, "the key still named the pruned job");
+    await_status(http, &second, "succeeded").await?;
     Ok(())
 }
