@@ -197,11 +197,14 @@ async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<
         json!({"type": "diag.sleep", "payload": {"ms": 60000}}),
     )
     .await?;
-    let running = await_status(http, &id, "running").await?;
-    ensure!(
-        running["progress"] == json!({"percent": 10, "message": "sleeping"}),
-        "{running}"
-    );
+    await_status(http, &id, "running").await?;
+    // The handler reports its progress as it starts; the live view shows it.
+    wait_until(DEADLINE, "live progress", || async {
+        let live = show(http, &id).await?;
+        Ok(live["status"] == "running"
+            && live["progress"] == json!({"percent": 10, "message": "sleeping"}))
+    })
+    .await?;
     let cancel = http
         .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
         .await?;
