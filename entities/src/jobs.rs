@@ -9,6 +9,7 @@
 
 mod attempt;
 pub mod control;
+pub mod cron;
 pub mod diagnostic;
 pub mod entity;
 pub mod handler;
@@ -65,7 +66,8 @@ impl Default for JobsConfig {
     }
 }
 
-/// Registers the job system's entity types (`job`, `job-control`, `job-key`) over `types`;
+/// Registers the job system's entity types (`job`, `job-control`, `job-key`, `job-cron`)
+/// over `types`;
 /// concurrency-limited types take their leases on `redis`.
 pub fn register(
     registry: &mut EntityRegistry,
@@ -82,7 +84,8 @@ pub fn register(
             config.retention,
         ))?
         .register_concurrent(control::JobControl::new(running))?
-        .register(key::JobKey)?;
+        .register(key::JobKey)?
+        .register(cron::JobCron)?;
     Ok(())
 }
 

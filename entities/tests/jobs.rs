@@ -684,3 +684,49 @@ async fn finished_jobs_are_pruned_after_the_retention_and_free_their_key() -> an
     await_status(http, &second, "succeeded").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_enqueues_one_job_per_instant() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    // The application's `[jobs]` section sits in the same file as the runtime's.
+    let toml = "[jobs]\nretention = \"1h\"\n\n[[cron]]\nname = \"every-second\"\n\
+                expression = \"* * * * * *\"\n\
+                target = { entity-type = \"job-cron\", entity-id = \"diag.noop\", \
+                message = \"fire\", payload = { schedule = \"{{name}}\", \
+                instant = \"{{instant}}\", payload = {} } }\n";
+    let path = cluster.dir.join("jobs-cron.toml");
+    std::fs::write(&path, toml)?;
+    let env = vec![("SHOAL_CONFIG".to_owned(), path.display().to_string())];
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = common::RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    let count = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM shoal_entity_state
+              WHERE entity_type = 'job' AND state->>'status' = 'succeeded'
+                AND state->>'key' LIKE 'cron:every-second:%'",
+        )
+        .fetch_one(&cluster.pool)
+        .await?;
+        anyhow::Ok(n)
+    };
+    wait_until(DEADLINE, "three cron jobs succeeded", || async {
+        Ok(count().await? >= 3)
+    })
+    .await?;
+    // One job per instant: no key names two jobs, and each key's job is the key's holder.
+    let keys: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state->>'key', count(*) FROM shoal_entity_state
+          WHERE entity_type = 'job' GROUP BY 1",
+    )
+    .fetch_all(&cluster.pool)
+    .await?;
+    ensure!(keys.iter().all(|(_, n)| *n == 1), "{keys:?}");
+    ensure!(keys.len() >= 3, "{keys:?}");
+    Ok(())
+}
