@@ -122,10 +122,17 @@ async fn a_job_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> an
 async fn a_job_out_of_attempts_is_dead_and_a_retry_runs_it_to_success() -> anyhow::Result<()> {
     let (_cluster, _runners, gateway) = cluster(2).await?;
     let http = &gateway.http;
-    let body = json!({"type": "diag.flaky", "payload": {"fail_times": 3}, "max_attempts": 2});
+    // The job's own backoff (200 ms) over the type's (1 s).
+    let body = json!({"type": "diag.flaky", "payload": {"fail_times": 3}, "max_attempts": 2,
+                      "backoff": {"first_ms": 200, "max_ms": 200}});
     let id = enqueue(http, body).await?;
     let dead = await_status(http, &id, "dead").await?;
     ensure!(outcomes(&dead) == ["failed", "failed"], "{dead}");
+    let waited = gap(&dead, 0)?;
+    ensure!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(900),
+        "the job's own backoff: waited {waited:?}"
+    );
     ensure!(dead["waiting"] == "failing attempt 2", "{dead}");
 
     // A job that is not dead cannot be retried; a dead one gets a fresh budget of 2.

@@ -81,6 +81,19 @@ pub struct NewJob {
     /// One attempt's timeout, milliseconds (default: the type's).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The waits between attempts (default: the type's).
+    #[serde(default)]
+    pub backoff: Option<JobBackoff>,
+}
+
+/// A job's own waits between attempts: `first_ms` doubling up to `max_ms`, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobBackoff {
+    /// The wait after the first failed attempt, milliseconds.
+    pub first_ms: u64,
+    /// The longest wait, milliseconds.
+    pub max_ms: u64,
 }
 
 /// A job's messages.
@@ -208,6 +221,7 @@ impl Job {
                 .timeout_ms
                 .unwrap_or(options.timeout.as_millis() as u64)
                 .max(1),
+            backoff: new.backoff,
             run_at: Some(run_at),
             next_run_at: Some(run_at),
             created_at: Some(now),
@@ -294,9 +308,15 @@ impl Job {
                     finish(state, JobStatus::Dead, end.error);
                 } else {
                     let budget = state.budget_used();
-                    let delay = end
-                        .retry_after
-                        .unwrap_or_else(|| handler.options().backoff.delay(budget));
+                    let policy = match state.backoff {
+                        Some(own) => super::BackoffPolicy {
+                            first: Duration::from_millis(own.first_ms),
+                            max: Duration::from_millis(own.max_ms),
+                            jitter: true,
+                        },
+                        None => handler.options().backoff,
+                    };
+                    let delay = end.retry_after.unwrap_or_else(|| policy.delay(budget));
                     state.status = JobStatus::Retrying;
                     state.waiting = end.error;
                     let at = ended_at + chrono::Duration::from_std(delay).unwrap_or_default();

@@ -90,6 +90,9 @@ pub struct JobView {
     pub max_attempts: u32,
     /// Timeout of one attempt, milliseconds.
     pub timeout_ms: u64,
+    /// The job's own backoff, if it has one (else the type's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<super::entity::JobBackoff>,
     /// Every attempt so far.
     pub attempts: Vec<Attempt>,
     /// Attempts made before the current budget (by earlier retries).

@@ -149,6 +149,14 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             "field `max_attempts`: at least 1",
         ));
     }
+    if let Some(backoff) = new.backoff
+        && (backoff.first_ms == 0 || backoff.first_ms > backoff.max_ms)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `backoff`: 0 < first_ms ≤ max_ms",
+        ));
+    }
     if new.timeout_ms == Some(0) {
         return Err(ApiError::bad_request(
             "bad_body",
