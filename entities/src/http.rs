@@ -4,6 +4,7 @@
 //! handler reaches entities only through the gateway's typed client.
 //!
 //! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
+//! - `/jobs…`: the job routes ([`crate::jobs::routes`]).
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -18,7 +19,17 @@ use crate::counter::{Counter, CounterMessage};
 
 /// Every route of the built-in application.
 pub fn routes() -> AppRouter {
-    OpenApiRouter::new().routes(routes!(counter_value))
+    routes_with(None)
+}
+
+/// Every route; `GET /jobs` lists from `store`.
+pub fn routes_with(store: Option<crate::jobs::routes::JobStore>) -> AppRouter {
+    let jobs = crate::jobs::job_types(None)
+        .map(std::sync::Arc::new)
+        .unwrap_or_default();
+    OpenApiRouter::new()
+        .routes(routes!(counter_value))
+        .merge(crate::jobs::routes::routes(jobs, store))
 }
 
 /// A counter's count.

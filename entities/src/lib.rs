@@ -2,6 +2,7 @@
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+//! - [`jobs`]: the job system (`job`, `job-control`, `job-key` entities, job types, routes).
 //! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
 //!   webhook job type.
 //!
@@ -10,16 +11,33 @@
 
 pub mod counter;
 pub mod http;
+pub mod jobs;
 pub mod probe;
 pub mod webhook;
 
-use shoal::entity::{EntityRegistry, RegistryError};
+use shoal::entity::EntityRegistry;
 
 /// Every built-in entity type, ready to register on a runner.
-pub fn registry() -> Result<EntityRegistry, RegistryError> {
+pub fn registry() -> anyhow::Result<EntityRegistry> {
+    registry_with(None, None, &jobs::JobsConfig::default())
+}
+
+/// Every built-in entity type; job types that touch the database use `pool`, limited job
+/// types take their concurrency leases on `redis`.
+pub fn registry_with(
+    pool: Option<sqlx::PgPool>,
+    redis: Option<shoal::redis::RedisClient>,
+    jobs_config: &jobs::JobsConfig,
+) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?;
+    jobs::register(
+        &mut registry,
+        std::sync::Arc::new(jobs::job_types(pool)?),
+        redis,
+        jobs_config,
+    )?;
     Ok(registry)
 }
