@@ -10,6 +10,7 @@
 
 pub mod counter;
 pub mod http;
+pub mod jobs;
 pub mod probe;
 pub mod webhook;
 

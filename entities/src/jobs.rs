@@ -1,0 +1,65 @@
+//! The job system: background work as entity messages.
+//!
+//! A job type is a [`JobHandler`] registered in a [`JobRegistry`]. Every job is one `job`
+//! entity (id [`JobId`], a uuid v7) whose persisted state is the job record; its attempts
+//! run inside its persisted `run` message, so an attempt's outcome, the job's new status
+//! and the next `run` (scheduled after the backoff as a timed message, never polled)
+//! commit together with the message's completion. See docs/ARCHITECTURE.md
+//! "Built-in entities → job".
+
+pub mod handler;
+pub mod registry;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use handler::{
+    BackoffPolicy, ConcurrencyKeyFn, JobContext, JobError, JobHandler, JobOptions, Progress,
+};
+pub use registry::{JobRegistry, JobRegistryError};
+
+/// A job's id: a uuid v7 (time-ordered), also the `job` entity's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(uuid::Uuid);
+
+impl JobId {
+    /// A fresh id (uuid v7).
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+
+    /// The uuid.
+    pub fn as_uuid(&self) -> uuid::Uuid {
+        self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// A job id that is not a uuid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a job id (a uuid)")]
+pub struct BadJobId(String);
+
+impl FromStr for JobId {
+    type Err = BadJobId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| BadJobId(s.to_owned()))
+    }
+}
