@@ -4,6 +4,7 @@
 //! handler reaches entities only through the gateway's typed client.
 //!
 //! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
+//! - `/jobs…`: the job routes ([`crate::jobs::routes`]).
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -18,7 +19,10 @@ use crate::counter::{Counter, CounterMessage};
 
 /// Every route of the built-in application.
 pub fn routes() -> AppRouter {
-    OpenApiRouter::new().routes(routes!(counter_value))
+    let jobs = crate::jobs::job_types().map(std::sync::Arc::new).unwrap_or_default();
+    OpenApiRouter::new()
+        .routes(routes!(counter_value))
+        .merge(crate::jobs::routes::routes(jobs))
 }
 
 /// A counter's count.

@@ -7,8 +7,16 @@
 //! commit together with the message's completion. See docs/ARCHITECTURE.md
 //! "Built-in entities → job".
 
+mod attempt;
+pub mod control;
+pub mod diagnostic;
+pub mod entity;
 pub mod handler;
+pub mod key;
+mod metrics;
+pub mod record;
 pub mod registry;
+pub mod routes;
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,7 +26,35 @@ use serde::{Deserialize, Serialize};
 pub use handler::{
     BackoffPolicy, ConcurrencyKeyFn, JobContext, JobError, JobHandler, JobOptions, Progress,
 };
+pub use record::{Attempt, AttemptOutcome, JobStatus, JobView};
 pub use registry::{JobRegistry, JobRegistryError};
+
+use std::sync::Arc;
+
+use shoal::entity::{EntityRegistry, RegistryError};
+
+/// The job types built into the binary (the diagnostic ones).
+pub fn job_types() -> Result<JobRegistry, JobRegistryError> {
+    let mut types = JobRegistry::new();
+    types
+        .register(diagnostic::Flaky)?
+        .register(diagnostic::Sleep)?
+        .register(diagnostic::Noop)?;
+    Ok(types)
+}
+
+/// Registers the job system's entity types (`job`, `job-control`, `job-key`) over `types`.
+pub fn register(
+    registry: &mut EntityRegistry,
+    types: Arc<JobRegistry>,
+) -> Result<(), RegistryError> {
+    let running = control::RunningAttempts::default();
+    registry
+        .register(entity::Job::new(types, running.clone()))?
+        .register_concurrent(control::JobControl::new(running))?
+        .register(key::JobKey)?;
+    Ok(())
+}
 
 /// A job's id: a uuid v7 (time-ordered), also the `job` entity's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
+//! - [`jobs`]: the job system (`job`, `job-control`, `job-key` entities, job types, routes).
 //! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
 //!   webhook job type.
 //!
@@ -14,13 +15,14 @@ pub mod jobs;
 pub mod probe;
 pub mod webhook;
 
-use shoal::entity::{EntityRegistry, RegistryError};
+use shoal::entity::EntityRegistry;
 
 /// Every built-in entity type, ready to register on a runner.
-pub fn registry() -> Result<EntityRegistry, RegistryError> {
+pub fn registry() -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?;
+    jobs::register(&mut registry, std::sync::Arc::new(jobs::job_types()?))?;
     Ok(registry)
 }

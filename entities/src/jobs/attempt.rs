@@ -1,0 +1,101 @@
+//! Running one attempt: the handler's future under the job's timeout and a cancellation
+//! token registered in [`RunningAttempts`], so a cancel request reaches it.
+//!
+//! Past the timeout, or when cancelled, the token trips first and the handler gets
+//! [`GRACE`] to observe it and return; then its future is dropped, so nothing of it runs
+//! on. A timed-out attempt fails as retryable; a cancelled one cancels the job.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::JobId;
+use super::control::RunningAttempts;
+use super::handler::{AttemptSink, JobContext, JobError, Progress};
+use super::record::{AttemptOutcome, JobStatus, JobView};
+use super::registry::ErasedJob;
+
+/// How long a handler has to return once its token trips.
+pub const GRACE: Duration = Duration::from_secs(2);
+
+/// How an attempt ended, with what it reported.
+#[derive(Debug)]
+pub(crate) struct AttemptEnd {
+    pub(crate) outcome: AttemptOutcome,
+    pub(crate) output: Option<serde_json::Value>,
+    pub(crate) error: Option<String>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) notes: Vec<serde_json::Value>,
+    pub(crate) progress: Option<Progress>,
+}
+
+enum Stop {
+    Timeout,
+    Cancel,
+}
+
+/// Runs attempt `number` of the job in `state`.
+pub(crate) async fn run(
+    handler: &Arc<dyn ErasedJob>,
+    running: &RunningAttempts,
+    state: &JobView,
+    number: u32,
+) -> AttemptEnd {
+    let job_id: JobId = state.id.parse().unwrap_or_default();
+    let cancel = CancellationToken::new();
+    let ctx = JobContext::new(job_id, number, cancel.clone(), Arc::new(Mutex::new(AttemptSink::default())));
+    let mut live = state.clone();
+    live.status = JobStatus::Running;
+    let started = Utc::now();
+    super::metrics::attempt_started(&state.job_type, state.next_run_at, started);
+    let _guard = running.start(&state.id, cancel.clone(), ctx.clone(), live);
+    let timeout = Duration::from_millis(state.timeout_ms);
+    let work = handler.run(&ctx, state.payload.clone());
+    tokio::pin!(work);
+    let stop = tokio::select! {
+        result = &mut work => return ended(&ctx, result),
+        () = tokio::time::sleep(timeout) => Stop::Timeout,
+        () = cancel.cancelled() => Stop::Cancel,
+    };
+    cancel.cancel();
+    // The handler's late result is ignored: the attempt is over either way; awaiting it
+    // lets it observe the cancellation and record notes.
+    let _ = tokio::time::timeout(GRACE, &mut work).await;
+    let (outcome, error) = match stop {
+        Stop::Timeout => (
+            AttemptOutcome::TimedOut,
+            format!("timed out after {} ms", state.timeout_ms),
+        ),
+        Stop::Cancel => (AttemptOutcome::Cancelled, "cancelled".to_owned()),
+    };
+    AttemptEnd {
+        outcome,
+        output: None,
+        error: Some(error),
+        retry_after: None,
+        notes: ctx.take_notes(),
+        progress: ctx.current_progress(),
+    }
+}
+
+fn ended(ctx: &JobContext, result: Result<serde_json::Value, JobError>) -> AttemptEnd {
+    let (outcome, output, error, retry_after) = match result {
+        Ok(output) => (AttemptOutcome::Succeeded, Some(output), None, None),
+        Err(JobError::Retryable { message, after }) => {
+            (AttemptOutcome::Failed, None, Some(message), after)
+        }
+        Err(JobError::Permanent { message }) => {
+            (AttemptOutcome::FailedPermanently, None, Some(message), None)
+        }
+    };
+    AttemptEnd {
+        outcome,
+        output,
+        error,
+        retry_after,
+        notes: ctx.take_notes(),
+        progress: ctx.current_progress(),
+    }
+}

@@ -1,0 +1,130 @@
+//! The job record: the `job` entity's persisted state, and the view of it callers get.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::handler::Progress;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Not enqueued (an entity that never got `enqueue`).
+    #[default]
+    New,
+    /// Waiting for its `run_at`.
+    Scheduled,
+    /// Due, waiting to start.
+    Queued,
+    /// An attempt is running (seen only through the live view).
+    Running,
+    /// An attempt failed; the next one is scheduled after the backoff.
+    Retrying,
+    /// An attempt succeeded.
+    Succeeded,
+    /// Out of attempts, or failed permanently.
+    Dead,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Whether the job is over (no attempt is scheduled).
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead | Self::Cancelled)
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The handler returned its output.
+    Succeeded,
+    /// A retryable failure.
+    Failed,
+    /// A permanent failure.
+    FailedPermanently,
+    /// Past the timeout; cancelled.
+    TimedOut,
+    /// Cancelled by a cancel request.
+    Cancelled,
+}
+
+/// One attempt's history entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    /// 1-based.
+    pub number: u32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub ended_at: DateTime<Utc>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// The error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the handler noted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<serde_json::Value>,
+}
+
+/// The job record (the `job` entity's state) and what `GET /jobs/{id}` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// The job id.
+    pub id: String,
+    /// The job type.
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// The unique key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The status.
+    pub status: JobStatus,
+    /// Attempts allowed in the current budget (a retry grants a fresh one).
+    pub max_attempts: u32,
+    /// Timeout of one attempt, milliseconds.
+    pub timeout_ms: u64,
+    /// Every attempt so far.
+    pub attempts: Vec<Attempt>,
+    /// Attempts made before the current budget (by earlier retries).
+    pub budget_start: u32,
+    /// The latest progress reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The output of the successful attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why the job waits or what the last failure was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// When the job was first due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// When the next attempt is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run_at: Option<DateTime<Utc>>,
+    /// When it was enqueued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    /// Last change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Bumped by retry and cancel, so a `run` scheduled before is recognised as stale.
+    pub generation: u32,
+}
+
+impl JobView {
+    /// Attempts made in the current budget.
+    pub fn budget_used(&self) -> u32 {
+        (self.attempts.len() as u32).saturating_sub(self.budget_start)
+    }
+}
