@@ -4,7 +4,7 @@
                                                  workers polling it with
                                                  SELECT ... FOR UPDATE SKIP LOCKED
   jobs_bench.py jobs --gateway URL               Shoal's job entity through POST /jobs,
-                                                 with the no-op job type `noop`
+                                                 with the no-op job type `diag.noop`
 
 Each run has two phases with the same no-op work:
   burst   N jobs enqueued as fast as C concurrent clients can, one job per request (one
@@ -199,7 +199,7 @@ class Jobs:
         self.http = aiohttp.ClientSession(self.args.gateway, connector=connector)
 
     async def enqueue(self, phase, i):
-        body = {"type": "noop", "payload": {"n": i}}
+        body = {"type": "diag.noop", "payload": {"n": i}}
         async with self.http.post("/jobs", json=body) as response:
             if response.status != 202:
                 raise SystemExit(f"POST /jobs: {response.status} {await response.text()}")
