@@ -10,6 +10,7 @@ mod gateway;
 mod runner;
 mod signals;
 mod status;
+mod webhooks;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,9 @@ enum Command {
     /// Failover drills.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
+    /// Webhook endpoints disabled after a 410 (list, enable again).
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
 }
 
 /// `--database-url`, shared by most commands.
@@ -115,6 +119,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drill(drill) => {
             let config = cli.load_config(|l| drill.apply(l))?;
             drill.run(config).await
+        }
+        Command::Webhooks(command) => {
+            let config = cli.load_config(|l| command.apply(l))?;
+            command.run(config).await
         }
     }
 }

@@ -62,6 +62,21 @@ fn after(result: &Result<impl std::fmt::Debug, JobError>) -> Option<Duration> {
     }
 }
 
+/// Runs the `shoal` binary against `redis`'s Redis and prefix; its JSON output.
+fn shoal_cli(redis: &RedisClient, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .args(["--redis-url", &redis_url()])
+        .env("SHOAL__REDIS__KEY_PREFIX", redis.prefix())
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
 #[tokio::test]
 async fn a_delivery_verifies_and_a_stranger_secret_is_dead_at_once() -> anyhow::Result<()> {
     let receiver = Receiver::start(SECRET)?;
@@ -156,11 +171,15 @@ async fn a_410_disables_the_endpoint_for_every_runner_until_enabled() -> anyhow:
     }
     assert_eq!(receiver.log_of("/sequence/gone").await?.len(), 1, "not called");
 
+    // The operator's way back: `shoal webhooks list`, then `enable` with any URL of it.
     let endpoint = Endpoint::of(&reqwest::Url::parse(&url)?);
-    let listed = job.endpoints().list().await?;
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].0, endpoint);
-    assert!(job.endpoints().enable(&endpoint).await?);
+    assert_eq!(job.endpoints().list().await?.len(), 1);
+    let listed = shoal_cli(&redis, &["webhooks", "list"])?;
+    assert_eq!(listed["disabled"][0]["endpoint"], endpoint.as_str());
+    assert!(listed["disabled"][0]["reason"].as_str().unwrap_or("").contains("410"));
+    let enabled = shoal_cli(&redis, &["webhooks", "enable", &url])?;
+    assert_eq!(enabled["was_disabled"], true, "{enabled}");
+    assert_eq!(shoal_cli(&redis, &["webhooks", "list"])?["disabled"], json!([]));
     assert_eq!(run(&other_runner, JobId::new(), 1, &url).await?.status, 204);
     delete_prefixed(&redis).await;
     Ok(())
