@@ -2,7 +2,7 @@
 //! turned into the job's next step.
 //!
 //! - **Payload** `{url, body, headers?}`: `body` is sent as JSON exactly as signed; `url`
-//!   must be `http` or `https` (checked when the job is enqueued).
+//!   must be `http` (checked when the job is enqueued; `https` waits for a TLS backend).
 //! - **Verdicts**: 2xx → succeeded. Timeouts, connection errors, 5xx, 408 and 429 →
 //!   [`JobError::Retryable`]; a `Retry-After` is the *minimum* next delay (the type's
 //!   backoff wins when it is longer). Any other status → [`JobError::Permanent`] (dead at
@@ -82,12 +82,15 @@ impl Default for WebhookConfig {
 pub struct WebhookUrl(reqwest::Url);
 
 impl WebhookUrl {
-    /// Parses `text`; only `http` and `https` are accepted.
+    /// Parses `text`: an `http` URL with a host. `https` is refused until the HTTP client
+    /// has a TLS backend (docs/ARCHITECTURE.md, dependency notes), so such a job is a 400
+    /// at enqueue rather than a delivery that can never connect.
     pub fn parse(text: &str) -> Result<Self, String> {
         let url = reqwest::Url::parse(text).map_err(|e| format!("`url` is not a URL: {e}"))?;
         match url.scheme() {
-            "http" | "https" if url.host().is_some() => Ok(Self(url)),
-            scheme => Err(format!("`url` must be http(s) with a host, not `{scheme}:`")),
+            "http" if url.host().is_some() => Ok(Self(url)),
+            "https" => Err("`url`: https is not supported yet (this build has no TLS)".to_owned()),
+            scheme => Err(format!("`url` must be http with a host, not `{scheme}:`")),
         }
     }
 
@@ -320,11 +323,15 @@ mod tests {
     #[test]
     fn payloads_decode_and_bad_urls_are_named() {
         let ok: WebhookPayload = serde_json::from_value(json!({
-            "url": "https://example.com/hook", "body": {"a": 1}, "headers": {"x-tenant": "t"}
+            "url": "http://example.com/hook", "body": {"a": 1}, "headers": {"x-tenant": "t"}
         }))
         .expect("decodes");
-        assert_eq!(ok.url.as_str(), "https://example.com/hook");
-        for (url, needle) in [("ftp://example.com/x", "http(s)"), ("not a url", "not a URL")] {
+        assert_eq!(ok.url.as_str(), "http://example.com/hook");
+        for (url, needle) in [
+            ("ftp://example.com/x", "must be http"),
+            ("not a url", "not a URL"),
+            ("https://example.com/x", "no TLS"),
+        ] {
             let error = serde_json::from_value::<WebhookPayload>(json!({"url": url, "body": {}}))
                 .expect_err("refused");
             assert!(error.to_string().contains(needle), "{error}");
