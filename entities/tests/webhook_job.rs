@@ -118,18 +118,39 @@ async fn statuses_become_retries_with_retry_after_as_a_minimum_or_dead_jobs() ->
     assert_eq!(run(&job, id, 2, &url).await?.status, 200);
     let log = receiver.log_of("/sequence/flaky").await?;
     assert_eq!(log.len(), 2);
-    assert_eq!(log[0]["id"], log[1]["id"], "every attempt has the same webhook-id");
+    assert_eq!(
+        log[0]["id"], log[1]["id"],
+        "every attempt has the same webhook-id"
+    );
 
     // 400: dead at once.
     let bad = run(&job, JobId::new(), 1, &receiver.url("/status/400")).await;
     assert!(matches!(bad, Err(JobError::Permanent { .. })), "{bad:?}");
 
     // 429 with Retry-After: 2 → at least 2 s, even though the backoff is 100 ms.
-    let limited = run(&job, JobId::new(), 1, &receiver.url("/status/429?retry_after=2")).await;
-    assert!(after(&limited) >= Some(Duration::from_secs(2)), "{limited:?}");
+    let limited = run(
+        &job,
+        JobId::new(),
+        1,
+        &receiver.url("/status/429?retry_after=2"),
+    )
+    .await;
+    assert!(
+        after(&limited) >= Some(Duration::from_secs(2)),
+        "{limited:?}"
+    );
     // A backoff longer than the Retry-After wins: attempt 8 waits ≥ 100 ms × 2^7.
-    let late = run(&job, JobId::new(), 8, &receiver.url("/status/429?retry_after=2")).await;
-    assert!(after(&late) >= Some(Duration::from_millis(12_800)), "{late:?}");
+    let late = run(
+        &job,
+        JobId::new(),
+        8,
+        &receiver.url("/status/429?retry_after=2"),
+    )
+    .await;
+    assert!(
+        after(&late) >= Some(Duration::from_millis(12_800)),
+        "{late:?}"
+    );
 
     // A receiver that hangs past the response timeout: retryable, timed out.
     let impatient = WebhookJob::new(
@@ -139,7 +160,13 @@ async fn statuses_become_retries_with_retry_after_as_a_minimum_or_dead_jobs() ->
         },
         redis.clone(),
     )?;
-    let hung = run(&impatient, JobId::new(), 1, &receiver.url("/hang?seconds=10")).await;
+    let hung = run(
+        &impatient,
+        JobId::new(),
+        1,
+        &receiver.url("/hang?seconds=10"),
+    )
+    .await;
     match &hung {
         Err(JobError::Retryable { message, .. }) => {
             assert!(message.starts_with("timed out"), "{message}")
@@ -169,25 +196,37 @@ async fn a_410_disables_the_endpoint_for_every_runner_until_enabled() -> anyhow:
         }
         other => panic!("a disabled endpoint is dead at once: {other:?}"),
     }
-    assert_eq!(receiver.log_of("/sequence/gone").await?.len(), 1, "not called");
+    assert_eq!(
+        receiver.log_of("/sequence/gone").await?.len(),
+        1,
+        "not called"
+    );
 
     // The operator's way back: `shoal webhooks list`, then `enable` with any URL of it.
     let endpoint = Endpoint::of(&reqwest::Url::parse(&url)?);
     assert_eq!(job.endpoints().list().await?.len(), 1);
     let listed = shoal_cli(&redis, &["webhooks", "list"])?;
     assert_eq!(listed["disabled"][0]["endpoint"], endpoint.as_str());
-    assert!(listed["disabled"][0]["reason"].as_str().unwrap_or("").contains("410"));
+    assert!(
+        listed["disabled"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("410")
+    );
     let enabled = shoal_cli(&redis, &["webhooks", "enable", &url])?;
     assert_eq!(enabled["was_disabled"], true, "{enabled}");
-    assert_eq!(shoal_cli(&redis, &["webhooks", "list"])?["disabled"], json!([]));
+    assert_eq!(
+        shoal_cli(&redis, &["webhooks", "list"])?["disabled"],
+        json!([])
+    );
     assert_eq!(run(&other_runner, JobId::new(), 1, &url).await?.status, 204);
     delete_prefixed(&redis).await;
     Ok(())
 }
 
 #[tokio::test]
-async fn the_breaker_opens_after_the_threshold_and_stops_calling_the_endpoint()
--> anyhow::Result<()> {
+async fn the_breaker_opens_after_the_threshold_and_stops_calling_the_endpoint() -> anyhow::Result<()>
+{
     let receiver = Receiver::start(SECRET)?;
     let redis = redis()?;
     let reset = Duration::from_secs(3);
@@ -218,7 +257,12 @@ async fn the_breaker_opens_after_the_threshold_and_stops_calling_the_endpoint()
     );
     assert_eq!(receiver.log_of("/sequence/down").await?.len(), 3);
     // Another endpoint is not affected.
-    assert_eq!(run(&job, JobId::new(), 1, &receiver.url("/ok")).await?.status, 204);
+    assert_eq!(
+        run(&job, JobId::new(), 1, &receiver.url("/ok"))
+            .await?
+            .status,
+        204
+    );
 
     // After the reset timeout, one trial call goes through and closes it.
     tokio::time::sleep(wait).await;

@@ -62,7 +62,8 @@ impl WebhooksCommand {
                 serde_json::json!({ "disabled": rows })
             }
             Self::Enable { url, .. } => {
-                let url = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+                let url =
+                    reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
                 let endpoint = Endpoint::of(&url);
                 let was_disabled = endpoints.enable(&endpoint).await?;
                 serde_json::json!({ "endpoint": endpoint, "was_disabled": was_disabled })

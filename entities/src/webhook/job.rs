@@ -181,7 +181,9 @@ impl WebhookJob {
         let Some(disabled) = self.endpoints.disabled(endpoint).await.map_err(redis)? else {
             return Ok(());
         };
-        ctx.note(json!({"skipped": "endpoint_disabled", "endpoint": endpoint, "since": disabled.at}));
+        ctx.note(
+            json!({"skipped": "endpoint_disabled", "endpoint": endpoint, "since": disabled.at}),
+        );
         Err(JobError::permanent(format!(
             "endpoint {endpoint} is disabled since {} ({}); re-enable it with \
              `shoal webhooks enable {endpoint}`",
