@@ -7,6 +7,7 @@ mod cron;
 mod dev;
 mod drill;
 mod gateway;
+mod jobs;
 mod runner;
 mod signals;
 mod status;
@@ -52,6 +53,9 @@ enum Command {
     /// Failover drills.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
+    /// Jobs through a gateway's HTTP API (JSON).
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Webhook endpoints disabled after a 410 (list, enable again).
     #[command(subcommand)]
     Webhooks(webhooks::WebhooksCommand),
@@ -120,6 +124,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = cli.load_config(|l| drill.apply(l))?;
             drill.run(config).await
         }
+        Command::Jobs(jobs) => jobs.run().await,
         Command::Webhooks(command) => {
             let config = cli.load_config(|l| command.apply(l))?;
             command.run(config).await
@@ -133,6 +138,9 @@ async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
         .run(&pool)
         .await
         .context("applying migrations")?;
+    shoal_entities::jobs::listing::migrate(&pool)
+        .await
+        .context("creating the job indexes")?;
     println!("migrations applied");
     Ok(())
 }

@@ -19,10 +19,17 @@ use crate::counter::{Counter, CounterMessage};
 
 /// Every route of the built-in application.
 pub fn routes() -> AppRouter {
-    let jobs = crate::jobs::job_types().map(std::sync::Arc::new).unwrap_or_default();
+    routes_with(None)
+}
+
+/// Every route; `GET /jobs` lists from `store`.
+pub fn routes_with(store: Option<crate::jobs::routes::JobStore>) -> AppRouter {
+    let jobs = crate::jobs::job_types(None)
+        .map(std::sync::Arc::new)
+        .unwrap_or_default();
     OpenApiRouter::new()
         .routes(routes!(counter_value))
-        .merge(crate::jobs::routes::routes(jobs))
+        .merge(crate::jobs::routes::routes(jobs, store))
 }
 
 /// A counter's count.

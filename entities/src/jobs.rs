@@ -13,6 +13,8 @@ pub mod diagnostic;
 pub mod entity;
 pub mod handler;
 pub mod key;
+mod limit;
+pub mod listing;
 mod metrics;
 pub mod record;
 pub mod registry;
@@ -33,24 +35,29 @@ use std::sync::Arc;
 
 use shoal::entity::{EntityRegistry, RegistryError};
 
-/// The job types built into the binary (the diagnostic ones).
-pub fn job_types() -> Result<JobRegistry, JobRegistryError> {
+/// The job types built into the binary (the diagnostic ones); `pool` is the database the
+/// `diag.count` type writes to (none on a node that only validates payloads).
+pub fn job_types(pool: Option<sqlx::PgPool>) -> Result<JobRegistry, JobRegistryError> {
     let mut types = JobRegistry::new();
     types
         .register(diagnostic::Flaky)?
         .register(diagnostic::Sleep)?
-        .register(diagnostic::Noop)?;
+        .register(diagnostic::Noop)?
+        .register(diagnostic::Limited)?
+        .register(diagnostic::Count::new(pool))?;
     Ok(types)
 }
 
-/// Registers the job system's entity types (`job`, `job-control`, `job-key`) over `types`.
+/// Registers the job system's entity types (`job`, `job-control`, `job-key`) over `types`;
+/// concurrency-limited types take their leases on `redis`.
 pub fn register(
     registry: &mut EntityRegistry,
     types: Arc<JobRegistry>,
+    redis: Option<shoal::redis::RedisClient>,
 ) -> Result<(), RegistryError> {
     let running = control::RunningAttempts::default();
     registry
-        .register(entity::Job::new(types, running.clone()))?
+        .register(entity::Job::new(types, running.clone(), redis))?
         .register_concurrent(control::JobControl::new(running))?
         .register(key::JobKey)?;
     Ok(())

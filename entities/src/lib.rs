@@ -19,10 +19,23 @@ use shoal::entity::EntityRegistry;
 
 /// Every built-in entity type, ready to register on a runner.
 pub fn registry() -> anyhow::Result<EntityRegistry> {
+    registry_with(None, None)
+}
+
+/// Every built-in entity type; job types that touch the database use `pool`, limited job
+/// types take their concurrency leases on `redis`.
+pub fn registry_with(
+    pool: Option<sqlx::PgPool>,
+    redis: Option<shoal::redis::RedisClient>,
+) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?;
-    jobs::register(&mut registry, std::sync::Arc::new(jobs::job_types()?))?;
+    jobs::register(
+        &mut registry,
+        std::sync::Arc::new(jobs::job_types(pool)?),
+        redis,
+    )?;
     Ok(registry)
 }

@@ -34,9 +34,15 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
+    let store = shoal_entities::jobs::routes::JobStore {
+        pool: sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy(&config.database.url)?,
+        cluster: config.cluster.name.to_string(),
+    };
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
-        .with_routes(shoal_entities::http::routes());
+        .with_routes(shoal_entities::http::routes_with(Some(store)));
     shoal::gateway::run(params, shutdown).await?;
     Ok(())
 }

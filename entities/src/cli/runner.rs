@@ -34,12 +34,27 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
+    let pool = job_pool(&config)?;
+    let redis = match &config.redis.url {
+        Some(_) => Some(shoal::redis::RedisClient::connect(
+            &config.redis,
+            &config.cluster.name,
+        )?),
+        None => None,
+    };
     let params = RunnerParams {
         config,
-        registry: shoal_entities::registry()?,
+        registry: shoal_entities::registry_with(Some(pool), redis)?,
         singletons: Vec::new(),
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;
     Ok(())
+}
+
+/// A small lazy pool for job types that write to the database (`diag.count`).
+fn job_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&config.database.url)?)
 }

@@ -45,7 +45,12 @@ pub(crate) async fn run(
 ) -> AttemptEnd {
     let job_id: JobId = state.id.parse().unwrap_or_default();
     let cancel = CancellationToken::new();
-    let ctx = JobContext::new(job_id, number, cancel.clone(), Arc::new(Mutex::new(AttemptSink::default())));
+    let ctx = JobContext::new(
+        job_id,
+        number,
+        cancel.clone(),
+        Arc::new(Mutex::new(AttemptSink::default())),
+    );
     let mut live = state.clone();
     live.status = JobStatus::Running;
     let started = Utc::now();
@@ -55,7 +60,7 @@ pub(crate) async fn run(
     let work = handler.run(&ctx, state.payload.clone());
     tokio::pin!(work);
     let stop = tokio::select! {
-        result = &mut work => return ended(&ctx, result),
+        result = &mut work => return ended(&ctx, result, cancel.is_cancelled()),
         () = tokio::time::sleep(timeout) => Stop::Timeout,
         () = cancel.cancelled() => Stop::Cancel,
     };
@@ -80,9 +85,21 @@ pub(crate) async fn run(
     }
 }
 
-fn ended(ctx: &JobContext, result: Result<serde_json::Value, JobError>) -> AttemptEnd {
+/// The handler returned. A failure after a cancel request (the handler saw the token and
+/// stopped) is the cancellation, not a failure.
+fn ended(
+    ctx: &JobContext,
+    result: Result<serde_json::Value, JobError>,
+    cancelled: bool,
+) -> AttemptEnd {
     let (outcome, output, error, retry_after) = match result {
         Ok(output) => (AttemptOutcome::Succeeded, Some(output), None, None),
+        Err(_) if cancelled => (
+            AttemptOutcome::Cancelled,
+            None,
+            Some("cancelled".to_owned()),
+            None,
+        ),
         Err(JobError::Retryable { message, after }) => {
             (AttemptOutcome::Failed, None, Some(message), after)
         }

@@ -50,7 +50,9 @@ impl Drop for RunningGuard {
 
 impl std::fmt::Debug for RunningAttempts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningAttempts").field("running", &self.len()).finish()
+        f.debug_struct("RunningAttempts")
+            .field("running", &self.len())
+            .finish()
     }
 }
 

@@ -22,10 +22,12 @@ use serde::{Deserialize, Serialize};
 use shoal::client::Request;
 use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
 use shoal::ids::{EntityAddress, EntityId, EntityType};
+use shoal::redis::RedisClient;
 use utoipa::ToSchema;
 
 use super::attempt::{self, AttemptEnd};
 use super::control::RunningAttempts;
+use super::limit::{self, Gate};
 use super::record::{Attempt, AttemptOutcome, JobStatus, JobView};
 use super::registry::JobRegistry;
 
@@ -34,12 +36,23 @@ use super::registry::JobRegistry;
 pub struct Job {
     pub(crate) registry: Arc<JobRegistry>,
     pub(crate) running: RunningAttempts,
+    /// For concurrency leases (a limited type waits without it).
+    pub(crate) redis: Option<RedisClient>,
 }
 
 impl Job {
-    /// A job entity over `registry`'s types, sharing `running` with `job-control`.
-    pub fn new(registry: Arc<JobRegistry>, running: RunningAttempts) -> Self {
-        Self { registry, running }
+    /// A job entity over `registry`'s types, sharing `running` with `job-control`, taking
+    /// concurrency leases on `redis`.
+    pub fn new(
+        registry: Arc<JobRegistry>,
+        running: RunningAttempts,
+        redis: Option<RedisClient>,
+    ) -> Self {
+        Self {
+            registry,
+            running,
+            redis,
+        }
     }
 }
 
@@ -190,9 +203,27 @@ impl Job {
                 format!("job type `{}` is not registered here", state.job_type),
             ));
         };
+        let timeout = Duration::from_millis(state.timeout_ms);
+        let options = handler.options();
+        let redis = self.redis.as_ref();
+        let lease =
+            match limit::admit(redis, &state.job_type, &options, &state.payload, timeout).await {
+                Gate::Open(lease) => lease,
+                Gate::Wait { after, reason } => {
+                    state.waiting = Some(reason);
+                    state.updated_at = Some(Utc::now());
+                    let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+                    return schedule_run(ctx, state, at).await;
+                }
+            };
         let started_at = Utc::now();
         let end = attempt::run(&handler, &self.running, state, attempt).await;
         let ended_at = Utc::now();
+        if let Some(lease) = lease {
+            // A failed release expires with the lease TTL.
+            let _ = lease.release().await;
+        }
+        state.waiting = None;
         super::metrics::attempt_finished(&state.job_type, started_at, ended_at, &end);
         self.record(ctx, state, attempt, started_at, ended_at, end, &handler)
             .await
@@ -257,7 +288,10 @@ async fn retry(ctx: &EntityContext, state: &mut JobView) -> Result<(), HandlerEr
     if !matches!(state.status, JobStatus::Dead | JobStatus::Cancelled) {
         return Err(HandlerError::permanent(
             "not_retryable",
-            format!("only a dead or cancelled job can be retried; this one is {:?}", state.status),
+            format!(
+                "only a dead or cancelled job can be retried; this one is {:?}",
+                state.status
+            ),
         ));
     }
     let now = Utc::now();

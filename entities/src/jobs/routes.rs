@@ -12,12 +12,14 @@
 //! - `POST /jobs/{id}/cancel`: cancels the job (a running attempt cooperatively).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use shoal::client::{ClientError, ShoalClient};
 use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -27,20 +29,31 @@ use super::JobId;
 use super::control::{JobControl, JobControlMessage};
 use super::entity::{Job, JobMessage, NewJob};
 use super::key::{JobKey, JobKeyMessage, key_entity_id};
+use super::listing::{self, JobPage, ListQuery, MAX_LIMIT};
 use super::record::{JobStatus, JobView};
 use super::registry::JobRegistry;
 
 /// Longest unique key.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// The job routes over `registry`'s types.
-pub fn routes(registry: Arc<JobRegistry>) -> AppRouter {
+/// Where the listing reads: the cluster's database.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    /// A pool on the cluster's database.
+    pub pool: sqlx::PgPool,
+    /// The cluster's name.
+    pub cluster: String,
+}
+
+/// The job routes over `registry`'s types; without a `store`, `GET /jobs` answers 503.
+pub fn routes(registry: Arc<JobRegistry>, store: Option<JobStore>) -> AppRouter {
     OpenApiRouter::new()
-        .routes(routes!(enqueue))
+        .routes(routes!(enqueue, list))
         .routes(routes!(show))
         .routes(routes!(retry))
         .routes(routes!(cancel))
         .layer(Extension(registry))
+        .layer(Extension(store))
 }
 
 /// An enqueued job.
@@ -91,7 +104,10 @@ async fn enqueue(
             .await?;
         id = holder.job_id.unwrap_or(id);
     }
-    client.entity::<Job>(id.as_str()).ask(JobMessage::Enqueue(new)).await?;
+    client
+        .entity::<Job>(id.as_str())
+        .ask(JobMessage::Enqueue(new))
+        .await?;
     let status_url = format!("/jobs/{id}");
     Ok((StatusCode::ACCEPTED, Json(Enqueued { id, status_url })))
 }
@@ -101,7 +117,10 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         let known = registry.types().join(", ");
         ApiError::bad_request(
             "unknown_type",
-            format!("field `type`: no job type `{}` (known: {known})", new.job_type),
+            format!(
+                "field `type`: no job type `{}` (known: {known})",
+                new.job_type
+            ),
         )
     })?;
     handler
@@ -112,7 +131,9 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             .get("idempotency-key")
             .map(|v| v.to_str().map(str::to_owned))
             .transpose()
-            .map_err(|_| ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text"))?;
+            .map_err(|_| {
+                ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text")
+            })?;
     }
     if let Some(key) = &new.key
         && (key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control))
@@ -123,10 +144,16 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         ));
     }
     if new.max_attempts == Some(0) {
-        return Err(ApiError::bad_request("bad_body", "field `max_attempts`: at least 1"));
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `max_attempts`: at least 1",
+        ));
     }
     if new.timeout_ms == Some(0) {
-        return Err(ApiError::bad_request("bad_body", "field `timeout_ms`: at least 1"));
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `timeout_ms`: at least 1",
+        ));
     }
     Ok(())
 }
@@ -163,19 +190,35 @@ async fn show(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = job_id(path)?;
-    let client = gateway.client();
-    let control = client
-        .entity::<JobControl>(id.as_str())
-        .ask(JobControlMessage::Status {})
-        .await?;
-    if let Some(live) = control.live {
-        return Ok(Json(live));
-    }
-    let view = client.entity::<Job>(id.as_str()).ask(JobMessage::Get {}).await?;
+    let view = read(gateway.client(), &id).await?;
     if view.status == JobStatus::New {
         return Err(not_found(&id));
     }
     Ok(Json(view))
+}
+
+/// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
+/// attempt again (a `get` queued behind an attempt that just started waits for all of it).
+const READ_WAIT: Duration = Duration::from_millis(500);
+/// Rounds of (live view, stored record) before giving up.
+const READ_ROUNDS: usize = 20;
+
+/// The live view of a running attempt, else the stored record.
+async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
+    let control = client.entity::<JobControl>(id);
+    let job = client.entity::<Job>(id).with_timeout(READ_WAIT);
+    let mut last = None;
+    for _ in 0..READ_ROUNDS {
+        if let Some(live) = control.ask(JobControlMessage::Status {}).await?.live {
+            return Ok(live);
+        }
+        match job.ask(JobMessage::Get {}).await {
+            Ok(view) => return Ok(view),
+            Err(error @ ClientError::Timeout { .. }) => last = Some(error),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(last.map_or_else(|| ApiError::Internal("no read".to_owned()), ApiError::from))
 }
 
 /// Runs a dead or cancelled job again with a fresh attempt budget.
@@ -195,11 +238,14 @@ async fn retry(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = job_id(path)?;
-    let job = gateway.client().entity::<Job>(id.as_str());
-    if job.ask(JobMessage::Get {}).await?.status == JobStatus::New {
+    let client = gateway.client();
+    if read(client, &id).await?.status == JobStatus::New {
         return Err(not_found(&id));
     }
-    let view = job.ask(JobMessage::Retry {}).await?;
+    let view = client
+        .entity::<Job>(id.as_str())
+        .ask(JobMessage::Retry {})
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
@@ -231,4 +277,71 @@ async fn cancel(
             running: reply.running,
         }),
     ))
+}
+
+const STATES: [&str; 6] = [
+    "scheduled",
+    "queued",
+    "retrying",
+    "succeeded",
+    "dead",
+    "cancelled",
+];
+
+/// Lists jobs, newest first, by state and type, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = JobPage),
+        (status = 400, description = "A bad state, limit or cursor", body = ErrorBody),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn list(
+    Extension(store): Extension<Option<JobStore>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    let Query(query) = query?;
+    check_list(&query)?;
+    let unavailable = |message: String| ApiError::Unavailable {
+        code: "database_unavailable",
+        message,
+        retry: shoal::retry::RetryClass::Safe,
+    };
+    let store = store.ok_or_else(|| unavailable("this gateway lists no jobs".to_owned()))?;
+    let page = listing::list(&store.pool, &store.cluster, &query)
+        .await
+        .map_err(|e| unavailable(format!("listing jobs: {e}")))?;
+    Ok(Json(page))
+}
+
+fn check_list(query: &ListQuery) -> Result<(), ApiError> {
+    if let Some(state) = &query.state
+        && !STATES.contains(&state.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!(
+                "query `state`: `{state}` is not one of {}",
+                STATES.join(", ")
+            ),
+        ));
+    }
+    if let Some(limit) = query.limit
+        && !(1..=MAX_LIMIT).contains(&limit)
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("query `limit`: 1–{MAX_LIMIT}, got {limit}"),
+        ));
+    }
+    if let Some(cursor) = &query.cursor {
+        cursor
+            .parse::<JobId>()
+            .map_err(|e| ApiError::bad_request("bad_query", format!("query `cursor`: {e}")))?;
+    }
+    Ok(())
 }
