@@ -7,7 +7,7 @@
 # environment under target/ the first time.
 #
 # Knobs (environment): BURST (jobs, 5000), CLIENTS (burst concurrency, 32), RATE (steady
-# jobs/s, 1000), SECONDS (steady length, 10), WORKERS (SKIP LOCKED pollers, 8),
+# jobs/s, 1000), SECONDS_STEADY (steady length, 10), WORKERS (SKIP LOCKED pollers, 8),
 # POLL_MS (their idle poll interval, 50), RUNNERS (Shoal runners, 3), PROFILE (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ profile="${PROFILE:-release}"
 target="${CARGO_TARGET_DIR:-target}"
 db="shoal_jobs_bench_$$"
 load=(--burst "${BURST:-5000}" --concurrency "${CLIENTS:-32}" --rate "${RATE:-1000}"
-  --seconds "${SECONDS_STEADY:-${SECONDS:-10}}")
+  --seconds "${SECONDS_STEADY:-10}")
 
 venv="$target/jobs-bench-venv"
 if [ ! -e "$venv/.installed" ]; then
