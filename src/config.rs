@@ -383,6 +383,28 @@ pub struct ConfigLoader {
     file: Option<PathBuf>,
     env: Vec<(String, String)>,
     overrides: Vec<(String, Value)>,
+    application: Vec<String>,
+}
+
+/// The sections of the configuration that belong to the application (declared with
+/// [`ConfigLoader::application_sections`]): the runtime does not read them, the
+/// application decodes them with [`ApplicationConfig::section`].
+#[derive(Debug, Clone, Default)]
+pub struct ApplicationConfig(figment::value::Dict);
+
+impl ApplicationConfig {
+    /// Section `name` decoded as `T` (`T::default()` when absent).
+    pub fn section<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        name: &str,
+    ) -> Result<T, ConfigError> {
+        match self.0.get(name) {
+            Some(value) => value
+                .deserialize()
+                .map_err(|e| ConfigError::Load(format!("[{name}]: {e}"))),
+            None => Ok(T::default()),
+        }
+    }
 }
 
 impl ConfigLoader {
@@ -423,8 +445,22 @@ impl ConfigLoader {
         self
     }
 
+    /// Declares top-level sections (`[jobs]`, `SHOAL__JOBS__…`) as the application's: the
+    /// runtime neither reads nor rejects them; [`Self::load_with_application`] returns them.
+    pub fn application_sections(mut self, names: &[&str]) -> Self {
+        self.application
+            .extend(names.iter().map(|n| (*n).to_owned()));
+        self
+    }
+
     /// Merges the layers, then validates.
     pub fn load(self) -> Result<ShoalConfig, ConfigError> {
+        self.load_with_application().map(|(config, _)| config)
+    }
+
+    /// Merges the layers, validates the runtime's part and returns the application's
+    /// sections beside it.
+    pub fn load_with_application(self) -> Result<(ShoalConfig, ApplicationConfig), ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(ShoalConfig::default()));
         if let Some(file) = &self.file {
             if !file.exists() {
@@ -445,9 +481,17 @@ impl ConfigLoader {
         for (key, value) in self.overrides {
             figment = figment.merge(Serialized::default(&key, value));
         }
-        let config: ShoalConfig = figment.extract()?;
+        let mut dict: figment::value::Dict = figment.extract()?;
+        let mut application = figment::value::Dict::new();
+        for name in &self.application {
+            if let Some(section) = dict.remove(name) {
+                application.insert(name.clone(), section);
+            }
+        }
+        let config: ShoalConfig =
+            Figment::from(Serialized::defaults(Value::from(dict))).extract()?;
         config.validate()?;
-        Ok(config)
+        Ok((config, ApplicationConfig(application)))
     }
 }
 

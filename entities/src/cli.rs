@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use shoal::config::{ConfigLoader, ShoalConfig};
+use shoal::config::{ApplicationConfig, ConfigLoader, ShoalConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,12 +83,25 @@ impl Cli {
         &self,
         flags: impl FnOnce(ConfigLoader) -> ConfigLoader,
     ) -> anyhow::Result<ShoalConfig> {
+        Ok(self.load_config_with_app(flags)?.0)
+    }
+
+    /// As [`Self::load_config`], with the application's sections (`[jobs]`) beside it: the
+    /// runtime's loader leaves them to the application.
+    fn load_config_with_app(
+        &self,
+        flags: impl FnOnce(ConfigLoader) -> ConfigLoader,
+    ) -> anyhow::Result<(ShoalConfig, ApplicationConfig)> {
         let loader = ConfigLoader::new()
             .file_or_default(self.config.as_deref())
-            .env(std::env::vars());
-        Ok(flags(loader).load()?)
+            .env(std::env::vars())
+            .application_sections(APPLICATION_SECTIONS);
+        Ok(flags(loader).load_with_application()?)
     }
 }
+
+/// The configuration sections of the application (not the runtime's).
+const APPLICATION_SECTIONS: &[&str] = &["jobs"];
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
@@ -97,8 +110,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             migrate(&config).await
         }
         Command::Runner(args) => {
-            let config = cli.load_config(|l| args.apply(l))?;
-            runner::run(config).await
+            let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
+            runner::run(config, app.section("jobs")?).await
         }
         Command::Dev(args) => {
             let config = cli.load_config(|l| args.apply(l))?;

@@ -9,6 +9,7 @@
 
 mod attempt;
 pub mod control;
+pub mod cron;
 pub mod diagnostic;
 pub mod entity;
 pub mod handler;
@@ -48,18 +49,43 @@ pub fn job_types(pool: Option<sqlx::PgPool>) -> Result<JobRegistry, JobRegistryE
     Ok(types)
 }
 
-/// Registers the job system's entity types (`job`, `job-control`, `job-key`) over `types`;
+/// The application's `[jobs]` section (`SHOAL__JOBS__…` in the environment).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How long a finished job (and its key) is kept before it is pruned. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub retention: std::time::Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            retention: std::time::Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Registers the job system's entity types (`job`, `job-control`, `job-key`, `job-cron`)
+/// over `types`;
 /// concurrency-limited types take their leases on `redis`.
 pub fn register(
     registry: &mut EntityRegistry,
     types: Arc<JobRegistry>,
     redis: Option<shoal::redis::RedisClient>,
+    config: &JobsConfig,
 ) -> Result<(), RegistryError> {
     let running = control::RunningAttempts::default();
     registry
-        .register(entity::Job::new(types, running.clone(), redis))?
+        .register(entity::Job::new(
+            types,
+            running.clone(),
+            redis,
+            config.retention,
+        ))?
         .register_concurrent(control::JobControl::new(running))?
-        .register(key::JobKey)?;
+        .register(key::JobKey)?
+        .register(cron::JobCron)?;
     Ok(())
 }
 

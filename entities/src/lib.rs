@@ -19,7 +19,7 @@ use shoal::entity::EntityRegistry;
 
 /// Every built-in entity type, ready to register on a runner.
 pub fn registry() -> anyhow::Result<EntityRegistry> {
-    registry_with(None, None)
+    registry_with(None, None, &jobs::JobsConfig::default())
 }
 
 /// Every built-in entity type; job types that touch the database use `pool`, limited job
@@ -27,6 +27,7 @@ pub fn registry() -> anyhow::Result<EntityRegistry> {
 pub fn registry_with(
     pool: Option<sqlx::PgPool>,
     redis: Option<shoal::redis::RedisClient>,
+    jobs_config: &jobs::JobsConfig,
 ) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
     registry
@@ -36,6 +37,7 @@ pub fn registry_with(
         &mut registry,
         std::sync::Arc::new(jobs::job_types(pool)?),
         redis,
+        jobs_config,
     )?;
     Ok(registry)
 }

@@ -197,11 +197,14 @@ async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<
         json!({"type": "diag.sleep", "payload": {"ms": 60000}}),
     )
     .await?;
-    let running = await_status(http, &id, "running").await?;
-    ensure!(
-        running["progress"] == json!({"percent": 10, "message": "sleeping"}),
-        "{running}"
-    );
+    await_status(http, &id, "running").await?;
+    // The handler reports its progress as it starts; the live view shows it.
+    wait_until(DEADLINE, "live progress", || async {
+        let live = show(http, &id).await?;
+        Ok(live["status"] == "running"
+            && live["progress"] == json!({"percent": 10, "message": "sleeping"}))
+    })
+    .await?;
     let cancel = http
         .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
         .await?;
@@ -554,7 +557,7 @@ async fn the_cli_lists_shows_cancels_and_retries_jobs() -> anyhow::Result<()> {
     ])
     .await?;
     ensure!(shown["status"] == "cancelled", "{shown}");
-    let list = vec!["jobs", "list", "--state", "cancelled", "--gateway", &url];
+    let list = ["jobs", "list", "--state", "cancelled", "--gateway", &url];
     let listed = shoal(list.iter().map(|s| s.to_string()).collect()).await?;
     ensure!(listed["jobs"][0]["id"] == id.as_str(), "{listed}");
     let retried = shoal(vec![
@@ -633,5 +636,97 @@ async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Re
     ensure!(most <= 3, "{most} running at once");
     ensure!(most >= 2, "the limit was never approached: at most {most}");
     ensure!(saw_waiting, "no job said why it waited");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_pruned_after_the_retention_and_free_their_key() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    // `[jobs] retention` through the environment: the runtime's loader leaves the section
+    // to the application.
+    let env = vec![("SHOAL__JOBS__RETENTION".to_owned(), "2s".to_owned())];
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = common::RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    cluster
+        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    let body = json!({"type": "diag.noop", "payload": {}, "key": "pruned-key"});
+    let first = enqueue(http, body.clone()).await?;
+    let done = await_status(http, &first, "succeeded").await?;
+    let finished = time(&done["finished_at"])?;
+    // While kept, the key names the finished job.
+    ensure!(
+        enqueue(http, body.clone()).await? == first,
+        "the key was freed early"
+    );
+    wait_until(DEADLINE, "the finished job pruned", || async {
+        Ok(http.get(&format!("/jobs/{first}")).await?.status == StatusCode::NOT_FOUND)
+    })
+    .await?;
+    let kept = (Utc::now() - finished).to_std()?;
+    ensure!(kept >= Duration::from_secs(2), "pruned after {kept:?}");
+    let listed = http.get("/jobs?type=diag.noop").await?.json()?;
+    ensure!(
+        listed["jobs"] == json!([]),
+        "a pruned job is listed: {listed}"
+    );
+    // The key is free again: a new job.
+    let second = enqueue(http, body).await?;
+    ensure!(second != first, "the key still named the pruned job");
+    await_status(http, &second, "succeeded").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_schedule_enqueues_one_job_per_instant() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    // The application's `[jobs]` section sits in the same file as the runtime's.
+    let toml = "[jobs]\nretention = \"1h\"\n\n[[cron]]\nname = \"every-second\"\n\
+                expression = \"* * * * * *\"\n\
+                target = { entity-type = \"job-cron\", entity-id = \"diag.noop\", \
+                message = \"fire\", payload = { schedule = \"{{name}}\", \
+                instant = \"{{instant}}\", payload = {} } }\n";
+    let path = cluster.dir.join("jobs-cron.toml");
+    std::fs::write(&path, toml)?;
+    let env = vec![("SHOAL_CONFIG".to_owned(), path.display().to_string())];
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = common::RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    let count = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM shoal_entity_state
+              WHERE entity_type = 'job' AND state->>'status' = 'succeeded'
+                AND state->>'key' LIKE 'cron:every-second:%'",
+        )
+        .fetch_one(&cluster.pool)
+        .await?;
+        anyhow::Ok(n)
+    };
+    wait_until(DEADLINE, "three cron jobs succeeded", || async {
+        Ok(count().await? >= 3)
+    })
+    .await?;
+    // One job per instant: no key names two jobs, and each key's job is the key's holder.
+    let keys: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state->>'key', count(*) FROM shoal_entity_state
+          WHERE entity_type = 'job' GROUP BY 1",
+    )
+    .fetch_all(&cluster.pool)
+    .await?;
+    ensure!(keys.iter().all(|(_, n)| *n == 1), "{keys:?}");
+    ensure!(keys.len() >= 3, "{keys:?}");
     Ok(())
 }

@@ -30,7 +30,10 @@ impl RunnerArgs {
     }
 }
 
-pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    config: ShoalConfig,
+    jobs: shoal_entities::jobs::JobsConfig,
+) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
@@ -44,7 +47,7 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
     };
     let params = RunnerParams {
         config,
-        registry: shoal_entities::registry_with(Some(pool), redis)?,
+        registry: shoal_entities::registry_with(Some(pool), redis, &jobs)?,
         singletons: Vec::new(),
         metrics: Some(metrics),
     };

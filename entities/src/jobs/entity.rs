@@ -38,6 +38,8 @@ pub struct Job {
     pub(crate) running: RunningAttempts,
     /// For concurrency leases (a limited type waits without it).
     pub(crate) redis: Option<RedisClient>,
+    /// How long a finished job is kept before it is pruned.
+    pub(crate) retention: Duration,
 }
 
 impl Job {
@@ -47,11 +49,13 @@ impl Job {
         registry: Arc<JobRegistry>,
         running: RunningAttempts,
         redis: Option<RedisClient>,
+        retention: Duration,
     ) -> Self {
         Self {
             registry,
             running,
             redis,
+            retention,
         }
     }
 }
@@ -96,6 +100,12 @@ pub enum JobMessage {
     Retry {},
     /// Cancels a job that is not running.
     Cancel {},
+    /// Forgets a job finished in generation `generation` (scheduled `retention` after it
+    /// finished): its key is released and its record emptied (then `GET` is a 404).
+    Prune {
+        /// The generation that finished.
+        generation: u32,
+    },
     /// Reads the record.
     Get {},
 }
@@ -131,8 +141,10 @@ impl Entity for Job {
         state: &mut JobView,
         message: JobMessage,
     ) -> Result<JobView, HandlerError> {
+        let was_finished = state.status.is_finished();
         match message {
             JobMessage::Enqueue(new) => self.enqueue(ctx, state, new).await?,
+            JobMessage::Prune { generation } => prune(ctx, state, generation).await?,
             JobMessage::Run {
                 attempt,
                 generation,
@@ -141,11 +153,31 @@ impl Entity for Job {
             JobMessage::Cancel {} => cancel(state),
             JobMessage::Get {} => {}
         }
+        if !was_finished && state.status.is_finished() {
+            self.schedule_prune(ctx, state).await?;
+        }
         Ok(state.clone())
     }
 }
 
 impl Job {
+    /// Schedules the finished job's `prune` for `retention` after it finished.
+    async fn schedule_prune(
+        &self,
+        ctx: &EntityContext,
+        state: &JobView,
+    ) -> Result<(), HandlerError> {
+        let finished = state.finished_at.unwrap_or_else(Utc::now);
+        let at =
+            finished + chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
+        let body = serde_json::json!({ "generation": state.generation });
+        let request = Request::persisted(ctx.address.clone(), "prune", body);
+        ctx.schedule(request, at)
+            .await
+            .map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
+        Ok(())
+    }
+
     async fn enqueue(
         &self,
         ctx: &EntityContext,
@@ -302,6 +334,31 @@ async fn retry(ctx: &EntityContext, state: &mut JobView) -> Result<(), HandlerEr
     state.result = None;
     state.updated_at = Some(now);
     schedule_run(ctx, state, now).await
+}
+
+async fn prune(
+    ctx: &EntityContext,
+    state: &mut JobView,
+    generation: u32,
+) -> Result<(), HandlerError> {
+    if !state.status.is_finished() || state.generation != generation {
+        return Ok(()); // retried since: a later finish schedules its own prune
+    }
+    if let Some(key) = &state.key {
+        let address = EntityAddress {
+            entity_type: EntityType::new(super::key::JobKey::NAME)
+                .map_err(|e| HandlerError::permanent("bad_type", e.to_string()))?,
+            entity_id: EntityId::new(super::key::key_entity_id(&state.job_type, key))
+                .map_err(|e| HandlerError::permanent("bad_key", e.to_string()))?,
+        };
+        let body = serde_json::json!({ "job_id": state.id });
+        ctx.send(Request::persisted(address, "release", body))
+            .await
+            .map_err(|e| HandlerError::retryable("send_failed", e.to_string()))?;
+    }
+    super::metrics::job_pruned(&state.job_type);
+    *state = JobView::default();
+    Ok(())
 }
 
 fn cancel(state: &mut JobView) {

@@ -5,6 +5,7 @@
 //! - `shoal_jobs_finished_total{type, status}`: jobs reaching `succeeded`, `dead` (the dead
 //!   letters) or `cancelled`.
 //! - `shoal_job_queue_lag_seconds{type}`: start time − due time of each attempt.
+//! - `shoal_jobs_pruned_total{type}`: finished jobs forgotten after the retention.
 
 use chrono::{DateTime, Utc};
 
@@ -47,4 +48,9 @@ pub(crate) fn job_finished(job_type: &str, status: JobStatus) {
     };
     metrics::counter!("shoal_jobs_finished_total", "type" => job_type.to_owned(), "status" => status)
         .increment(1);
+}
+
+/// A finished job was pruned.
+pub(crate) fn job_pruned(job_type: &str) {
+    metrics::counter!("shoal_jobs_pruned_total", "type" => job_type.to_owned()).increment(1);
 }
