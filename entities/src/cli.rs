@@ -118,8 +118,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             dev::run(args, config).await
         }
         Command::Gateway(args) => {
-            let config = cli.load_config(|l| args.apply(l))?;
-            gateway::run(config).await
+            let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
+            gateway::run(config, app.section("jobs")?).await
         }
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;

@@ -30,7 +30,7 @@ use shoal::redis::{RedisClient, RedisError};
 
 use super::endpoints::{Endpoint, Endpoints};
 use super::{Attempt, Delivery, Signer, Verdict, WebhookError};
-use crate::jobs::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions};
+use crate::jobs::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, JobRegistry};
 
 /// `[jobs.webhook]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,6 +304,23 @@ impl JobHandler for WebhookJob {
         ctx.note(serde_json::to_value(&attempt).unwrap_or_default());
         self.conclude(ctx, &endpoint, attempt).await
     }
+}
+
+/// Registers `webhook` in `types` when `config` has secrets (without them a node does not
+/// offer the type, and `POST /jobs` answers 400 for it); it then needs `redis`.
+pub fn register(
+    types: &mut JobRegistry,
+    config: &WebhookConfig,
+    redis: Option<RedisClient>,
+) -> anyhow::Result<()> {
+    if config.secrets.is_empty() {
+        return Ok(());
+    }
+    let redis = redis.ok_or_else(|| {
+        anyhow::anyhow!("`[jobs.webhook]` has secrets but no Redis is configured (`redis.url`)")
+    })?;
+    types.register(WebhookJob::new(config, redis)?)?;
+    Ok(())
 }
 
 /// Whether an attempt counts against the endpoint's breaker: no answer, 5xx or 408.
