@@ -33,6 +33,8 @@ fn parameter_value(name: &str, serial: usize) -> anyhow::Result<String> {
         "entity_type" => "counter".to_owned(),
         "message" => "get".to_owned(),
         "entity_id" => format!("contract-{serial}"),
+        // A job id (no such job: the job routes answer their documented 404).
+        "id" => uuid::Uuid::now_v7().to_string(),
         other => bail!("no value for path parameter `{other}`"),
     })
 }

@@ -258,3 +258,44 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Never held across an await.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_within_half() {
+        let policy = BackoffPolicy {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            jitter: true,
+        };
+        for (attempt, base) in [(1, 1), (2, 2), (3, 4), (4, 4), (40, 4)] {
+            let delay = policy.delay(attempt);
+            let base = Duration::from_secs(base);
+            assert!(
+                delay >= base && delay <= base * 3 / 2,
+                "{attempt}: {delay:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_test_context_reports_cancellation_progress_and_notes() {
+        let (ctx, cancel) = JobContext::new_for_test(JobId::new(), 2);
+        assert_eq!(ctx.attempt(), 2);
+        assert!(!ctx.is_cancelled());
+        ctx.progress(250, "x".repeat(500));
+        let progress = ctx.current_progress().unwrap_or_default();
+        assert_eq!(
+            (progress.percent, progress.message.len()),
+            (100, MAX_PROGRESS_MESSAGE)
+        );
+        for n in 0..40 {
+            ctx.note(serde_json::json!(n));
+        }
+        assert_eq!(ctx.take_notes().len(), MAX_NOTES);
+        cancel.cancel();
+        assert!(ctx.is_cancelled());
+    }
+}

@@ -152,3 +152,47 @@ fn check_options(name: &str, options: &JobOptions) -> Result<(), JobRegistryErro
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::diagnostic::{Flaky, Noop};
+
+    struct Named<const BAD: bool>;
+
+    impl JobHandler for Named<true> {
+        const TYPE: &'static str = "has space";
+        type Payload = ();
+        type Output = ();
+        async fn run(&self, _ctx: &JobContext, _payload: ()) -> Result<(), JobError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn names_and_duplicates_are_refused() {
+        let mut registry = JobRegistry::new();
+        assert!(registry.register(Flaky).is_ok());
+        assert_eq!(
+            registry.register(Flaky).err(),
+            Some(JobRegistryError::Duplicate("diag.flaky".to_owned()))
+        );
+        assert!(matches!(
+            registry.register(Named::<true>),
+            Err(JobRegistryError::InvalidType(_))
+        ));
+        assert!(registry.register(Noop).is_ok());
+        assert_eq!(registry.types(), ["diag.flaky", "diag.noop"]);
+    }
+
+    #[test]
+    fn payloads_are_checked_against_the_handler_payload() {
+        let mut registry = JobRegistry::new();
+        let _ = registry.register(Flaky);
+        let flaky = registry.get("diag.flaky").map(Arc::clone);
+        let flaky = flaky
+            .as_deref()
+            .map(|h| h.check(&serde_json::json!({"fail_times": "x"})));
+        assert!(matches!(flaky, Some(Err(message)) if message.contains("invalid type")));
+    }
+}

@@ -229,7 +229,9 @@ async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
     responses(
         (status = 202, description = "Queued again", body = JobView),
         (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
         (status = 422, description = "The job is not dead or cancelled", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
 )]
@@ -257,6 +259,7 @@ async fn retry(
     responses(
         (status = 202, description = "Cancel requested", body = CancelRequested),
         (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
 )]
