@@ -11,6 +11,7 @@ mod jobs;
 mod runner;
 mod signals;
 mod status;
+mod webhooks;
 
 use std::path::PathBuf;
 
@@ -55,6 +56,9 @@ enum Command {
     /// Jobs through a gateway's HTTP API (JSON).
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Webhook endpoints disabled after a 410 (list, enable again).
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
 }
 
 /// `--database-url`, shared by most commands.
@@ -114,8 +118,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             dev::run(args, config).await
         }
         Command::Gateway(args) => {
-            let config = cli.load_config(|l| args.apply(l))?;
-            gateway::run(config).await
+            let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
+            gateway::run(config, app.section("jobs")?).await
         }
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
@@ -134,6 +138,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
             drill.run(config).await
         }
         Command::Jobs(jobs) => jobs.run().await,
+        Command::Webhooks(command) => {
+            let config = cli.load_config(|l| command.apply(l))?;
+            command.run(config).await
+        }
     }
 }
 

@@ -24,9 +24,16 @@ pub fn routes() -> AppRouter {
 
 /// Every route; `GET /jobs` lists from `store`.
 pub fn routes_with(store: Option<crate::jobs::routes::JobStore>) -> AppRouter {
-    let jobs = crate::jobs::job_types(None)
-        .map(std::sync::Arc::new)
-        .unwrap_or_default();
+    let jobs = crate::jobs::job_types(None).unwrap_or_default();
+    routes_with_types(store, jobs)
+}
+
+/// Every route, `POST /jobs` validating against `jobs` (the runners' job types).
+pub fn routes_with_types(
+    store: Option<crate::jobs::routes::JobStore>,
+    jobs: crate::jobs::JobRegistry,
+) -> AppRouter {
+    let jobs = std::sync::Arc::new(jobs);
     OpenApiRouter::new()
         .routes(routes!(counter_value))
         .merge(crate::jobs::routes::routes(jobs, store))

@@ -50,18 +50,21 @@ pub fn job_types(pool: Option<sqlx::PgPool>) -> Result<JobRegistry, JobRegistryE
 }
 
 /// The application's `[jobs]` section (`SHOAL__JOBS__…` in the environment).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// How long a finished job (and its key) is kept before it is pruned. Default 7 days.
     #[serde(with = "humantime_serde")]
     pub retention: std::time::Duration,
+    /// `[jobs.webhook]`: the `webhook` type, offered when it has signing secrets.
+    pub webhook: crate::webhook::job::WebhookConfig,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            webhook: crate::webhook::job::WebhookConfig::default(),
         }
     }
 }

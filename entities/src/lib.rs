@@ -33,11 +33,24 @@ pub fn registry_with(
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?;
+    let types = job_types_with(pool, redis.clone(), jobs_config)?;
     jobs::register(
         &mut registry,
-        std::sync::Arc::new(jobs::job_types(pool)?),
+        std::sync::Arc::new(types),
         redis,
         jobs_config,
     )?;
     Ok(registry)
+}
+
+/// The job types of this binary: the diagnostic ones, and `webhook` when `[jobs.webhook]`
+/// has secrets (it keeps its breakers and disabled endpoints in `redis`).
+pub fn job_types_with(
+    pool: Option<sqlx::PgPool>,
+    redis: Option<shoal::redis::RedisClient>,
+    jobs_config: &jobs::JobsConfig,
+) -> anyhow::Result<jobs::JobRegistry> {
+    let mut types = jobs::job_types(pool)?;
+    webhook::job::register(&mut types, &jobs_config.webhook, redis)?;
+    Ok(types)
 }

@@ -13,8 +13,11 @@
 //!   the same answer). Redirects are not followed: a 3xx is dead too (a signed body is not
 //!   re-sent to wherever a receiver points).
 //!
-//! This module makes one attempt; retries, backoff and the per-endpoint breaker belong to
-//! the job that calls it.
+//! This module makes one attempt; retries, backoff, the per-endpoint breaker and disabled
+//! endpoints belong to the `webhook` job type ([`job`], [`endpoints`]).
+
+pub mod endpoints;
+pub mod job;
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -51,6 +54,9 @@ pub enum WebhookError {
     /// The payload asks to set a header the signature owns.
     #[error("header `{0}` is set by the signature and cannot be overridden")]
     ReservedHeader(String),
+    /// The HTTP client could not be built (a local problem; retrying does not help).
+    #[error("webhook HTTP client: {0}")]
+    Client(String),
 }
 
 /// The signing secrets, newest first. `Debug` never shows them.
@@ -243,6 +249,11 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .ok()?
         .with_timezone(&Utc);
     (at - Utc::now()).to_std().ok()
+}
+
+/// Checks that `pairs` can be sent beside the signature headers.
+pub(crate) fn check_headers(pairs: &[(String, String)]) -> Result<(), WebhookError> {
+    extra_headers(pairs).map(drop)
 }
 
 fn extra_headers(pairs: &[(String, String)]) -> Result<HeaderMap, WebhookError> {

@@ -1,110 +1,15 @@
 //! Webhook attempts against a receiver that checks signatures with the Standard Webhooks
-//! project's Python implementation (`standardwebhooks` from PyPI, installed into a virtual
-//! environment under the target directory the first time, idempotently): what Shoal signs
+//! project's Python implementation (the testkit's [`Receiver`]): what Shoal signs
 //! is what an independent verifier accepts, a tampered body is refused, and each status
 //! the receiver answers maps to the verdict the job acts on.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::Context;
 use shoal_entities::webhook::{self, Delivery, Signer, Verdict};
-use shoal_testkit::free_port;
+use shoal_testkit::{Receiver, free_port};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OTHER_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
-/// The verifier's version: the package is installed once per target directory.
-const VERIFIER: &str = "standardwebhooks==1.1.0";
-
-/// A Python interpreter with the verifier installed.
-fn python() -> anyhow::Result<PathBuf> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("standardwebhooks-venv");
-    let python = venv.join("bin/python");
-    let installed = venv.join(format!(".installed-{VERIFIER}"));
-    if installed.exists() {
-        return Ok(python);
-    }
-    // Test binaries may install at once: the first to create the lock directory installs.
-    let lock = venv.with_extension("lock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while std::fs::create_dir(&lock).is_err() {
-        if installed.exists() {
-            return Ok(python);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "another test holds {lock:?} for too long; remove it if no test runs"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let result = (|| {
-        if !installed.exists() {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-            run(Command::new(&python).args(["-m", "pip", "install", "--quiet", VERIFIER]))?;
-            std::fs::write(&installed, b"")?;
-        }
-        anyhow::Ok(())
-    })();
-    let _ = std::fs::remove_dir(&lock);
-    result.map(|()| python)
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("{command:?}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-/// The receiver process; killed on drop.
-struct Receiver {
-    child: Child,
-    base: String,
-}
-
-impl Receiver {
-    fn start(secret: &str) -> anyhow::Result<Self> {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
-        let mut child = Command::new(python()?)
-            .arg(script)
-            .arg(secret)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().context("receiver stdout")?;
-        let mut port = String::new();
-        BufReader::new(stdout).read_line(&mut port)?;
-        let port: u16 = port
-            .trim()
-            .parse()
-            .context("receiver did not print its port")?;
-        Ok(Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn log(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        Ok(reqwest::get(self.url("/log")).await?.json().await?)
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn delivery<'a>(id: &'a str, url: &'a str, body: &'a str) -> Delivery<'a> {
     Delivery {

@@ -10,6 +10,8 @@
 //!   printed when the test fails ([`ChildProcess`]).
 //! - [`wait`] — [`wait_until`] a condition holds, under a deadline ([`DEADLINE`]).
 //! - [`net`] — [`free_port`].
+//! - [`webhook`] — a webhook [`Receiver`] that verifies signatures with the Standard
+//!   Webhooks project's Python package.
 //!
 //! Everything reads its servers from the environment: `SHOAL_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `SHOAL_TEST_REDIS_URL` (default
@@ -20,9 +22,11 @@ pub mod net;
 pub mod process;
 pub mod redis;
 pub mod wait;
+pub mod webhook;
 
 pub use self::redis::OwnRedis;
 pub use db::TestDb;
 pub use net::free_port;
 pub use process::ChildProcess;
 pub use wait::{DEADLINE, wait_until};
+pub use webhook::Receiver;

@@ -30,7 +30,10 @@ impl GatewayArgs {
     }
 }
 
-pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    config: ShoalConfig,
+    jobs: shoal_entities::jobs::JobsConfig,
+) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
@@ -40,9 +43,18 @@ pub(crate) async fn run(config: ShoalConfig) -> anyhow::Result<()> {
             .connect_lazy(&config.database.url)?,
         cluster: config.cluster.name.to_string(),
     };
+    // The job types as the runners have them, to validate payloads at enqueue.
+    let redis = match &config.redis.url {
+        Some(_) => Some(shoal::redis::RedisClient::connect(
+            &config.redis,
+            &config.cluster.name,
+        )?),
+        None => None,
+    };
+    let types = shoal_entities::job_types_with(None, redis, &jobs)?;
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
-        .with_routes(shoal_entities::http::routes_with(Some(store)));
+        .with_routes(shoal_entities::http::routes_with_types(Some(store), types));
     shoal::gateway::run(params, shutdown).await?;
     Ok(())
 }

@@ -1,0 +1,161 @@
+//! The `webhook` job type through real processes: two runners and a gateway configured with
+//! `[jobs.webhook]` from the environment, jobs enqueued with `POST /jobs` and followed with
+//! `GET /jobs/{id}`, delivered to the testkit's receiver, which verifies every signature
+//! with the Standard Webhooks project's Python implementation.
+
+mod common;
+
+use anyhow::{Context, ensure};
+use common::gateway::{Gateway, GatewayOptions, Http};
+use common::{DEADLINE, RunnerOptions, TestCluster, wait_until};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shoal_testkit::Receiver;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn enqueue(http: &Http, url: &str) -> anyhow::Result<String> {
+    let body = json!({"type": "webhook", "payload": {"url": url, "body": {"event": "e"}}});
+    let response = http.post_json("/jobs", &body, &[]).await?;
+    ensure!(
+        response.status == StatusCode::ACCEPTED,
+        "enqueue {body}: {} {}",
+        response.status,
+        response.text()
+    );
+    Ok(response.json()?["id"].as_str().context("an id")?.to_owned())
+}
+
+/// Waits until `done` holds for the job; returns it.
+async fn await_job(
+    http: &Http,
+    id: &str,
+    what: &str,
+    done: fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let last = std::sync::Mutex::new(Value::Null);
+    let waited = wait_until(DEADLINE, &format!("job {id}: {what}"), || async {
+        let job = http.get(&format!("/jobs/{id}")).await?.json()?;
+        let ok = done(&job);
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = job;
+        Ok(ok)
+    })
+    .await;
+    let job = last.into_inner().unwrap_or_else(|e| e.into_inner());
+    waited.with_context(|| format!("last seen: {job}"))?;
+    Ok(job)
+}
+
+fn attempts(job: &Value) -> &[Value] {
+    job["attempts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn at(value: &Value) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    Ok(value.as_str().context("a time")?.parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> anyhow::Result<()> {
+    let receiver = Receiver::start(SECRET)?;
+    let cluster = TestCluster::new(16).await?;
+    let env: Vec<(String, String)> = [
+        ("SHOAL__REDIS__URL", shoal_testkit::redis::redis_url()),
+        (
+            "SHOAL__REDIS__KEY_PREFIX",
+            format!("shoal-test:{}", cluster.db.name),
+        ),
+        ("SHOAL__JOBS__WEBHOOK__SECRETS", format!("[\"{SECRET}\"]")),
+        ("SHOAL__JOBS__WEBHOOK__RESPONSE_TIMEOUT", "1s".to_owned()),
+        ("SHOAL__JOBS__WEBHOOK__BACKOFF_FIRST", "200ms".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    cluster
+        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await?;
+    let gateway = Gateway::start(
+        &cluster,
+        GatewayOptions {
+            env: env.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let http = &gateway.http;
+
+    // An https URL is refused at enqueue, naming the field.
+    let https = json!({"type": "webhook", "payload": {"url": "https://x.test/h", "body": {}}});
+    let refused = http.post_json("/jobs", &https, &[]).await?;
+    ensure!(
+        refused.status == StatusCode::BAD_REQUEST,
+        "{}",
+        refused.text()
+    );
+    ensure!(refused.text().contains("url"), "{}", refused.text());
+
+    let ok = enqueue(http, &receiver.url("/ok")).await?;
+    let flaky = enqueue(http, &receiver.url("/sequence/flaky?codes=500,200")).await?;
+    let bad = enqueue(http, &receiver.url("/status/400")).await?;
+    let limited = enqueue(http, &receiver.url("/status/429?retry_after=2")).await?;
+    let hung = enqueue(http, &receiver.url("/hang?seconds=10")).await?;
+
+    let job = await_job(http, &ok, "succeeded", |j| j["status"] == "succeeded").await?;
+    ensure!(job["result"]["status"] == 204, "{job}");
+    ensure!(
+        attempts(&job)[0]["notes"][0]["status"] == 204,
+        "the attempt's record: {job}"
+    );
+    let log = receiver.log_of("/ok").await?;
+    ensure!(log.len() == 1 && log[0]["verified"] == true, "{log:?}");
+    ensure!(
+        log[0]["id"] == ok.as_str(),
+        "webhook-id is the job id: {log:?}"
+    );
+
+    // 500 then 200: retried once.
+    let job = await_job(http, &flaky, "succeeded", |j| j["status"] == "succeeded").await?;
+    let outcomes: Vec<_> = attempts(&job)
+        .iter()
+        .map(|a| a["outcome"].clone())
+        .collect();
+    ensure!(outcomes == [json!("failed"), json!("succeeded")], "{job}");
+    ensure!(attempts(&job)[0]["notes"][0]["status"] == 500, "{job}");
+
+    // 400: dead without a retry.
+    let job = await_job(http, &bad, "dead", |j| j["status"] == "dead").await?;
+    ensure!(attempts(&job).len() == 1, "{job}");
+    ensure!(
+        attempts(&job)[0]["outcome"] == "failed_permanently",
+        "{job}"
+    );
+
+    // 429 with Retry-After: 2 → the next attempt starts at least 2 s after the first ended.
+    let job = await_job(http, &limited, "a second attempt", |j| {
+        attempts(j).len() >= 2
+    })
+    .await?;
+    let gap = at(&attempts(&job)[1]["started_at"])? - at(&attempts(&job)[0]["ended_at"])?;
+    ensure!(gap >= chrono::Duration::seconds(2), "gap {gap}: {job}");
+
+    // A receiver that hangs: the response timeout ends the attempt, which is retried.
+    let job = await_job(http, &hung, "a timed-out attempt", |j| {
+        !attempts(j).is_empty()
+    })
+    .await?;
+    let error = attempts(&job)[0]["error"].as_str().unwrap_or_default();
+    ensure!(error.contains("timed out"), "{job}");
+    ensure!(job["status"] != "dead", "a timeout is retried: {job}");
+    Ok(())
+}

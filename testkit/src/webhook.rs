@@ -1,0 +1,129 @@
+//! A webhook receiver that verifies signatures with an independent implementation of the
+//! Standard Webhooks specification: the project's Python package (`standardwebhooks` from
+//! PyPI), installed into a virtual environment under the target directory the first time
+//! (idempotently, and safely when several test binaries start at once), running
+//! `support/webhook_receiver.py` (its docstring lists the behaviours a path selects).
+//!
+//! [`Receiver::start`] spawns it; [`Receiver::log`] returns every POST it received, with
+//! whether its signature verified. The process is killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// The verifier's version: the package is installed once per target directory.
+pub const VERIFIER: &str = "standardwebhooks==1.1.0";
+
+/// The target directory's `tmp/` (the one `CARGO_TARGET_TMPDIR` names), found from the
+/// running test binary (`target/<profile>/deps/<binary>`).
+fn target_tmp() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .ancestors()
+        .nth(2)
+        .context("the test binary is not under target/<profile>/deps")?;
+    let target = profile.parent().context("no target directory")?;
+    Ok(target.join("tmp"))
+}
+
+/// A Python interpreter with the verifier installed.
+pub fn python() -> anyhow::Result<PathBuf> {
+    let venv = target_tmp()?.join("standardwebhooks-venv");
+    let python = venv.join("bin/python");
+    let installed = venv.join(format!(".installed-{VERIFIER}"));
+    if installed.exists() {
+        return Ok(python);
+    }
+    std::fs::create_dir_all(venv.parent().context("venv parent")?)?;
+    // Test binaries may install at once: the first to create the lock directory installs.
+    let lock = venv.with_extension("lock");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::create_dir(&lock).is_err() {
+        if installed.exists() {
+            return Ok(python);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "another test holds {lock:?} for too long; remove it if no test runs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let result = (|| {
+        if !installed.exists() {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+            run(Command::new(&python).args(["-m", "pip", "install", "--quiet", VERIFIER]))?;
+            std::fs::write(&installed, b"")?;
+        }
+        anyhow::Ok(())
+    })();
+    let _ = std::fs::remove_dir(&lock);
+    result.map(|()| python)
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command.output().with_context(|| format!("{command:?}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The verifying receiver process; killed on drop.
+#[derive(Debug)]
+pub struct Receiver {
+    child: Child,
+    base: String,
+}
+
+impl Receiver {
+    /// Starts a receiver that accepts only deliveries signed with `secret` (`whsec_…`).
+    pub fn start(secret: &str) -> anyhow::Result<Self> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/webhook_receiver.py");
+        let mut child = Command::new(python()?)
+            .arg(script)
+            .arg(secret)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("receiver stdout")?;
+        let mut port = String::new();
+        BufReader::new(stdout).read_line(&mut port)?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .context("receiver did not print its port")?;
+        Ok(Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// `path` (with its query) on this receiver.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Every POST received so far, in order: `{path, id, timestamp, verified, body,
+    /// received_at}` (`received_at` in Unix seconds).
+    pub async fn log(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(reqwest::get(self.url("/log")).await?.json().await?)
+    }
+
+    /// The POSTs received on `path` (without the query).
+    pub async fn log_of(&self, path: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let log = self.log().await?;
+        Ok(log.into_iter().filter(|e| e["path"] == path).collect())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
