@@ -11,7 +11,9 @@ mod attempt;
 pub mod control;
 pub mod cron;
 pub mod diagnostic;
+pub mod enqueue;
 pub mod entity;
+pub mod gauges;
 pub mod handler;
 pub mod key;
 mod limit;
@@ -26,8 +28,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use enqueue::{Enqueued, JobCaller, JobRequest, enqueue};
 pub use handler::{
-    BackoffPolicy, ConcurrencyKeyFn, JobContext, JobError, JobHandler, JobOptions, Progress,
+    BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, LimitKeyFn, Progress, RateLimit,
 };
 pub use record::{Attempt, AttemptOutcome, JobStatus, JobView};
 pub use registry::{JobRegistry, JobRegistryError};
@@ -45,6 +48,7 @@ pub fn job_types(pool: Option<sqlx::PgPool>) -> Result<JobRegistry, JobRegistryE
         .register(diagnostic::Sleep)?
         .register(diagnostic::Noop)?
         .register(diagnostic::Limited)?
+        .register(diagnostic::Rated)?
         .register(diagnostic::Count::new(pool))?;
     Ok(types)
 }
@@ -56,6 +60,10 @@ pub struct JobsConfig {
     /// How long a finished job (and its key) is kept before it is pruned. Default 7 days.
     #[serde(with = "humantime_serde")]
     pub retention: std::time::Duration,
+    /// How often the leading runner counts waiting and dead jobs for `shoal_jobs`
+    /// (see [`gauges`]). Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub gauge_interval: std::time::Duration,
     /// `[jobs.webhook]`: the `webhook` type, offered when it has signing secrets.
     pub webhook: crate::webhook::job::WebhookConfig,
 }
@@ -64,6 +72,7 @@ impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            gauge_interval: std::time::Duration::from_secs(15),
             webhook: crate::webhook::job::WebhookConfig::default(),
         }
     }

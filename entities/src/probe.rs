@@ -18,6 +18,9 @@
 //!   other probe gets it exactly when this state change commits.
 //! - `remind {after_ms, value}` (persisted): schedules `record {value}` to itself `after_ms`
 //!   milliseconds from now (a durable timer).
+//! - `enqueue_noop {fail_first}` (persisted): enqueues a `diag.noop` job through its context
+//!   and replies `{job}`; with `fail_first`, the first delivery panics after enqueueing (shows
+//!   that a replayed handler names the same job: the derived key).
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -75,6 +78,12 @@ pub enum ProbeMessage {
         /// Milliseconds to hold the entity after sending, at most 60000.
         #[serde(default)]
         hold_ms: u64,
+    },
+    /// Enqueues a `diag.noop` job; replies `{job}`.
+    EnqueueNoop {
+        /// Panic on the first delivery, after enqueueing.
+        #[serde(default)]
+        fail_first: bool,
     },
     /// Schedules `record {value}` to itself `after_ms` from now.
     Remind {
@@ -171,6 +180,16 @@ impl Entity for Probe {
                 state.recorded.push(entry);
                 tokio::time::sleep(Duration::from_millis(hold_ms.min(60_000))).await;
                 Ok(serde_json::json!({ "recorded": state.recorded.len() }))
+            }
+            ProbeMessage::EnqueueNoop { fail_first } => {
+                let request = crate::jobs::JobRequest::of::<crate::jobs::diagnostic::Noop>(
+                    &Default::default(),
+                )?;
+                let job = crate::jobs::enqueue(ctx, request).await?;
+                if fail_first && ctx.attempts == 0 {
+                    panic!("probe failing after enqueueing {}", job.id);
+                }
+                Ok(serde_json::json!({ "job": job.id }))
             }
             ProbeMessage::Remind { after_ms, value } => {
                 let id = ctx

@@ -580,8 +580,9 @@ async fn the_cli_lists_shows_cancels_and_retries_jobs() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Result<()> {
+/// A cluster of `runners` runners sharing the test's Redis prefix (the limits' home), and
+/// a gateway.
+async fn cluster_with_redis(runners: usize) -> anyhow::Result<(TestCluster, Vec<Runner>, Gateway)> {
     let cluster = TestCluster::new(16).await?;
     let redis = vec![
         (
@@ -593,18 +594,97 @@ async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Re
             format!("shoal-test:{}", cluster.db.name),
         ),
     ];
-    let mut runners = Vec::new();
-    for _ in 0..3 {
+    let mut started = Vec::new();
+    for _ in 0..runners {
         let options = common::RunnerOptions {
             env: redis.clone(),
             ..Default::default()
         };
-        runners.push(cluster.start_runner_with(options).await?);
+        started.push(cluster.start_runner_with(options).await?);
     }
     cluster
-        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await_balanced(&started.iter().collect::<Vec<_>>())
         .await?;
     let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    Ok((cluster, started, gateway))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_per_key_holds_across_three_runners() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster_with_redis(3).await?;
+    let http = &gateway.http;
+    // `diag.rated`: at most 4 starts per second per tenant.
+    // All at once, so they arrive faster than the limit lets them start.
+    let tenants: Vec<&str> = (0..24)
+        .map(|i| if i % 2 == 0 { "a" } else { "b" })
+        .collect();
+    let enqueued = futures::future::try_join_all(tenants.iter().map(|tenant| {
+        enqueue(
+            http,
+            json!({"type": "diag.rated", "payload": {"tenant": tenant}}),
+        )
+    }))
+    .await?;
+    let ids: Vec<(&str, String)> = tenants.into_iter().zip(enqueued).collect();
+    let saw_waiting = std::sync::atomic::AtomicBool::new(false);
+    wait_until(
+        Duration::from_secs(60),
+        "every rated job succeeded",
+        || async {
+            let views =
+                futures::future::try_join_all(ids.iter().map(|(_, id)| show(http, id))).await?;
+            if views.iter().any(|v| {
+                v["waiting"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("rate limited"))
+            }) {
+                saw_waiting.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(views.iter().all(|v| v["status"] == "succeeded"))
+        },
+    )
+    .await?;
+    ensure!(
+        saw_waiting.into_inner(),
+        "no job said it waited for the rate"
+    );
+    let mut starts: std::collections::BTreeMap<&str, Vec<DateTime<Utc>>> = Default::default();
+    for (tenant, id) in &ids {
+        let job = show(http, id).await?;
+        let attempts = job["attempts"].as_array().context("attempts")?;
+        ensure!(attempts.len() == 1, "one attempt each: {job}");
+        starts
+            .entry(tenant)
+            .or_default()
+            .push(time(&attempts[0]["started_at"])?);
+    }
+    // No five starts of one tenant inside one second (less a margin for the moment an
+    // attempt records its start after the window admitted it).
+    let margin = chrono::Duration::milliseconds(200);
+    for (tenant, times) in &mut starts {
+        times.sort();
+        for pair in times.windows(5) {
+            let span = pair[4] - pair[0];
+            ensure!(
+                span >= chrono::Duration::seconds(1) - margin,
+                "tenant {tenant}: 5 starts within {span}: {times:?}"
+            );
+        }
+    }
+    // The limit is per tenant: together the two went faster than one tenant may.
+    let mut all: Vec<_> = starts.values().flatten().copied().collect();
+    all.sort();
+    ensure!(
+        all.windows(5)
+            .any(|pair| pair[4] - pair[0] < chrono::Duration::seconds(1) - margin),
+        "the tenants shared one limit: {all:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_of_three_holds_across_three_runners() -> anyhow::Result<()> {
+    let (_cluster, _runners, gateway) = cluster_with_redis(3).await?;
     let http = &gateway.http;
     let mut ids = Vec::new();
     for _ in 0..12 {
@@ -735,5 +815,109 @@ async fn a_cron_schedule_enqueues_one_job_per_instant() -> anyhow::Result<()> {
     .await?;
     ensure!(keys.iter().all(|(_, n)| *n == 1), "{keys:?}");
     ensure!(keys.len() >= 3, "{keys:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_enqueued_from_rust_through_the_client_and_from_a_handler_once()
+-> anyhow::Result<()> {
+    use shoal_entities::jobs::diagnostic::Noop;
+    use shoal_entities::jobs::{JobRequest, enqueue as enqueue_job};
+    use shoal_entities::probe::{Probe, ProbeMessage};
+
+    let (cluster, _runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let client =
+        common::gateway::TestClient::connect(&cluster, common::gateway::DEFAULT_SECRET, 4, true)
+            .await?;
+
+    // Through the typed client: a key names one job however often it is enqueued.
+    let request = JobRequest::of::<Noop>(&Default::default())?
+        .key("rust-1")
+        .priority(3);
+    let first = enqueue_job(&client.client, request.clone()).await?;
+    let again = enqueue_job(&client.client, request).await?;
+    ensure!(first == again, "{first:?} then {again:?}");
+    let job = await_status(http, &first.id, "succeeded").await?;
+    ensure!(job["key"] == "rust-1" && job["priority"] == 3, "{job}");
+
+    // From a handler: its first delivery enqueues and then panics; the replay enqueues
+    // again under the same derived key, so there is one job, the one the reply names.
+    let reply = client
+        .entity::<Probe>("enqueuer")
+        .ask(ProbeMessage::EnqueueNoop { fail_first: true })
+        .await?;
+    let id = reply["job"].as_str().context("a job id")?.to_owned();
+    await_status(http, &id, "succeeded").await?;
+    let from_handlers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shoal_entity_state
+          WHERE cluster = $1 AND entity_type = 'job' AND state->>'key' LIKE 'ctx:%'",
+    )
+    .bind(&cluster.name)
+    .fetch_one(&cluster.pool)
+    .await?;
+    ensure!(from_handlers == 1, "{from_handlers} jobs from the handler");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leading_runner_exports_waiting_and_dead_jobs_by_type() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(16).await?;
+    let mut runners = Vec::new();
+    for _ in 0..2 {
+        let options = common::RunnerOptions {
+            env: vec![("SHOAL__JOBS__GAUGE_INTERVAL".to_owned(), "200ms".to_owned())],
+            ..Default::default()
+        };
+        runners.push(cluster.start_runner_with(options).await?);
+    }
+    cluster
+        .await_balanced(&runners.iter().collect::<Vec<_>>())
+        .await?;
+    let gateway = Gateway::start(&cluster, GatewayOptions::default()).await?;
+    let http = &gateway.http;
+    for _ in 0..2 {
+        let body = json!({"type": "diag.flaky", "payload": {"fail_times": 5}, "max_attempts": 1});
+        let id = enqueue(http, body).await?;
+        await_status(http, &id, "dead").await?;
+    }
+    let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    enqueue(
+        http,
+        json!({"type": "diag.noop", "payload": {}, "run_at": later}),
+    )
+    .await?;
+    // Summed over the runners: only the leader reports non-zero values.
+    let gauge = |status: &'static str, job_type: &'static str| {
+        let runners = &runners;
+        async move {
+            let mut sum = 0.0;
+            for runner in runners {
+                let text = reqwest::get(format!("http://{}/metrics", runner.addr))
+                    .await?
+                    .text()
+                    .await?;
+                sum += text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("shoal_jobs{")
+                            && l.contains(&format!("status=\"{status}\""))
+                            && l.contains(&format!("type=\"{job_type}\""))
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+            }
+            anyhow::Ok(sum)
+        }
+    };
+    wait_until(
+        DEADLINE,
+        "2 dead diag.flaky, 1 scheduled diag.noop",
+        || async {
+            Ok(gauge("dead", "diag.flaky").await? == 2.0
+                && gauge("scheduled", "diag.noop").await? == 1.0)
+        },
+    )
+    .await?;
     Ok(())
 }

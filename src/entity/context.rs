@@ -175,6 +175,15 @@ impl EntityContext {
         self.schedule(request, at).await
     }
 
+    /// A key for one call this handling makes in more than one message (enqueuing a
+    /// unique job claims a key, then enqueues): `"{message_id}/{ordinal}"` with the next
+    /// ordinal, as a context call's derived key, so a replayed handler derives the same key
+    /// for the same call. `None` in a volatile message's handler (nothing to derive from).
+    pub fn derive_key(&self) -> Option<String> {
+        let ordinal = self.calls.0.next.fetch_add(1, Ordering::Relaxed);
+        self.message_id.map(|id| format!("{id}/{ordinal}"))
+    }
+
     /// Takes the call's ordinal and derives its key; says whether the key was derived.
     fn prepare(&self, mut request: Request) -> Result<(&ShoalClient, Request, bool), ClientError> {
         let scope = &self.calls.0;

@@ -45,10 +45,15 @@ pub(crate) async fn run(
         )?),
         None => None,
     };
+    let gauges = shoal_entities::jobs::gauges::singleton(
+        pool.clone(),
+        config.cluster.name.to_string(),
+        jobs.gauge_interval,
+    );
     let params = RunnerParams {
         config,
         registry: shoal_entities::registry_with(Some(pool), redis, &jobs)?,
-        singletons: Vec::new(),
+        singletons: vec![gauges],
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;

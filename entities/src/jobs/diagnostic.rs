@@ -6,6 +6,8 @@
 //! - `diag.sleep {ms}`: sleeps `ms`, or stops when cancelled and notes that it saw the
 //!   cancellation (`{"observed": "cancelled"}` in its attempt's notes).
 //! - `diag.limited {ms}`: sleeps `ms`; at most 3 run at once across the cluster.
+//! - `diag.rated {tenant}`: succeeds at once; at most 4 start per second per `tenant`
+//!   across the cluster.
 //! - `diag.noop {}`: succeeds at once, replying with its attempt number.
 //! - `diag.count {ms}`: sleeps `ms` (observing cancellation), then adds one to the row of
 //!   its job id in the table `diag_job_effects (job_id text primary key, hits int)`, which
@@ -17,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use super::handler::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions};
+use super::handler::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, RateLimit};
 
 /// `diag.flaky`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -185,5 +187,42 @@ impl JobHandler for Limited {
 
     async fn run(&self, ctx: &JobContext, payload: SleepPayload) -> Result<Self::Output, JobError> {
         Sleep.run(ctx, payload).await
+    }
+}
+
+/// `diag.rated`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rated;
+
+/// `diag.rated`'s payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatedPayload {
+    /// The key the rate applies per.
+    pub tenant: String,
+}
+
+impl JobHandler for Rated {
+    const TYPE: &'static str = "diag.rated";
+    type Payload = RatedPayload;
+    type Output = serde_json::Value;
+
+    fn options(&self) -> JobOptions {
+        JobOptions {
+            rate: Some(RateLimit {
+                limit: 4,
+                per: Duration::from_secs(1),
+            }),
+            limit_key: Some(|payload| payload["tenant"].as_str().map(str::to_owned)),
+            ..JobOptions::default()
+        }
+    }
+
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        _payload: RatedPayload,
+    ) -> Result<Self::Output, JobError> {
+        Ok(serde_json::json!({ "attempt": ctx.attempt() }))
     }
 }

@@ -84,7 +84,14 @@ pub struct NewJob {
     /// The waits between attempts (default: the type's).
     #[serde(default)]
     pub backoff: Option<JobBackoff>,
+    /// 0 (first, the default) to 9 (last): how soon a job its type's limits made wait asks
+    /// again, so under contention higher-priority jobs take the freed slots first.
+    #[serde(default)]
+    pub priority: Option<u8>,
 }
+
+/// The lowest priority.
+pub const LOWEST_PRIORITY: u8 = 9;
 
 /// A job's own waits between attempts: `first_ms` doubling up to `max_ms`, with jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -222,6 +229,7 @@ impl Job {
                 .unwrap_or(options.timeout.as_millis() as u64)
                 .max(1),
             backoff: new.backoff,
+            priority: new.priority.unwrap_or(0).min(LOWEST_PRIORITY),
             run_at: Some(run_at),
             next_run_at: Some(run_at),
             created_at: Some(now),
@@ -256,6 +264,7 @@ impl Job {
             match limit::admit(redis, &state.job_type, &options, &state.payload, timeout).await {
                 Gate::Open(lease) => lease,
                 Gate::Wait { after, reason } => {
+                    let after = limit::by_priority(after, state.priority);
                     state.waiting = Some(reason);
                     state.updated_at = Some(Utc::now());
                     let at = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();

@@ -75,8 +75,19 @@ impl BackoffPolicy {
     }
 }
 
-/// Picks the concurrency key of a job from its payload (for example the endpoint).
-pub type ConcurrencyKeyFn = fn(&serde_json::Value) -> Option<String>;
+/// Picks the key a type's limits apply per from a job's payload (for example the
+/// endpoint or the tenant).
+pub type LimitKeyFn = fn(&serde_json::Value) -> Option<String>;
+
+/// At most `limit` attempts of a type (per limit key) may start in any window of `per`,
+/// across the cluster (the shared Redis sliding window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Starts allowed per window (at least 1).
+    pub limit: u32,
+    /// The window.
+    pub per: Duration,
+}
 
 /// A job type's defaults.
 #[derive(Debug, Clone, Copy)]
@@ -90,8 +101,11 @@ pub struct JobOptions {
     pub timeout: Duration,
     /// Attempts of this type running at once across the cluster (`None`: no limit).
     pub concurrency: Option<u32>,
-    /// With `concurrency`, the limit applies per key taken from the payload.
-    pub concurrency_key: Option<ConcurrencyKeyFn>,
+    /// Attempts of this type starting per window across the cluster (`None`: no limit).
+    pub rate: Option<RateLimit>,
+    /// With `concurrency` or `rate`, the limits apply per key taken from the payload (a
+    /// payload it finds no key in shares the key `*`).
+    pub limit_key: Option<LimitKeyFn>,
 }
 
 impl Default for JobOptions {
@@ -101,7 +115,8 @@ impl Default for JobOptions {
             backoff: BackoffPolicy::default(),
             timeout: Duration::from_secs(60),
             concurrency: None,
-            concurrency_key: None,
+            rate: None,
+            limit_key: None,
         }
     }
 }

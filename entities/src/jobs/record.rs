@@ -93,6 +93,9 @@ pub struct JobView {
     /// The job's own backoff, if it has one (else the type's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<super::entity::JobBackoff>,
+    /// 0 (first) to 9 (last) when the type's limits make jobs wait.
+    #[serde(default)]
+    pub priority: u8,
     /// Every attempt so far.
     pub attempts: Vec<Attempt>,
     /// Attempts made before the current budget (by earlier retries).

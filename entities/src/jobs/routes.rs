@@ -27,8 +27,8 @@ use utoipa_axum::routes;
 
 use super::JobId;
 use super::control::{JobControl, JobControlMessage};
+use super::enqueue::Enqueued;
 use super::entity::{Job, JobMessage, NewJob};
-use super::key::{JobKey, JobKeyMessage, key_entity_id};
 use super::listing::{self, JobPage, ListQuery, MAX_LIMIT};
 use super::record::{JobStatus, JobView};
 use super::registry::JobRegistry;
@@ -54,15 +54,6 @@ pub fn routes(registry: Arc<JobRegistry>, store: Option<JobStore>) -> AppRouter 
         .routes(routes!(cancel))
         .layer(Extension(registry))
         .layer(Extension(store))
-}
-
-/// An enqueued job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Enqueued {
-    /// The job's id (an existing job's, for a key already taken).
-    pub id: String,
-    /// Where its status is.
-    pub status_url: String,
 }
 
 /// A cancel request's answer.
@@ -94,22 +85,8 @@ async fn enqueue(
     JsonBody(mut new): JsonBody<NewJob>,
 ) -> Result<(StatusCode, Json<Enqueued>), ApiError> {
     validate(&registry, &mut new, &headers)?;
-    let client = gateway.client();
-    let mut id = JobId::new().to_string();
-    if let Some(key) = &new.key {
-        let claim = JobKeyMessage::Claim { job_id: id.clone() };
-        let holder = client
-            .entity::<JobKey>(key_entity_id(&new.job_type, key))
-            .ask(claim)
-            .await?;
-        id = holder.job_id.unwrap_or(id);
-    }
-    client
-        .entity::<Job>(id.as_str())
-        .ask(JobMessage::Enqueue(new))
-        .await?;
-    let status_url = format!("/jobs/{id}");
-    Ok((StatusCode::ACCEPTED, Json(Enqueued { id, status_url })))
+    let enqueued = super::enqueue::enqueue(gateway.client(), new).await?;
+    Ok((StatusCode::ACCEPTED, Json(enqueued)))
 }
 
 fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -155,6 +132,18 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         return Err(ApiError::bad_request(
             "bad_body",
             "field `backoff`: 0 < first_ms ≤ max_ms",
+        ));
+    }
+    if new
+        .priority
+        .is_some_and(|p| p > super::entity::LOWEST_PRIORITY)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `priority`: 0 (first) to {}",
+                super::entity::LOWEST_PRIORITY
+            ),
         ));
     }
     if new.timeout_ms == Some(0) {
