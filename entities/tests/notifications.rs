@@ -616,8 +616,8 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
         reader.await?? == 400,
         "the reading subscriber missed events"
     );
-    wait_until(DEADLINE, "the slow subscriber is reset", || async {
-        Ok(metric(&gw.http, "shoal_notify_resets_total").await? >= 1.0)
+    wait_until(DEADLINE, "the slow subscriber is dropped", || async {
+        Ok(metric(&gw.http, "shoal_notify_slow_dropped_total").await? >= 1.0)
     })
     .await?;
     peak = peak.max(rss_kib(pid)?);

@@ -325,6 +325,7 @@ fn deliver(feed: &mut Feed, event: Arc<Event>) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 subscriber.overflowed.store(true, Ordering::Release);
+                super::metrics::slow_dropped();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,

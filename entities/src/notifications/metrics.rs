@@ -33,3 +33,9 @@ pub(crate) fn reset(reason: &'static str) {
 pub(crate) fn rejected() {
     metrics::counter!("shoal_notify_rejected_total").increment(1);
 }
+
+/// `shoal_notify_slow_dropped_total`: subscribers dropped by the hub because their buffer
+/// was full (each is sent `event: reset` once its connection drains).
+pub(crate) fn slow_dropped() {
+    metrics::counter!("shoal_notify_slow_dropped_total").increment(1);
+}
