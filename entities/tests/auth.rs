@@ -77,6 +77,7 @@ async fn setup() -> anyhow::Result<(TestCluster, Runner, Gateway)> {
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
             redis_url: None,
+            listen: None,
         },
     )
     .await?;

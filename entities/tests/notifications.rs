@@ -75,6 +75,7 @@ async fn gateway(cluster: &TestCluster, extra: &[(&str, &str)]) -> anyhow::Resul
         GatewayOptions {
             env: env_vars,
             redis_url: Some(shoal_testkit::redis::redis_url()),
+            listen: None,
         },
     )
     .await
