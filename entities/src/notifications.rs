@@ -214,6 +214,11 @@ mod tests {
             subscriber_buffer: 0,
             ..NotificationsConfig::default()
         };
-        assert!(config.validate().unwrap_err().contains("subscriber-buffer"));
+        assert!(
+            config
+                .validate()
+                .expect_err("refused")
+                .contains("subscriber-buffer")
+        );
     }
 }

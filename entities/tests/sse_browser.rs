@@ -158,7 +158,11 @@ async fn chromiums_event_source_reads_resumes_and_reconnects_by_itself() -> anyh
     );
     for event in &all {
         ensure!(
-            event["data"]["i"].to_string() == event["id"].as_str().unwrap_or(""),
+            event["data"]["i"]
+                .as_u64()
+                .map(|i| i.to_string())
+                .as_deref()
+                == event["id"].as_str(),
             "{event}"
         );
     }

@@ -133,7 +133,7 @@ impl Entity for Notification {
             .map_err(|e| HandlerError::retryable("history_unavailable", e.to_string()))?;
         state.last = event.seq;
         super::metrics::published();
-        if event.seq % self.config.prune_every == 0
+        if event.seq.is_multiple_of(self.config.prune_every)
             && let Err(error) = history
                 .prune(&tenant, event.seq, self.config.history_max_events)
                 .await
