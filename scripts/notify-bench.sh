@@ -7,7 +7,7 @@
 # Prints one JSON array [latency, idle] (also written to $1, default notify-bench.json).
 #
 # Knobs (environment): SUBSCRIBERS (1000), TENANTS (100), RATE (200), SECONDS_STEADY (20),
-# IDLE (20000), PROFILE (release).
+# IDLE (20000), PROFILE (release), SKIP_BUILD (set: use the binary already built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-notify-bench.json}"
@@ -18,8 +18,8 @@ target="${CARGO_TARGET_DIR:-target}"
 db="shoal_notify_bench_$$"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-if [ "$profile" = release ]; then cargo build --release -q -p shoal-entities; else
-  cargo build -q -p shoal-entities; fi
+if [ -n "${SKIP_BUILD:-}" ]; then :; elif [ "$profile" = release ]; then
+  cargo build --release -q -p shoal-entities; else cargo build -q -p shoal-entities; fi
 bin="$target/$profile/shoal"
 
 pids=()
