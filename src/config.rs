@@ -123,6 +123,62 @@ pub struct GatewayConfig {
     /// Time in-flight requests get to finish on shutdown. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `[gateway.auth]`: bearer-token (JWT) auth for every route. Off by default.
+    pub auth: AuthConfig,
+}
+
+/// `[gateway.auth]`: every route but `/health`, `/ready`, `/metrics` and `/openapi.json`
+/// needs `Authorization: Bearer <JWT>`, verified with the configured keys; the request's
+/// tenant is then the token's (`tenant-claim`), and an `X-Tenant-Id` naming another
+/// tenant is refused (403). Off by default (local clusters, `shoal dev`); turn it on in
+/// production.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether tokens are required. Default `false`.
+    pub enabled: bool,
+    /// An HS256 secret (tokens signed with it are accepted). Default none.
+    pub hs256_secret: Option<String>,
+    /// A JWKS file of public keys: RSA keys accept RS256, Ed25519 (OKP) keys EdDSA; a
+    /// token's `kid` picks its key. Default none.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// The required `iss`. Default none (not checked).
+    pub issuer: Option<String>,
+    /// The required `aud`. Default none (not checked).
+    pub audience: Option<String>,
+    /// The claim that names the tenant. Default `tenant`.
+    pub tenant_claim: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default `30s`.
+    #[serde(with = "humantime_serde::option")]
+    pub leeway: Option<Duration>,
+}
+
+impl AuthConfig {
+    /// The claim that names the tenant.
+    pub fn tenant_claim(&self) -> &str {
+        self.tenant_claim.as_deref().unwrap_or("tenant")
+    }
+
+    /// The clock skew allowed.
+    pub fn leeway(&self) -> Duration {
+        self.leeway.unwrap_or(Duration::from_secs(30))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled && self.hs256_secret.is_none() && self.jwks_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "gateway.auth",
+                problem: "is enabled but has neither hs256-secret nor jwks-file".to_owned(),
+            });
+        }
+        if self.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::Invalid {
+                key: "gateway.auth.hs256-secret",
+                problem: "must be at least 32 bytes".to_owned(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for GatewayConfig {
@@ -133,6 +189,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             ready_max_backlog_age: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -548,6 +605,7 @@ impl ShoalConfig {
             })?;
         }
         self.redis.validate()?;
+        self.gateway.auth.validate()?;
         self.runner.validate()
     }
 

@@ -11,6 +11,7 @@
 //! they are served behind the same middleware and listed in the same OpenAPI document.
 
 mod app;
+mod auth;
 mod error;
 pub mod openapi;
 mod rate_limit;
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use app::{AppRouter, GatewayContext, JsonBody};
+pub use auth::Principal;
 pub use error::ApiError;
 pub use routes::{ErrorBody, ErrorDetail};
 
@@ -114,6 +116,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Option<PrometheusHandle>,
     /// `/openapi.json`: the gateway's operations, the registry's and the application's.
     pub(crate) openapi: axum::body::Bytes,
+    /// `[gateway.auth]`'s verifier (`None`: auth is off).
+    pub(crate) auth: Option<Arc<auth::Verifier>>,
 }
 
 /// The request id of the request being handled.
@@ -132,6 +136,9 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         .map(|r| r.get_openapi().clone())
         .collect();
     let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
+    let auth = auth::Verifier::new(&params.config.gateway.auth)
+        .map_err(GatewayError::Setup)?
+        .map(Arc::new);
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -187,6 +194,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         redis,
         metrics: params.metrics,
         openapi,
+        auth,
     };
     let address = listener.local_addr().map_err(|source| GatewayError::Bind {
         address: config.gateway.listen.to_string(),
@@ -220,6 +228,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
 pub(crate) fn router(state: AppState, app: Router) -> Router {
     let max_body = state.config.gateway.max_body_bytes;
     // Shared, not cloned: axum hands every handler and middleware its own copy of the state.
+    let auth = state.auth.clone();
     let state = Arc::new(state);
     own_routes()
         .into_iter()
@@ -235,6 +244,7 @@ pub(crate) fn router(state: AppState, app: Router) -> Router {
             state.clone(),
             rate_limit::enforce,
         ))
+        .layer(middleware::from_fn_with_state(auth, auth::enforce))
         .layer(middleware::from_fn(request_context))
 }
 

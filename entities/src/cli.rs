@@ -101,7 +101,18 @@ impl Cli {
 }
 
 /// The configuration sections of the application (not the runtime's).
-const APPLICATION_SECTIONS: &[&str] = &["jobs"];
+const APPLICATION_SECTIONS: &[&str] = &["jobs", "notifications"];
+
+/// The application's sections, decoded and checked.
+fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConfig> {
+    let notifications: shoal_entities::notifications::NotificationsConfig =
+        app.section("notifications")?;
+    notifications.validate().map_err(anyhow::Error::msg)?;
+    Ok(shoal_entities::AppConfig {
+        jobs: app.section("jobs")?,
+        notifications,
+    })
+}
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
@@ -111,7 +122,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Runner(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
-            runner::run(config, app.section("jobs")?).await
+            runner::run(config, app_config(&app)?).await
         }
         Command::Dev(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
@@ -119,7 +130,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
-            gateway::run(config, app.section("jobs")?).await
+            gateway::run(config, app_config(&app)?).await
         }
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
@@ -154,6 +165,9 @@ async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
     shoal_entities::jobs::listing::migrate(&pool)
         .await
         .context("creating the job indexes")?;
+    shoal_entities::notifications::history::migrate(&pool)
+        .await
+        .context("creating the notification history")?;
     println!("migrations applied");
     Ok(())
 }

@@ -5,6 +5,7 @@
 //!
 //! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
 //! - `/jobs…`: the job routes ([`crate::jobs::routes`]).
+//! - `/tenants/{tenant}/events`: notifications ([`crate::notifications::routes`]).
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -25,18 +26,21 @@ pub fn routes() -> AppRouter {
 /// Every route; `GET /jobs` lists from `store`.
 pub fn routes_with(store: Option<crate::jobs::routes::JobStore>) -> AppRouter {
     let jobs = crate::jobs::job_types(None).unwrap_or_default();
-    routes_with_types(store, jobs)
+    routes_with_types(store, jobs, None)
 }
 
-/// Every route, `POST /jobs` validating against `jobs` (the runners' job types).
+/// Every route, `POST /jobs` validating against `jobs` (the runners' job types), streams
+/// served from `subscriptions` (none: `GET /tenants/{tenant}/events` answers 503).
 pub fn routes_with_types(
     store: Option<crate::jobs::routes::JobStore>,
     jobs: crate::jobs::JobRegistry,
+    subscriptions: Option<crate::notifications::routes::Subscriptions>,
 ) -> AppRouter {
     let jobs = std::sync::Arc::new(jobs);
     OpenApiRouter::new()
         .routes(routes!(counter_value))
         .merge(crate::jobs::routes::routes(jobs, store))
+        .merge(crate::notifications::routes::routes(subscriptions))
 }
 
 /// A counter's count.

@@ -5,6 +5,8 @@
 //! - [`jobs`]: the job system (`job`, `job-control`, `job-key` entities, job types, routes).
 //! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
 //!   webhook job type.
+//! - [`notifications`]: per-tenant event streams (`notification` entity, the gateway's
+//!   subscriber hub, SSE routes).
 //!
 //! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
 //! own.
@@ -12,27 +14,46 @@
 pub mod counter;
 pub mod http;
 pub mod jobs;
+pub mod notifications;
 pub mod probe;
 pub mod webhook;
 
 use shoal::entity::EntityRegistry;
 
-/// Every built-in entity type, ready to register on a runner.
-pub fn registry() -> anyhow::Result<EntityRegistry> {
-    registry_with(None, None, &jobs::JobsConfig::default())
+/// The application's configuration sections (`[jobs]`, `[notifications]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppConfig {
+    /// `[jobs]`.
+    pub jobs: jobs::JobsConfig,
+    /// `[notifications]`.
+    pub notifications: notifications::NotificationsConfig,
 }
 
-/// Every built-in entity type; job types that touch the database use `pool`, limited job
-/// types take their concurrency leases on `redis`.
+/// Every built-in entity type, ready to register on a runner.
+pub fn registry() -> anyhow::Result<EntityRegistry> {
+    registry_with(None, None, "shoal", &AppConfig::default())
+}
+
+/// Every built-in entity type; job types that touch the database and the notification
+/// history use `pool` (the database of cluster `cluster`), limited job types take their
+/// concurrency leases on `redis`, and notifications are pushed through it.
 pub fn registry_with(
     pool: Option<sqlx::PgPool>,
     redis: Option<shoal::redis::RedisClient>,
-    jobs_config: &jobs::JobsConfig,
+    cluster: &str,
+    app: &AppConfig,
 ) -> anyhow::Result<EntityRegistry> {
+    let jobs_config = &app.jobs;
     let mut registry = EntityRegistry::new();
     registry
         .register(counter::Counter)?
-        .register(probe::Probe)?;
+        .register(probe::Probe)?
+        .register(notifications::entity(
+            pool.clone(),
+            cluster,
+            redis.clone(),
+            &app.notifications,
+        ))?;
     let types = job_types_with(pool, redis.clone(), jobs_config)?;
     jobs::register(
         &mut registry,

@@ -832,6 +832,7 @@ async fn ready_is_red_while_a_shard_is_unowned_or_a_consumer_stalls() -> anyhow:
                 "1s".to_owned(),
             )],
             redis_url: Some(shoal_testkit::redis::redis_url()),
+            listen: None,
         },
     )
     .await?;

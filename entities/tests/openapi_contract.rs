@@ -35,6 +35,7 @@ fn parameter_value(name: &str, serial: usize) -> anyhow::Result<String> {
         "entity_id" => format!("contract-{serial}"),
         // A job id (no such job: the job routes answer their documented 404).
         "id" => uuid::Uuid::now_v7().to_string(),
+        "tenant" => format!("contract-tenant-{serial}"),
         other => bail!("no value for path parameter `{other}`"),
     })
 }
@@ -143,6 +144,19 @@ async fn call(
         let body = example(body_schema, doc, 0)?;
         check(body_schema, doc, &body, "the generated body")?;
         request = request.json(&body);
+    }
+    let streams = operation.spec["responses"]["200"]["content"]
+        .get("text/event-stream")
+        .is_some();
+    if streams {
+        // A stream does not end: its status and headers are the answer (the stream's own
+        // frames are checked by the notification tests).
+        let response = request.send().await?;
+        return Ok(HttpResponse {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: Vec::new(),
+        });
     }
     http.send(request).await
 }

@@ -63,6 +63,7 @@ impl RedisGateway {
         let mut options = GatewayOptions {
             env: vec![("SHOAL__REDIS__KEY_PREFIX".to_owned(), prefix.to_owned())],
             redis_url: Some(redis_url.to_owned()),
+            listen: None,
         };
         options
             .env

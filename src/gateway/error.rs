@@ -38,6 +38,22 @@ pub enum ApiError {
         /// What was not found.
         message: String,
     },
+    /// No valid credentials (401, `WWW-Authenticate: Bearer`).
+    #[error("{message}")]
+    Unauthorized {
+        /// Machine-readable code.
+        code: &'static str,
+        /// What is missing or wrong.
+        message: String,
+    },
+    /// The credentials do not allow this (403).
+    #[error("{message}")]
+    Forbidden {
+        /// Machine-readable code.
+        code: &'static str,
+        /// What is not allowed.
+        message: String,
+    },
     /// The route exists but not for this method (405).
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -113,6 +129,8 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HandlerError { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -127,6 +145,8 @@ impl ApiError {
         match self {
             Self::BadRequest { code, .. }
             | Self::NotFound { code, .. }
+            | Self::Unauthorized { code, .. }
+            | Self::Forbidden { code, .. }
             | Self::TooManyRequests { code, .. }
             | Self::Unavailable { code, .. } => code,
             Self::HandlerError { code, .. } => code,
@@ -142,6 +162,8 @@ impl ApiError {
         match self {
             Self::BadRequest { .. }
             | Self::NotFound { .. }
+            | Self::Unauthorized { .. }
+            | Self::Forbidden { .. }
             | Self::MethodNotAllowed
             | Self::PayloadTooLarge(_)
             | Self::HandlerError { .. }
@@ -179,6 +201,11 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         let retry_after = match &self {
             Self::TooManyRequests { retry_after, .. } => Some(retry_after.as_secs().max(1)),
             Self::Unavailable { .. } => Some(1),

@@ -126,6 +126,14 @@ impl ApiLimits {
     }
 }
 
+/// Whether `t` is a tenant name: 1 to 64 letters, digits, `-`, `_` or `.`.
+pub(crate) fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// The tenant a request is counted against.
 fn tenant(headers: &HeaderMap) -> Result<&str, ApiError> {
     let Some(value) = headers.get(&TENANT) else {
@@ -134,12 +142,7 @@ fn tenant(headers: &HeaderMap) -> Result<&str, ApiError> {
     value
         .to_str()
         .ok()
-        .filter(|t| {
-            !t.is_empty()
-                && t.len() <= 64
-                && t.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        })
+        .filter(|t| valid_tenant(t))
         .ok_or_else(|| {
             ApiError::bad_request(
                 "bad_tenant",

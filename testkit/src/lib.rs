@@ -10,6 +10,8 @@
 //!   printed when the test fails ([`ChildProcess`]).
 //! - [`wait`] — [`wait_until`] a condition holds, under a deadline ([`DEADLINE`]).
 //! - [`net`] — [`free_port`].
+//! - [`browser`] — headless Chromium over WebDriver ([`Browser`]), installed with
+//!   `apt-get` if missing.
 //! - [`webhook`] — a webhook [`Receiver`] that verifies signatures with the Standard
 //!   Webhooks project's Python package.
 //!
@@ -17,6 +19,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `SHOAL_TEST_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`).
 
+pub mod browser;
 pub mod db;
 pub mod net;
 pub mod process;
@@ -25,6 +28,7 @@ pub mod wait;
 pub mod webhook;
 
 pub use self::redis::OwnRedis;
+pub use browser::Browser;
 pub use db::TestDb;
 pub use net::free_port;
 pub use process::ChildProcess;

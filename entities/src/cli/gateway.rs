@@ -4,6 +4,11 @@ use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::gateway::GatewayParams;
 
+use shoal_entities::notifications::carrier;
+use shoal_entities::notifications::history::History;
+use shoal_entities::notifications::hub::spawn_hub;
+use shoal_entities::notifications::routes::Subscriptions;
+
 use super::{ClusterArgs, DatabaseArgs};
 
 #[derive(Debug, Args)]
@@ -30,17 +35,15 @@ impl GatewayArgs {
     }
 }
 
-pub(crate) async fn run(
-    config: ShoalConfig,
-    jobs: shoal_entities::jobs::JobsConfig,
-) -> anyhow::Result<()> {
+pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&config.database.url)?;
     let store = shoal_entities::jobs::routes::JobStore {
-        pool: sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect_lazy(&config.database.url)?,
+        pool: pool.clone(),
         cluster: config.cluster.name.to_string(),
     };
     // The job types as the runners have them, to validate payloads at enqueue.
@@ -51,10 +54,46 @@ pub(crate) async fn run(
         )?),
         None => None,
     };
-    let types = shoal_entities::job_types_with(None, redis, &jobs)?;
+    let subscriptions = subscriptions(&config, pool, redis.as_ref(), &app, &shutdown);
+    let types = shoal_entities::job_types_with(None, redis, &app.jobs)?;
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
-        .with_routes(shoal_entities::http::routes_with_types(Some(store), types));
+        .with_routes(shoal_entities::http::routes_with_types(
+            Some(store),
+            types,
+            Some(subscriptions),
+        ));
     shoal::gateway::run(params, shutdown).await?;
     Ok(())
+}
+
+/// The notification hub of this gateway and, with Redis, its subscription to the
+/// cluster's channel; both stop at `shutdown` (the streams end before the server's drain).
+fn subscriptions(
+    config: &ShoalConfig,
+    pool: sqlx::PgPool,
+    redis: Option<&shoal::redis::RedisClient>,
+    app: &shoal_entities::AppConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Subscriptions {
+    let notifications = &app.notifications;
+    let history = History::new(
+        pool,
+        config.cluster.name.to_string(),
+        notifications.history_max_age,
+    );
+    let hub = spawn_hub(history.clone(), notifications, shutdown.clone());
+    if let (Some(url), Some(redis)) = (&config.redis.url, redis) {
+        tokio::spawn(carrier::listen(
+            url.clone(),
+            carrier::channel(redis.prefix()),
+            hub.clone(),
+            shutdown.clone(),
+        ));
+    }
+    Subscriptions {
+        history,
+        hub,
+        config: notifications.clone(),
+    }
 }

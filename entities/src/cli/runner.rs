@@ -30,10 +30,7 @@ impl RunnerArgs {
     }
 }
 
-pub(crate) async fn run(
-    config: ShoalConfig,
-    jobs: shoal_entities::jobs::JobsConfig,
-) -> anyhow::Result<()> {
+pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
@@ -45,14 +42,15 @@ pub(crate) async fn run(
         )?),
         None => None,
     };
+    let cluster = config.cluster.name.to_string();
     let gauges = shoal_entities::jobs::gauges::singleton(
         pool.clone(),
-        config.cluster.name.to_string(),
-        jobs.gauge_interval,
+        cluster.clone(),
+        app.jobs.gauge_interval,
     );
     let params = RunnerParams {
         config,
-        registry: shoal_entities::registry_with(Some(pool), redis, &jobs)?,
+        registry: shoal_entities::registry_with(Some(pool), redis, &cluster, &app)?,
         singletons: vec![gauges],
         metrics: Some(metrics),
     };
@@ -60,9 +58,10 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// A small lazy pool for job types that write to the database (`diag.count`).
+/// A small lazy pool for job types that write to the database (`diag.count`) and the
+/// notification history.
 fn job_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
     Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(4)
         .connect_lazy(&config.database.url)?)
 }

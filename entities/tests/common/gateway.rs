@@ -41,6 +41,8 @@ pub struct GatewayOptions {
     /// `--redis-url` (keys get a prefix of their own per test database, unless `env` sets
     /// `SHOAL__REDIS__KEY_PREFIX`).
     pub redis_url: Option<String>,
+    /// Listen here instead of on a fresh port (a gateway restarting at its old address).
+    pub listen: Option<SocketAddr>,
 }
 
 /// A `shoal gateway` process (killed when dropped; its log tail is printed if the test
@@ -79,7 +81,10 @@ impl Gateway {
         options: &GatewayOptions,
         attempt: usize,
     ) -> anyhow::Result<Self> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = match options.listen {
+            Some(addr) => addr,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
         let mut command = shoal_command(&cluster.dir);
         command
             .args(["gateway", "--database-url", &cluster.db.url])
@@ -135,6 +140,11 @@ impl Gateway {
     /// SIGKILL.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.process.kill()
+    }
+
+    /// The process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
     }
 
     /// Whether the process is still running.

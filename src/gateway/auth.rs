@@ -1,0 +1,281 @@
+//! Optional bearer-token auth for the whole gateway (`[gateway.auth]`).
+//!
+//! When on, every request but the operational routes (`/health`, `/ready`, `/metrics`,
+//! `/openapi.json`) needs `Authorization: Bearer <JWT>`. The token is verified by
+//! `jsonwebtoken` with the configured keys (an HS256 secret; RS256 and EdDSA public keys
+//! from a JWKS file, picked by `kid`), with `exp` required and `iss`/`aud` checked when
+//! configured, within the configured clock skew. The tenant is the token's
+//! `tenant-claim`: it is written into `X-Tenant-Id` (so the rate limits and every route
+//! see the same tenant) and handed to handlers as a [`Principal`] extension. A request
+//! whose own `X-Tenant-Id` names another tenant is refused with 403, not silently
+//! rewritten. Failures are 401 (`WWW-Authenticate: Bearer`) and never say which check
+//! failed beyond the error's code.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use super::ApiError;
+use crate::config::AuthConfig;
+
+/// Who a verified token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The tenant (the token's tenant claim).
+    pub tenant: String,
+    /// The token's `sub`, if any.
+    pub subject: Option<String>,
+}
+
+struct Key {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// The verifier built from `[gateway.auth]` at start-up.
+pub(crate) struct Verifier {
+    keys: Vec<Key>,
+    config: AuthConfig,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const OPEN: &[&str] = &["/health", "/ready", "/metrics", "/openapi.json"];
+const TENANT: &str = "x-tenant-id";
+
+impl Verifier {
+    /// The verifier for `config`, `None` when auth is off.
+    pub(crate) fn new(config: &AuthConfig) -> Result<Option<Self>, String> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        if let Some(secret) = &config.hs256_secret {
+            keys.push(Key {
+                kid: None,
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes())
+                    .map_err(|e| format!("gateway.auth.hs256-secret: {e}"))?,
+            });
+        }
+        if let Some(path) = &config.jwks_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("gateway.auth.jwks-file {}: {e}", path.display()))?;
+            let set: JwkSet = serde_json::from_str(&text)
+                .map_err(|e| format!("gateway.auth.jwks-file {}: {e}", path.display()))?;
+            for jwk in &set.keys {
+                let algorithm = match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                    AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                    _ => {
+                        return Err(format!(
+                            "gateway.auth.jwks-file {}: only RSA (RS256) and Ed25519 (EdDSA) keys are accepted",
+                            path.display()
+                        ));
+                    }
+                };
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| format!("gateway.auth.jwks-file {}: {e}", path.display()))?;
+                keys.push(Key {
+                    kid: jwk.common.key_id.clone(),
+                    algorithm,
+                    key,
+                });
+            }
+        }
+        if keys.is_empty() {
+            return Err("gateway.auth is enabled but has no keys".to_owned());
+        }
+        Ok(Some(Self {
+            keys,
+            config: config.clone(),
+        }))
+    }
+
+    /// The principal of a bearer token, or why it is refused.
+    pub(crate) fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let invalid = |message: String| ApiError::Unauthorized {
+            code: "invalid_token",
+            message,
+        };
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("the token: {e}")))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| {
+                k.algorithm == header.alg
+                    && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+            })
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no key for algorithm {:?} and this kid",
+                    header.alg
+                ))
+            })?;
+        let mut validation = Validation::new(key.algorithm);
+        validation.leeway = self.config.leeway().as_secs();
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(issuer) = &self.config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &self.config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
+            .map_err(|e| invalid(format!("the token: {e}")))?
+            .claims;
+        let claim = self.config.tenant_claim();
+        let tenant = claims
+            .get(claim)
+            .and_then(serde_json::Value::as_str)
+            .filter(|t| super::rate_limit::valid_tenant(t))
+            .ok_or_else(|| invalid(format!("the token has no valid `{claim}` claim")))?;
+        Ok(Principal {
+            tenant: tenant.to_owned(),
+            subject: claims
+                .get("sub")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+        })
+    }
+}
+
+/// The middleware: passes requests through when auth is off.
+pub(crate) async fn enforce(
+    State(verifier): State<Option<Arc<Verifier>>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(verifier) = verifier else {
+        return next.run(request).await;
+    };
+    if OPEN.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let principal = match authenticate(&verifier, &request) {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    let Ok(value) = HeaderValue::from_str(&principal.tenant) else {
+        return ApiError::Internal("a verified tenant is not a header value".to_owned())
+            .into_response();
+    };
+    request.headers_mut().insert(TENANT, value);
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+fn authenticate(verifier: &Verifier, request: &Request) -> Result<Principal, ApiError> {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized {
+            code: "missing_token",
+            message: "this gateway needs `Authorization: Bearer <token>`".to_owned(),
+        })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized {
+            code: "missing_token",
+            message: "`Authorization` must be `Bearer <token>`".to_owned(),
+        })?;
+    let principal = verifier.verify(token)?;
+    if let Some(asked) = request.headers().get(TENANT)
+        && asked.as_bytes() != principal.tenant.as_bytes()
+    {
+        return Err(ApiError::Forbidden {
+            code: "wrong_tenant",
+            message: "`X-Tenant-Id` names a tenant other than the token's".to_owned(),
+        });
+    }
+    Ok(principal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn verifier() -> Verifier {
+        let config = AuthConfig {
+            enabled: true,
+            hs256_secret: Some(SECRET.to_owned()),
+            issuer: Some("https://issuer.example".to_owned()),
+            audience: Some("shoal".to_owned()),
+            ..AuthConfig::default()
+        };
+        Verifier::new(&config)
+            .expect("a verifier")
+            .expect("auth is on")
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()).expect("a key"),
+        )
+        .expect("a token")
+    }
+
+    fn claims(exp_offset: i64) -> serde_json::Value {
+        let now = chrono::Utc::now().timestamp();
+        serde_json::json!({
+            "iss": "https://issuer.example", "aud": "shoal", "tenant": "acme",
+            "sub": "u1", "exp": now + exp_offset,
+        })
+    }
+
+    #[test]
+    fn a_valid_token_names_its_tenant() {
+        let principal = verifier()
+            .verify(&token(claims(60), SECRET))
+            .expect("valid");
+        assert_eq!(principal.tenant, "acme");
+        assert_eq!(principal.subject.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn expired_forged_and_foreign_tokens_are_refused() {
+        let verifier = verifier();
+        // Past the 30 s leeway.
+        assert!(verifier.verify(&token(claims(-120), SECRET)).is_err());
+        // Inside it.
+        assert!(verifier.verify(&token(claims(-10), SECRET)).is_ok());
+        let forged = token(claims(60), "another-secret-another-secret-xx");
+        assert!(verifier.verify(&forged).is_err());
+        let mut other = claims(60);
+        other["aud"] = "someone-else".into();
+        assert!(verifier.verify(&token(other, SECRET)).is_err());
+        let mut other = claims(60);
+        other["iss"] = "https://evil.example".into();
+        assert!(verifier.verify(&token(other, SECRET)).is_err());
+        let mut other = claims(60);
+        other["tenant"] = "no spaces allowed".into();
+        assert!(verifier.verify(&token(other, SECRET)).is_err());
+        assert!(verifier.verify("not-a-jwt").is_err());
+    }
+}
