@@ -485,7 +485,10 @@ async fn listing_ten_thousand_jobs_by_state_is_an_index_scan() -> anyhow::Result
         ..ListQuery::default()
     };
     // The listing's own statement, prepared and explained with its values.
-    let listing = query(&cluster.name, &filter, 50).sql().as_str().to_owned();
+    let listing = query(&cluster.name, None, &filter, 50)
+        .sql()
+        .as_str()
+        .to_owned();
     ensure!(listing.contains("state->>'status' = $2"), "{listing}");
     let mut conn = cluster.pool.acquire().await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -507,7 +510,7 @@ async fn listing_ten_thousand_jobs_by_state_is_an_index_scan() -> anyhow::Result
         "{plan}"
     );
     let started = std::time::Instant::now();
-    let page = list(&cluster.pool, &cluster.name, &filter).await?;
+    let page = list(&cluster.pool, &cluster.name, None, &filter).await?;
     eprintln!(
         "a page of 50 dead jobs out of 10k in {:?}",
         started.elapsed()

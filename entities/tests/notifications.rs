@@ -655,3 +655,85 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
     ensure!(metric(&gw.http, "shoal_notify_delivered_total").await? >= 400.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_jobs_publish_their_changes_on_its_stream_and_stay_its_own() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::new(SHARDS).await?;
+    let _runners = runners(&cluster, 2, &[]).await?;
+    let gw = gateway(&cluster, &[]).await?;
+    let http = &gw.http;
+    let mut stream = Sse::open(&http.base, "/tenants/acme/events?topics=job", &[]).await?;
+
+    let acme = [("x-tenant-id", "acme")];
+    let body = json!({"type": "diag.flaky", "payload": {"fail_times": 1}, "key": "order-1",
+                      "backoff": {"first_ms": 100, "max_ms": 100}});
+    let enqueued = http.post_json("/jobs", &body, &acme).await?;
+    ensure!(
+        enqueued.status == StatusCode::ACCEPTED,
+        "{}",
+        enqueued.text()
+    );
+    let id = enqueued.json()?["id"].as_str().context("id")?.to_owned();
+
+    // Each committed change once, in order: enqueued, the failed attempt, the success.
+    let frames = stream.take(3).await?;
+    let changes: Vec<(String, u64)> = frames
+        .iter()
+        .map(|f| {
+            let data: Value = serde_json::from_str(&f.data)?;
+            ensure!(f.event == "job" && data["id"] == id.as_str(), "{f:?}");
+            Ok((
+                data["status"].as_str().unwrap_or_default().to_owned(),
+                data["attempts"].as_u64().unwrap_or(99),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let expected = [("queued", 0), ("retrying", 1), ("succeeded", 2)]
+        .map(|(s, n)| (s.to_owned(), n))
+        .to_vec();
+    ensure!(changes == expected, "{changes:?}");
+
+    // Another tenant neither sees the job nor lists it, nor shares its key.
+    let globex = [("x-tenant-id", "globex")];
+    let path = format!("/jobs/{id}");
+    let theirs = http
+        .send(
+            http.client
+                .get(http.url(&path))
+                .header("x-tenant-id", "globex"),
+        )
+        .await?;
+    ensure!(theirs.status == StatusCode::NOT_FOUND, "{}", theirs.text());
+    let ours = http
+        .send(
+            http.client
+                .get(http.url(&path))
+                .header("x-tenant-id", "acme"),
+        )
+        .await?;
+    ensure!(ours.status == StatusCode::OK, "{}", ours.text());
+    ensure!(ours.json()?["tenant"] == "acme", "{}", ours.text());
+    let listed = http
+        .send(
+            http.client
+                .get(http.url("/jobs"))
+                .header("x-tenant-id", "globex"),
+        )
+        .await?;
+    ensure!(listed.json()?["jobs"] == json!([]), "{}", listed.text());
+    let same_key = http.post_json("/jobs", &body, &globex).await?;
+    let other = same_key.json()?["id"].as_str().context("id")?.to_owned();
+    ensure!(other != id, "two tenants' equal keys named one job");
+
+    // The tenant comes from the header (or the token), never from the body.
+    let forged = json!({"type": "diag.noop", "payload": {}, "tenant": "acme"});
+    let refused = http.post_json("/jobs", &forged, &globex).await?;
+    ensure!(
+        refused.status == StatusCode::BAD_REQUEST,
+        "{}",
+        refused.text()
+    );
+    ensure!(refused.text().contains("tenant"), "{}", refused.text());
+    Ok(())
+}

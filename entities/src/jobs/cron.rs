@@ -75,7 +75,7 @@ impl Entity for JobCron {
         let job_type = ctx.address.entity_id.as_str();
         let key = format!("cron:{schedule}:{instant}");
         let claim = Request::persisted(
-            address(JobKey::NAME, &key_entity_id(job_type, &key))?,
+            address(JobKey::NAME, &key_entity_id(None, job_type, &key))?,
             "claim",
             serde_json::json!({ "job_id": JobId::new().to_string() }),
         );

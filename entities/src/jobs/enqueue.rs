@@ -79,6 +79,7 @@ impl JobRequest {
             timeout_ms: None,
             backoff: None,
             priority: None,
+            tenant: None,
         }))
     }
 
@@ -118,6 +119,12 @@ impl JobRequest {
         self
     }
 
+    /// The tenant whose notification stream gets the job's changes (topic `job`).
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.0.tenant = Some(tenant.into());
+        self
+    }
+
     /// The request as `POST /jobs` takes it.
     pub fn into_new_job(self) -> NewJob {
         self.0
@@ -146,7 +153,7 @@ pub async fn enqueue(
     if let Some(key) = &new.key {
         let claim = JobKeyMessage::Claim { job_id: id.clone() };
         let holder = caller
-            .entity_ref::<JobKey>(&key_entity_id(&new.job_type, key))
+            .entity_ref::<JobKey>(&key_entity_id(new.tenant.as_deref(), &new.job_type, key))
             .ask(claim)
             .await?;
         id = holder.job_id.unwrap_or(id);

@@ -25,6 +25,8 @@ use shoal::ids::{EntityAddress, EntityId, EntityType};
 use shoal::redis::RedisClient;
 use utoipa::ToSchema;
 
+use crate::notifications::entity::{NewEvent, Notification, NotificationMessage};
+
 use super::attempt::{self, AttemptEnd};
 use super::control::RunningAttempts;
 use super::limit::{self, Gate};
@@ -88,6 +90,11 @@ pub struct NewJob {
     /// again, so under contention higher-priority jobs take the freed slots first.
     #[serde(default)]
     pub priority: Option<u8>,
+    /// The tenant whose notification stream gets the job's changes (topic `job`). `POST
+    /// /jobs` sets it from `X-Tenant-Id` (from the token when auth is on); a body that
+    /// names one is refused.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// The lowest priority.
@@ -162,6 +169,7 @@ impl Entity for Job {
         message: JobMessage,
     ) -> Result<JobView, HandlerError> {
         let was_finished = state.status.is_finished();
+        let before = (state.status, state.attempts.len(), state.generation);
         match message {
             JobMessage::Enqueue(new) => self.enqueue(ctx, state, new).await?,
             JobMessage::Prune { generation } => prune(ctx, state, generation).await?,
@@ -176,9 +184,46 @@ impl Entity for Job {
         if !was_finished && state.status.is_finished() {
             self.schedule_prune(ctx, state).await?;
         }
+        if (state.status, state.attempts.len(), state.generation) != before
+            && state.status != JobStatus::New
+        {
+            publish_change(ctx, state).await;
+        }
         Ok(state.clone())
     }
 }
+
+/// Publishes the job's change to its tenant's stream (topic `job`), if it has a tenant:
+/// a send through the handler's context, so it rides on the completion (the outbox) and
+/// the stream shows each committed change once, in order. A send that cannot be made
+/// (a tenant id the entity id rules refuse) is logged; it never fails the job.
+async fn publish_change(ctx: &EntityContext, state: &JobView) {
+    let Some(tenant) = &state.tenant else {
+        return;
+    };
+    let last = state.attempts.last();
+    let event = NewEvent {
+        topic: JOB_TOPIC.to_owned(),
+        data: serde_json::json!({
+            "id": state.id,
+            "type": state.job_type,
+            "status": state.status,
+            "attempts": state.attempts.len(),
+            "outcome": last.map(|a| a.outcome),
+            "error": last.and_then(|a| a.error.clone()),
+        }),
+    };
+    let sent = ctx
+        .entity::<Notification>(tenant.as_str())
+        .send(NotificationMessage::Publish(event))
+        .await;
+    if let Err(error) = sent {
+        tracing::warn!(job = %state.id, %tenant, %error, "could not publish the job's change");
+    }
+}
+
+/// The topic of job changes on a tenant's stream.
+pub const JOB_TOPIC: &str = "job";
 
 impl Job {
     /// Schedules the finished job's `prune` for `retention` after it finished.
@@ -230,6 +275,7 @@ impl Job {
                 .max(1),
             backoff: new.backoff,
             priority: new.priority.unwrap_or(0).min(LOWEST_PRIORITY),
+            tenant: new.tenant,
             run_at: Some(run_at),
             next_run_at: Some(run_at),
             created_at: Some(now),
@@ -377,8 +423,12 @@ async fn prune(
         let address = EntityAddress {
             entity_type: EntityType::new(super::key::JobKey::NAME)
                 .map_err(|e| HandlerError::permanent("bad_type", e.to_string()))?,
-            entity_id: EntityId::new(super::key::key_entity_id(&state.job_type, key))
-                .map_err(|e| HandlerError::permanent("bad_key", e.to_string()))?,
+            entity_id: EntityId::new(super::key::key_entity_id(
+                state.tenant.as_deref(),
+                &state.job_type,
+                key,
+            ))
+            .map_err(|e| HandlerError::permanent("bad_key", e.to_string()))?,
         };
         let body = serde_json::json!({ "job_id": state.id });
         ctx.send(Request::persisted(address, "release", body))

@@ -68,7 +68,33 @@ impl Entity for JobKey {
     }
 }
 
-/// The `job-key` entity id of `key` for `job_type`.
-pub fn key_entity_id(job_type: &str, key: &str) -> String {
-    format!("{job_type}:{key}")
+/// The `job-key` entity id of `key` for `job_type`, in `tenant`'s own key space when the
+/// job has one (two tenants' equal keys never name one job): `~{tenant}:{type}:{key}`,
+/// else `{type}:{key}` (neither a type nor a tenant holds `~` or `:`, so the two forms
+/// never meet).
+pub fn key_entity_id(tenant: Option<&str>, job_type: &str, key: &str) -> String {
+    match tenant {
+        Some(tenant) => format!("~{tenant}:{job_type}:{key}"),
+        None => format!("{job_type}:{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_entity_id;
+
+    #[test]
+    fn tenants_have_key_spaces_of_their_own() {
+        assert_eq!(key_entity_id(None, "t", "k"), "t:k");
+        assert_eq!(key_entity_id(Some("a"), "t", "k"), "~a:t:k");
+        assert_ne!(
+            key_entity_id(Some("a"), "t", "k"),
+            key_entity_id(Some("b"), "t", "k")
+        );
+        // A key that looks like a tenant's form stays in the untenanted space.
+        assert_ne!(
+            key_entity_id(None, "t", "x:k"),
+            key_entity_id(Some("t"), "x", "k")
+        );
+    }
 }

@@ -66,8 +66,14 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
-/// The listing's SQL for `query` in `cluster`, fetching `limit + 1` rows.
-pub fn query(cluster: &str, query: &ListQuery, limit: u32) -> QueryBuilder<Postgres> {
+/// The listing's SQL for `query` in `cluster` (only `tenant`'s jobs, if given), fetching
+/// `limit + 1` rows.
+pub fn query(
+    cluster: &str,
+    tenant: Option<&str>,
+    query: &ListQuery,
+    limit: u32,
+) -> QueryBuilder<Postgres> {
     let mut sql = QueryBuilder::new(
         "SELECT entity_id, state FROM shoal_entity_state WHERE entity_type = 'job' AND cluster = ",
     );
@@ -79,6 +85,10 @@ pub fn query(cluster: &str, query: &ListQuery, limit: u32) -> QueryBuilder<Postg
     if let Some(job_type) = &query.job_type {
         sql.push(" AND state->>'type' = ")
             .push_bind(job_type.clone());
+    }
+    if let Some(tenant) = tenant {
+        sql.push(" AND state->>'tenant' = ")
+            .push_bind(tenant.to_owned());
     }
     if let Some(cursor) = &query.cursor {
         sql.push(" AND entity_id < ").push_bind(cursor.clone());
@@ -92,10 +102,11 @@ pub fn query(cluster: &str, query: &ListQuery, limit: u32) -> QueryBuilder<Postg
 pub async fn list(
     pool: &PgPool,
     cluster: &str,
+    tenant: Option<&str>,
     filter: &ListQuery,
 ) -> Result<JobPage, sqlx::Error> {
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let rows: Vec<(String, sqlx::types::Json<JobView>)> = query(cluster, filter, limit)
+    let rows: Vec<(String, sqlx::types::Json<JobView>)> = query(cluster, tenant, filter, limit)
         .build_query_as()
         .fetch_all(pool)
         .await?;

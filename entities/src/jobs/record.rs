@@ -96,6 +96,9 @@ pub struct JobView {
     /// 0 (first) to 9 (last) when the type's limits make jobs wait.
     #[serde(default)]
     pub priority: u8,
+    /// The tenant whose stream gets the job's changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Every attempt so far.
     pub attempts: Vec<Attempt>,
     /// Attempts made before the current budget (by earlier retries).

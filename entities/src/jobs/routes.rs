@@ -103,6 +103,13 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
     handler
         .check(&new.payload)
         .map_err(|e| ApiError::bad_request("bad_payload", format!("field `payload`: {e}")))?;
+    if new.tenant.is_some() {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `tenant`: set by the gateway from `X-Tenant-Id` (or the token), not the body",
+        ));
+    }
+    new.tenant = tenant_of(headers)?;
     if new.key.is_none() {
         new.key = headers
             .get("idempotency-key")
@@ -155,6 +162,37 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
     Ok(())
 }
 
+/// The caller's tenant: `X-Tenant-Id` (written from the token when auth is on). A caller
+/// with a tenant sees and changes only its own tenant's jobs.
+fn tenant_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get("x-tenant-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|t| t.parse::<crate::notifications::Tenant>().ok())
+                .map(|t| t.to_string())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_tenant",
+                        "header `X-Tenant-Id`: 1–64 letters, digits, `-`, `_` or `.`",
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// The job as `headers`' caller may see it: a job that does not exist, or belongs to
+/// another tenant than the caller's, is a 404 alike (a tenant learns nothing of others').
+async fn visible(client: &ShoalClient, headers: &HeaderMap, id: &str) -> Result<JobView, ApiError> {
+    let caller = tenant_of(headers)?;
+    let view = read(client, id).await?;
+    if view.status == JobStatus::New || (caller.is_some() && view.tenant != caller) {
+        return Err(not_found(id));
+    }
+    Ok(view)
+}
+
 fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(id) = path?;
     id.parse::<JobId>()
@@ -184,14 +222,11 @@ fn not_found(id: &str) -> ApiError {
 )]
 async fn show(
     State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = job_id(path)?;
-    let view = read(gateway.client(), &id).await?;
-    if view.status == JobStatus::New {
-        return Err(not_found(&id));
-    }
-    Ok(Json(view))
+    Ok(Json(visible(gateway.client(), &headers, &id).await?))
 }
 
 /// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
@@ -234,13 +269,12 @@ async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
 )]
 async fn retry(
     State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = job_id(path)?;
     let client = gateway.client();
-    if read(client, &id).await?.status == JobStatus::New {
-        return Err(not_found(&id));
-    }
+    visible(client, &headers, &id).await?;
     let view = client
         .entity::<Job>(id.as_str())
         .ask(JobMessage::Retry {})
@@ -256,15 +290,21 @@ async fn retry(
     responses(
         (status = 202, description = "Cancel requested", body = CancelRequested),
         (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 404, description = "A caller with a tenant: no such job of its tenant", body = ErrorBody),
         (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
 )]
 async fn cancel(
     State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<CancelRequested>), ApiError> {
     let id = job_id(path)?;
+    if tenant_of(&headers)?.is_some() {
+        // Only the caller's own job; without a tenant, cancel stays one call (no read).
+        visible(gateway.client(), &headers, &id).await?;
+    }
     let reply = gateway
         .client()
         .entity::<JobControl>(id.as_str())
@@ -302,17 +342,19 @@ const STATES: [&str; 6] = [
 )]
 async fn list(
     Extension(store): Extension<Option<JobStore>>,
+    headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
     let Query(query) = query?;
     check_list(&query)?;
+    let tenant = tenant_of(&headers)?;
     let unavailable = |message: String| ApiError::Unavailable {
         code: "database_unavailable",
         message,
         retry: shoal::retry::RetryClass::Safe,
     };
     let store = store.ok_or_else(|| unavailable("this gateway lists no jobs".to_owned()))?;
-    let page = listing::list(&store.pool, &store.cluster, &query)
+    let page = listing::list(&store.pool, &store.cluster, tenant.as_deref(), &query)
         .await
         .map_err(|e| unavailable(format!("listing jobs: {e}")))?;
     Ok(Json(page))
