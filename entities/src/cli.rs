@@ -101,7 +101,7 @@ impl Cli {
 }
 
 /// The configuration sections of the application (not the runtime's).
-const APPLICATION_SECTIONS: &[&str] = &["jobs"];
+const APPLICATION_SECTIONS: &[&str] = &["jobs", "extraction"];
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
@@ -111,7 +111,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Runner(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
-            runner::run(config, app.section("jobs")?).await
+            runner::run(config, app.section("jobs")?, app.section("extraction")?).await
         }
         Command::Dev(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
@@ -119,7 +119,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
-            gateway::run(config, app.section("jobs")?).await
+            gateway::run(config, app.section("jobs")?, app.section("extraction")?).await
         }
         Command::Status(args) => {
             let config = cli.load_config(|l| args.apply(l))?;
@@ -154,6 +154,9 @@ async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
     shoal_entities::jobs::listing::migrate(&pool)
         .await
         .context("creating the job indexes")?;
+    shoal_entities::extraction::journal::migrate(&pool)
+        .await
+        .context("creating the extraction tables")?;
     println!("migrations applied");
     Ok(())
 }

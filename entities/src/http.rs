@@ -5,6 +5,7 @@
 //!
 //! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
 //! - `/jobs…`: the job routes ([`crate::jobs::routes`]).
+//! - `/extractions…`: the extraction routes ([`crate::extraction::routes`]).
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -33,10 +34,28 @@ pub fn routes_with_types(
     store: Option<crate::jobs::routes::JobStore>,
     jobs: crate::jobs::JobRegistry,
 ) -> AppRouter {
+    let extraction = crate::extraction::ExtractionSetup::offline()
+        .api()
+        .map(std::sync::Arc::new)
+        .ok();
+    routes_for(store, jobs, extraction)
+}
+
+/// Every route, `POST /jobs` validating against `jobs`; the extraction routes over
+/// `extraction` (left out without it).
+pub fn routes_for(
+    store: Option<crate::jobs::routes::JobStore>,
+    jobs: crate::jobs::JobRegistry,
+    extraction: Option<std::sync::Arc<crate::extraction::routes::ExtractionApi>>,
+) -> AppRouter {
     let jobs = std::sync::Arc::new(jobs);
-    OpenApiRouter::new()
+    let router = OpenApiRouter::new()
         .routes(routes!(counter_value))
-        .merge(crate::jobs::routes::routes(jobs, store))
+        .merge(crate::jobs::routes::routes(jobs, store));
+    match extraction {
+        Some(api) => router.merge(crate::extraction::routes::routes(api)),
+        None => router,
+    }
 }
 
 /// A counter's count.

@@ -5,11 +5,14 @@
 //! - [`jobs`]: the job system (`job`, `job-control`, `job-key` entities, job types, routes).
 //! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
 //!   webhook job type.
+//! - [`extraction`]: the durable knowledge-graph extraction (`extraction` entity, stages,
+//!   providers, ontologies, routes).
 //!
 //! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
 //! own.
 
 pub mod counter;
+pub mod extraction;
 pub mod http;
 pub mod jobs;
 pub mod probe;
@@ -29,7 +32,25 @@ pub fn registry_with(
     redis: Option<shoal::redis::RedisClient>,
     jobs_config: &jobs::JobsConfig,
 ) -> anyhow::Result<EntityRegistry> {
+    registry_for(
+        pool,
+        redis,
+        jobs_config,
+        &extraction::ExtractionSetup::offline(),
+    )
+}
+
+/// Every built-in entity type, the extraction pipeline built from `extraction`.
+pub fn registry_for(
+    pool: Option<sqlx::PgPool>,
+    redis: Option<shoal::redis::RedisClient>,
+    jobs_config: &jobs::JobsConfig,
+    extraction: &extraction::ExtractionSetup,
+) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
+    registry.register(extraction::Extraction::new(std::sync::Arc::new(
+        extraction.pipeline()?,
+    )))?;
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?;

@@ -33,13 +33,14 @@ impl GatewayArgs {
 pub(crate) async fn run(
     config: ShoalConfig,
     jobs: shoal_entities::jobs::JobsConfig,
+    extraction: shoal_entities::extraction::ExtractionConfig,
 ) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
     let store = shoal_entities::jobs::routes::JobStore {
         pool: sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(4)
             .connect_lazy(&config.database.url)?,
         cluster: config.cluster.name.to_string(),
     };
@@ -51,10 +52,22 @@ pub(crate) async fn run(
         )?),
         None => None,
     };
+    let setup = shoal_entities::extraction::ExtractionSetup {
+        config: extraction,
+        pool: Some(store.pool.clone()),
+        cluster: config.cluster.name.to_string(),
+        redis: redis.clone(),
+        redis_config: config.redis.clone(),
+    };
+    let extraction = std::sync::Arc::new(setup.api()?);
     let types = shoal_entities::job_types_with(None, redis, &jobs)?;
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
-        .with_routes(shoal_entities::http::routes_with_types(Some(store), types));
+        .with_routes(shoal_entities::http::routes_for(
+            Some(store),
+            types,
+            Some(extraction),
+        ));
     shoal::gateway::run(params, shutdown).await?;
     Ok(())
 }

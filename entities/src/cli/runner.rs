@@ -33,6 +33,7 @@ impl RunnerArgs {
 pub(crate) async fn run(
     config: ShoalConfig,
     jobs: shoal_entities::jobs::JobsConfig,
+    extraction: shoal_entities::extraction::ExtractionConfig,
 ) -> anyhow::Result<()> {
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
@@ -45,14 +46,28 @@ pub(crate) async fn run(
         )?),
         None => None,
     };
+    let setup = shoal_entities::extraction::ExtractionSetup {
+        config: extraction,
+        pool: Some(extraction_pool(&config)?),
+        cluster: config.cluster.name.to_string(),
+        redis: redis.clone(),
+        redis_config: config.redis.clone(),
+    };
     let params = RunnerParams {
+        registry: shoal_entities::registry_for(Some(pool), redis, &jobs, &setup)?,
         config,
-        registry: shoal_entities::registry_with(Some(pool), redis, &jobs)?,
         singletons: Vec::new(),
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;
     Ok(())
+}
+
+/// A small lazy pool for the extraction journal (checkpoints, events, results).
+fn extraction_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_lazy(&config.database.url)?)
 }
 
 /// A small lazy pool for job types that write to the database (`diag.count`).
