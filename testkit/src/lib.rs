@@ -10,6 +10,9 @@
 //!   printed when the test fails ([`ChildProcess`]).
 //! - [`wait`] — [`wait_until`] a condition holds, under a deadline ([`DEADLINE`]).
 //! - [`net`] — [`free_port`].
+//! - [`python`] — a venv with PyPI packages, installed once per target directory.
+//! - [`provider`] — a fake language-model provider speaking the OpenAI chat-completions and
+//!   Anthropic Messages wire formats, with a call log and scripted failures.
 //! - [`webhook`] — a webhook [`Receiver`] that verifies signatures with the Standard
 //!   Webhooks project's Python package.
 //!
@@ -20,6 +23,8 @@
 pub mod db;
 pub mod net;
 pub mod process;
+pub mod provider;
+pub mod python;
 pub mod redis;
 pub mod wait;
 pub mod webhook;
