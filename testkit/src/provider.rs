@@ -171,7 +171,10 @@ fn now_ms() -> u64 {
 
 /// `mentions` or `relations`: the one required property of the output schema.
 fn task_of(schema: &Value) -> String {
-    schema["required"][0].as_str().unwrap_or("unknown").to_owned()
+    schema["required"][0]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_owned()
 }
 
 fn answer_for(task: &str) -> Value {
@@ -225,27 +228,44 @@ fn with_retry_after(status: u16, retry_after: Option<u64>, body: Value) -> Respo
     response
 }
 
-async fn openai(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::Json<Value>) -> Response {
+async fn openai(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::Json<Value>,
+) -> Response {
     let request = body.0;
     if !headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer "))
     {
-        return with_retry_after(401, None, json!({"error": {
+        return with_retry_after(
+            401,
+            None,
+            json!({"error": {
             "message": "You didn't provide an API key.", "type": "invalid_request_error",
-            "param": null, "code": null}}));
+            "param": null, "code": null}}),
+        );
     }
     let task = task_of(&request["response_format"]["json_schema"]["schema"]);
     let model = request["model"].as_str().unwrap_or("").to_owned();
     match arrive(&shared, "openai", &task, &model).await {
-        Behaviour::Status { status, retry_after } => {
+        Behaviour::Status {
+            status,
+            retry_after,
+        } => {
             let error = match status {
-                429 => json!({"message": format!("Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 3, Used 3, Requested 1."),
-                    "type": "requests", "param": null, "code": "rate_limit_exceeded"}),
-                500..=599 => json!({"message": "The server had an error while processing your request. Sorry about that!",
-                    "type": "server_error", "param": null, "code": null}),
-                _ => json!({"message": "Invalid request.", "type": "invalid_request_error", "param": null, "code": null}),
+                429 => {
+                    json!({"message": format!("Rate limit reached for {model} in organization org-fake on requests per min (RPM): Limit 3, Used 3, Requested 1."),
+                    "type": "requests", "param": null, "code": "rate_limit_exceeded"})
+                }
+                500..=599 => {
+                    json!({"message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error", "param": null, "code": null})
+                }
+                _ => {
+                    json!({"message": "Invalid request.", "type": "invalid_request_error", "param": null, "code": null})
+                }
             };
             with_retry_after(status, retry_after, json!({"error": error}))
         }
@@ -270,26 +290,57 @@ async fn openai(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axu
     }
 }
 
-async fn anthropic(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::Json<Value>) -> Response {
+async fn anthropic(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::Json<Value>,
+) -> Response {
     let request = body.0;
     let error = |status: u16, kind: &str, message: &str, retry_after| {
-        with_retry_after(status, retry_after, json!({"type": "error", "error": {"type": kind, "message": message}}))
+        with_retry_after(
+            status,
+            retry_after,
+            json!({"type": "error", "error": {"type": kind, "message": message}}),
+        )
     };
     if headers.get("x-api-key").is_none() {
-        return error(401, "authentication_error", "x-api-key header is required", None);
+        return error(
+            401,
+            "authentication_error",
+            "x-api-key header is required",
+            None,
+        );
     }
     if headers.get("anthropic-version").is_none() {
-        return error(400, "invalid_request_error", "anthropic-version header is required", None);
+        return error(
+            400,
+            "invalid_request_error",
+            "anthropic-version header is required",
+            None,
+        );
     }
     let tool = &request["tools"][0];
     let task = task_of(&tool["input_schema"]);
     let model = request["model"].as_str().unwrap_or("").to_owned();
     match arrive(&shared, "anthropic", &task, &model).await {
-        Behaviour::Status { status, retry_after } => match status {
-            429 => error(429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit", retry_after),
+        Behaviour::Status {
+            status,
+            retry_after,
+        } => match status {
+            429 => error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit",
+                retry_after,
+            ),
             529 => error(529, "overloaded_error", "Overloaded", retry_after),
             500..=599 => error(status, "api_error", "Internal server error", retry_after),
-            _ => error(status, "invalid_request_error", "Invalid request", retry_after),
+            _ => error(
+                status,
+                "invalid_request_error",
+                "Invalid request",
+                retry_after,
+            ),
         },
         behaviour => {
             let content = if behaviour == Behaviour::InvalidOutput {
