@@ -1,6 +1,6 @@
 //! A result as JSON-LD (`Accept: application/ld+json`): one node per entity, typed with
 //! its class's IRI, named with `rdfs:label`, linked to other entities by the properties'
-//! IRIs. Entities are `urn:shoal:<extraction id>:<entity id>`; every IRI is absolute, so
+//! IRIs, in the default graph. Entities are `urn:shoal:<extraction id>:<entity id>`; every IRI is absolute, so
 //! the document needs no remote context and any JSON-LD processor reads it offline.
 
 use std::collections::BTreeMap;
@@ -41,5 +41,7 @@ pub fn document(result: &ExtractionResult) -> Value {
             Value::Object(node)
         })
         .collect();
-    json!({"@id": format!("urn:shoal:{}", result.id), "@graph": graph})
+    // A top-level `@id` would make the graph a named graph; the nodes belong to the
+    // default graph.
+    json!({"@graph": graph})
 }
