@@ -112,6 +112,9 @@ pub struct StageRun {
     pub invalid_outputs: u32,
     /// Provider calls made.
     pub provider_calls: u32,
+    /// Time provider limits held its calls back (first refusal to admission), ms.
+    #[serde(default)]
+    pub limit_wait_ms: u64,
     /// When it first started.
     pub started_at: DateTime<Utc>,
     /// When it finished.
@@ -348,6 +351,7 @@ impl Extraction {
                 failed_attempts: 0,
                 invalid_outputs: 0,
                 provider_calls: 0,
+                limit_wait_ms: 0,
                 started_at: now,
                 finished_at: None,
                 duration_ms: None,
@@ -717,6 +721,7 @@ impl Extraction {
         if let Some(since) = state.limited_since.take() {
             let waited = (Utc::now() - since).to_std().unwrap_or_default();
             metrics::limit_wait(&request.provider, waited);
+            run_of(state, stage).limit_wait_ms += waited.as_millis() as u64;
         }
         let timeout = self.pipeline.config.call_timeout;
         let result = tokio::time::timeout(timeout, slot.provider.call(&call))
@@ -783,6 +788,7 @@ fn run_of(state: &mut ExtractionState, stage: Stage) -> &mut StageRun {
                 failed_attempts: 0,
                 invalid_outputs: 0,
                 provider_calls: 0,
+                limit_wait_ms: 0,
                 started_at: Utc::now(),
                 finished_at: None,
                 duration_ms: None,
