@@ -14,7 +14,7 @@
 //! - [`ontology`]: Turtle ontologies, versioned by content hash.
 //! - [`provider`]: the `Provider` trait, the built-in extractor, the HTTP clients, the gate.
 //! - [`pipeline`]: the stages' pure logic; [`entity`]: the entity that runs them.
-//! - [`journal`]: events, checkpoints and results in Postgres; [`sse`]: the events as SSE.
+//! - [`journal`]: events, checkpoints and results in Postgres; `sse`: the events as SSE.
 //! - [`routes`]: the HTTP API; [`jsonld`]: results as JSON-LD.
 
 pub mod config;

@@ -8,7 +8,7 @@
 //!   down → 503 `redis_unavailable` (fail fast: no silent bypass).
 //! - `GET /extractions/{id}`: state, current stage, per-stage timings, result or error;
 //!   with `Accept: application/ld+json` the result as JSON-LD.
-//! - `GET /extractions/{id}/events`: the journal as SSE ([`super::sse`]).
+//! - `GET /extractions/{id}/events`: the journal as SSE (`sse.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
