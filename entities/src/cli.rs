@@ -147,17 +147,24 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
     let pool = connect(config).await?;
+    apply_migrations(&pool).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// The runtime's migrations, then the application's own schema (job indexes, extraction
+/// tables); `shoal migrate` and `shoal dev` both apply them.
+pub(crate) async fn apply_migrations(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     shoal::MIGRATOR
-        .run(&pool)
+        .run(pool)
         .await
         .context("applying migrations")?;
-    shoal_entities::jobs::listing::migrate(&pool)
+    shoal_entities::jobs::listing::migrate(pool)
         .await
         .context("creating the job indexes")?;
-    shoal_entities::extraction::journal::migrate(&pool)
+    shoal_entities::extraction::journal::migrate(pool)
         .await
         .context("creating the extraction tables")?;
-    println!("migrations applied");
     Ok(())
 }
 
