@@ -810,7 +810,7 @@ fn forget(state: &mut ExtractionState, generation: u32) {
     }
 }
 
-/// Schedules `advance {stage, attempt}` for `at` (in the completion's outbox).
+/// Schedules `advance {stage, attempt}` for `at` (in the completion's outbox either way).
 async fn schedule_advance(
     ctx: &EntityContext,
     state: &ExtractionState,
@@ -820,9 +820,13 @@ async fn schedule_advance(
 ) -> Result<(), HandlerError> {
     let body = json!({"stage": stage, "generation": state.generation, "attempt": attempt});
     let request = Request::persisted(ctx.address.clone(), "advance", body);
-    ctx.schedule(request, at)
-        .await
-        .map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
+    // Due now: sent (pushed to the owner right after the commit); later: a timed message.
+    let sent = if at <= Utc::now() {
+        ctx.send(request).await
+    } else {
+        ctx.schedule(request, at).await
+    };
+    sent.map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
     Ok(())
 }
 
