@@ -50,8 +50,10 @@ pids+=($!)
 
 port=$(free_port)
 # The load is the point: the gateway's per-client API limits are off for it.
+# `shoal dev` hands --redis-url to its gateway only; the runners read it from the
+# environment (the provider limits and breakers live there).
 SHOAL__REDIS__API_LIMITS__ENABLED=false SHOAL__LOG__FILTER=warn \
-SHOAL__REDIS__KEY_PREFIX="$db" \
+SHOAL__REDIS__URL="$redis" SHOAL__REDIS__KEY_PREFIX="$db" \
 SHOAL__EXTRACTION__PROVIDERS__FAKE__KIND=openai \
 SHOAL__EXTRACTION__PROVIDERS__FAKE__BASE_URL="http://127.0.0.1:$fake_port" \
 SHOAL__EXTRACTION__PROVIDERS__FAKE__MODEL=bench \
