@@ -197,6 +197,34 @@ async fn a_cost_above_the_limit_is_refused_without_asking_redis() -> anyhow::Res
     Ok(())
 }
 
+/// Estimate-then-correct: a call charged 100 tokens that used 300 takes 200 more; one
+/// that used 20 gives 80 back; a correction beyond the bucket leaves a debt that later
+/// calls wait out (the level never goes below minus one bucket).
+#[tokio::test]
+async fn a_token_bucket_is_corrected_by_the_usage_after_the_call() -> anyhow::Result<()> {
+    let client = replica(&unique_prefix())?;
+    // 1,000 tokens per hour: refill is 1 token per 3.6 s, negligible within the test.
+    let bucket = TokenBucket::new(client.clone(), "b", 1_000, Duration::from_secs(3600))?;
+    ensure!(bucket.check("k", 100).await?.remaining == 900);
+    ensure!(bucket.adjust("k", 200).await?.remaining == 700);
+    ensure!(bucket.adjust("k", -80).await?.remaining == 780);
+    // Overspent: a debt (remaining reads 0), and a small call is refused until it refills.
+    ensure!(bucket.adjust("k", 1_500).await?.remaining == 0);
+    let refused = bucket.check("k", 1).await?;
+    ensure!(
+        !refused.allowed && refused.retry_after > Duration::from_secs(2000),
+        "{refused:?}"
+    );
+    // Never below minus one bucket: giving back a full bucket makes it usable again.
+    bucket.adjust("k", 5_000).await?;
+    ensure!(
+        bucket.adjust("k", -1_001).await?.remaining <= 1,
+        "clamped at minus one bucket"
+    );
+    delete_prefixed(&client).await;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Child processes
 // ---------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ impl Cli {
 }
 
 /// The configuration sections of the application (not the runtime's).
-const APPLICATION_SECTIONS: &[&str] = &["jobs", "notifications"];
+const APPLICATION_SECTIONS: &[&str] = &["jobs", "notifications", "extraction"];
 
 /// The application's sections, decoded and checked.
 fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConfig> {
@@ -111,6 +111,7 @@ fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConf
     Ok(shoal_entities::AppConfig {
         jobs: app.section("jobs")?,
         notifications,
+        extraction: app.section("extraction")?,
     })
 }
 
@@ -158,17 +159,27 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn migrate(config: &ShoalConfig) -> anyhow::Result<()> {
     let pool = connect(config).await?;
+    apply_migrations(&pool).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// The runtime's migrations, then the application's own schema (job indexes, extraction
+/// tables, the notification history); `shoal migrate` and `shoal dev` both apply them.
+pub(crate) async fn apply_migrations(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     shoal::MIGRATOR
-        .run(&pool)
+        .run(pool)
         .await
         .context("applying migrations")?;
-    shoal_entities::jobs::listing::migrate(&pool)
+    shoal_entities::jobs::listing::migrate(pool)
         .await
         .context("creating the job indexes")?;
-    shoal_entities::notifications::history::migrate(&pool)
+    shoal_entities::extraction::journal::migrate(pool)
+        .await
+        .context("creating the extraction tables")?;
+    shoal_entities::notifications::history::migrate(pool)
         .await
         .context("creating the notification history")?;
-    println!("migrations applied");
     Ok(())
 }
 

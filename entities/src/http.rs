@@ -6,6 +6,7 @@
 //! - `GET /counters/{entity_id}`: a counter's count (its volatile `get`).
 //! - `/jobs…`: the job routes ([`crate::jobs::routes`]).
 //! - `/tenants/{tenant}/events`: notifications ([`crate::notifications::routes`]).
+//! - `/extractions…`: the extraction routes ([`crate::extraction::routes`]).
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -36,11 +37,30 @@ pub fn routes_with_types(
     jobs: crate::jobs::JobRegistry,
     subscriptions: Option<crate::notifications::routes::Subscriptions>,
 ) -> AppRouter {
+    let extraction = crate::extraction::ExtractionSetup::offline()
+        .api()
+        .map(std::sync::Arc::new)
+        .ok();
+    routes_for(store, jobs, subscriptions, extraction)
+}
+
+/// Every route, `POST /jobs` validating against `jobs`, streams served from
+/// `subscriptions`; the extraction routes over `extraction` (left out without it).
+pub fn routes_for(
+    store: Option<crate::jobs::routes::JobStore>,
+    jobs: crate::jobs::JobRegistry,
+    subscriptions: Option<crate::notifications::routes::Subscriptions>,
+    extraction: Option<std::sync::Arc<crate::extraction::routes::ExtractionApi>>,
+) -> AppRouter {
     let jobs = std::sync::Arc::new(jobs);
-    OpenApiRouter::new()
+    let router = OpenApiRouter::new()
         .routes(routes!(counter_value))
         .merge(crate::jobs::routes::routes(jobs, store))
-        .merge(crate::notifications::routes::routes(subscriptions))
+        .merge(crate::notifications::routes::routes(subscriptions));
+    match extraction {
+        Some(api) => router.merge(crate::extraction::routes::routes(api)),
+        None => router,
+    }
 }
 
 /// A counter's count.

@@ -7,11 +7,14 @@
 //!   webhook job type.
 //! - [`notifications`]: per-tenant event streams (`notification` entity, the gateway's
 //!   subscriber hub, SSE routes).
+//! - [`extraction`]: the durable knowledge-graph extraction (`extraction` entity, stages,
+//!   providers, ontologies, routes).
 //!
 //! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
 //! own.
 
 pub mod counter;
+pub mod extraction;
 pub mod http;
 pub mod jobs;
 pub mod notifications;
@@ -20,13 +23,16 @@ pub mod webhook;
 
 use shoal::entity::EntityRegistry;
 
-/// The application's configuration sections (`[jobs]`, `[notifications]`).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The application's configuration sections (`[jobs]`, `[notifications]`,
+/// `[extraction]`).
+#[derive(Debug, Clone, Default)]
 pub struct AppConfig {
     /// `[jobs]`.
     pub jobs: jobs::JobsConfig,
     /// `[notifications]`.
     pub notifications: notifications::NotificationsConfig,
+    /// `[extraction]`.
+    pub extraction: extraction::ExtractionConfig,
 }
 
 /// Every built-in entity type, ready to register on a runner.
@@ -43,8 +49,28 @@ pub fn registry_with(
     cluster: &str,
     app: &AppConfig,
 ) -> anyhow::Result<EntityRegistry> {
+    registry_for(
+        pool,
+        redis,
+        cluster,
+        app,
+        &extraction::ExtractionSetup::offline(),
+    )
+}
+
+/// Every built-in entity type, the extraction pipeline built from `extraction`.
+pub fn registry_for(
+    pool: Option<sqlx::PgPool>,
+    redis: Option<shoal::redis::RedisClient>,
+    cluster: &str,
+    app: &AppConfig,
+    extraction: &extraction::ExtractionSetup,
+) -> anyhow::Result<EntityRegistry> {
     let jobs_config = &app.jobs;
     let mut registry = EntityRegistry::new();
+    registry.register(extraction::Extraction::new(std::sync::Arc::new(
+        extraction.pipeline()?,
+    )))?;
     registry
         .register(counter::Counter)?
         .register(probe::Probe)?

@@ -33,6 +33,8 @@ static FIXED_WINDOW: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/fixed_window.lua")));
 static TOKEN_BUCKET: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/token_bucket.lua")));
+static TOKEN_BUCKET_ADJUST: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/token_bucket_adjust.lua")));
 
 /// Largest `capacity × period_ms` of a token bucket: the scripts' Lua doubles hold integers
 /// exactly up to 2^53.
@@ -388,6 +390,34 @@ impl TokenBucket {
         self.0.check_at(key, cost, now_ms).await
     }
 
+    /// Corrects `key`'s bucket by `delta` tokens after the fact: positive takes more
+    /// (a call used more than it was charged), negative gives back. Never refused; the
+    /// level may go below zero (down to minus the capacity), a debt later calls wait out.
+    pub async fn adjust(&self, key: &str, delta: i64) -> Result<Decision, LimitError> {
+        let limiter = &self.0;
+        let args = [
+            limiter.limit.to_string(),
+            limiter.span_ms.to_string(),
+            delta.to_string(),
+            String::new(),
+        ];
+        let key = format!("{}:{key}", limiter.name);
+        let reply: Vec<i64> = limiter
+            .client
+            .script(
+                "token_bucket_adjust",
+                &TOKEN_BUCKET_ADJUST,
+                &[key.as_str()],
+                &args,
+            )
+            .await?;
+        Ok(Decision::from_reply(
+            "token_bucket_adjust",
+            limiter.limit,
+            &reply,
+        )?)
+    }
+
     /// Takes `cost` tokens from `key`'s bucket under `admission`.
     pub async fn acquire(
         &self,
@@ -429,6 +459,17 @@ impl ProviderLimits {
             tokens: TokenBucket::new(client.clone(), &name, config.tokens_per_minute, minute)?,
             concurrency: ConcurrencyLimit::new(client, &name, config.concurrency, config.lease_ttl),
         })
+    }
+
+    /// Corrects the tokens charged for a call estimated at `estimate` that used `actual`
+    /// (as the provider reported): charges the difference, or gives it back.
+    pub async fn correct_tokens(&self, estimate: u64, actual: u64) -> Result<(), LimitError> {
+        let delta =
+            i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(estimate).unwrap_or(i64::MAX);
+        if delta != 0 {
+            self.tokens.adjust(&self.provider, delta).await?;
+        }
+        Ok(())
     }
 
     /// Admits one call estimated at `tokens`: a concurrency lease first (so a call that

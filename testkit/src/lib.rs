@@ -12,6 +12,9 @@
 //! - [`net`] — [`free_port`].
 //! - [`browser`] — headless Chromium over WebDriver ([`Browser`]), installed with
 //!   `apt-get` if missing.
+//! - [`python`] — a venv with PyPI packages, installed once per target directory.
+//! - [`provider`] — a fake language-model provider speaking the OpenAI chat-completions and
+//!   Anthropic Messages wire formats, with a call log and scripted failures.
 //! - [`webhook`] — a webhook [`Receiver`] that verifies signatures with the Standard
 //!   Webhooks project's Python package.
 //!
@@ -23,6 +26,8 @@ pub mod browser;
 pub mod db;
 pub mod net;
 pub mod process;
+pub mod provider;
+pub mod python;
 pub mod redis;
 pub mod wait;
 pub mod webhook;

@@ -10,67 +10,15 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 /// The verifier's version: the package is installed once per target directory.
 pub const VERIFIER: &str = "standardwebhooks==1.1.0";
 
-/// The target directory's `tmp/` (the one `CARGO_TARGET_TMPDIR` names), found from the
-/// running test binary (`target/<profile>/deps/<binary>`).
-fn target_tmp() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile = exe
-        .ancestors()
-        .nth(2)
-        .context("the test binary is not under target/<profile>/deps")?;
-    let target = profile.parent().context("no target directory")?;
-    Ok(target.join("tmp"))
-}
-
 /// A Python interpreter with the verifier installed.
 pub fn python() -> anyhow::Result<PathBuf> {
-    let venv = target_tmp()?.join("standardwebhooks-venv");
-    let python = venv.join("bin/python");
-    let installed = venv.join(format!(".installed-{VERIFIER}"));
-    if installed.exists() {
-        return Ok(python);
-    }
-    std::fs::create_dir_all(venv.parent().context("venv parent")?)?;
-    // Test binaries may install at once: the first to create the lock directory installs.
-    let lock = venv.with_extension("lock");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while std::fs::create_dir(&lock).is_err() {
-        if installed.exists() {
-            return Ok(python);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "another test holds {lock:?} for too long; remove it if no test runs"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let result = (|| {
-        if !installed.exists() {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-            run(Command::new(&python).args(["-m", "pip", "install", "--quiet", VERIFIER]))?;
-            std::fs::write(&installed, b"")?;
-        }
-        anyhow::Ok(())
-    })();
-    let _ = std::fs::remove_dir(&lock);
-    result.map(|()| python)
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("{command:?}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
+    crate::python::venv("standardwebhooks-venv", &[VERIFIER])
 }
 
 /// The verifying receiver process; killed on drop.

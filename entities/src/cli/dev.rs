@@ -46,10 +46,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     let shutdown = super::signals::shutdown_on_signals()?;
     ensure_database(&config.database.url).await?;
     let pool = super::connect(&config).await?;
-    shoal::MIGRATOR
-        .run(&pool)
-        .await
-        .context("applying migrations")?;
+    super::apply_migrations(&pool).await?;
     pool.close().await;
 
     let mut children: Vec<ShoalChild> = Vec::new();

@@ -54,14 +54,23 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         )?),
         None => None,
     };
-    let subscriptions = subscriptions(&config, pool, redis.as_ref(), &app, &shutdown);
+    let subscriptions = subscriptions(&config, pool.clone(), redis.as_ref(), &app, &shutdown);
+    let setup = shoal_entities::extraction::ExtractionSetup {
+        config: app.extraction.clone(),
+        pool: Some(pool),
+        cluster: config.cluster.name.to_string(),
+        redis: redis.clone(),
+        redis_config: config.redis.clone(),
+    };
+    let extraction = std::sync::Arc::new(setup.api()?);
     let types = shoal_entities::job_types_with(None, redis, &app.jobs)?;
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
-        .with_routes(shoal_entities::http::routes_with_types(
+        .with_routes(shoal_entities::http::routes_for(
             Some(store),
             types,
             Some(subscriptions),
+            Some(extraction),
         ));
     shoal::gateway::run(params, shutdown).await?;
     Ok(())

@@ -48,9 +48,16 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         cluster.clone(),
         app.jobs.gauge_interval,
     );
+    let setup = shoal_entities::extraction::ExtractionSetup {
+        config: app.extraction.clone(),
+        pool: Some(extraction_pool(&config)?),
+        cluster: config.cluster.name.to_string(),
+        redis: redis.clone(),
+        redis_config: config.redis.clone(),
+    };
     let params = RunnerParams {
+        registry: shoal_entities::registry_for(Some(pool), redis, &cluster, &app, &setup)?,
         config,
-        registry: shoal_entities::registry_with(Some(pool), redis, &cluster, &app)?,
         singletons: vec![gauges],
         metrics: Some(metrics),
     };
@@ -58,8 +65,15 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     Ok(())
 }
 
-/// A small lazy pool for job types that write to the database (`diag.count`) and the
-/// notification history.
+/// A small lazy pool for the extraction journal (checkpoints, events, results).
+fn extraction_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_lazy(&config.database.url)?)
+}
+
+/// A small lazy pool for job types that write to the database (`diag.count`), the job
+/// gauges and the notification history.
 fn job_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)

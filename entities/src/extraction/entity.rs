@@ -1,0 +1,836 @@
+//! The `extraction` entity: one per content address ([`ExtractionId`]), its state the
+//! [`ExtractionState`], kept in Postgres with every completion.
+//!
+//! - `start` (persisted) records the request and sends `advance {preprocess}` to itself;
+//!   a `start` for an extraction that exists already is a **dedup hit**: it attaches to
+//!   the run (or the finished result) and changes nothing.
+//! - `advance {stage, generation, attempt}` (persisted) runs one stage. A stage whose
+//!   checkpoint is in the journal is not run again (after a failover the entity resumes at
+//!   the first unfinished stage, never calling the provider for a finished one); otherwise
+//!   it runs, its output is appended to the journal as the checkpoint, and the next
+//!   `advance` goes out in the completion's outbox. A retryable failure schedules the same
+//!   stage after a backoff (a timed message) within the stage's attempt budget; a refusal
+//!   by a provider limit or an open breaker schedules it after the wait without spending
+//!   an attempt (`waiting`, status `provider_unavailable` while the breaker is open).
+//! - `forget {generation}` (scheduled `keep-handle` after the end) empties the state: the
+//!   dedup handle is released, the result stays in the result store and cache.
+//! - `get` (volatile) reads the state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shoal::client::Request;
+use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
+use shoal::redis::cache::Cache;
+use tracing::Instrument;
+use utoipa::ToSchema;
+
+use super::config::ExtractionConfig;
+use super::journal::Journal;
+use super::model::{
+    Chunk, ExtractedEntity, ExtractionFailure, ExtractionId, ExtractionRequest, ExtractionResult,
+    FailureKind, Mention, Stage,
+};
+use super::ontology::{Ontologies, Ontology};
+use super::provider::gate::{GateRefusal, ProviderGate};
+use super::provider::{Call, Output, Provider, ProviderError, Reply, Task};
+use super::{metrics, pipeline};
+
+/// A provider with its gate.
+#[derive(Debug, Clone)]
+pub struct ProviderSlot {
+    /// The provider.
+    pub provider: Arc<dyn Provider>,
+    /// Its limits and breaker.
+    pub gate: ProviderGate,
+}
+
+/// What the pipeline runs with.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The ontologies.
+    pub ontologies: Ontologies,
+    /// The providers by name.
+    pub providers: BTreeMap<String, ProviderSlot>,
+    /// The journal and result store (none on a node that only routes).
+    pub journal: Option<Journal>,
+    /// The Redis result cache (none without Redis).
+    pub cache: Option<Cache<Value>>,
+    /// `[extraction]`.
+    pub config: ExtractionConfig,
+}
+
+/// The extraction entity type.
+#[derive(Debug, Clone)]
+pub struct Extraction {
+    pipeline: Arc<Pipeline>,
+}
+
+impl Extraction {
+    /// The entity type over `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self { pipeline }
+    }
+}
+
+/// Where an extraction stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtractionStatus {
+    /// Never started (or forgotten).
+    #[default]
+    New,
+    /// A stage is running or due.
+    Running,
+    /// Paused: the provider's breaker is open (every runner sees it).
+    ProviderUnavailable,
+    /// Finished with a result.
+    Completed,
+    /// Finished with a typed error.
+    Failed,
+}
+
+impl ExtractionStatus {
+    /// Whether the extraction has ended.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
+}
+
+/// One stage's run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StageRun {
+    /// The stage.
+    pub stage: Stage,
+    /// Failed attempts (retryable failures).
+    pub failed_attempts: u32,
+    /// Outputs that did not validate.
+    pub invalid_outputs: u32,
+    /// Provider calls made.
+    pub provider_calls: u32,
+    /// Time provider limits held its calls back (first refusal to admission), ms.
+    #[serde(default)]
+    pub limit_wait_ms: u64,
+    /// When it first started.
+    pub started_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `finished_at − started_at`, milliseconds.
+    pub duration_ms: Option<u64>,
+    /// Whether its checkpoint was found (a resumed run: no provider call).
+    pub from_checkpoint: bool,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// The extraction's state (its entity's, in Postgres).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExtractionState {
+    /// The extraction's id.
+    pub id: String,
+    /// Where it stands.
+    pub status: ExtractionStatus,
+    /// Runs of this id so far (a forgotten failure may run again).
+    pub generation: u32,
+    /// The request.
+    pub request: Option<ExtractionRequest>,
+    /// The current stage.
+    pub stage: Option<Stage>,
+    /// The stages run so far.
+    pub stages: Vec<StageRun>,
+    /// Why it waits, if it does.
+    pub waiting: Option<String>,
+    /// Since when a provider limit has held the current stage.
+    pub limited_since: Option<DateTime<Utc>>,
+    /// The result.
+    pub result: Option<ExtractionResult>,
+    /// The failure.
+    pub error: Option<ExtractionFailure>,
+    /// Requests that attached to this run.
+    pub dedup_hits: u32,
+    /// When it started.
+    pub created_at: Option<DateTime<Utc>>,
+    /// When it last changed.
+    pub updated_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// An extraction's messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExtractionMessage {
+    /// Starts the extraction (or attaches to it).
+    Start(ExtractionRequest),
+    /// Runs `stage` (attempt `attempt` of generation `generation`).
+    Advance {
+        /// The stage.
+        stage: Stage,
+        /// The run.
+        generation: u32,
+        /// 1-based attempt of the stage.
+        attempt: u32,
+    },
+    /// Forgets a run that finished in `generation`.
+    Forget {
+        /// The run.
+        generation: u32,
+    },
+    /// Reads the state.
+    Get {},
+}
+
+impl EntityProtocol for Extraction {
+    const NAME: &'static str = "extraction";
+    type Message = ExtractionMessage;
+    type Reply = ExtractionState;
+
+    fn is_persisted(message: &ExtractionMessage) -> bool {
+        !matches!(message, ExtractionMessage::Get {})
+    }
+
+    fn options(&self) -> EntityOptions {
+        EntityOptions {
+            max_idle: Duration::from_secs(60),
+            ..EntityOptions::default()
+        }
+    }
+}
+
+/// How a stage attempt failed.
+#[derive(Debug)]
+enum StageFailure {
+    /// Not now: try the same attempt again after `after` (a limit, an open breaker).
+    Wait {
+        after: Duration,
+        reason: String,
+        breaker_open: bool,
+    },
+    /// The attempt failed retryably.
+    Retry(ProviderError),
+    /// The extraction cannot succeed.
+    Fatal(FailureKind, String),
+    /// Storage failed: the handler fails retryably and runs again.
+    Storage(String),
+}
+
+impl Entity for Extraction {
+    type State = ExtractionState;
+    const PERSIST_STATE: bool = true;
+
+    async fn handle(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        message: ExtractionMessage,
+    ) -> Result<ExtractionState, HandlerError> {
+        let span = tracing::info_span!(
+            "extraction",
+            id = %ctx.address.entity_id,
+            stage = tracing::field::Empty,
+            shard = %ctx.shard,
+            runner = ?ctx.runner_id,
+        );
+        async {
+            match message {
+                ExtractionMessage::Start(request) => self.start(ctx, state, request).await?,
+                ExtractionMessage::Advance {
+                    stage,
+                    generation,
+                    attempt,
+                } => {
+                    tracing::Span::current().record("stage", stage.name());
+                    self.advance(ctx, state, stage, generation, attempt).await?
+                }
+                ExtractionMessage::Forget { generation } => forget(state, generation),
+                ExtractionMessage::Get {} => {}
+            }
+            Ok(state.clone())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn stage_key(generation: u32, stage: Stage) -> String {
+    format!("g{generation}:stage:{}", stage.name())
+}
+
+fn storage(error: impl std::fmt::Display) -> HandlerError {
+    HandlerError::retryable("storage", error.to_string())
+}
+
+impl Extraction {
+    fn journal(&self) -> Result<&Journal, HandlerError> {
+        self.pipeline
+            .journal
+            .as_ref()
+            .ok_or_else(|| HandlerError::retryable("no_journal", "this node has no database"))
+    }
+
+    async fn start(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        request: ExtractionRequest,
+    ) -> Result<(), HandlerError> {
+        let id = ctx.address.entity_id.to_string();
+        if request.id().as_str() != id {
+            return Err(HandlerError::permanent(
+                "bad_id",
+                format!(
+                    "the request's content address is {}, not {id}",
+                    request.id()
+                ),
+            ));
+        }
+        if state.status != ExtractionStatus::New {
+            state.dedup_hits += 1;
+            metrics::request("dedup");
+            return Ok(());
+        }
+        metrics::request("new");
+        let now = Utc::now();
+        let generation = state.generation + 1;
+        let data = json!({
+            "id": id,
+            "ontology_id": request.ontology_id,
+            "ontology_version": request.ontology_version,
+            "provider": request.provider,
+            "model": request.model,
+        });
+        self.journal()?
+            .append(
+                &id,
+                &format!("g{generation}:started"),
+                "started",
+                &data,
+                None,
+            )
+            .await
+            .map_err(storage)?;
+        *state = ExtractionState {
+            id,
+            status: ExtractionStatus::Running,
+            generation,
+            request: Some(request),
+            stage: Some(Stage::Preprocess),
+            created_at: Some(now),
+            updated_at: Some(now),
+            ..ExtractionState::default()
+        };
+        metrics::extraction("started");
+        schedule_advance(ctx, state, Stage::Preprocess, 1, now).await
+    }
+
+    async fn advance(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        stage: Stage,
+        generation: u32,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let current = state.stages.iter().find(|r| r.stage == stage);
+        let expected = current.map_or(1, |r| r.failed_attempts + r.invalid_outputs + 1);
+        if state.status.is_finished()
+            || generation != state.generation
+            || state.stage != Some(stage)
+            || attempt != expected
+        {
+            return Ok(()); // stale: an earlier schedule
+        }
+        let now = Utc::now();
+        if current.is_none() {
+            state.stages.push(StageRun {
+                stage,
+                failed_attempts: 0,
+                invalid_outputs: 0,
+                provider_calls: 0,
+                limit_wait_ms: 0,
+                started_at: now,
+                finished_at: None,
+                duration_ms: None,
+                from_checkpoint: false,
+                last_error: None,
+            });
+        }
+        state.updated_at = Some(now);
+        let id = state.id.clone();
+        let key = stage_key(generation, stage);
+        let journal = self.journal()?.clone();
+        if let Some(checkpoint) = journal.checkpoint(&id, &key).await.map_err(storage)? {
+            run_of(state, stage).from_checkpoint = true;
+            return self.stage_done(ctx, state, stage, checkpoint, false).await;
+        }
+        match self.execute(state, stage).await {
+            Ok(output) => {
+                let data = json!({"stage": stage.name(), "percent": stage.percent()});
+                let stored = journal
+                    .append(&id, &key, "progress", &data, Some(&output))
+                    .await
+                    .map_err(storage)?
+                    .unwrap_or(output);
+                self.stage_done(ctx, state, stage, stored, true).await
+            }
+            Err(failure) => self.stage_failed(ctx, state, stage, failure).await,
+        }
+    }
+
+    /// Records a finished stage and moves on (the next stage, or the end).
+    async fn stage_done(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        stage: Stage,
+        output: Value,
+        ran: bool,
+    ) -> Result<(), HandlerError> {
+        let now = Utc::now();
+        let run = run_of(state, stage);
+        run.finished_at = Some(now);
+        let took = (now - run.started_at).to_std().unwrap_or_default();
+        run.duration_ms = Some(took.as_millis() as u64);
+        if ran {
+            metrics::stage_finished(stage, took);
+        }
+        state.waiting = None;
+        state.status = ExtractionStatus::Running;
+        match stage.next() {
+            Some(next) => {
+                state.stage = Some(next);
+                schedule_advance(ctx, state, next, 1, now).await
+            }
+            None => {
+                let result: ExtractionResult = serde_json::from_value(output)
+                    .map_err(|e| HandlerError::permanent("bad_checkpoint", e.to_string()))?;
+                let journal = self.journal()?;
+                let key = format!("g{}:complete", state.generation);
+                let data = json!({"result": result});
+                journal
+                    .append(&state.id, &key, "complete", &data, None)
+                    .await
+                    .map_err(storage)?;
+                state.result = Some(result);
+                state.status = ExtractionStatus::Completed;
+                state.finished_at = Some(now);
+                metrics::extraction("completed");
+                self.schedule_forget(ctx, state).await
+            }
+        }
+    }
+
+    async fn stage_failed(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        stage: Stage,
+        failure: StageFailure,
+    ) -> Result<(), HandlerError> {
+        let now = Utc::now();
+        let config = &self.pipeline.config;
+        match failure {
+            StageFailure::Storage(message) => Err(HandlerError::retryable("storage", message)),
+            StageFailure::Fatal(kind, message) => self.fail(ctx, state, stage, kind, message).await,
+            StageFailure::Wait {
+                after,
+                reason,
+                breaker_open,
+            } => {
+                state.status = if breaker_open {
+                    ExtractionStatus::ProviderUnavailable
+                } else {
+                    ExtractionStatus::Running
+                };
+                state.waiting = Some(reason);
+                let run = run_of(state, stage);
+                let attempt = run.failed_attempts + run.invalid_outputs + 1;
+                let at = now + chrono::Duration::from_std(after).unwrap_or_default();
+                schedule_advance(ctx, state, stage, attempt, at).await
+            }
+            StageFailure::Retry(error) => {
+                let run = run_of(state, stage);
+                run.last_error = Some(error.to_string());
+                let (kind, exhausted) = match &error {
+                    ProviderError::InvalidOutput(_) => {
+                        run.invalid_outputs += 1;
+                        (
+                            FailureKind::InvalidOutput,
+                            run.invalid_outputs >= config.invalid_output_attempts,
+                        )
+                    }
+                    ProviderError::Timeout(_) => {
+                        run.failed_attempts += 1;
+                        (
+                            FailureKind::Timeout,
+                            run.failed_attempts >= config.stage_attempts,
+                        )
+                    }
+                    _ => {
+                        run.failed_attempts += 1;
+                        (
+                            FailureKind::Provider,
+                            run.failed_attempts >= config.stage_attempts,
+                        )
+                    }
+                };
+                if exhausted {
+                    return self.fail(ctx, state, stage, kind, error.to_string()).await;
+                }
+                let failures = run.failed_attempts + run.invalid_outputs;
+                let backoff = shoal::backoff::Backoff::nth(config.backoff_first, failures - 1, 16)
+                    .min(config.backoff_max);
+                let delay =
+                    shoal::backoff::jittered(backoff).max(error.retry_after().unwrap_or_default());
+                state.status = ExtractionStatus::Running;
+                state.waiting = Some(format!("retrying after: {error}"));
+                let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                schedule_advance(ctx, state, stage, failures + 1, at).await
+            }
+        }
+    }
+
+    async fn fail(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        stage: Stage,
+        kind: FailureKind,
+        message: String,
+    ) -> Result<(), HandlerError> {
+        let failure = ExtractionFailure {
+            kind,
+            stage,
+            message,
+        };
+        let key = format!("g{}:failed", state.generation);
+        self.journal()?
+            .append(&state.id, &key, "failed", &json!({"error": failure}), None)
+            .await
+            .map_err(storage)?;
+        let now = Utc::now();
+        state.error = Some(failure);
+        state.status = ExtractionStatus::Failed;
+        state.waiting = None;
+        state.finished_at = Some(now);
+        state.updated_at = Some(now);
+        let kind = serde_json::to_value(kind).ok();
+        let kind = kind.as_ref().and_then(Value::as_str).unwrap_or("unknown");
+        metrics::extraction(&format!("failed_{kind}"));
+        self.schedule_forget(ctx, state).await
+    }
+
+    async fn schedule_forget(
+        &self,
+        ctx: &EntityContext,
+        state: &ExtractionState,
+    ) -> Result<(), HandlerError> {
+        let at = Utc::now()
+            + chrono::Duration::from_std(self.pipeline.config.keep_handle)
+                .unwrap_or(chrono::Duration::MAX);
+        let body = json!({"generation": state.generation});
+        ctx.schedule(Request::persisted(ctx.address.clone(), "forget", body), at)
+            .await
+            .map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Runs `stage` on the checkpoints before it.
+    async fn execute(
+        &self,
+        state: &mut ExtractionState,
+        stage: Stage,
+    ) -> Result<Value, StageFailure> {
+        let request = state
+            .request
+            .clone()
+            .ok_or_else(|| StageFailure::Fatal(FailureKind::Provider, "no request".into()))?;
+        let ontology = self.ontology(&request)?;
+        match stage {
+            Stage::Preprocess => {
+                let text = pipeline::normalise(&request.text);
+                let chunks = pipeline::chunk(&text, self.pipeline.config.chunk_tokens);
+                Ok(json!({"chunks": chunks}))
+            }
+            Stage::Entities => {
+                let chunks: Vec<Chunk> = self.load(state, Stage::Preprocess, "chunks").await?;
+                let mut mentions: Vec<Mention> = Vec::new();
+                for chunk in &chunks {
+                    let task = Task::Mentions { text: &chunk.text };
+                    match self
+                        .call(state, stage, &request, &ontology, task)
+                        .await?
+                        .output
+                    {
+                        Output::Mentions(found) => mentions.extend(found),
+                        Output::Relations(_) => {}
+                    }
+                }
+                Ok(json!({"mentions": mentions}))
+            }
+            Stage::Resolve => {
+                let mentions: Vec<Mention> = self.load(state, Stage::Entities, "mentions").await?;
+                Ok(json!({"entities": pipeline::resolve(&mentions, &ontology)}))
+            }
+            Stage::Relations => {
+                let chunks: Vec<Chunk> = self.load(state, Stage::Preprocess, "chunks").await?;
+                let entities: Vec<ExtractedEntity> =
+                    self.load(state, Stage::Resolve, "entities").await?;
+                let mut stated = Vec::new();
+                if entities.len() >= 2 {
+                    for chunk in &chunks {
+                        let task = Task::Relations {
+                            text: &chunk.text,
+                            entities: &entities,
+                        };
+                        match self
+                            .call(state, stage, &request, &ontology, task)
+                            .await?
+                            .output
+                        {
+                            Output::Relations(found) => stated.extend(found),
+                            Output::Mentions(_) => {}
+                        }
+                    }
+                }
+                let (relations, rejected) =
+                    pipeline::check_relations(&stated, &entities, &ontology);
+                Ok(json!({"relations": relations, "rejected": rejected}))
+            }
+            Stage::Persist => self.persist(state, &request).await,
+        }
+    }
+
+    async fn persist(
+        &self,
+        state: &mut ExtractionState,
+        request: &ExtractionRequest,
+    ) -> Result<Value, StageFailure> {
+        let entities = self.load(state, Stage::Resolve, "entities").await?;
+        let relations = self.load(state, Stage::Relations, "relations").await?;
+        let rejected: u32 = self.load(state, Stage::Relations, "rejected").await?;
+        let result = ExtractionResult {
+            id: state.id.clone(),
+            ontology_id: request.ontology_id.clone(),
+            ontology_version: request.ontology_version.clone(),
+            provider: request.provider.clone(),
+            model: request.model.clone(),
+            entities,
+            relations,
+            rejected_relations: rejected,
+        };
+        let value =
+            serde_json::to_value(&result).map_err(|e| StageFailure::Storage(e.to_string()))?;
+        if let Some(journal) = &self.pipeline.journal {
+            journal
+                .put_result(&state.id, &value)
+                .await
+                .map_err(|e| StageFailure::Storage(e.to_string()))?;
+        }
+        if let Some(cache) = &self.pipeline.cache {
+            cache
+                .put(&state.id, &value)
+                .await
+                .map_err(|e| StageFailure::Wait {
+                    after: self.pipeline.config.backoff_first,
+                    reason: format!("redis_unavailable: {e}"),
+                    breaker_open: false,
+                })?;
+        }
+        Ok(value)
+    }
+
+    fn ontology(&self, request: &ExtractionRequest) -> Result<Arc<Ontology>, StageFailure> {
+        let ontology = self
+            .pipeline
+            .ontologies
+            .get(&request.ontology_id)
+            .ok_or_else(|| {
+                StageFailure::Fatal(
+                    FailureKind::Ontology,
+                    format!("ontology `{}` is not loaded here", request.ontology_id),
+                )
+            })?;
+        if ontology.version != request.ontology_version {
+            return Err(StageFailure::Fatal(
+                FailureKind::Ontology,
+                format!(
+                    "ontology `{}` is version {} here, the request pinned {}",
+                    request.ontology_id, ontology.version, request.ontology_version
+                ),
+            ));
+        }
+        Ok(ontology.clone())
+    }
+
+    /// Field `field` of `stage`'s checkpoint.
+    async fn load<T: serde::de::DeserializeOwned>(
+        &self,
+        state: &ExtractionState,
+        stage: Stage,
+        field: &str,
+    ) -> Result<T, StageFailure> {
+        let journal = self
+            .pipeline
+            .journal
+            .as_ref()
+            .ok_or_else(|| StageFailure::Storage("no journal".into()))?;
+        let checkpoint = journal
+            .checkpoint(&state.id, &stage_key(state.generation, stage))
+            .await
+            .map_err(|e| StageFailure::Storage(e.to_string()))?
+            .ok_or_else(|| StageFailure::Storage(format!("no checkpoint of {}", stage.name())))?;
+        serde_json::from_value(checkpoint.get(field).cloned().unwrap_or(Value::Null))
+            .map_err(|e| StageFailure::Storage(format!("checkpoint of {}: {e}", stage.name())))
+    }
+
+    /// One provider call through the provider's gate.
+    async fn call(
+        &self,
+        state: &mut ExtractionState,
+        stage: Stage,
+        request: &ExtractionRequest,
+        ontology: &Ontology,
+        task: Task<'_>,
+    ) -> Result<Reply, StageFailure> {
+        let slot = self
+            .pipeline
+            .providers
+            .get(&request.provider)
+            .ok_or_else(|| {
+                StageFailure::Fatal(
+                    FailureKind::Provider,
+                    format!("provider `{}` is not configured here", request.provider),
+                )
+            })?;
+        let call = Call {
+            task,
+            ontology,
+            model: &request.model,
+            temperature: request.temperature,
+            max_tokens: request.max_tokens,
+        };
+        let admitted = match slot.gate.admit(call.estimated_tokens()).await {
+            Ok(admitted) => admitted,
+            Err(refusal) => return Err(self.refused(state, &request.provider, refusal)),
+        };
+        if let Some(since) = state.limited_since.take() {
+            let waited = (Utc::now() - since).to_std().unwrap_or_default();
+            metrics::limit_wait(&request.provider, waited);
+            run_of(state, stage).limit_wait_ms += waited.as_millis() as u64;
+        }
+        let timeout = self.pipeline.config.call_timeout;
+        let result = tokio::time::timeout(timeout, slot.provider.call(&call))
+            .await
+            .unwrap_or(Err(ProviderError::Timeout(timeout)));
+        slot.gate.finish(admitted, &result).await;
+        run_of(state, stage).provider_calls += 1;
+        match &result {
+            Ok(reply) => metrics::provider_call(
+                &request.provider,
+                "ok",
+                reply.usage.input_tokens,
+                reply.usage.output_tokens,
+            ),
+            Err(error) => metrics::provider_call(&request.provider, error.code(), 0, 0),
+        }
+        result.map_err(|error| match error {
+            ProviderError::Rejected { .. } => {
+                StageFailure::Fatal(FailureKind::Provider, error.to_string())
+            }
+            other => StageFailure::Retry(other),
+        })
+    }
+
+    fn refused(
+        &self,
+        state: &mut ExtractionState,
+        provider: &str,
+        refusal: GateRefusal,
+    ) -> StageFailure {
+        match refusal {
+            GateRefusal::Limited { retry_after, .. } => {
+                metrics::limited(provider);
+                state.limited_since.get_or_insert_with(Utc::now);
+                StageFailure::Wait {
+                    after: shoal::backoff::jittered(retry_after),
+                    reason: refusal.to_string(),
+                    breaker_open: false,
+                }
+            }
+            GateRefusal::Open { retry_after, .. } => StageFailure::Wait {
+                after: retry_after,
+                reason: refusal.to_string(),
+                breaker_open: true,
+            },
+            GateRefusal::Redis(_) => StageFailure::Wait {
+                after: self.pipeline.config.backoff_first,
+                reason: refusal.to_string(),
+                breaker_open: false,
+            },
+            GateRefusal::TooLarge(message) => StageFailure::Fatal(FailureKind::Provider, message),
+        }
+    }
+}
+
+fn run_of(state: &mut ExtractionState, stage: Stage) -> &mut StageRun {
+    let index = state
+        .stages
+        .iter()
+        .position(|r| r.stage == stage)
+        .unwrap_or_else(|| {
+            state.stages.push(StageRun {
+                stage,
+                failed_attempts: 0,
+                invalid_outputs: 0,
+                provider_calls: 0,
+                limit_wait_ms: 0,
+                started_at: Utc::now(),
+                finished_at: None,
+                duration_ms: None,
+                from_checkpoint: false,
+                last_error: None,
+            });
+            state.stages.len() - 1
+        });
+    &mut state.stages[index]
+}
+
+fn forget(state: &mut ExtractionState, generation: u32) {
+    if state.status.is_finished() && state.generation == generation {
+        *state = ExtractionState {
+            id: state.id.clone(),
+            generation,
+            ..ExtractionState::default()
+        };
+    }
+}
+
+/// Schedules `advance {stage, attempt}` for `at` (in the completion's outbox either way).
+async fn schedule_advance(
+    ctx: &EntityContext,
+    state: &ExtractionState,
+    stage: Stage,
+    attempt: u32,
+    at: DateTime<Utc>,
+) -> Result<(), HandlerError> {
+    let body = json!({"stage": stage, "generation": state.generation, "attempt": attempt});
+    let request = Request::persisted(ctx.address.clone(), "advance", body);
+    // Due now: sent (pushed to the owner right after the commit); later: a timed message.
+    let sent = if at <= Utc::now() {
+        ctx.send(request).await
+    } else {
+        ctx.schedule(request, at).await
+    };
+    sent.map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
+    Ok(())
+}
+
+/// The entity id of an extraction.
+pub fn entity_id(id: &ExtractionId) -> &str {
+    id.as_str()
+}

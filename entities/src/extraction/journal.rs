@@ -1,0 +1,207 @@
+//! The extraction's durable journal and result store, in Postgres (tables the extraction
+//! creates itself in `shoal migrate`; the runtime knows nothing of them).
+//!
+//! - `shoal_extraction_events`: one row per event of an extraction, numbered `seq` from 1
+//!   in the order they happened: `started`, `progress {stage, percent}` (one per finished
+//!   stage, its row carrying the stage's output as the **checkpoint**), then `complete
+//!   {result}` or `failed {error}`. Each event has a key unique per extraction
+//!   (`g<generation>:stage:<name>`, …), so a handler that runs again appends nothing twice,
+//!   and a stage whose checkpoint row exists is never run again. It is the audit trail and
+//!   what `GET /extractions/{id}/events` serves.
+//! - `shoal_extraction_results`: the durable copy of every finished result (the Redis cache
+//!   holds it for 24 h in front of it).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// The tables (idempotent).
+pub const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS shoal_extraction_events (
+        cluster TEXT NOT NULL,
+        extraction_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data JSONB NOT NULL,
+        checkpoint JSONB,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (cluster, extraction_id, seq),
+        UNIQUE (cluster, extraction_id, key)
+    )",
+    "CREATE TABLE IF NOT EXISTS shoal_extraction_results (
+        cluster TEXT NOT NULL,
+        extraction_id TEXT NOT NULL,
+        result JSONB NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (cluster, extraction_id)
+    )",
+];
+
+/// Creates the tables.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
+    for statement in SCHEMA {
+        sqlx::query(*statement).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// One journal event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// 1, 2, … per extraction.
+    pub seq: i64,
+    /// `started`, `progress`, `complete`, `failed`.
+    pub kind: String,
+    /// The event's data (what SSE sends).
+    pub data: Value,
+    /// When it was appended.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Whether the journal's storage failed (always worth retrying: the handler runs again).
+#[derive(Debug, thiserror::Error)]
+#[error("extraction journal: {0}")]
+pub struct JournalError(#[from] sqlx::Error);
+
+/// The journal and results of one cluster.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    pool: PgPool,
+    cluster: String,
+}
+
+impl Journal {
+    /// The journal of `cluster` in `pool`'s database.
+    pub fn new(pool: PgPool, cluster: &str) -> Self {
+        Self {
+            pool,
+            cluster: cluster.to_owned(),
+        }
+    }
+
+    /// Appends an event under `key` unless one is there already; returns the stored
+    /// event's checkpoint (the earlier one's, if the key was taken).
+    pub async fn append(
+        &self,
+        id: &str,
+        key: &str,
+        kind: &str,
+        data: &Value,
+        checkpoint: Option<&Value>,
+    ) -> Result<Option<Value>, JournalError> {
+        sqlx::query(
+            "INSERT INTO shoal_extraction_events (cluster, extraction_id, seq, key, kind, data, checkpoint)
+             SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6
+               FROM shoal_extraction_events WHERE cluster = $1 AND extraction_id = $2
+             ON CONFLICT (cluster, extraction_id, key) DO NOTHING",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(key)
+        .bind(kind)
+        .bind(data)
+        .bind(checkpoint)
+        .execute(&self.pool)
+        .await?;
+        self.checkpoint(id, key).await
+    }
+
+    /// The checkpoint stored under `key`, if that event exists.
+    pub async fn checkpoint(&self, id: &str, key: &str) -> Result<Option<Value>, JournalError> {
+        let row: Option<(Option<Value>,)> = sqlx::query_as(
+            "SELECT checkpoint FROM shoal_extraction_events
+              WHERE cluster = $1 AND extraction_id = $2 AND key = $3",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(c,)| c))
+    }
+
+    /// Whether an event exists under `key`.
+    pub async fn has(&self, id: &str, key: &str) -> Result<bool, JournalError> {
+        let row: Option<(i64,)> = sqlx::query_as(
+            "SELECT seq FROM shoal_extraction_events
+              WHERE cluster = $1 AND extraction_id = $2 AND key = $3",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Up to `limit` events after `after`, in order.
+    pub async fn after(
+        &self,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>, JournalError> {
+        let rows: Vec<(i64, String, Value, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT seq, kind, data, created_at FROM shoal_extraction_events
+              WHERE cluster = $1 AND extraction_id = $2 AND seq > $3
+              ORDER BY seq LIMIT $4",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, kind, data, created_at)| Event {
+                seq,
+                kind,
+                data,
+                created_at,
+            })
+            .collect())
+    }
+
+    /// The seq just before the latest run's `started` (where a stream without
+    /// `Last-Event-ID` begins), or `None` when the extraction has no events.
+    pub async fn latest_run_start(&self, id: &str) -> Result<Option<i64>, JournalError> {
+        let row: (Option<i64>,) = sqlx::query_as(
+            "SELECT MAX(seq) FROM shoal_extraction_events
+              WHERE cluster = $1 AND extraction_id = $2 AND kind = 'started'",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.0.map(|seq| seq - 1))
+    }
+
+    /// Stores a finished result (the first one stays).
+    pub async fn put_result(&self, id: &str, result: &Value) -> Result<(), JournalError> {
+        sqlx::query(
+            "INSERT INTO shoal_extraction_results (cluster, extraction_id, result)
+             VALUES ($1, $2, $3) ON CONFLICT (cluster, extraction_id) DO NOTHING",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(result)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The stored result of `id`, if it finished.
+    pub async fn result(&self, id: &str) -> Result<Option<Value>, JournalError> {
+        let row: Option<(Value,)> = sqlx::query_as(
+            "SELECT result FROM shoal_extraction_results WHERE cluster = $1 AND extraction_id = $2",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(r,)| r))
+    }
+}

@@ -1,0 +1,325 @@
+//! What an extraction is made of: its request, its content-addressed id, its stages, the
+//! stages' outputs and the final result, and the typed failure.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+/// Longest text accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 200_000;
+
+/// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the text,
+/// provider, model, ontology version and temperature (each length-prefixed), so the same
+/// inputs are the same entity and any other model or ontology version another one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExtractionId(String);
+
+impl ExtractionId {
+    /// The content address of these inputs.
+    pub fn of(
+        text: &str,
+        provider: &str,
+        model: &str,
+        ontology_version: &str,
+        temperature: f64,
+    ) -> Self {
+        let mut hash = Sha256::new();
+        let temperature = format!("{temperature:.3}");
+        for part in [
+            text,
+            provider,
+            model,
+            ontology_version,
+            temperature.as_str(),
+        ] {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        Self(format!("ex-{}", &hex::encode(hash.finalize())[..32]))
+    }
+
+    /// Parses an id (`ex-` and 32 lowercase hex digits).
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("ex-")?;
+        (hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(text.to_owned()))
+    }
+
+    /// The id as text (also the entity id).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ExtractionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What `POST /extractions` asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewExtraction {
+    /// The text (UTF-8, at most 200,000 bytes).
+    pub text: String,
+    /// The ontology's id (a file in `cluster-config/ontologies/`; `foaf` is built in).
+    pub ontology_id: String,
+    /// Provider options.
+    #[serde(default)]
+    pub options: ExtractionOptions,
+}
+
+/// Provider options of an extraction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractionOptions {
+    /// A configured provider (default `[extraction] default-provider`, `builtin`).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The model (default: the provider's).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Sampling temperature, 0–2 (default 0).
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Largest completion per provider call, tokens (default 1024).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+}
+
+/// A request as the entity runs it: every default filled in, the ontology pinned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractionRequest {
+    /// The text.
+    pub text: String,
+    /// The ontology's id.
+    pub ontology_id: String,
+    /// The ontology's version (content hash) the id was computed with.
+    pub ontology_version: String,
+    /// The provider.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// The temperature.
+    pub temperature: f64,
+    /// Largest completion per call.
+    pub max_tokens: u32,
+    /// The tenant that asked first.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+impl ExtractionRequest {
+    /// The request's content address.
+    pub fn id(&self) -> ExtractionId {
+        ExtractionId::of(
+            &self.text,
+            &self.provider,
+            &self.model,
+            &self.ontology_version,
+            self.temperature,
+        )
+    }
+}
+
+/// The pipeline's stages, in order.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Normalise the text and chunk it by a token budget (local).
+    Preprocess,
+    /// Mentions typed by the ontology's classes (the provider, per chunk).
+    Entities,
+    /// Merge mentions into entities grounded to classes (local).
+    Resolve,
+    /// Relations typed by the ontology's properties, domain and range checked (the
+    /// provider, per chunk).
+    Relations,
+    /// Store the result (Postgres, then the cache).
+    Persist,
+}
+
+impl Stage {
+    /// Every stage, in order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Preprocess,
+        Stage::Entities,
+        Stage::Resolve,
+        Stage::Relations,
+        Stage::Persist,
+    ];
+
+    /// The stage's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Preprocess => "preprocess",
+            Stage::Entities => "entities",
+            Stage::Resolve => "resolve",
+            Stage::Relations => "relations",
+            Stage::Persist => "persist",
+        }
+    }
+
+    /// The stage after this one.
+    pub fn next(self) -> Option<Stage> {
+        let i = Self::ALL.iter().position(|s| *s == self)?;
+        Self::ALL.get(i + 1).copied()
+    }
+
+    /// Percent done once this stage is finished.
+    pub fn percent(self) -> u8 {
+        let i = Self::ALL.iter().position(|s| *s == self).unwrap_or(0);
+        ((i + 1) * 100 / Self::ALL.len()) as u8
+    }
+
+    /// Whether the stage calls the provider.
+    pub fn calls_provider(self) -> bool {
+        matches!(self, Stage::Entities | Stage::Relations)
+    }
+}
+
+/// A chunk of the normalised text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Byte offset in the normalised text.
+    pub start: usize,
+    /// The chunk's text.
+    pub text: String,
+}
+
+/// A mention the provider found: a span of text typed by a class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Mention {
+    /// The text as written.
+    pub text: String,
+    /// The class's compact name (`foaf:Person`).
+    #[serde(rename = "type")]
+    pub class: String,
+}
+
+/// An entity of the result: mentions merged, grounded to a class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExtractedEntity {
+    /// `e1`, `e2`, … in order of first mention.
+    pub id: String,
+    /// The longest mention's text.
+    pub name: String,
+    /// The class's compact name (`foaf:Person`).
+    #[serde(rename = "type")]
+    pub class: String,
+    /// The class's IRI.
+    pub class_iri: String,
+    /// How it was written, each form once.
+    pub mentions: Vec<String>,
+}
+
+/// A relation the provider stated between two mentions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatedRelation {
+    /// The subject, as named.
+    pub subject: String,
+    /// The property's compact name.
+    pub predicate: String,
+    /// The object, as named.
+    pub object: String,
+}
+
+/// A relation of the result, between two entities, domain and range checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExtractedRelation {
+    /// The subject entity's id.
+    pub subject: String,
+    /// The property's compact name.
+    pub predicate: String,
+    /// The property's IRI.
+    pub predicate_iri: String,
+    /// The object entity's id.
+    pub object: String,
+}
+
+/// An extraction's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExtractionResult {
+    /// The extraction.
+    pub id: String,
+    /// The ontology and its version.
+    pub ontology_id: String,
+    /// The ontology's version.
+    pub ontology_version: String,
+    /// The provider and model that produced it.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// The entities.
+    pub entities: Vec<ExtractedEntity>,
+    /// The relations.
+    pub relations: Vec<ExtractedRelation>,
+    /// Relations the provider stated that the ontology's domain or range refuses.
+    pub rejected_relations: u32,
+}
+
+/// What kind of failure ended an extraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The provider refused or kept failing.
+    Provider,
+    /// The ontology is unknown here or changed.
+    Ontology,
+    /// A stage ran out of time on every attempt.
+    Timeout,
+    /// The provider's output never validated.
+    InvalidOutput,
+}
+
+/// Why an extraction failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExtractionFailure {
+    /// The kind.
+    pub kind: FailureKind,
+    /// The stage it failed in.
+    pub stage: Stage,
+    /// What happened.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_is_a_content_address_of_every_input() {
+        let a = ExtractionId::of("text", "builtin", "m", "v1", 0.0);
+        assert_eq!(a, ExtractionId::of("text", "builtin", "m", "v1", 0.0));
+        assert_ne!(a, ExtractionId::of("text", "builtin", "m2", "v1", 0.0));
+        assert_ne!(a, ExtractionId::of("text", "builtin", "m", "v2", 0.0));
+        assert_ne!(a, ExtractionId::of("text", "builtin", "m", "v1", 0.5));
+        assert_ne!(a, ExtractionId::of("text", "openai", "m", "v1", 0.0));
+        assert_ne!(a, ExtractionId::of("textb", "builtin", "m", "v1", 0.0));
+        // Length prefixes: moving a byte between fields changes the id.
+        assert_ne!(
+            ExtractionId::of("ab", "c", "m", "v", 0.0),
+            ExtractionId::of("a", "bc", "m", "v", 0.0)
+        );
+        assert_eq!(ExtractionId::parse(a.as_str()), Some(a));
+        assert_eq!(ExtractionId::parse("ex-xyz"), None);
+    }
+
+    #[test]
+    fn stages_run_in_order() {
+        assert_eq!(Stage::Preprocess.next(), Some(Stage::Entities));
+        assert_eq!(Stage::Persist.next(), None);
+        assert_eq!(Stage::Persist.percent(), 100);
+        assert_eq!(Stage::Preprocess.percent(), 20);
+    }
+}
