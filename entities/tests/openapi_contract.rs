@@ -151,11 +151,19 @@ async fn call(
     if streams {
         // A stream does not end: its status and headers are the answer (the stream's own
         // frames are checked by the notification tests).
+        // A refusal is an ordinary JSON answer, read whole.
         let response = request.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = if status.is_success() {
+            Vec::new()
+        } else {
+            response.bytes().await?.to_vec()
+        };
         return Ok(HttpResponse {
-            status: response.status(),
-            headers: response.headers().clone(),
-            body: Vec::new(),
+            status,
+            headers,
+            body,
         });
     }
     http.send(request).await

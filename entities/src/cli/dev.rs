@@ -49,6 +49,13 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     super::apply_migrations(&pool).await?;
     pool.close().await;
 
+    // Every child shares one Redis: runners keep the job limits, webhook breakers,
+    // provider limits and notification pushes there, the gateway its API limits.
+    let redis = config
+        .redis
+        .url
+        .clone()
+        .unwrap_or_else(|| LOCAL_REDIS.to_owned());
     let mut children: Vec<ShoalChild> = Vec::new();
     for n in 1..=args.runners {
         let listen = format!("127.0.0.1:{}", free_port()?);
@@ -63,6 +70,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
             format!("runner {n} ({listen})"),
             &runner_args,
             &config,
+            &redis,
         )?);
     }
     let port = if args.gateway_port == 0 {
@@ -71,11 +79,6 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         args.gateway_port
     };
     let gateway_listen = format!("127.0.0.1:{port}");
-    let redis = config
-        .redis
-        .url
-        .clone()
-        .unwrap_or_else(|| LOCAL_REDIS.to_owned());
     let gateway_args = [
         "gateway",
         "--database-url",
@@ -89,6 +92,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         format!("gateway ({gateway_listen})"),
         &gateway_args,
         &config,
+        &redis,
     )?);
 
     let url = format!("http://{gateway_listen}");
@@ -165,10 +169,16 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn(name: String, args: &[&str], config: &ShoalConfig) -> anyhow::Result<ShoalChild> {
+fn spawn(
+    name: String,
+    args: &[&str],
+    config: &ShoalConfig,
+    redis: &str,
+) -> anyhow::Result<ShoalChild> {
     let mut command = children::shoal_command(args)?;
     command
         .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
+        .env("SHOAL__REDIS__URL", redis)
         .env(
             "SHOAL__CLUSTER__SHARDS_PER_GROUP",
             config.cluster.shards_per_group.to_string(),
