@@ -737,3 +737,52 @@ async fn a_tenants_jobs_publish_their_changes_on_its_stream_and_stay_its_own() -
     ensure!(refused.text().contains("tenant"), "{}", refused.text());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extraction_reports_its_steps_on_the_requesting_tenants_stream() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(SHARDS).await?;
+    let _runners = runners(&cluster, 2, &[]).await?;
+    let gw = gateway(&cluster, &[]).await?;
+    let http = &gw.http;
+    let mut stream = Sse::open(&http.base, "/tenants/acme/events?topics=extraction", &[]).await?;
+    let body =
+        json!({"text": "Marie Curie worked at the University of Paris.", "ontology_id": "foaf"});
+    let answer = http
+        .post_json("/extractions", &body, &[("x-tenant-id", "acme")])
+        .await?;
+    ensure!(
+        answer.status == StatusCode::ACCEPTED || answer.status == StatusCode::OK,
+        "{} {}",
+        answer.status,
+        answer.text()
+    );
+    let id = answer.json()?["id"].as_str().context("id")?.to_owned();
+    // started, one progress per stage in order, complete: each once.
+    let frames = stream.take(7).await?;
+    let steps: Vec<String> = frames
+        .iter()
+        .map(|f| {
+            let data: Value = serde_json::from_str(&f.data)?;
+            ensure!(
+                f.event == "extraction" && data["id"] == id.as_str(),
+                "{f:?}"
+            );
+            let kind = data["kind"].as_str().unwrap_or_default();
+            Ok(match data["stage"].as_str() {
+                Some(stage) => format!("{kind}:{stage}"),
+                None => kind.to_owned(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let expected = [
+        "started",
+        "progress:preprocess",
+        "progress:entities",
+        "progress:resolve",
+        "progress:relations",
+        "progress:persist",
+        "complete",
+    ];
+    ensure!(steps == expected, "{steps:?}");
+    Ok(())
+}

@@ -39,6 +39,7 @@ use super::ontology::{Ontologies, Ontology};
 use super::provider::gate::{GateRefusal, ProviderGate};
 use super::provider::{Call, Output, Provider, ProviderError, Reply, Task};
 use super::{metrics, pipeline};
+use crate::notifications::entity::{NewEvent, Notification, NotificationMessage};
 
 /// A provider with its gate.
 #[derive(Debug, Clone)]
@@ -324,6 +325,7 @@ impl Extraction {
             ..ExtractionState::default()
         };
         metrics::extraction("started");
+        publish(ctx, state, "started", data).await;
         schedule_advance(ctx, state, Stage::Preprocess, 1, now).await
     }
 
@@ -398,6 +400,10 @@ impl Extraction {
         if ran {
             metrics::stage_finished(stage, took);
         }
+        // Here, not where the journal row is written: a stage adopted from its checkpoint
+        // after a crash publishes what the crashed completion never committed.
+        let progress = json!({"stage": stage.name(), "percent": stage.percent()});
+        publish(ctx, state, "progress", progress).await;
         state.waiting = None;
         state.status = ExtractionStatus::Running;
         match stage.next() {
@@ -415,6 +421,11 @@ impl Extraction {
                     .append(&state.id, &key, "complete", &data, None)
                     .await
                     .map_err(storage)?;
+                let summary = json!({
+                    "entities": result.entities.len(),
+                    "relations": result.relations.len(),
+                });
+                publish(ctx, state, "complete", summary).await;
                 state.result = Some(result);
                 state.status = ExtractionStatus::Completed;
                 state.finished_at = Some(now);
@@ -512,6 +523,7 @@ impl Extraction {
             .append(&state.id, &key, "failed", &json!({"error": failure}), None)
             .await
             .map_err(storage)?;
+        publish(ctx, state, "failed", json!({"error": failure})).await;
         let now = Utc::now();
         state.error = Some(failure);
         state.status = ExtractionStatus::Failed;
@@ -811,6 +823,36 @@ fn forget(state: &mut ExtractionState, generation: u32) {
 }
 
 /// Schedules `advance {stage, attempt}` for `at` (in the completion's outbox either way).
+/// Publishes an event of the extraction on the requesting tenant's notification stream
+/// (topic `extraction`, data `{id, kind, …}`), if the first request named a tenant: a
+/// send through the handler's context, so it rides on the completion (the outbox) and the
+/// stream shows each step once, when it committed. A send that cannot be made is logged;
+/// it never fails the extraction. The result itself stays at `GET /extractions/{id}`
+/// (`complete` carries only its counts).
+async fn publish(ctx: &EntityContext, state: &ExtractionState, kind: &str, mut data: Value) {
+    let Some(tenant) = state.request.as_ref().and_then(|r| r.tenant.as_deref()) else {
+        return;
+    };
+    if let Value::Object(fields) = &mut data {
+        fields.insert("id".to_owned(), json!(state.id));
+        fields.insert("kind".to_owned(), json!(kind));
+    }
+    let event = NewEvent {
+        topic: EXTRACTION_TOPIC.to_owned(),
+        data,
+    };
+    let sent = ctx
+        .entity::<Notification>(tenant)
+        .send(NotificationMessage::Publish(event))
+        .await;
+    if let Err(error) = sent {
+        tracing::warn!(extraction = %state.id, %tenant, %error, "could not publish the extraction's step");
+    }
+}
+
+/// The topic of extraction steps on a tenant's stream.
+pub const EXTRACTION_TOPIC: &str = "extraction";
+
 async fn schedule_advance(
     ctx: &EntityContext,
     state: &ExtractionState,
