@@ -23,6 +23,10 @@ const ED_PRIVATE: [u8; 48] = [
     118, 3, 64,
 ];
 const ED_PUBLIC_X: &str = "O61OP65tWb5wtJDNAYc2P1N_8QXYYtf_iwvDZqIGe2k";
+/// A 2048-bit RSA key made for this test only (PKCS#1 DER) and its public modulus as a
+/// JWK `n` (exponent 65537).
+const RSA_PRIVATE: &[u8] = include_bytes!("support/rs256-test-key.der");
+const RSA_PUBLIC_N: &str = "uA1uUyIS6F-FjFUwKLDzlbp82RzEaI7OC_MFD-dpTAtw-YHawx8o1Tel5ldfX5GQF-CiweJxu4B0eM7j5L5OQZLRQBjLtH22hLLWnUQIJnr0UtdzKe-ljYYiIie-7dTbi2Q7gsJz2gN5UIyq4wE41gppGNbzwctpcdhMbXyB-f_MrBPuJU1Nlvla2iZfyNo3NDxCc-1SzAS3GBCGjcou8bSQE8Ll-agp-kpES3-kGtCd6qMEr2U52WrEBA1EcbkUToOn7mKbUjJzeShxaO3ema5rCxdR3j7z3u29HpuLoaXLnmPsIDh8JMoGj9cC6tDnuTOTUkn2v0KBOT2iWIRAWw";
 
 fn claims(tenant: &str, exp_offset: i64) -> Value {
     json!({
@@ -49,6 +53,16 @@ fn eddsa(claims: &Value) -> anyhow::Result<String> {
     )?)
 }
 
+fn rs256(claims: &Value) -> anyhow::Result<String> {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rs-1".to_owned());
+    Ok(jsonwebtoken::encode(
+        &header,
+        claims,
+        &EncodingKey::from_rsa_der(RSA_PRIVATE),
+    )?)
+}
+
 async fn setup() -> anyhow::Result<(TestCluster, Runner, Gateway)> {
     let cluster = TestCluster::new(16).await?;
     let runner = cluster.start_runner().await?;
@@ -56,7 +70,10 @@ async fn setup() -> anyhow::Result<(TestCluster, Runner, Gateway)> {
     let jwks = cluster.dir.join("jwks.json");
     std::fs::write(
         &jwks,
-        json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": ED_PUBLIC_X, "kid": "ed-1", "use": "sig"}]})
+        json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": ED_PUBLIC_X, "kid": "ed-1", "use": "sig"},
+            {"kty": "RSA", "n": RSA_PUBLIC_N, "e": "AQAB", "kid": "rs-1", "use": "sig", "alg": "RS256"},
+        ]})
             .to_string(),
     )?;
     let env = [
@@ -195,6 +212,21 @@ async fn tokens_decide_who_reads_which_tenant() -> anyhow::Result<()> {
     let ed = eddsa(&claims("acme", 300))?;
     let (status, _) = ask(http, get.clone(), "/tenants/acme/events", &bearer(&ed)).await?;
     ensure!(status == StatusCode::OK, "eddsa: {status}");
+    // And an RS256 token from the JWKS file's RSA key; its signature over other claims fails.
+    let rs = rs256(&claims("acme", 300))?;
+    let (status, _) = ask(http, get.clone(), "/tenants/acme/events", &bearer(&rs)).await?;
+    ensure!(status == StatusCode::OK, "rs256: {status}");
+    let mut parts: Vec<&str> = rs.split('.').collect();
+    let forged_claims = rs256(&claims("globex", 300))?;
+    parts[1] = forged_claims.split('.').nth(1).unwrap_or_default();
+    let (status, _) = ask(
+        http,
+        get.clone(),
+        "/tenants/globex/events",
+        &bearer(&parts.join(".")),
+    )
+    .await?;
+    ensure!(status == StatusCode::UNAUTHORIZED, "rs256 forged: {status}");
     let mut wrong_aud = claims("acme", 300);
     wrong_aud["aud"] = json!("someone-else");
     let (status, _) = ask(
