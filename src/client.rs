@@ -18,6 +18,7 @@
 //! [`Request`] the gateway does.
 
 mod error;
+mod lanes;
 mod typed;
 
 use std::sync::Arc;
@@ -167,6 +168,8 @@ struct Inner {
     routing: watch::Receiver<Arc<Routing>>,
     refresh_now: Arc<Notify>,
     config: ClientConfig,
+    /// Pushes from one entity to another, in order per pair.
+    lanes: lanes::Lanes,
 }
 
 /// The parts a client is made of.
@@ -208,6 +211,7 @@ impl ShoalClient {
                 routing,
                 refresh_now,
                 config: parts.config,
+                lanes: lanes::Lanes::default(),
             }),
         }
     }
@@ -278,10 +282,24 @@ impl ShoalClient {
         }
     }
 
-    /// Tells the owner of a message stored as given (an outbox that committed), best
-    /// effort as [`Self::send`] does.
-    pub(crate) fn notify_stored(&self, message: NewMessage) {
-        self.push(Envelope {
+    /// Stores a persisted request `sender` (an entity's handler) sends, and tells its owner
+    /// behind what `sender` sent the same entity before (module `lanes`).
+    pub(crate) async fn send_from(
+        &self,
+        sender: &EntityAddress,
+        request: Request,
+    ) -> Result<MessageId, ClientError> {
+        let (id, saved) = self.store(&request).await?;
+        let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
+        let envelope = self.envelope(&request, Some((id, duplicate)));
+        self.inner.lanes.push(self, sender, envelope);
+        Ok(id)
+    }
+
+    /// Tells the owner of a message `sender` stored as given (an outbox that committed),
+    /// behind what `sender` sent the same entity before.
+    pub(crate) fn notify_stored_from(&self, sender: &EntityAddress, message: NewMessage) {
+        let envelope = Envelope {
             version: ENVELOPE_VERSION,
             entity_type: message.address.entity_type,
             entity_id: message.address.entity_id,
@@ -295,19 +313,27 @@ impl ShoalClient {
                 deliver_at: message.deliver_at,
                 duplicate: false,
             }),
-        });
+        };
+        self.inner.lanes.push(self, sender, envelope);
     }
 
     /// Hands a stored message's envelope to its owner without waiting. Best effort: a lost
     /// notification only delays delivery until the owner scans.
     fn push(&self, envelope: Envelope) {
-        let entity = envelope.address();
-        if let Ok(address) = self.owner_address(&entity) {
-            let transport = self.inner.transport.clone();
+        let client = self.clone();
+        tokio::spawn(async move { client.deliver_pushed(envelope).await });
+    }
+
+    /// Hands a stored message's envelope to its owner and waits for the answer, which is
+    /// ignored (the reply is stored; a failed push leaves the message to the scan).
+    async fn deliver_pushed(&self, envelope: Envelope) {
+        if let Ok(address) = self.owner_address(&envelope.address()) {
             let timeout = self.inner.config.attempt_timeout;
-            tokio::spawn(async move {
-                let _ = transport.deliver(&address, envelope, timeout).await;
-            });
+            let _ = self
+                .inner
+                .transport
+                .deliver(&address, envelope, timeout)
+                .await;
         }
     }
 

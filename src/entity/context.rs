@@ -19,6 +19,10 @@
 //!   again under the new id. A handler that returns a final error commits its state and its
 //!   outbox with the error reply; one that fails retryably or panics commits neither.
 //!   Other types (and handlers of volatile messages) send at once, with the derived key.
+//! - **Order.** What an entity sends another (through its outbox or at once) is pushed to
+//!   the target one message after another, so the target handles it in the order sent,
+//!   across handlings too (the client's push lanes, `client/lanes.rs`, say where that
+//!   bound ends).
 //! - **`ask` is never in the outbox**: it needs the reply now. A handler waiting on another
 //!   entity's reply holds its own mailbox for that long (an `Entity` handles one message at
 //!   a time): its other messages wait, and a cycle (A asks B while B asks A) deadlocks until
@@ -148,7 +152,7 @@ impl EntityContext {
             // The completion was decided already (a call from a task the handler left
             // running): nothing can ride on it any more.
         }
-        client.send(request).await
+        client.send_from(&self.address, request).await
     }
 
     /// Schedules `request` (persisted) for `at`: it is not delivered before then, and is

@@ -39,6 +39,8 @@ enum CallMsg {
         value: i64,
         always: bool,
     },
+    /// Sends `record {value}` to `to` for each of `values`, in order, in one handling.
+    SendMany { to: String, values: Vec<i64> },
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +112,13 @@ impl<const PERSIST: bool> Entity for Caller<PERSIST> {
                 state.values.push(value);
                 if always || ctx.attempts == 0 {
                     return Err(HandlerError::retryable("flaky", "fails after sending"));
+                }
+            }
+            CallMsg::SendMany { to, values } => {
+                for value in values {
+                    let mut request = record(value);
+                    request.address = entity(Self::NAME, &to);
+                    ctx.send(request).await?;
                 }
             }
         }
@@ -373,4 +382,26 @@ async fn a_handler_that_never_commits_sends_nothing_from_its_outbox() {
         "sent at once, deduplicated across attempts"
     );
     drop(c.runtime);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_sends_to_one_entity_arrive_in_the_order_sent() {
+    let c = cluster().await;
+    let sent: Vec<i64> = (0..200).collect();
+    for entity_type in ["calls", "calls_direct"] {
+        let (sender, sink) = (entity(entity_type, "burst"), entity(entity_type, "ordered"));
+        let message = serde_json::json!({"send_many": {"to": "ordered", "values": sent}});
+        let reply = c.ask(sender, message).await;
+        assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
+        let deadline = Instant::now() + DEADLINE;
+        let state = loop {
+            let state = c.state(&sink).await;
+            if state.values.len() >= sent.len() {
+                break state;
+            }
+            assert!(Instant::now() < deadline, "{entity_type}: {state:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(state.values, sent, "{entity_type}: handled out of order");
+    }
 }

@@ -324,7 +324,7 @@ impl EntityState {
             return;
         };
         for outgoing in outbox.into_iter().filter(|o| o.derived_key) {
-            client.notify_stored(outgoing.message);
+            client.notify_stored_from(&self.args.address, outgoing.message);
         }
     }
 
