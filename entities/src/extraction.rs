@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod provider;
 pub mod routes;
 mod sse;
+pub mod watch;
 
 use std::collections::BTreeMap;
 
@@ -45,6 +46,7 @@ use entity::{Pipeline, ProviderSlot};
 use journal::Journal;
 use ontology::Ontologies;
 use provider::gate::ProviderGate;
+use watch::{JournalHints, JournalWatch};
 
 /// What a node needs to run or route extractions.
 #[derive(Debug, Clone)]
@@ -93,9 +95,13 @@ impl ExtractionSetup {
     }
 
     fn journal(&self) -> Option<Journal> {
-        self.pool
-            .clone()
-            .map(|pool| Journal::new(pool, &self.cluster))
+        self.pool.clone().map(|pool| {
+            Journal::new(
+                pool,
+                &self.cluster,
+                self.redis.clone().map(JournalHints::new),
+            )
+        })
     }
 
     fn cache(&self) -> Option<Cache<serde_json::Value>> {
@@ -163,6 +169,7 @@ impl ExtractionSetup {
             models,
             journal: self.journal(),
             cache: self.cache(),
+            watch: JournalWatch::default(),
         })
     }
 }

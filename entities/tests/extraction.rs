@@ -819,3 +819,66 @@ async fn three_runners_hold_the_providers_requests_per_minute_and_concurrency() 
     );
     Ok(())
 }
+
+/// The gateway reads the journal again when the runner that appended wakes it: with the
+/// fallback read an hour away, a stream (and a `?wait=true`) still follows a run live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_are_woken_by_the_runner_that_appends() -> anyhow::Result<()> {
+    let fake = FakeProvider::start().await?;
+    let nodes = Nodes::start(
+        1,
+        1,
+        Some(&fake),
+        &[("SHOAL__NOTIFICATIONS__SYNC_INTERVAL", "1h")],
+    )
+    .await?;
+    let http = nodes.http().clone();
+
+    fake.hold("relations");
+    let id = start(&http, &request("Grace Hopper joined the Navy.", "oai")).await?;
+    wait_until(common::DEADLINE, "the relations call", || async {
+        Ok(fake.calls_of("relations") == 1)
+    })
+    .await?;
+    // Open while the run waits on its provider: the stream has read what is there.
+    let reader = tokio::spawn({
+        let (http, id) = (http.clone(), id.clone());
+        async move { events(&http, &id, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(!reader.is_finished(), "the stream ended before the run did");
+    fake.release();
+    let live = reader.await??;
+    ensure!(stages_in(&live) == STAGES, "{live:?}");
+    ensure!(
+        live.last().map(|e| e.event.as_str()) == Some("complete"),
+        "{live:?}"
+    );
+
+    fake.hold("relations");
+    let waiting = tokio::spawn({
+        let http = http.clone();
+        async move {
+            post(
+                &http,
+                &request("Ada Lovelace met Charles Babbage.", "oai"),
+                true,
+            )
+            .await
+        }
+    });
+    wait_until(common::DEADLINE, "the second relations call", || async {
+        Ok(fake.calls_of("relations") == 2)
+    })
+    .await?;
+    fake.release();
+    let answer = tokio::time::timeout(common::DEADLINE, waiting).await???;
+    ensure!(
+        answer.status == StatusCode::OK,
+        "{} {}",
+        answer.status,
+        answer.text()
+    );
+    ensure!(answer.json()?["status"] == "completed", "{}", answer.text());
+    Ok(())
+}

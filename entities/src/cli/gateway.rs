@@ -4,6 +4,7 @@ use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::gateway::GatewayParams;
 
+use shoal_entities::extraction::watch::{self as extraction_watch, JournalWatch};
 use shoal_entities::notifications::carrier;
 use shoal_entities::notifications::history::History;
 use shoal_entities::notifications::hub::spawn_hub;
@@ -54,7 +55,18 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         )?),
         None => None,
     };
-    let subscriptions = subscriptions(&config, pool.clone(), redis.as_ref(), &app, &shutdown);
+    let journal_watch = JournalWatch::new(
+        app.notifications.max_subscribers,
+        app.notifications.sync_interval,
+    );
+    let subscriptions = subscriptions(
+        &config,
+        pool.clone(),
+        redis.as_ref(),
+        &app,
+        &journal_watch,
+        &shutdown,
+    );
     let setup = shoal_entities::extraction::ExtractionSetup {
         config: app.extraction.clone(),
         pool: Some(pool),
@@ -62,7 +74,9 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         redis: redis.clone(),
         redis_config: config.redis.clone(),
     };
-    let extraction = std::sync::Arc::new(setup.api()?);
+    let mut extraction = setup.api()?;
+    extraction.watch = journal_watch;
+    let extraction = std::sync::Arc::new(extraction);
     let types = shoal_entities::job_types_with(None, redis, &app.jobs)?;
     let params = GatewayParams::new(config, shoal_entities::registry()?)
         .with_metrics(metrics)
@@ -83,6 +97,7 @@ fn subscriptions(
     pool: sqlx::PgPool,
     redis: Option<&shoal::redis::RedisClient>,
     app: &shoal_entities::AppConfig,
+    journal_watch: &JournalWatch,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Subscriptions {
     let notifications = &app.notifications;
@@ -97,6 +112,10 @@ fn subscriptions(
             url.clone(),
             carrier::channel(redis.prefix()),
             hub.clone(),
+            vec![(
+                extraction_watch::channel(redis.prefix()),
+                std::sync::Arc::new(journal_watch.clone()),
+            )],
             shutdown.clone(),
         ));
     }

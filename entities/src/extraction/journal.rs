@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
 
+use super::watch::JournalHints;
+
 /// The tables (idempotent).
 pub const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS shoal_extraction_events (
@@ -70,14 +72,17 @@ pub struct JournalError(#[from] sqlx::Error);
 pub struct Journal {
     pool: PgPool,
     cluster: String,
+    hints: Option<JournalHints>,
 }
 
 impl Journal {
-    /// The journal of `cluster` in `pool`'s database.
-    pub fn new(pool: PgPool, cluster: &str) -> Self {
+    /// The journal of `cluster` in `pool`'s database; with `hints`, each append wakes the
+    /// extraction's readers on every gateway (module `watch`).
+    pub fn new(pool: PgPool, cluster: &str, hints: Option<JournalHints>) -> Self {
         Self {
             pool,
             cluster: cluster.to_owned(),
+            hints,
         }
     }
 
@@ -91,7 +96,7 @@ impl Journal {
         data: &Value,
         checkpoint: Option<&Value>,
     ) -> Result<Option<Value>, JournalError> {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO shoal_extraction_events (cluster, extraction_id, seq, key, kind, data, checkpoint)
              SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6
                FROM shoal_extraction_events WHERE cluster = $1 AND extraction_id = $2
@@ -105,6 +110,11 @@ impl Journal {
         .bind(checkpoint)
         .execute(&self.pool)
         .await?;
+        if let Some(hints) = &self.hints
+            && inserted.rows_affected() > 0
+        {
+            hints.appended(id).await;
+        }
         self.checkpoint(id, key).await
     }
 

@@ -50,6 +50,8 @@ pub struct ExtractionApi {
     pub journal: Option<Journal>,
     /// The Redis result cache (none without Redis).
     pub cache: Option<Cache<Value>>,
+    /// When the journal's readers on this gateway look again.
+    pub watch: super::watch::JournalWatch,
 }
 
 /// The extraction routes.
@@ -179,7 +181,7 @@ async fn create(
     }
     if query.wait == Some(true)
         && let Some(journal) = &api.journal
-        && sse::await_end(journal, id.as_str(), api.config.wait_timeout).await
+        && sse::await_end(journal, &api.watch, id.as_str(), api.config.wait_timeout).await
     {
         let state = extraction.ask(ExtractionMessage::Get {}).await?;
         return Ok(respond(&headers, ExtractionView::of(state)));

@@ -3,10 +3,11 @@
 //!
 //! Each event is `id: <seq>`, `event: started | progress | complete | failed`, `data:
 //! <json>`. A stream starts after the `Last-Event-ID` a reconnecting client sends (resume),
-//! or else at the latest run's `started`; it ends after `complete` or `failed`. New events
-//! are found by reading the journal every 100 ms (bounded: one small indexed query per
-//! open stream). Small and on its own so it can move onto the notification streams
-//! when they exist.
+//! or else at the latest run's `started`; it ends after `complete` or `failed`. A stream
+//! reads the journal after the seq it holds when the runner that appended wakes it over the
+//! notification carrier (module `watch`), with a fallback read every
+//! `notifications.sync-interval` (every 100 ms on a gateway without Redis); one small
+//! indexed query per read. Streams are capped per gateway (503 past the cap).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,10 +22,12 @@ use futures::Stream;
 use shoal::gateway::{ApiError, ErrorBody};
 
 use super::journal::{Event, Journal};
+use super::watch::{JournalWatch, Reader};
+
+/// The pause after a failed read of the journal.
+const ERROR_PAUSE: Duration = Duration::from_millis(500);
 use super::routes::{ExtractionApi, parse_id};
 
-/// How often an open stream reads the journal.
-const POLL: Duration = Duration::from_millis(100);
 /// Events read per query.
 const PAGE: i64 = 100;
 
@@ -45,7 +48,7 @@ fn is_end(kind: &str) -> bool {
             body = String, content_type = "text/event-stream"),
         (status = 400, description = "Not an extraction id, or a bad Last-Event-ID", body = ErrorBody),
         (status = 404, description = "No such extraction", body = ErrorBody),
-        (status = 503, description = "Storage is unavailable", body = ErrorBody),
+        (status = 503, description = "Storage is unavailable, or this gateway holds its maximum of streams", body = ErrorBody),
     ),
     tag = "extractions"
 )]
@@ -88,11 +91,20 @@ pub(crate) async fn events(
             })?,
         None => start,
     };
-    Ok(Sse::new(follow(journal, id.to_string(), after)).keep_alive(KeepAlive::default()))
+    let reader = api
+        .watch
+        .follow(id.as_str())
+        .map_err(|full| ApiError::Unavailable {
+            code: "too_many_subscribers",
+            message: full.to_string(),
+            retry: shoal::retry::RetryClass::Safe,
+        })?;
+    Ok(Sse::new(follow(journal, reader, id.to_string(), after)).keep_alive(KeepAlive::default()))
 }
 
 struct Cursor {
     journal: Journal,
+    reader: Reader,
     id: String,
     after: i64,
     pending: std::collections::VecDeque<Event>,
@@ -102,11 +114,13 @@ struct Cursor {
 /// The events of `id` after `after`, as they are appended, until the end.
 fn follow(
     journal: Journal,
+    reader: Reader,
     id: String,
     after: i64,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let cursor = Cursor {
         journal,
+        reader,
         id,
         after,
         pending: Default::default(),
@@ -126,25 +140,36 @@ fn follow(
                     .data(event.data.to_string());
                 return Some((Ok(sse), cursor));
             }
+            cursor.reader.seen();
             match cursor.journal.after(&cursor.id, cursor.after, PAGE).await {
                 Ok(events) if !events.is_empty() => cursor.pending.extend(events),
-                Ok(_) => tokio::time::sleep(POLL).await,
+                Ok(_) => cursor.reader.wait(None).await,
                 Err(error) => {
                     tracing::warn!(%error, "reading the extraction journal");
-                    tokio::time::sleep(POLL * 5).await;
+                    tokio::time::sleep(ERROR_PAUSE).await;
                 }
             }
         }
     })
 }
 
-/// Waits up to `timeout` for the latest run of `id` to end; whether it did.
-pub(crate) async fn await_end(journal: &Journal, id: &str, timeout: Duration) -> bool {
+/// Waits up to `timeout` for the latest run of `id` to end; whether it did. A gateway at
+/// its cap of readers does not wait (the caller answers 202).
+pub(crate) async fn await_end(
+    journal: &Journal,
+    watch: &JournalWatch,
+    id: &str,
+    timeout: Duration,
+) -> bool {
     let until = tokio::time::Instant::now() + timeout;
+    let Ok(mut reader) = watch.follow(id) else {
+        return false;
+    };
     let Ok(Some(mut after)) = journal.latest_run_start(id).await else {
         return false;
     };
     while tokio::time::Instant::now() < until {
+        reader.seen();
         match journal.after(id, after, PAGE).await {
             Ok(events) => {
                 if events.iter().any(|e| is_end(&e.kind)) {
@@ -154,11 +179,13 @@ pub(crate) async fn await_end(journal: &Journal, id: &str, timeout: Duration) ->
                     after = last.seq;
                     continue;
                 }
+                reader.wait(Some(until)).await;
             }
-            Err(error) => tracing::warn!(%error, "reading the extraction journal"),
+            Err(error) => {
+                tracing::warn!(%error, "reading the extraction journal");
+                tokio::time::sleep(ERROR_PAUSE.min(until - tokio::time::Instant::now())).await;
+            }
         }
-        tokio::time::sleep(POLL.min(until.saturating_duration_since(tokio::time::Instant::now())))
-            .await;
     }
     false
 }

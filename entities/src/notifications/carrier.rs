@@ -56,19 +56,48 @@ impl Carrier {
     }
 }
 
+/// Another channel on the gateway's subscription.
+pub trait Side: Send + Sync {
+    /// A message arrived on the channel.
+    fn on_message(&self, payload: &str);
+    /// The subscription is (again) up: what was published while it was down is lost.
+    fn on_subscribed(&self);
+}
+
 /// Keeps one subscription to the channel at `url` open until `shutdown`, handing every
-/// event to `hub`; after each (re)subscription the hub catches every tenant up.
-pub async fn listen(url: String, channel: String, hub: HubHandle, shutdown: CancellationToken) {
+/// event to `hub` and every message of a side channel to its [`Side`]; after each
+/// (re)subscription the hub catches every tenant up and each side is told.
+pub async fn listen(
+    url: String,
+    channel: String,
+    hub: HubHandle,
+    sides: Vec<(String, std::sync::Arc<dyn Side>)>,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(50);
     loop {
         let run = async {
             let client = redis::Client::open(url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
+            for (side, _) in &sides {
+                pubsub.subscribe(side).await?;
+            }
             tracing::info!(%channel, "subscribed to the notification channel");
             hub.resync_all();
+            for (_, side) in &sides {
+                side.on_subscribed();
+            }
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
+                if let Some((_, side)) = sides.iter().find(|(c, _)| c == message.get_channel_name())
+                {
+                    match message.get_payload::<String>() {
+                        Ok(payload) => side.on_message(&payload),
+                        Err(error) => tracing::warn!(%error, "an undecodable wake-up"),
+                    }
+                    continue;
+                }
                 match message
                     .get_payload::<String>()
                     .map_err(|e| e.to_string())
