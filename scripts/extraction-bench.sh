@@ -11,39 +11,19 @@
 # extraction-bench.json). Installs aiohttp into a venv under target/ the first time.
 #
 # Knobs (environment): RUNNERS (3), CLIENTS (16), SECONDS_BUILTIN (20), LATENCY_MS (200),
-# RPM (60), CONCURRENCY (10), RATE (1.0), SECONDS_LIMITED (60), PROFILE (release).
+# RPM (60), CONCURRENCY (10), RATE (1.0), SECONDS_LIMITED (60), PROFILE (release),
+# SKIP_BUILD (set: use the binary already built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-extraction-bench.json}"
-base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
-redis="${SHOAL_BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
-profile="${PROFILE:-release}"
-target="${CARGO_TARGET_DIR:-target}"
+source scripts/lib.sh
 runners="${RUNNERS:-3}"
 rpm="${RPM:-60}"
 db="shoal_extraction_bench_$$"
+dbs+=("$db")
+bench_venv extraction-bench aiohttp==3.14.5
+bench_build
 
-venv="$target/extraction-bench-venv"
-if [ ! -e "$venv/.installed" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet aiohttp==3.14.5
-  touch "$venv/.installed"
-fi
-py="$venv/bin/python"
-
-if [ "$profile" = release ]; then cargo build --release -q -p shoal-entities; else
-  cargo build -q -p shoal-entities; fi
-bin="$target/$profile/shoal"
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  psql "$base/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
-}
-trap cleanup EXIT
-
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 fake_port=$(free_port)
 "$py" scripts/extraction_bench.py fake-provider --port "$fake_port" --latency-ms "${LATENCY_MS:-200}" &
 pids+=($!)
@@ -63,11 +43,7 @@ SHOAL__REDIS__PROVIDERS__FAKE__CONCURRENCY="${CONCURRENCY:-10}" \
   "$bin" dev --database-url "$base/$db" --redis-url "$redis" \
   --runners "$runners" --gateway-port "$port" >"$target/extraction-bench-cluster.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 300); do
-  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null; then break; fi
-  sleep 0.2
-done
-curl -sf "http://127.0.0.1:$port/ready" >/dev/null || { echo "cluster not ready" >&2; exit 1; }
+await_ready "127.0.0.1:$port"
 echo "builtin: ${CLIENTS:-16} clients, $runners runners behind :$port" >&2
 builtin=$("$py" scripts/extraction_bench.py builtin --gateway "http://127.0.0.1:$port" \
   --seconds "${SECONDS_BUILTIN:-20}" --concurrency "${CLIENTS:-16}")

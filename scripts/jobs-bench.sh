@@ -8,39 +8,18 @@
 #
 # Knobs (environment): BURST (jobs, 5000), CLIENTS (burst concurrency, 32), RATE (steady
 # jobs/s, 1000), SECONDS_STEADY (steady length, 10), WORKERS (SKIP LOCKED pollers, 8),
-# POLL_MS (their idle poll interval, 50), RUNNERS (Shoal runners, 3), PROFILE (release).
+# POLL_MS (their idle poll interval, 50), RUNNERS (Shoal runners, 3), PROFILE (release),
+# SKIP_BUILD (set: use the binary already built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-jobs-bench.json}"
-base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
-redis="${SHOAL_BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
-profile="${PROFILE:-release}"
-target="${CARGO_TARGET_DIR:-target}"
+source scripts/lib.sh
 db="shoal_jobs_bench_$$"
+dbs+=("$db" "${db}_jobs")
 load=(--burst "${BURST:-5000}" --concurrency "${CLIENTS:-32}" --rate "${RATE:-1000}"
   --seconds "${SECONDS_STEADY:-10}")
-
-venv="$target/jobs-bench-venv"
-if [ ! -e "$venv/.installed" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet asyncpg==0.32.0 aiohttp==3.14.5
-  touch "$venv/.installed"
-fi
-py="$venv/bin/python"
-
-if [ "$profile" = release ]; then cargo build --release -q -p shoal-entities; else
-  cargo build -q -p shoal-entities; fi
-bin="$target/$profile/shoal"
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  for d in "$db" "${db}_jobs"; do
-    psql "$base/postgres" -qc "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null || true
-  done
-}
-trap cleanup EXIT
+bench_venv jobs-bench asyncpg==0.32.0 aiohttp==3.14.5
+bench_build
 
 # 1. The SKIP LOCKED table, alone on the machine.
 psql "$base/postgres" -qc "CREATE DATABASE $db"
@@ -49,16 +28,12 @@ skip=$("$py" scripts/jobs_bench.py skip-locked --database-url "$base/$db" "${loa
   --workers "${WORKERS:-8}" --poll-interval-ms "${POLL_MS:-50}")
 
 # 2. Shoal's jobs through the gateway of a fresh local cluster on the same Postgres.
-port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 # The load is the point: the gateway's per-client API limits are off for it.
 SHOAL__REDIS__API_LIMITS__ENABLED=false SHOAL__LOG__FILTER=warn "$bin" dev --database-url "$base/${db}_jobs" --redis-url "$redis" \
   --runners "${RUNNERS:-3}" --gateway-port "$port" >"$target/jobs-bench-cluster.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 300); do
-  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null; then break; fi
-  sleep 0.2
-done
-curl -sf "http://127.0.0.1:$port/ready" >/dev/null || { echo "cluster not ready" >&2; exit 1; }
+await_ready "127.0.0.1:$port"
 echo "jobs: ${RUNNERS:-3} runners behind the gateway on :$port" >&2
 jobs=$("$py" scripts/jobs_bench.py jobs --gateway "http://127.0.0.1:$port" "${load[@]}")
 

@@ -11,26 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-notify-bench.json}"
-base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
-redis="${SHOAL_BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
-profile="${PROFILE:-release}"
-target="${CARGO_TARGET_DIR:-target}"
+source scripts/lib.sh
 db="shoal_notify_bench_$$"
+dbs+=("$db")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+bench_build
 
-if [ -n "${SKIP_BUILD:-}" ]; then :; elif [ "$profile" = release ]; then
-  cargo build --release -q -p shoal-entities; else cargo build -q -p shoal-entities; fi
-bin="$target/$profile/shoal"
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  psql "$base/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 "$bin" migrate --database-url "$base/$db" >/dev/null
 export SHOAL__DATABASE__URL="$base/$db" SHOAL__CLUSTER__NAME=notify-bench SHOAL__REDIS__URL="$redis" \
@@ -49,13 +35,7 @@ for i in 1 2; do
   gateway_pids+=($!)
   gateways+=("127.0.0.1:$port")
 done
-for g in "${gateways[@]}"; do
-  for _ in $(seq 1 300); do
-    if curl -sf "http://$g/ready" >/dev/null; then break; fi
-    sleep 0.2
-  done
-  curl -sf "http://$g/ready" >/dev/null || { echo "gateway $g not ready" >&2; exit 1; }
-done
+for g in "${gateways[@]}"; do await_ready "$g"; done
 echo "cluster ready: gateways ${gateways[*]}" >&2
 latency=$(python3 scripts/notify_bench.py latency --gateways "${gateways[@]}" \
   --subscribers "${SUBSCRIBERS:-1000}" --tenants "${TENANTS:-100}" --rate "${RATE:-200}" \

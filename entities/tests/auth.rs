@@ -177,7 +177,7 @@ async fn tokens_decide_who_reads_which_tenant() -> anyhow::Result<()> {
     );
     ensure!(answers[1].0 == StatusCode::CREATED, "{answers:?}");
     ensure!(
-        answers[2] == (StatusCode::NOT_FOUND, "no_such_job".to_owned()),
+        answers[2] == (StatusCode::NOT_FOUND, "unknown_job".to_owned()),
         "{answers:?}"
     );
     ensure!(answers[3].0 == StatusCode::OK, "{answers:?}");

@@ -124,6 +124,21 @@ impl ApiError {
         }
     }
 
+    /// A 400 for a path segment `name` that does not parse: code `bad_id`, the message
+    /// naming the segment and why.
+    pub fn bad_path_id(name: &str, why: impl std::fmt::Display) -> Self {
+        Self::bad_request("bad_id", format!("path `{name}`: {why}"))
+    }
+
+    /// A 404 for a `what` (job, extraction, …) that does not exist: code `code` (by the
+    /// gateway's convention `unknown_<what>`), message "no <what> `<id>`".
+    pub fn unknown(code: &'static str, what: &str, id: impl std::fmt::Display) -> Self {
+        Self::NotFound {
+            code,
+            message: format!("no {what} `{id}`"),
+        }
+    }
+
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {

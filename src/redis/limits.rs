@@ -33,8 +33,6 @@ static FIXED_WINDOW: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/fixed_window.lua")));
 static TOKEN_BUCKET: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/token_bucket.lua")));
-static TOKEN_BUCKET_ADJUST: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/token_bucket_adjust.lua")));
 
 /// Largest `capacity × period_ms` of a token bucket: the scripts' Lua doubles hold integers
 /// exactly up to 2^53.
@@ -400,16 +398,12 @@ impl TokenBucket {
             limiter.span_ms.to_string(),
             delta.to_string(),
             String::new(),
+            "adjust".to_owned(),
         ];
         let key = format!("{}:{key}", limiter.name);
         let reply: Vec<i64> = limiter
             .client
-            .script(
-                "token_bucket_adjust",
-                &TOKEN_BUCKET_ADJUST,
-                &[key.as_str()],
-                &args,
-            )
+            .script("token_bucket_adjust", &TOKEN_BUCKET, &[key.as_str()], &args)
             .await?;
         Ok(Decision::from_reply(
             "token_bucket_adjust",

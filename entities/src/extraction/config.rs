@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::provider::Provider;
 use super::provider::anthropic::Anthropic;
 use super::provider::builtin::Builtin;
+use super::provider::http::HttpEndpoint;
 use super::provider::openai::OpenAi;
 
 /// `[extraction]`.
@@ -149,21 +150,16 @@ impl ExtractionConfig {
                 .to_owned()
             });
             let key = config.api_key.clone().or_else(|| std::env::var(env).ok());
+            let endpoint = HttpEndpoint::new(
+                http.clone(),
+                &config.base_url,
+                key,
+                &config.model,
+                self.call_timeout,
+            );
             let provider: Arc<dyn Provider> = match config.kind {
-                ProviderKind::Openai => Arc::new(OpenAi::new(
-                    http.clone(),
-                    &config.base_url,
-                    key,
-                    &config.model,
-                    self.call_timeout,
-                )),
-                ProviderKind::Anthropic => Arc::new(Anthropic::new(
-                    http.clone(),
-                    &config.base_url,
-                    key,
-                    &config.model,
-                    self.call_timeout,
-                )),
+                ProviderKind::Openai => Arc::new(OpenAi::new(endpoint)),
+                ProviderKind::Anthropic => Arc::new(Anthropic::new(endpoint)),
             };
             providers.insert(name.clone(), provider);
         }

@@ -10,9 +10,10 @@ use utoipa::ToSchema;
 /// Longest text accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 200_000;
 
-/// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the text,
-/// provider, model, ontology version and temperature (each length-prefixed), so the same
-/// inputs are the same entity and any other model or ontology version another one.
+/// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the
+/// normalised text (NFC, whitespace runs one space: `pipeline::normalise`, what the stages
+/// read), provider, model, ontology version and temperature (each length-prefixed), so the
+/// same inputs are the same entity and any other model or ontology version another one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ExtractionId(String);
@@ -28,8 +29,9 @@ impl ExtractionId {
     ) -> Self {
         let mut hash = Sha256::new();
         let temperature = format!("{temperature:.3}");
+        let text = super::pipeline::normalise(text);
         for part in [
-            text,
+            text.as_str(),
             provider,
             model,
             ontology_version,
@@ -306,6 +308,11 @@ mod tests {
         assert_ne!(a, ExtractionId::of("text", "builtin", "m", "v1", 0.5));
         assert_ne!(a, ExtractionId::of("text", "openai", "m", "v1", 0.0));
         assert_ne!(a, ExtractionId::of("textb", "builtin", "m", "v1", 0.0));
+        // One text however it is encoded or spaced.
+        assert_eq!(
+            ExtractionId::of("Caf\u{e9} ouvert", "builtin", "m", "v1", 0.0),
+            ExtractionId::of(" Cafe\u{301}\n ouvert", "builtin", "m", "v1", 0.0)
+        );
         // Length prefixes: moving a byte between fields changes the id.
         assert_ne!(
             ExtractionId::of("ab", "c", "m", "v", 0.0),

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use super::model::{Chunk, ExtractedEntity, ExtractedRelation, Mention, StatedRelation};
 use super::ontology::Ontology;
 
-/// `text` with runs of whitespace made one space, trimmed.
+/// `text` in Unicode Normalization Form C (a composed `é` and `e` + combining acute are
+/// one text), with runs of whitespace made one space, trimmed.
 pub fn normalise(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    use unicode_normalization::UnicodeNormalization;
+    let composed: String = text.nfc().collect();
+    composed.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Splits normalised `text` into chunks of at most `tokens` (about 4 bytes a token),
@@ -149,6 +152,16 @@ mod tests {
             text: text.into(),
             class: class.into(),
         }
+    }
+
+    #[test]
+    fn normalising_composes_and_collapses_whitespace() {
+        assert_eq!(
+            normalise("  Marie\u{a0}Cu\u{301}rie \n\t worked "),
+            "Marie Cúrie worked"
+        );
+        assert_eq!(normalise("Cafe\u{301}"), normalise("Caf\u{e9}"));
+        assert_eq!(normalise("Caf\u{e9}"), "Caf\u{e9}");
     }
 
     #[test]

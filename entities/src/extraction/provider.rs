@@ -12,6 +12,7 @@
 pub mod anthropic;
 pub mod builtin;
 pub mod gate;
+pub mod http;
 pub mod openai;
 
 use std::time::Duration;

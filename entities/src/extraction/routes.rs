@@ -353,8 +353,8 @@ fn respond(headers: &HeaderMap, view: ExtractionView) -> Response {
 /// Parses a path id.
 pub(crate) fn parse_id(id: &str) -> Result<ExtractionId, ApiError> {
     ExtractionId::parse(id).ok_or_else(|| {
-        ApiError::bad_request(
-            "bad_id",
+        ApiError::bad_path_id(
+            "id",
             format!("`{id}` is not an extraction id (`ex-` and 32 hex digits)"),
         )
     })
@@ -400,10 +400,7 @@ async fn show(
         match stored.and_then(|v| serde_json::from_value(v).ok()) {
             Some(result) => ExtractionView::cached(id.as_str(), result),
             None => {
-                return Err(ApiError::NotFound {
-                    code: "unknown_extraction",
-                    message: format!("no extraction `{id}`"),
-                });
+                return Err(ApiError::unknown("unknown_extraction", "extraction", &id));
             }
         }
     } else {

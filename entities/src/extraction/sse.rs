@@ -73,10 +73,7 @@ pub(crate) async fn events(
         .latest_run_start(id.as_str())
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| ApiError::NotFound {
-            code: "unknown_extraction",
-            message: format!("no events of extraction `{id}`"),
-        })?;
+        .ok_or_else(|| ApiError::unknown("unknown_extraction", "extraction", &id))?;
     let after = match headers.get("last-event-id") {
         Some(value) => value
             .to_str()

@@ -197,14 +197,11 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError>
     let Path(id) = path?;
     id.parse::<JobId>()
         .map(|id| id.to_string())
-        .map_err(|e| ApiError::bad_request("bad_id", format!("path `id`: {e}")))
+        .map_err(|e| ApiError::bad_path_id("id", e))
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::NotFound {
-        code: "no_such_job",
-        message: format!("no job `{id}`"),
-    }
+    ApiError::unknown("unknown_job", "job", id)
 }
 
 /// A job's record, or its live view while an attempt runs.

@@ -5,14 +5,12 @@
 //! `usage.output_tokens`. Errors are `{"type": "error", "error": {"type", "message"}}`;
 //! 529 (`overloaded_error`) counts as unavailable.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::http::HttpEndpoint;
 use super::{
     Call, Provider, ProviderError, Reply, SYSTEM, Usage, output_schema, parse_output, prompt,
-    status_error, transport_error,
 };
 
 /// The API version this client speaks.
@@ -22,29 +20,13 @@ const TOOL: &str = "record_extraction";
 /// An Anthropic Messages provider.
 #[derive(Debug, Clone)]
 pub struct Anthropic {
-    http: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    model: String,
-    timeout: Duration,
+    endpoint: HttpEndpoint,
 }
 
 impl Anthropic {
-    /// A client of `base_url` (without `/v1`).
-    pub fn new(
-        http: reqwest::Client,
-        base_url: &str,
-        api_key: Option<String>,
-        model: &str,
-        timeout: Duration,
-    ) -> Self {
-        Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-            model: model.to_owned(),
-            timeout,
-        }
+    /// A client of `endpoint`, sending its key as `x-api-key` when it has one.
+    pub fn new(endpoint: HttpEndpoint) -> Self {
+        Self { endpoint }
     }
 
     async fn call_once(&self, call: &Call<'_>) -> Result<Reply, ProviderError> {
@@ -61,30 +43,16 @@ impl Anthropic {
             }],
             "tool_choice": {"type": "tool", "name": TOOL},
         });
-        let mut request = self
-            .http
-            .post(format!("{}/v1/messages", self.base_url))
-            .timeout(self.timeout)
-            .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.header("x-api-key", key);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(&e, self.timeout))?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| transport_error(&e, self.timeout))?;
-        if !status.is_success() {
-            return Err(status_error(status, &headers, &text));
-        }
-        let reply: Value = serde_json::from_str(&text)
-            .map_err(|e| ProviderError::InvalidOutput(format!("the response is not JSON: {e}")))?;
+        let reply = self
+            .endpoint
+            .post_json("/v1/messages", &body, |request, key| {
+                let request = request.header("anthropic-version", ANTHROPIC_VERSION);
+                match key {
+                    Some(key) => request.header("x-api-key", key),
+                    None => request,
+                }
+            })
+            .await?;
         let usage = Usage {
             input_tokens: reply["usage"]["input_tokens"].as_u64().unwrap_or(0),
             output_tokens: reply["usage"]["output_tokens"].as_u64().unwrap_or(0),
@@ -107,7 +75,7 @@ impl Anthropic {
 
 impl Provider for Anthropic {
     fn default_model(&self) -> &str {
-        &self.model
+        self.endpoint.model()
     }
 
     fn call<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Reply, ProviderError>> {

@@ -4,42 +4,24 @@
 //! tokens in `usage.prompt_tokens`/`usage.completion_tokens`. Errors are
 //! `{"error": {"message", "type", "code"}}` with the HTTP status.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
+use super::http::HttpEndpoint;
 use super::{
     Call, Provider, ProviderError, Reply, SYSTEM, Usage, output_schema, parse_output, prompt,
-    status_error, transport_error,
 };
 
 /// An OpenAI-compatible provider.
 #[derive(Debug, Clone)]
 pub struct OpenAi {
-    http: reqwest::Client,
-    base_url: String,
-    api_key: Option<String>,
-    model: String,
-    timeout: Duration,
+    endpoint: HttpEndpoint,
 }
 
 impl OpenAi {
-    /// A client of `base_url` (without `/v1`), authenticating with `api_key` when given.
-    pub fn new(
-        http: reqwest::Client,
-        base_url: &str,
-        api_key: Option<String>,
-        model: &str,
-        timeout: Duration,
-    ) -> Self {
-        Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-            model: model.to_owned(),
-            timeout,
-        }
+    /// A client of `endpoint`, authenticating with a bearer token when it has a key.
+    pub fn new(endpoint: HttpEndpoint) -> Self {
+        Self { endpoint }
     }
 
     async fn call_once(&self, call: &Call<'_>) -> Result<Reply, ProviderError> {
@@ -55,29 +37,13 @@ impl OpenAi {
                 "name": "extraction", "strict": true, "schema": output_schema(call),
             }},
         });
-        let mut request = self
-            .http
-            .post(format!("{}/v1/chat/completions", self.base_url))
-            .timeout(self.timeout)
-            .json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(&e, self.timeout))?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| transport_error(&e, self.timeout))?;
-        if !status.is_success() {
-            return Err(status_error(status, &headers, &text));
-        }
-        let reply: Value = serde_json::from_str(&text)
-            .map_err(|e| ProviderError::InvalidOutput(format!("the response is not JSON: {e}")))?;
+        let reply = self
+            .endpoint
+            .post_json("/v1/chat/completions", &body, |request, key| match key {
+                Some(key) => request.bearer_auth(key),
+                None => request,
+            })
+            .await?;
         let usage = Usage {
             input_tokens: reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
             output_tokens: reply["usage"]["completion_tokens"].as_u64().unwrap_or(0),
@@ -98,7 +64,7 @@ impl OpenAi {
 
 impl Provider for OpenAi {
     fn default_model(&self) -> &str {
-        &self.model
+        self.endpoint.model()
     }
 
     fn call<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Reply, ProviderError>> {

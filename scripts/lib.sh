@@ -1,0 +1,61 @@
+# Shared by the benchmark scripts (`source scripts/lib.sh` after `cd` to the repository):
+# where things are, a virtual environment for the Python load drivers, the build, the
+# processes and databases to clean up on exit, free ports, and readiness waits.
+#
+# Environment: SHOAL_BENCH_DATABASE_BASE (postgres://postgres@127.0.0.1:5432),
+# SHOAL_BENCH_REDIS_URL (redis://127.0.0.1:6379), PROFILE (release), CARGO_TARGET_DIR
+# (target), SKIP_BUILD (set: use the binary already built).
+
+base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
+redis="${SHOAL_BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
+profile="${PROFILE:-release}"
+target="${CARGO_TARGET_DIR:-target}"
+bin="$target/$profile/shoal"
+py=python3
+
+# Processes and databases the exit trap removes.
+pids=()
+dbs=()
+bench_cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for d in "${dbs[@]}"; do
+    psql "$base/postgres" -qc "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null || true
+  done
+}
+trap bench_cleanup EXIT
+
+# bench_venv NAME PACKAGE…: a virtual environment under target/ with the packages (made
+# once); sets `py` to its interpreter.
+bench_venv() {
+  local venv="$target/$1-venv"
+  shift
+  if [ ! -e "$venv/.installed" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "$@"
+    touch "$venv/.installed"
+  fi
+  py="$venv/bin/python"
+}
+
+# bench_build: builds the `shoal` binary in PROFILE, unless SKIP_BUILD is set.
+bench_build() {
+  if [ -n "${SKIP_BUILD:-}" ]; then return; fi
+  if [ "$profile" = release ]; then cargo build --release -q -p shoal-entities
+  else cargo build -q -p shoal-entities; fi
+}
+
+# free_port: a TCP port free on 127.0.0.1 now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# await_ready HOST:PORT: waits up to 60 s for the node's /ready; fails the script otherwise.
+await_ready() {
+  for _ in $(seq 1 300); do
+    if curl -sf "http://$1/ready" >/dev/null; then return; fi
+    sleep 0.2
+  done
+  echo "$1 not ready" >&2
+  exit 1
+}
