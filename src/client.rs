@@ -262,10 +262,19 @@ impl ShoalClient {
     /// Stores a persisted request and tells its owner, without waiting for the reply.
     /// Returns the id under which the reply will be stored.
     pub async fn send(&self, request: Request) -> Result<MessageId, ClientError> {
-        let (id, saved) = self.store(&request).await?;
-        let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
-        self.push(self.envelope(&request, Some((id, duplicate))));
+        let (id, envelope) = self.store_for_push(&request).await?;
+        self.push(envelope);
         Ok(id)
+    }
+
+    /// Stores a persisted request; its id and the envelope that tells its owner.
+    async fn store_for_push(
+        &self,
+        request: &Request,
+    ) -> Result<(MessageId, Envelope), ClientError> {
+        let (id, saved) = self.store(request).await?;
+        let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
+        Ok((id, self.envelope(request, Some((id, duplicate)))))
     }
 
     /// A persisted request as the message storage holds it, under a fresh id: for a
@@ -289,9 +298,7 @@ impl ShoalClient {
         sender: &EntityAddress,
         request: Request,
     ) -> Result<MessageId, ClientError> {
-        let (id, saved) = self.store(&request).await?;
-        let duplicate = matches!(saved, SaveOutcome::Duplicate { .. });
-        let envelope = self.envelope(&request, Some((id, duplicate)));
+        let (id, envelope) = self.store_for_push(&request).await?;
         self.inner.lanes.push(self, sender, envelope);
         Ok(id)
     }

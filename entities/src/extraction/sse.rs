@@ -22,12 +22,11 @@ use futures::Stream;
 use shoal::gateway::{ApiError, ErrorBody};
 
 use super::journal::{Event, Journal};
+use super::routes::{ExtractionApi, parse_id};
 use super::watch::{JournalWatch, Reader};
 
 /// The pause after a failed read of the journal.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
-use super::routes::{ExtractionApi, parse_id};
-
 /// Events read per query.
 const PAGE: i64 = 100;
 
@@ -180,7 +179,10 @@ pub(crate) async fn await_end(
             }
             Err(error) => {
                 tracing::warn!(%error, "reading the extraction journal");
-                tokio::time::sleep(ERROR_PAUSE.min(until - tokio::time::Instant::now())).await;
+                tokio::time::sleep(
+                    ERROR_PAUSE.min(until.saturating_duration_since(tokio::time::Instant::now())),
+                )
+                .await;
             }
         }
     }
