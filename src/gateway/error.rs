@@ -131,7 +131,7 @@ impl ApiError {
     }
 
     /// A 404 for a `what` (job, extraction, …) that does not exist: code `code` (by the
-    /// gateway's convention `unknown_<what>`), message "no <what> `<id>`".
+    /// gateway's convention `unknown_<what>`), message ``no <what> `<id>` ``.
     pub fn unknown(code: &'static str, what: &str, id: impl std::fmt::Display) -> Self {
         Self::NotFound {
             code,
