@@ -16,6 +16,7 @@
 //! - [`pipeline`]: the stages' pure logic; [`entity`]: the entity that runs them.
 //! - [`journal`]: events, checkpoints and results in Postgres; `sse`: the events as SSE.
 //! - [`routes`]: the HTTP API; [`jsonld`]: results as JSON-LD.
+//! - [`prune`]: the singleton that removes old journals, chunk outputs and results.
 
 pub mod config;
 pub mod entity;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod ontology;
 pub mod pipeline;
 pub mod provider;
+pub mod prune;
 pub mod routes;
 mod sse;
 pub mod watch;
@@ -110,10 +112,17 @@ impl ExtractionSetup {
             .map(|redis| Cache::extraction(redis, &self.redis_config.cache))
     }
 
+    /// The ontologies, re-read every `ontology-reload-interval` (inside a Tokio runtime).
+    fn ontologies(&self) -> Result<Ontologies, ExtractionSetupError> {
+        let ontologies = Ontologies::load(&self.config.ontologies)?;
+        ontologies.reload_every(self.config.ontology_reload_interval);
+        Ok(ontologies)
+    }
+
     /// The pipeline the entity runs (runners).
     pub fn pipeline(&self) -> Result<Pipeline, ExtractionSetupError> {
         self.config.validate()?;
-        let ontologies = Ontologies::load(&self.config.ontologies)?;
+        let ontologies = self.ontologies()?;
         let http = reqwest::Client::new();
         let mut providers = BTreeMap::new();
         for (name, provider) in self.config.build_providers(&http) {
@@ -164,7 +173,7 @@ impl ExtractionSetup {
             .map(|(name, provider)| (name, provider.default_model().to_owned()))
             .collect();
         Ok(routes::ExtractionApi {
-            ontologies: Ontologies::load(&self.config.ontologies)?,
+            ontologies: self.ontologies()?,
             config: self.config.clone(),
             models,
             journal: self.journal(),

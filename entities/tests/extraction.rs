@@ -619,6 +619,52 @@ async fn kill_9_between_stages_resumes_without_calling_finished_stages() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_stage_resumes_at_its_first_unfinished_chunk() -> anyhow::Result<()> {
+    let fake = FakeProvider::start().await?;
+    // The third mentions call fails; the two chunks before it are done.
+    fake.script([
+        Behaviour::Ok,
+        Behaviour::Ok,
+        Behaviour::Status {
+            status: 503,
+            retry_after: None,
+        },
+    ]);
+    let nodes = Nodes::start(
+        1,
+        1,
+        Some(&fake),
+        &[("SHOAL__EXTRACTION__CHUNK_TOKENS", "16")],
+    )
+    .await?;
+    let text = "Ada Lovelace joined the Analytical Society with Charles Babbage. ".repeat(5);
+    let response = post(nodes.http(), &request(&text, "oai"), true).await?;
+    let view = response.json()?;
+    ensure!(view["status"] == "completed", "{view}");
+    let entities = &view["stages"][1];
+    ensure!(
+        entities["failed_attempts"] == 1 && entities["chunks_reused"] == 2,
+        "{view}"
+    );
+    // Every chunk was asked for relations once, and for mentions once, except the one
+    // that failed (twice): the chunks finished before the failure were not asked again.
+    let chunks = fake.calls_of("relations");
+    ensure!(chunks >= 3, "{:?}", fake.calls());
+    ensure!(
+        fake.calls_of("mentions") == chunks + 1,
+        "{:?}",
+        fake.calls()
+    );
+    ensure!(entities["provider_calls"] == chunks + 1, "{view}");
+    // The stage's checkpoint holds its chunks now: their rows are gone.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM shoal_extraction_chunks")
+        .fetch_one(&nodes.cluster.pool)
+        .await?;
+    ensure!(left == 0, "{left} chunk rows left");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_failures_retry_then_the_breaker_pauses_every_runner() -> anyhow::Result<()> {
     let fake = FakeProvider::start().await?;
     fake.script([Behaviour::Status {
@@ -880,5 +926,186 @@ async fn readers_are_woken_by_the_runner_that_appends() -> anyhow::Result<()> {
         answer.text()
     );
     ensure!(answer.json()?["status"] == "completed", "{}", answer.text());
+    Ok(())
+}
+
+/// Journal rows of `id`.
+async fn journal_rows(nodes: &Nodes, id: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM shoal_extraction_events WHERE extraction_id = $1")
+            .bind(id)
+            .fetch_one(&nodes.cluster.pool)
+            .await?,
+    )
+}
+
+/// Runs an extraction of `text` by `provider` to completion; its id.
+async fn complete(http: &Http, text: &str, provider: &str) -> anyhow::Result<String> {
+    let view = post(http, &request(text, provider), true).await?.json()?;
+    ensure!(view["status"] == "completed", "{view}");
+    Ok(view["id"].as_str().context("id")?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_journals_old_chunks_and_old_results_are_pruned_running_ones_kept()
+-> anyhow::Result<()> {
+    let fake = FakeProvider::start().await?;
+    let extra = [
+        ("SHOAL__EXTRACTION__JOURNAL_RETENTION", "1s"),
+        ("SHOAL__EXTRACTION__RESULT_RETENTION", "1h"),
+        ("SHOAL__EXTRACTION__PRUNE_INTERVAL", "200ms"),
+    ];
+    let nodes = Nodes::start(1, 1, Some(&fake), &extra).await?;
+    let http = nodes.http();
+    let pool = &nodes.cluster.pool;
+    let ended = complete(http, "Ada Lovelace, ended.", "oai").await?;
+    ensure!(journal_rows(&nodes, &ended).await? > 0);
+    // What a crash between a chunk's row and its stage's checkpoint leaves, and a result
+    // past its retention.
+    sqlx::query(
+        "INSERT INTO shoal_extraction_chunks (cluster, extraction_id, generation, stage, chunk, output, created_at)
+         VALUES ($1, 'orphan', 1, 'entities', 0, '{}', now() - interval '1 day')",
+    )
+    .bind(&nodes.cluster.name)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO shoal_extraction_results (cluster, extraction_id, result, created_at)
+         VALUES ($1, 'old-result', '{}', now() - interval '2 hours')",
+    )
+    .bind(&nodes.cluster.name)
+    .execute(pool)
+    .await?;
+    // A run held in its relations stage, its journal older than the retention.
+    fake.hold("relations");
+    let running = start(http, &request("Ada Lovelace, running.", "oai")).await?;
+    wait_until(common::DEADLINE, "the running relations call", || async {
+        Ok(fake.calls_of("relations") == 2)
+    })
+    .await?;
+    let kept = journal_rows(&nodes, &running).await?;
+    ensure!(kept == 4, "started and three stages, not {kept}");
+    wait_until(common::DEADLINE, "the ended journal pruned", || async {
+        Ok(journal_rows(&nodes, &ended).await? == 0)
+    })
+    .await?;
+    wait_until(common::DEADLINE, "the orphan chunk and old result pruned", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM shoal_extraction_chunks)
+                  + (SELECT count(*) FROM shoal_extraction_results WHERE extraction_id = 'old-result')",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(left == 0)
+    })
+    .await?;
+    // A pass that ran after the running journal was past the retention: one more ended
+    // extraction's journal going proves it.
+    wait_until(
+        common::DEADLINE,
+        "the running journal past the retention",
+        || async {
+            let old: bool = sqlx::query_scalar(
+                "SELECT max(created_at) < now() - interval '1.5 seconds'
+               FROM shoal_extraction_events WHERE extraction_id = $1",
+            )
+            .bind(&running)
+            .fetch_one(pool)
+            .await?;
+            Ok(old)
+        },
+    )
+    .await?;
+    let later = complete(http, "Charles Babbage, later.", "builtin").await?;
+    wait_until(common::DEADLINE, "the later journal pruned", || async {
+        Ok(journal_rows(&nodes, &later).await? == 0)
+    })
+    .await?;
+    let kept = journal_rows(&nodes, &running).await?;
+    ensure!(kept == 4, "the running journal lost rows: {kept} left");
+    // The result of a pruned journal stays; the running run finishes from its checkpoints.
+    let results: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shoal_extraction_results WHERE extraction_id = $1",
+    )
+    .bind(&ended)
+    .fetch_one(pool)
+    .await?;
+    ensure!(results == 1, "the ended result went with its journal");
+    fake.release();
+    await_status(http, &running, &["completed"], common::DEADLINE).await?;
+    ensure!(fake.calls_of("mentions") == 2, "{:?}", fake.calls());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ontology_added_or_changed_is_served_without_a_restart() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("shoal-ontologies-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let dir_text = dir.display().to_string();
+    // The gateway re-reads the directory every 200 ms; the runner only when a request
+    // pins a version it has not read.
+    let interval = "SHOAL__EXTRACTION__ONTOLOGY_RELOAD_INTERVAL";
+    let extra = [
+        ("SHOAL__EXTRACTION__ONTOLOGIES", dir_text.as_str()),
+        (interval, "1h"),
+    ];
+    let mut nodes = Nodes::start(1, 0, None, &extra).await?;
+    nodes.env.push((interval.to_owned(), "200ms".to_owned()));
+    nodes.add_gateway().await?;
+    let http = nodes.http();
+    let body = |text: &str| json!({"text": text, "ontology_id": "ships", "options": {}});
+    let refused = post(http, &body("The Ship Endeavour sailed."), true).await?;
+    ensure!(
+        refused.status == StatusCode::BAD_REQUEST
+            && refused.json()?["error"]["code"] == "unknown_ontology",
+        "{} {}",
+        refused.status,
+        refused.text()
+    );
+    let ships = "@prefix owl: <http://www.w3.org/2002/07/owl#> .\n\
+        @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .\n\
+        @prefix skos: <http://www.w3.org/2004/02/skos/core#> .\n\
+        @prefix ex: <http://example.org/ships#> .\n\
+        ex:Ship a owl:Class ; rdfs:label \"Ship\" ; skos:altLabel \"Ship\" .\n";
+    std::fs::write(dir.join("ships.ttl"), ships)?;
+    // The gateway offers it and the runner runs it, neither restarted.
+    let seen = std::sync::Mutex::new(Value::Null);
+    let last = |view: Value| *seen.lock().unwrap_or_else(|e| e.into_inner()) = view;
+    wait_until(common::DEADLINE, "the new ontology served", || async {
+        let response = post(http, &body("The Ship Endeavour sailed."), true).await?;
+        if response.status != StatusCode::OK {
+            return Ok(false);
+        }
+        last(response.json()?);
+        Ok(true)
+    })
+    .await?;
+    let first = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    ensure!(first["status"] == "completed", "{first}");
+    let v1 = first["result"]["ontology_version"].clone();
+    // A changed file is a new version: a new request pins it and runs on it.
+    std::fs::write(
+        dir.join("ships.ttl"),
+        format!("{ships}ex:Port a owl:Class ; rdfs:label \"Port\" ; skos:altLabel \"Port\" .\n"),
+    )?;
+    wait_until(common::DEADLINE, "the changed ontology served", || async {
+        let response = post(http, &body("The Ship Resolution left Port Jackson."), true).await?;
+        ensure!(response.status == StatusCode::OK, "{}", response.text());
+        let view = response.json()?;
+        let changed = view["result"]["ontology_version"] != v1;
+        last(view);
+        Ok(changed)
+    })
+    .await?;
+    let second = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    ensure!(second["status"] == "completed", "{second}");
+    let classes: Vec<&str> = second["result"]["entities"]
+        .as_array()
+        .context("entities")?
+        .iter()
+        .filter_map(|e| e["class_iri"].as_str())
+        .collect();
+    ensure!(classes.iter().any(|c| c.contains("Port")), "{second}");
+    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

@@ -48,9 +48,15 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         cluster.clone(),
         app.jobs.gauge_interval,
     );
+    let extraction_pool = extraction_pool(&config)?;
+    let pruner = shoal_entities::extraction::prune::singleton(
+        extraction_pool.clone(),
+        cluster.clone(),
+        &app.extraction,
+    );
     let setup = shoal_entities::extraction::ExtractionSetup {
         config: app.extraction.clone(),
-        pool: Some(extraction_pool(&config)?),
+        pool: Some(extraction_pool),
         cluster: config.cluster.name.to_string(),
         redis: redis.clone(),
         redis_config: config.redis.clone(),
@@ -58,7 +64,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     let params = RunnerParams {
         registry: shoal_entities::registry_for(Some(pool), redis, &cluster, &app, &setup)?,
         config,
-        singletons: vec![gauges],
+        singletons: vec![gauges, pruner],
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;

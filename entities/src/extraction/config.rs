@@ -43,6 +43,26 @@ pub struct ExtractionConfig {
     pub call_timeout: Duration,
     /// Token budget of one chunk (about 4 bytes a token). Default 1500.
     pub chunk_tokens: u32,
+    /// How long an ended extraction's journal (its events and checkpoints) is kept.
+    /// Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub journal_retention: Duration,
+    /// How long a finished result is kept in Postgres (then the same inputs run again).
+    /// Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub result_retention: Duration,
+    /// How often the pruner runs. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Rows one pruning statement removes at most. Default 1000.
+    pub prune_batch: u32,
+    /// Pause between two pruning statements. Default 50 ms.
+    #[serde(with = "humantime_serde")]
+    pub prune_pause: Duration,
+    /// How often nodes re-read `ontologies` (a changed file becomes a new version without
+    /// a restart; `0s` turns it off). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub ontology_reload_interval: Duration,
     /// `[extraction.providers.<name>]`: the HTTP providers (`builtin` is always there).
     pub providers: BTreeMap<String, ProviderConfig>,
 }
@@ -60,6 +80,12 @@ impl Default for ExtractionConfig {
             backoff_max: Duration::from_secs(60),
             call_timeout: Duration::from_secs(60),
             chunk_tokens: 1500,
+            journal_retention: Duration::from_secs(7 * 24 * 3600),
+            result_retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(600),
+            prune_batch: 1000,
+            prune_pause: Duration::from_millis(50),
+            ontology_reload_interval: Duration::from_secs(30),
             providers: BTreeMap::new(),
         }
     }
@@ -125,6 +151,12 @@ impl ExtractionConfig {
         }
         if self.chunk_tokens < 16 {
             return invalid("chunk-tokens", "must be at least 16");
+        }
+        if self.prune_batch == 0 {
+            return invalid("prune-batch", "must be at least 1");
+        }
+        if self.prune_interval.is_zero() {
+            return invalid("prune-interval", "must be above zero");
         }
         if self.providers.contains_key("builtin") {
             return invalid("providers", "`builtin` is the built-in extractor's name");

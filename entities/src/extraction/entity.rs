@@ -116,6 +116,9 @@ pub struct StageRun {
     /// Time provider limits held its calls back (first refusal to admission), ms.
     #[serde(default)]
     pub limit_wait_ms: u64,
+    /// Chunks whose stored output an attempt reused instead of calling the provider.
+    #[serde(default)]
+    pub chunks_reused: u32,
     /// When it first started.
     pub started_at: DateTime<Utc>,
     /// When it finished.
@@ -213,6 +216,9 @@ enum StageFailure {
     },
     /// The attempt failed retryably.
     Retry(ProviderError),
+    /// Something the stage needs is not here yet (retryable within the attempt budget,
+    /// then the extraction fails with this kind).
+    Unavailable(FailureKind, String),
     /// The extraction cannot succeed.
     Fatal(FailureKind, String),
     /// Storage failed: the handler fails retryably and runs again.
@@ -354,6 +360,7 @@ impl Extraction {
                 invalid_outputs: 0,
                 provider_calls: 0,
                 limit_wait_ms: 0,
+                chunks_reused: 0,
                 started_at: now,
                 finished_at: None,
                 duration_ms: None,
@@ -393,6 +400,14 @@ impl Extraction {
         ran: bool,
     ) -> Result<(), HandlerError> {
         let now = Utc::now();
+        let run = run_of(state, stage);
+        if run.provider_calls + run.chunks_reused > 1 {
+            // Its chunks' outputs are in the checkpoint now.
+            self.journal()?
+                .drop_chunks(&state.id, state.generation, stage.name())
+                .await
+                .map_err(storage)?;
+        }
         let run = run_of(state, stage);
         run.finished_at = Some(now);
         let took = (now - run.started_at).to_std().unwrap_or_default();
@@ -463,6 +478,20 @@ impl Extraction {
                 let at = now + chrono::Duration::from_std(after).unwrap_or_default();
                 schedule_advance(ctx, state, stage, attempt, at).await
             }
+            StageFailure::Unavailable(kind, message) => {
+                let run = run_of(state, stage);
+                run.last_error = Some(message.clone());
+                run.failed_attempts += 1;
+                if run.failed_attempts >= config.stage_attempts {
+                    return self.fail(ctx, state, stage, kind, message).await;
+                }
+                let failures = run.failed_attempts + run.invalid_outputs;
+                let delay = self.retry_delay(failures, None);
+                state.status = ExtractionStatus::Running;
+                state.waiting = Some(format!("retrying after: {message}"));
+                let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                schedule_advance(ctx, state, stage, failures + 1, at).await
+            }
             StageFailure::Retry(error) => {
                 let run = run_of(state, stage);
                 run.last_error = Some(error.to_string());
@@ -493,16 +522,21 @@ impl Extraction {
                     return self.fail(ctx, state, stage, kind, error.to_string()).await;
                 }
                 let failures = run.failed_attempts + run.invalid_outputs;
-                let backoff = shoal::backoff::Backoff::nth(config.backoff_first, failures - 1, 16)
-                    .min(config.backoff_max);
-                let delay =
-                    shoal::backoff::jittered(backoff).max(error.retry_after().unwrap_or_default());
+                let delay = self.retry_delay(failures, error.retry_after());
                 state.status = ExtractionStatus::Running;
                 state.waiting = Some(format!("retrying after: {error}"));
                 let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
                 schedule_advance(ctx, state, stage, failures + 1, at).await
             }
         }
+    }
+
+    /// The wait before attempt `failures + 1`: the backoff, at least `retry_after`.
+    fn retry_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        let config = &self.pipeline.config;
+        let backoff = shoal::backoff::Backoff::nth(config.backoff_first, failures - 1, 16)
+            .min(config.backoff_max);
+        shoal::backoff::jittered(backoff).max(retry_after.unwrap_or_default())
     }
 
     async fn fail(
@@ -561,7 +595,7 @@ impl Extraction {
             .request
             .clone()
             .ok_or_else(|| StageFailure::Fatal(FailureKind::Provider, "no request".into()))?;
-        let ontology = self.ontology(&request)?;
+        let ontology = self.ontology(&request).await?;
         match stage {
             Stage::Preprocess => {
                 let text = pipeline::normalise(&request.text);
@@ -571,15 +605,12 @@ impl Extraction {
             Stage::Entities => {
                 let chunks: Vec<Chunk> = self.load(state, Stage::Preprocess, "chunks").await?;
                 let mut mentions: Vec<Mention> = Vec::new();
-                for chunk in &chunks {
-                    let task = Task::Mentions { text: &chunk.text };
-                    match self
-                        .call(state, stage, &request, &ontology, task)
-                        .await?
-                        .output
-                    {
-                        Output::Mentions(found) => mentions.extend(found),
-                        Output::Relations(_) => {}
+                for output in self
+                    .per_chunk(state, stage, &request, &ontology, &chunks, &[])
+                    .await?
+                {
+                    if let Output::Mentions(found) = output {
+                        mentions.extend(found);
                     }
                 }
                 Ok(json!({"mentions": mentions}))
@@ -594,18 +625,12 @@ impl Extraction {
                     self.load(state, Stage::Resolve, "entities").await?;
                 let mut stated = Vec::new();
                 if entities.len() >= 2 {
-                    for chunk in &chunks {
-                        let task = Task::Relations {
-                            text: &chunk.text,
-                            entities: &entities,
-                        };
-                        match self
-                            .call(state, stage, &request, &ontology, task)
-                            .await?
-                            .output
-                        {
-                            Output::Relations(found) => stated.extend(found),
-                            Output::Mentions(_) => {}
+                    for output in self
+                        .per_chunk(state, stage, &request, &ontology, &chunks, &entities)
+                        .await?
+                    {
+                        if let Output::Relations(found) = output {
+                            stated.extend(found);
                         }
                     }
                 }
@@ -656,27 +681,26 @@ impl Extraction {
         Ok(value)
     }
 
-    fn ontology(&self, request: &ExtractionRequest) -> Result<Arc<Ontology>, StageFailure> {
-        let ontology = self
-            .pipeline
-            .ontologies
-            .get(&request.ontology_id)
-            .ok_or_else(|| {
-                StageFailure::Fatal(
-                    FailureKind::Ontology,
-                    format!("ontology `{}` is not loaded here", request.ontology_id),
-                )
-            })?;
-        if ontology.version != request.ontology_version {
-            return Err(StageFailure::Fatal(
-                FailureKind::Ontology,
-                format!(
-                    "ontology `{}` is version {} here, the request pinned {}",
-                    request.ontology_id, ontology.version, request.ontology_version
-                ),
-            ));
+    /// The ontology version the request pinned. A version this node has not read yet
+    /// (the gateway re-read a changed file first) makes it re-read the directory; still
+    /// missing, the stage retries within its attempt budget, then fails `ontology`.
+    async fn ontology(&self, request: &ExtractionRequest) -> Result<Arc<Ontology>, StageFailure> {
+        let ontologies = &self.pipeline.ontologies;
+        let (id, version) = (&request.ontology_id, &request.ontology_version);
+        if let Some(ontology) = ontologies.version(id, version) {
+            return Ok(ontology);
         }
-        Ok(ontology.clone())
+        let reloading = ontologies.clone();
+        let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
+        ontologies.version(id, version).ok_or_else(|| {
+            let here = ontologies
+                .get(id)
+                .map_or_else(|| "none".to_owned(), |o| o.version.clone());
+            StageFailure::Unavailable(
+                FailureKind::Ontology,
+                format!("ontology `{id}` version {version} is not loaded here (current: {here})"),
+            )
+        })
     }
 
     /// Field `field` of `stage`'s checkpoint.
@@ -698,6 +722,68 @@ impl Extraction {
             .ok_or_else(|| StageFailure::Storage(format!("no checkpoint of {}", stage.name())))?;
         serde_json::from_value(checkpoint.get(field).cloned().unwrap_or(Value::Null))
             .map_err(|e| StageFailure::Storage(format!("checkpoint of {}: {e}", stage.name())))
+    }
+
+    /// The provider's output for each of `chunks`, in order: chunks an earlier attempt of
+    /// this stage finished are taken from their stored outputs, the rest are called one by
+    /// one, each output stored as it returns (when there is more than one chunk; a single
+    /// chunk's output is the stage's checkpoint itself). So a stage cut short after `k` of
+    /// its chunks (a limit refusal, a retryable failure, a failover) resumes at chunk `k`.
+    async fn per_chunk(
+        &self,
+        state: &mut ExtractionState,
+        stage: Stage,
+        request: &ExtractionRequest,
+        ontology: &Ontology,
+        chunks: &[Chunk],
+        entities: &[ExtractedEntity],
+    ) -> Result<Vec<Output>, StageFailure> {
+        let journal = self
+            .pipeline
+            .journal
+            .as_ref()
+            .ok_or_else(|| StageFailure::Storage("no journal".into()))?;
+        let storage = |e: super::journal::JournalError| StageFailure::Storage(e.to_string());
+        let stored = if chunks.len() > 1 {
+            journal
+                .chunk_outputs(&state.id, state.generation, stage.name())
+                .await
+                .map_err(storage)?
+        } else {
+            BTreeMap::new()
+        };
+        let mut outputs = Vec::with_capacity(chunks.len());
+        for (index, chunk) in chunks.iter().enumerate() {
+            let index = index as u32;
+            if let Some(output) = stored.get(&index)
+                && let Ok(output) = serde_json::from_value::<Output>(output.clone())
+            {
+                run_of(state, stage).chunks_reused += 1;
+                outputs.push(output);
+                continue;
+            }
+            let task = match stage {
+                Stage::Relations => Task::Relations {
+                    text: &chunk.text,
+                    entities,
+                },
+                _ => Task::Mentions { text: &chunk.text },
+            };
+            let output = self
+                .call(state, stage, request, ontology, task)
+                .await?
+                .output;
+            if chunks.len() > 1 {
+                let value = serde_json::to_value(&output)
+                    .map_err(|e| StageFailure::Storage(e.to_string()))?;
+                journal
+                    .put_chunk(&state.id, state.generation, stage.name(), index, &value)
+                    .await
+                    .map_err(storage)?;
+            }
+            outputs.push(output);
+        }
+        Ok(outputs)
     }
 
     /// One provider call through the provider's gate.
@@ -801,6 +887,7 @@ fn run_of(state: &mut ExtractionState, stage: Stage) -> &mut StageRun {
                 invalid_outputs: 0,
                 provider_calls: 0,
                 limit_wait_ms: 0,
+                chunks_reused: 0,
                 started_at: Utc::now(),
                 finished_at: None,
                 duration_ms: None,

@@ -8,8 +8,15 @@
 //!   (`g<generation>:stage:<name>`, …), so a handler that runs again appends nothing twice,
 //!   and a stage whose checkpoint row exists is never run again. It is the audit trail and
 //!   what `GET /extractions/{id}/events` serves.
+//! - `shoal_extraction_chunks`: the provider's output for each chunk of a stage that calls
+//!   it chunk by chunk (`entities`, `relations`), written as each call returns, so a stage
+//!   that is cut short (a limit refusal, a retryable failure, a failover) resumes at its
+//!   first unfinished chunk and never pays for a finished chunk twice. A stage's rows are
+//!   removed once its checkpoint is in the journal.
 //! - `shoal_extraction_results`: the durable copy of every finished result (the Redis cache
 //!   holds it for 24 h in front of it).
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,6 +39,16 @@ pub const SCHEMA: &[&str] = &[
         PRIMARY KEY (cluster, extraction_id, seq),
         UNIQUE (cluster, extraction_id, key)
     )",
+    "CREATE TABLE IF NOT EXISTS shoal_extraction_chunks (
+        cluster TEXT NOT NULL,
+        extraction_id TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        stage TEXT NOT NULL,
+        chunk INTEGER NOT NULL,
+        output JSONB NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (cluster, extraction_id, generation, stage, chunk)
+    )",
     "CREATE TABLE IF NOT EXISTS shoal_extraction_results (
         cluster TEXT NOT NULL,
         extraction_id TEXT NOT NULL,
@@ -43,7 +60,7 @@ pub const SCHEMA: &[&str] = &[
 
 /// Creates the tables.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
-    for statement in SCHEMA {
+    for statement in SCHEMA.iter().chain(super::prune::SCHEMA) {
         sqlx::query(*statement).execute(pool).await?;
     }
     Ok(())
@@ -187,6 +204,73 @@ impl Journal {
         .fetch_one(&self.pool)
         .await?;
         Ok(row.0.map(|seq| seq - 1))
+    }
+
+    /// The stored outputs of `stage`'s chunks in run `generation`, by chunk index.
+    pub async fn chunk_outputs(
+        &self,
+        id: &str,
+        generation: u32,
+        stage: &str,
+    ) -> Result<BTreeMap<u32, Value>, JournalError> {
+        let rows: Vec<(i32, Value)> = sqlx::query_as(
+            "SELECT chunk, output FROM shoal_extraction_chunks
+              WHERE cluster = $1 AND extraction_id = $2 AND generation = $3 AND stage = $4",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(generation as i32)
+        .bind(stage)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(chunk, output)| (chunk as u32, output))
+            .collect())
+    }
+
+    /// Stores one chunk's output (the first one stays).
+    pub async fn put_chunk(
+        &self,
+        id: &str,
+        generation: u32,
+        stage: &str,
+        chunk: u32,
+        output: &Value,
+    ) -> Result<(), JournalError> {
+        sqlx::query(
+            "INSERT INTO shoal_extraction_chunks (cluster, extraction_id, generation, stage, chunk, output)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(generation as i32)
+        .bind(stage)
+        .bind(chunk as i32)
+        .bind(output)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes `stage`'s chunk outputs (its checkpoint holds them now).
+    pub async fn drop_chunks(
+        &self,
+        id: &str,
+        generation: u32,
+        stage: &str,
+    ) -> Result<(), JournalError> {
+        sqlx::query(
+            "DELETE FROM shoal_extraction_chunks
+              WHERE cluster = $1 AND extraction_id = $2 AND generation = $3 AND stage = $4",
+        )
+        .bind(&self.cluster)
+        .bind(id)
+        .bind(generation as i32)
+        .bind(stage)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Stores a finished result (the first one stays).

@@ -11,6 +11,8 @@
 //! - `shoal_extraction_cache_total{result}` (`hit_redis`, `hit_postgres`, `miss`; SLO: hit
 //!   rate > 70 %) at the gateway, and `shoal_extraction_requests_total{outcome}` (`new`,
 //!   `dedup`) at the entity (SLO: dedup success > 95 %: identical requests meeting one run).
+//! - `shoal_extraction_ontology_reloads_total{outcome}` (`unchanged`, `changed`, `failed`:
+//!   module `ontology`) and `shoal_extraction_pruned_total{table}` (module `prune`).
 
 use std::time::Duration;
 

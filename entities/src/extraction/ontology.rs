@@ -7,11 +7,13 @@
 //! (`owl:ObjectProperty` or `rdf:Property`, with `rdfs:domain`/`rdfs:range`), each with
 //! its `rdfs:label` and `skos:altLabel`s, plus the file's prefixes (the JSON-LD context and
 //! the compact names results use, e.g. `foaf:Person`). A file that does not parse, or
-//! declares no class, is refused at start-up naming the file.
+//! declares no class, is refused at start-up naming the file; on a reload it is reported
+//! and its last good version stays ([`Ontologies`]).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use oxrdf::{NamedOrBlankNode, Term};
 use oxttl::TurtleParser;
@@ -231,10 +233,79 @@ impl Ontology {
     }
 }
 
-/// Every ontology a node knows, by id.
-#[derive(Debug, Clone, Default)]
+/// Every ontology a node knows, by id: a handle shared by the node's routes and entities,
+/// re-read from the directory without a restart ([`Ontologies::reload`], every
+/// `[extraction] ontology-reload-interval` and whenever a request pins a version this node
+/// has not read yet).
+///
+/// Each id has its **current** version (what new requests pin) and up to
+/// [`KEPT_VERSIONS`] earlier ones, so an extraction that pinned a version before a file
+/// changed still finds it. A file that no longer parses keeps its last good version (the
+/// reload reports it); a file that is gone is no longer offered to new requests, and its
+/// versions stay for the runs that pinned them.
+#[derive(Debug, Clone)]
 pub struct Ontologies {
-    by_id: BTreeMap<String, Arc<Ontology>>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
+    dir: Option<PathBuf>,
+}
+
+/// Earlier versions kept per id beside the current one.
+pub const KEPT_VERSIONS: usize = 4;
+
+#[derive(Debug, Clone, Default)]
+struct Catalog {
+    by_id: BTreeMap<String, Versions>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Versions {
+    /// What new requests pin; `None` once the file is gone.
+    current: Option<Arc<Ontology>>,
+    /// Earlier versions, newest first.
+    earlier: VecDeque<Arc<Ontology>>,
+}
+
+impl Versions {
+    fn offer(&mut self, ontology: Ontology) -> bool {
+        if let Some(current) = &self.current
+            && current.version == ontology.version
+        {
+            return false;
+        }
+        let ontology = Arc::new(ontology);
+        self.earlier.retain(|o| o.version != ontology.version);
+        if let Some(previous) = self.current.replace(ontology) {
+            self.earlier.push_front(previous);
+        }
+        self.earlier.truncate(KEPT_VERSIONS);
+        true
+    }
+
+    fn withdraw(&mut self) {
+        if let Some(previous) = self.current.take() {
+            self.earlier.push_front(previous);
+            self.earlier.truncate(KEPT_VERSIONS);
+        }
+    }
+
+    fn find(&self, version: &str) -> Option<Arc<Ontology>> {
+        self.current
+            .iter()
+            .chain(&self.earlier)
+            .find(|o| o.version == version)
+            .cloned()
+    }
+}
+
+/// What one [`Ontologies::reload`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Ids whose current version changed (new files included).
+    pub changed: Vec<String>,
+    /// Ids whose file is gone.
+    pub removed: Vec<String>,
+    /// Files that did not load (their last good version stays current).
+    pub failed: Vec<String>,
 }
 
 /// The default ontology, compiled in so `shoal dev` and tests work without the directory.
@@ -243,61 +314,198 @@ pub const DEFAULT_FOAF: &str = include_str!("../../../cluster-config/ontologies/
 impl Ontologies {
     /// The compiled-in `foaf` ontology only.
     pub fn builtin() -> Result<Self, OntologyError> {
-        let mut ontologies = Self::default();
-        ontologies.insert(Ontology::parse("foaf", DEFAULT_FOAF.as_bytes())?);
-        Ok(ontologies)
+        let mut versions = Versions::default();
+        versions.offer(Ontology::parse("foaf", DEFAULT_FOAF.as_bytes())?);
+        let mut catalog = Catalog::default();
+        catalog.by_id.insert("foaf".to_owned(), versions);
+        Ok(Self {
+            catalog: Arc::new(RwLock::new(Arc::new(catalog))),
+            dir: None,
+        })
     }
 
     /// The compiled-in `foaf`, then every `<id>.ttl` in `dir` (a file `foaf.ttl` there
-    /// replaces the compiled-in one). A missing directory is no error.
+    /// replaces the compiled-in one). A missing directory is no error; at start-up a file
+    /// that does not load is (naming the file).
     pub fn load(dir: &Path) -> Result<Self, OntologyError> {
         let mut ontologies = Self::builtin()?;
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ontologies),
-            Err(source) => {
-                return Err(OntologyError::Io {
-                    path: dir.display().to_string(),
-                    source,
-                });
-            }
-        };
-        let mut paths: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "ttl"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            if !valid_id(&id) {
-                return Err(OntologyError::BadId(id));
-            }
-            let bytes = std::fs::read(&path).map_err(|source| OntologyError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            ontologies.insert(Ontology::parse(&id, &bytes)?);
+        ontologies.dir = Some(dir.to_owned());
+        let mut catalog = Catalog::clone(&ontologies.snapshot());
+        for file in read_dir(dir)? {
+            let ontology = file?;
+            catalog
+                .by_id
+                .entry(ontology.id.clone())
+                .or_default()
+                .offer(ontology);
         }
+        ontologies.publish(catalog);
         Ok(ontologies)
     }
 
-    fn insert(&mut self, ontology: Ontology) {
-        self.by_id.insert(ontology.id.clone(), Arc::new(ontology));
+    /// Re-reads the directory this handle was loaded from (nothing for [`Self::builtin`]);
+    /// every clone of the handle sees the result at once.
+    pub fn reload(&self) -> Reloaded {
+        let mut report = Reloaded::default();
+        let Some(dir) = &self.dir else {
+            return report;
+        };
+        let files = match read_dir(dir) {
+            Ok(files) => files,
+            Err(error) => {
+                tracing::warn!(%error, "could not re-read the ontologies; keeping what is loaded");
+                report.failed.push(dir.display().to_string());
+                metrics::counter!("shoal_extraction_ontology_reloads_total", "outcome" => "failed")
+                    .increment(1);
+                return report;
+            }
+        };
+        let mut catalog = Catalog::clone(&self.snapshot());
+        let mut seen = BTreeSet::from(["foaf".to_owned()]);
+        for file in files {
+            match file {
+                Ok(ontology) => {
+                    let id = ontology.id.clone();
+                    seen.insert(id.clone());
+                    if catalog.by_id.entry(id.clone()).or_default().offer(ontology) {
+                        report.changed.push(id);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "an ontology did not load; its last good version stays");
+                    if let Some(id) = error.id() {
+                        seen.insert(id.to_owned());
+                    }
+                    report.failed.push(error.to_string());
+                }
+            }
+        }
+        for (id, versions) in &mut catalog.by_id {
+            if !seen.contains(id) && versions.current.is_some() {
+                versions.withdraw();
+                report.removed.push(id.clone());
+            }
+        }
+        if report.changed.is_empty() && report.removed.is_empty() {
+            let outcome = if report.failed.is_empty() {
+                "unchanged"
+            } else {
+                "failed"
+            };
+            metrics::counter!("shoal_extraction_ontology_reloads_total", "outcome" => outcome)
+                .increment(1);
+            return report;
+        }
+        tracing::info!(changed = ?report.changed, removed = ?report.removed, "ontologies reloaded");
+        metrics::counter!("shoal_extraction_ontology_reloads_total", "outcome" => "changed")
+            .increment(1);
+        self.publish(catalog);
+        report
     }
 
-    /// The ontology `id`.
-    pub fn get(&self, id: &str) -> Option<&Arc<Ontology>> {
-        self.by_id.get(id)
+    fn snapshot(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// The known ids.
-    pub fn ids(&self) -> Vec<&str> {
-        self.by_id.keys().map(String::as_str).collect()
+    fn publish(&self, catalog: Catalog) {
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
+    }
+
+    /// The current version of `id`.
+    pub fn get(&self, id: &str) -> Option<Arc<Ontology>> {
+        self.snapshot().by_id.get(id)?.current.clone()
+    }
+
+    /// Version `version` of `id`, current or kept.
+    pub fn version(&self, id: &str, version: &str) -> Option<Arc<Ontology>> {
+        self.snapshot().by_id.get(id)?.find(version)
+    }
+
+    /// The ids new requests may name.
+    pub fn ids(&self) -> Vec<String> {
+        self.snapshot()
+            .by_id
+            .iter()
+            .filter(|(_, v)| v.current.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Re-reads the directory every `interval` on a task of its own, which ends when the
+    /// last clone of this handle is dropped (outside a Tokio runtime: never).
+    pub fn reload_every(&self, interval: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.dir.is_none() || interval.is_zero() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.catalog);
+        let dir = self.dir.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(catalog) = weak.upgrade() else {
+                    return;
+                };
+                let this = Self {
+                    catalog,
+                    dir: dir.clone(),
+                };
+                // Parsing is CPU work: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || this.reload()).await;
+            }
+        });
+    }
+}
+
+/// Every `<id>.ttl` in `dir`, parsed (in name order); a missing directory holds none.
+fn read_dir(dir: &Path) -> Result<Vec<Result<Ontology, OntologyError>>, OntologyError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(OntologyError::Io {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ttl"))
+        .collect();
+    paths.sort();
+    Ok(paths.iter().map(|path| read_file(path)).collect())
+}
+
+fn read_file(path: &Path) -> Result<Ontology, OntologyError> {
+    let id = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    if !valid_id(&id) {
+        return Err(OntologyError::BadId(id));
+    }
+    let bytes = std::fs::read(path).map_err(|source| OntologyError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ontology::parse(&id, &bytes)
+}
+
+impl OntologyError {
+    /// The ontology the error is about, if it names one.
+    fn id(&self) -> Option<&str> {
+        match self {
+            Self::Syntax { id, .. } | Self::NoClasses { id } => Some(id),
+            Self::Io { .. } | Self::BadId(_) => None,
+        }
     }
 }
 
@@ -353,5 +561,72 @@ mod tests {
             matches!(empty, Err(OntologyError::NoClasses { .. })),
             "{empty:?}"
         );
+    }
+
+    /// A fresh directory under the system's temp dir.
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-ontologies-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    const SMALL: &str = "@prefix owl: <http://www.w3.org/2002/07/owl#> .\n\
+        @prefix ex: <http://example.org/> .\nex:Ship a owl:Class .\n";
+
+    #[test]
+    fn a_reload_offers_changed_files_and_keeps_the_versions_runs_pinned() {
+        let dir = scratch();
+        std::fs::write(dir.join("ships.ttl"), SMALL).expect("write");
+        let ontologies = Ontologies::load(&dir).expect("loads");
+        let handle = ontologies.clone();
+        let first = ontologies.get("ships").expect("ships").version.clone();
+        assert_eq!(ontologies.reload(), Reloaded::default(), "nothing changed");
+
+        let changed = format!("{SMALL}ex:Port a owl:Class .\n");
+        std::fs::write(dir.join("ships.ttl"), &changed).expect("write");
+        std::fs::write(dir.join("ports.ttl"), SMALL).expect("write");
+        let report = ontologies.reload();
+        assert_eq!(report.changed, vec!["ports".to_owned(), "ships".to_owned()]);
+        // Every clone sees the new current version; the pinned one is still there.
+        let second = handle.get("ships").expect("ships").version.clone();
+        assert_ne!(first, second);
+        assert!(handle.version("ships", &first).is_some());
+        assert_eq!(handle.ids(), vec!["foaf", "ports", "ships"]);
+
+        // A broken file keeps its last good version; a removed one is not offered.
+        std::fs::write(dir.join("ships.ttl"), "ex:Ship a").expect("write");
+        std::fs::remove_file(dir.join("ports.ttl")).expect("remove");
+        let report = ontologies.reload();
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        assert_eq!(report.removed, vec!["ports".to_owned()]);
+        assert_eq!(handle.get("ships").expect("ships").version, second);
+        assert!(handle.get("ports").is_none());
+        assert!(
+            handle.version("ports", &first).is_some(),
+            "kept for pinned runs"
+        );
+        assert_eq!(handle.ids(), vec!["foaf", "ships"]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn only_the_last_few_versions_are_kept() {
+        let dir = scratch();
+        let ontologies = Ontologies::load(&dir).expect("loads");
+        let mut versions = Vec::new();
+        for n in 0..KEPT_VERSIONS + 3 {
+            std::fs::write(dir.join("ships.ttl"), format!("{SMALL}# {n}\n")).expect("write");
+            ontologies.reload();
+            versions.push(ontologies.get("ships").expect("ships").version.clone());
+        }
+        let kept: Vec<bool> = versions
+            .iter()
+            .map(|v| ontologies.version("ships", v).is_some())
+            .collect();
+        let expected: Vec<bool> = (0..versions.len())
+            .map(|n| n + KEPT_VERSIONS + 1 >= versions.len())
+            .collect();
+        assert_eq!(kept, expected);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

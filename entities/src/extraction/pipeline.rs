@@ -184,7 +184,7 @@ mod tests {
             mention("University of Paris", "foaf:Organization"),
             mention("Curie", "foaf:Person"),
         ];
-        let entities = resolve(&mentions, foaf);
+        let entities = resolve(&mentions, &foaf);
         assert_eq!(entities.len(), 2, "{entities:?}");
         assert_eq!(entities[0].name, "Marie Curie");
         assert_eq!(entities[0].mentions, vec!["Marie Curie", "Curie"]);
@@ -201,7 +201,7 @@ mod tests {
                 object: "Marie Curie".into(),
             },
         ];
-        let (kept, rejected) = check_relations(&stated, &entities, foaf);
+        let (kept, rejected) = check_relations(&stated, &entities, &foaf);
         assert_eq!(rejected, 1);
         assert_eq!(kept.len(), 1);
         assert_eq!(

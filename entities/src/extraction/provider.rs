@@ -73,8 +73,9 @@ impl Call<'_> {
     }
 }
 
-/// A call's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A call's output (stored per chunk as `{"mentions": […]}` or `{"relations": […]}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Output {
     /// Typed mentions.
     Mentions(Vec<Mention>),

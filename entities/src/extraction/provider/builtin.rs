@@ -294,7 +294,6 @@ mod tests {
             .expect("foaf")
             .get("foaf")
             .expect("foaf")
-            .clone()
     }
 
     #[test]
