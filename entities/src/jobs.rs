@@ -22,6 +22,7 @@ mod metrics;
 pub mod record;
 pub mod registry;
 pub mod routes;
+pub mod sweep;
 
 use std::fmt;
 use std::str::FromStr;
@@ -64,6 +65,10 @@ pub struct JobsConfig {
     /// (see [`gauges`]). Default 15 s.
     #[serde(with = "humantime_serde")]
     pub gauge_interval: std::time::Duration,
+    /// How often the leading runner deletes the emptied rows of pruned jobs and released
+    /// keys (see [`sweep`]). Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: std::time::Duration,
     /// `[jobs.webhook]`: the `webhook` type, offered when it has signing secrets.
     pub webhook: crate::webhook::job::WebhookConfig,
 }
@@ -73,6 +78,7 @@ impl Default for JobsConfig {
         Self {
             retention: std::time::Duration::from_secs(7 * 24 * 3600),
             gauge_interval: std::time::Duration::from_secs(15),
+            sweep_interval: std::time::Duration::from_secs(300),
             webhook: crate::webhook::job::WebhookConfig::default(),
         }
     }

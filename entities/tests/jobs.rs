@@ -20,6 +20,32 @@ async fn cluster(runners: usize) -> anyhow::Result<(TestCluster, Vec<Runner>, Ga
     Ok((cluster, runners, gateway))
 }
 
+/// The sum over `runners` of the samples of `name` whose labels include `labels`.
+async fn metric_sum<const N: usize>(
+    runners: &[Runner],
+    name: &str,
+    labels: [(&str, &str); N],
+) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for runner in runners {
+        let text = reqwest::get(format!("http://{}/metrics", runner.addr))
+            .await?
+            .text()
+            .await?;
+        sum += text
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(sum)
+}
+
 /// Enqueues a job; returns its id.
 async fn enqueue(http: &Http, body: Value) -> anyhow::Result<String> {
     let response = http.post_json("/jobs", &body, &[]).await?;
@@ -192,6 +218,55 @@ async fn a_timeout_cancels_a_sleeping_handler_which_observes_it() -> anyhow::Res
         ran >= Duration::from_millis(500) && ran < Duration::from_secs(3),
         "ran {ran:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_attempt_is_retried_after_its_backoff() -> anyhow::Result<()> {
+    let (_cluster, runners, gateway) = cluster(2).await?;
+    let http = &gateway.http;
+    let body = json!({
+        "type": "diag.sleep",
+        "payload": {"ms": 60000},
+        "timeout_ms": 300,
+        "max_attempts": 3,
+        "backoff": {"first_ms": 400, "max_ms": 400},
+    });
+    let id = enqueue(http, body).await?;
+    let job = await_status(http, &id, "dead").await?;
+    ensure!(
+        outcomes(&job) == ["timed_out", "timed_out", "timed_out"],
+        "{job}"
+    );
+    let attempts = job["attempts"].as_array().context("attempts")?;
+    for pair in attempts.windows(2) {
+        let gap = (time(&pair[1]["started_at"])? - time(&pair[0]["ended_at"])?).to_std()?;
+        // Jitter takes up to half off the backoff.
+        ensure!(
+            gap >= Duration::from_millis(200),
+            "retried after {gap:?}: {job}"
+        );
+    }
+    // What an operator alerts on: attempts by outcome and duration, queue lag, dead letters.
+    let sleep = ("type", "diag.sleep");
+    let timed_out = metric_sum(
+        &runners,
+        "shoal_job_attempts_total",
+        [sleep, ("outcome", "timed_out")],
+    )
+    .await?;
+    ensure!(timed_out == 3.0, "timed-out attempts counted {timed_out}");
+    let timed = metric_sum(&runners, "shoal_job_attempt_seconds_count", [sleep]).await?;
+    ensure!(timed == 3.0, "attempt durations recorded {timed}");
+    let lag = metric_sum(&runners, "shoal_job_queue_lag_seconds_count", [sleep]).await?;
+    ensure!(lag == 3.0, "queue lags recorded {lag}");
+    let dead = metric_sum(
+        &runners,
+        "shoal_jobs_finished_total",
+        [sleep, ("status", "dead")],
+    )
+    .await?;
+    ensure!(dead == 1.0, "dead letters counted {dead}");
     Ok(())
 }
 
@@ -738,7 +813,10 @@ async fn finished_jobs_are_pruned_after_the_retention_and_free_their_key() -> an
     let cluster = TestCluster::new(16).await?;
     // `[jobs] retention` through the environment: the runtime's loader leaves the section
     // to the application.
-    let env = vec![("SHOAL__JOBS__RETENTION".to_owned(), "2s".to_owned())];
+    let env = vec![
+        ("SHOAL__JOBS__RETENTION".to_owned(), "2s".to_owned()),
+        ("SHOAL__JOBS__SWEEP_INTERVAL".to_owned(), "200ms".to_owned()),
+    ];
     let mut runners = Vec::new();
     for _ in 0..2 {
         let options = common::RunnerOptions {
@@ -772,10 +850,37 @@ async fn finished_jobs_are_pruned_after_the_retention_and_free_their_key() -> an
         listed["jobs"] == json!([]),
         "a pruned job is listed: {listed}"
     );
+    // The emptied rows of the job and of its key are deleted, not left behind.
+    let rows = |entity_type: &'static str, id: String| {
+        let pool = cluster.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM shoal_entity_state WHERE entity_type = $1 AND entity_id = $2",
+            )
+            .bind(entity_type)
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(n)
+        }
+    };
+    let key_id = shoal_entities::jobs::key::key_entity_id(None, "diag.noop", "pruned-key");
+    wait_until(
+        DEADLINE,
+        "the pruned job's and key's rows swept",
+        || async {
+            Ok(rows("job", first.clone()).await? + rows("job-key", key_id.clone()).await? == 0)
+        },
+    )
+    .await?;
     // The key is free again: a new job.
     let second = enqueue(http, body).await?;
     ensure!(second != first, "the key still named the pruned job");
     await_status(http, &second, "succeeded").await?;
+    ensure!(
+        rows("job", second.clone()).await? == 1,
+        "a live job's row went"
+    );
     Ok(())
 }
 
@@ -896,26 +1001,11 @@ async fn the_leading_runner_exports_waiting_and_dead_jobs_by_type() -> anyhow::R
     .await?;
     // Summed over the runners: only the leader reports non-zero values.
     let gauge = |status: &'static str, job_type: &'static str| {
-        let runners = &runners;
-        async move {
-            let mut sum = 0.0;
-            for runner in runners {
-                let text = reqwest::get(format!("http://{}/metrics", runner.addr))
-                    .await?
-                    .text()
-                    .await?;
-                sum += text
-                    .lines()
-                    .filter(|l| {
-                        l.starts_with("shoal_jobs{")
-                            && l.contains(&format!("status=\"{status}\""))
-                            && l.contains(&format!("type=\"{job_type}\""))
-                    })
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum::<f64>();
-            }
-            anyhow::Ok(sum)
-        }
+        metric_sum(
+            &runners,
+            "shoal_jobs",
+            [("status", status), ("type", job_type)],
+        )
     };
     wait_until(
         DEADLINE,

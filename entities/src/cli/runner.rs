@@ -48,6 +48,11 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         cluster.clone(),
         app.jobs.gauge_interval,
     );
+    let sweeper = shoal_entities::jobs::sweep::singleton(
+        pool.clone(),
+        cluster.clone(),
+        app.jobs.sweep_interval,
+    );
     let extraction_pool = extraction_pool(&config)?;
     let pruner = shoal_entities::extraction::prune::singleton(
         extraction_pool.clone(),
@@ -64,7 +69,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     let params = RunnerParams {
         registry: shoal_entities::registry_for(Some(pool), redis, &cluster, &app, &setup)?,
         config,
-        singletons: vec![gauges, pruner],
+        singletons: vec![gauges, sweeper, pruner],
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;

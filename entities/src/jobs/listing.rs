@@ -32,7 +32,7 @@ pub const DEFAULT_LIMIT: u32 = 50;
 
 /// Creates the job system's indexes.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
-    for statement in SCHEMA {
+    for statement in SCHEMA.iter().chain(super::sweep::SCHEMA) {
         sqlx::query(*statement).execute(pool).await?;
     }
     Ok(())
