@@ -39,6 +39,9 @@ enum CallMsg {
         value: i64,
         always: bool,
     },
+    /// Schedules `record {value}` to itself `after_ms` from now, then fails retryably on
+    /// the first attempt.
+    RemindThenFail { after_ms: u64, value: i64 },
     /// Sends `record {value}` to `to` for each of `values`, in order, in one handling.
     SendMany { to: String, values: Vec<i64> },
 }
@@ -104,6 +107,13 @@ impl<const PERSIST: bool> Entity for Caller<PERSIST> {
             CallMsg::Remind { after_ms, value } => {
                 ctx.schedule_after(record(value), Duration::from_millis(after_ms))
                     .await?;
+            }
+            CallMsg::RemindThenFail { after_ms, value } => {
+                ctx.schedule_after(record(value), Duration::from_millis(after_ms))
+                    .await?;
+                if ctx.attempts == 0 {
+                    return Err(HandlerError::retryable("flaky", "fails after scheduling"));
+                }
             }
             CallMsg::SendThenFail { to, value, always } => {
                 let mut request = record(value);
@@ -320,6 +330,27 @@ async fn a_message_scheduled_to_itself_arrives_once_and_not_before_its_time() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(c.state(&me).await.values, vec![5], "{entity_type}");
         assert_eq!(c.records_to(&me), 1, "{entity_type}");
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_handler_schedules_once() {
+    let c = cluster().await;
+    for entity_type in ["calls", "calls_direct"] {
+        let me = entity(entity_type, "replayed-timer");
+        let asked_ms = chrono::Utc::now().timestamp_millis();
+        // The first attempt schedules, then fails; the replay schedules again and succeeds.
+        let reply = c
+            .ask(
+                me.clone(),
+                serde_json::json!({"remind_then_fail": {"after_ms": 1000, "value": 8}}),
+            )
+            .await;
+        assert!(matches!(reply, Reply::Ok { .. }), "{reply:?}");
+        let state = c.recorded(&me).await;
+        assert_eq!(state.values, vec![8], "{entity_type}");
+        assert!(state.at_ms[0] - asked_ms >= 1000, "{entity_type}: early");
+        assert_eq!(c.records_to(&me), 1, "{entity_type}: scheduled once");
     }
 }
 

@@ -43,6 +43,9 @@ struct Hooked {
     events: Arc<Mutex<Vec<Event>>>,
     activations: Arc<AtomicUsize>,
     slow: Arc<AtomicBool>,
+    /// The passivation hook sleeps an hour while set.
+    slow_passivation: Arc<AtomicBool>,
+    passivations: Arc<AtomicUsize>,
     max_idle: Duration,
 }
 
@@ -61,6 +64,7 @@ impl EntityProtocol for Hooked {
         EntityOptions {
             max_idle: self.max_idle,
             activation_timeout: Duration::from_secs(1),
+            passivation_timeout: Duration::from_secs(1),
             ..EntityOptions::default()
         }
     }
@@ -106,6 +110,10 @@ impl Entity for Hooked {
     }
 
     async fn on_passivate(&self, ctx: &ActivationContext, state: i64) {
+        self.passivations.fetch_add(1, Ordering::SeqCst);
+        if self.slow_passivation.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         self.events
             .lock()
             .expect("not poisoned")
@@ -260,6 +268,33 @@ async fn the_passivation_hook_runs_when_an_idle_entity_passivates() {
         .filter(|e| matches!(e, Event::Passivated { .. }))
         .count();
     assert_eq!(count, 1, "{:?}", hooked.events());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passivation_hook_that_overruns_its_timeout_is_cut_off_and_the_entity_stops() {
+    let hooked = Hooked {
+        max_idle: Duration::from_millis(100),
+        ..Hooked::default()
+    };
+    hooked.slow_passivation.store(true, Ordering::SeqCst);
+    let f = fixture(hooked.clone()).await;
+    assert_eq!(value(f.add("h1", 3).await), 3);
+    // The hook would sleep an hour; its 1 s timeout ends it and the entity stops.
+    until("the hung hook cut off", Duration::from_secs(30), || {
+        hooked.passivations.load(Ordering::SeqCst) == 1 && f.runtime.resident() == 0
+    })
+    .await;
+    assert!(
+        !hooked
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::Passivated { .. })),
+        "the hook ran to its end: {:?}",
+        hooked.events()
+    );
+    // The next message activates it again from the stored state.
+    hooked.slow_passivation.store(false, Ordering::SeqCst);
+    assert_eq!(value(f.add("h1", 4).await), 7);
 }
 
 #[tokio::test(start_paused = true)]

@@ -74,7 +74,8 @@ pub async fn listen(
     sides: Vec<(String, std::sync::Arc<dyn Side>)>,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(50);
+    let mut backoff =
+        shoal::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let run = async {
             let client = redis::Client::open(url.as_str())?;
@@ -119,9 +120,8 @@ pub async fn listen(
             () = shutdown.cancelled() => return,
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = backoff.wait() => {}
             () = shutdown.cancelled() => return,
         }
-        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }

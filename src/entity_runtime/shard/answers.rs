@@ -10,6 +10,7 @@ use ractor::ActorRef;
 use tokio::time::Instant;
 
 use super::{DeliveryError, ReplyTx, ShardMsg, ShardState, WorkOutcome};
+use crate::backoff::Backoff;
 use crate::ids::MessageId;
 use crate::message_storage::Reply;
 
@@ -23,7 +24,7 @@ const RECHECKS_PER_TICK: usize = 64;
 pub(super) struct Waiting {
     pub(super) callers: Vec<ReplyTx>,
     recheck_at: Instant,
-    recheck_every: Duration,
+    recheck: Backoff,
 }
 
 impl ShardState {
@@ -75,10 +76,13 @@ impl ShardState {
     pub(super) fn add_waiter(&mut self, id: MessageId, caller: ReplyTx) {
         self.waiters
             .entry(id)
-            .or_insert_with(|| Waiting {
-                callers: Vec::new(),
-                recheck_at: Instant::now() + WAITER_RECHECK_FIRST,
-                recheck_every: WAITER_RECHECK_FIRST,
+            .or_insert_with(|| {
+                let mut recheck = Backoff::new(WAITER_RECHECK_FIRST, WAITER_RECHECK_MAX);
+                Waiting {
+                    callers: Vec::new(),
+                    recheck_at: Instant::now() + recheck.next_delay(),
+                    recheck,
+                }
             })
             .callers
             .push(caller);
@@ -124,8 +128,7 @@ impl ShardState {
             if !in_flight.contains(id) && waiting.recheck_at <= now && due.len() < RECHECKS_PER_TICK
             {
                 due.push(*id);
-                waiting.recheck_every = (waiting.recheck_every * 2).min(WAITER_RECHECK_MAX);
-                waiting.recheck_at = now + waiting.recheck_every;
+                waiting.recheck_at = now + waiting.recheck.next_delay();
             }
             true
         });
