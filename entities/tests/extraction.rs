@@ -951,6 +951,7 @@ async fn ended_journals_old_chunks_and_old_results_are_pruned_running_ones_kept(
 -> anyhow::Result<()> {
     let fake = FakeProvider::start().await?;
     let extra = [
+        ("SHOAL__EXTRACTION__KEEP_HANDLE", "1s"),
         ("SHOAL__EXTRACTION__JOURNAL_RETENTION", "1s"),
         ("SHOAL__EXTRACTION__RESULT_RETENTION", "1h"),
         ("SHOAL__EXTRACTION__PRUNE_INTERVAL", "200ms"),

@@ -3,8 +3,12 @@
 //! off the wire. A subscriber on one gateway gets, in order, what is published through
 //! another; topics filter; `Last-Event-ID` (header and query) resumes exactly; the
 //! owner's SIGKILL and a gateway's restart lose and repeat nothing; an id older than the
-//! history gets `reset`; a subscriber that does not read is reset without the gateway's
-//! memory growing; the subscriber cap answers 503; bad input is a 400 naming the problem.
+//! history gets `reset`, and so does one from before events past the max age (which are
+//! no longer served, then pruned); an idle stream carries comment heartbeats at the
+//! configured interval; a gateway whose carrier loses pushes gets them from the history by
+//! its periodic sync, once each and in order; a subscriber that does not read is reset
+//! without the gateway's memory growing; the subscriber cap answers 503; bad input is a
+//! 400 naming the problem.
 
 mod common;
 
@@ -14,6 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use common::gateway::{Gateway, GatewayOptions, Http};
 use common::{DEADLINE, Runner, RunnerOptions, TestCluster, wait_until};
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -130,7 +135,8 @@ struct Sse {
     response: reqwest::Response,
     buffer: String,
     retry: Option<u64>,
-    comments: usize,
+    /// The comment lines seen so far (heartbeats), in order.
+    comments: Vec<String>,
 }
 
 impl Sse {
@@ -159,50 +165,83 @@ impl Sse {
             response,
             buffer: String::new(),
             retry: None,
-            comments: 0,
+            comments: Vec::new(),
         })
+    }
+
+    /// Takes the first complete block off the buffer: `Some(Some(frame))` for an event,
+    /// `Some(None)` for a block of comments or `retry:` only (noted), `None` when no block
+    /// is complete yet.
+    fn block(&mut self) -> Option<Option<Frame>> {
+        let end = self.buffer.find("\n\n")?;
+        let block: String = self.buffer.drain(..end + 2).collect();
+        let mut frame = Frame {
+            id: None,
+            event: "message".to_owned(),
+            data: String::new(),
+        };
+        let mut has_event = false;
+        for line in block.lines() {
+            if line.starts_with(':') {
+                self.comments.push(line.to_owned());
+            } else if let Some((field, value)) = line.split_once(':') {
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "id" => frame.id = Some(value.to_owned()),
+                    "event" => {
+                        frame.event = value.to_owned();
+                        has_event = true;
+                    }
+                    "data" => {
+                        frame.data.push_str(value);
+                        has_event = true;
+                    }
+                    "retry" => self.retry = value.parse().ok(),
+                    _ => {}
+                }
+            }
+        }
+        Some(has_event.then_some(frame))
+    }
+
+    /// Reads the next chunk into the buffer; `false` when the stream ended.
+    async fn fill(&mut self) -> anyhow::Result<bool> {
+        match self.response.chunk().await? {
+            Some(chunk) => {
+                self.buffer.push_str(std::str::from_utf8(&chunk)?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The next event frame (comments and `retry:`-only frames are noted and skipped);
     /// `None` when the stream ended.
     async fn next(&mut self) -> anyhow::Result<Option<Frame>> {
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut frame = Frame {
-                    id: None,
-                    event: "message".to_owned(),
-                    data: String::new(),
-                };
-                let mut has_event = false;
-                for line in block.lines() {
-                    if line.starts_with(':') {
-                        self.comments += 1;
-                    } else if let Some((field, value)) = line.split_once(':') {
-                        let value = value.strip_prefix(' ').unwrap_or(value);
-                        match field {
-                            "id" => frame.id = Some(value.to_owned()),
-                            "event" => {
-                                frame.event = value.to_owned();
-                                has_event = true;
-                            }
-                            "data" => {
-                                frame.data.push_str(value);
-                                has_event = true;
-                            }
-                            "retry" => self.retry = value.parse().ok(),
-                            _ => {}
-                        }
-                    }
-                }
-                if has_event {
-                    return Ok(Some(frame));
-                }
-                continue;
+            match self.block() {
+                Some(Some(frame)) => return Ok(Some(frame)),
+                Some(None) => continue,
+                None => {}
             }
-            match self.response.chunk().await? {
-                Some(chunk) => self.buffer.push_str(std::str::from_utf8(&chunk)?),
-                None => return Ok(None),
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads an idle stream until it has carried `n` comment lines in all; an event
+    /// meanwhile, or the stream's end, is an error.
+    async fn idle_until_comments(&mut self, n: usize) -> anyhow::Result<()> {
+        loop {
+            match self.block() {
+                Some(Some(frame)) => bail!("an event on an idle stream: {frame:?}"),
+                Some(None) => continue,
+                None if self.comments.len() >= n => return Ok(()),
+                None => {}
+            }
+            if !self.fill().await? {
+                bail!("the stream ended after {:?}", self.comments);
             }
         }
     }
@@ -419,6 +458,129 @@ async fn an_id_older_than_the_history_gets_reset_naming_the_oldest_kept() -> any
     Ok(())
 }
 
+/// The age the next test keeps events for.
+const MAX_AGE: Duration = Duration::from_secs(4);
+
+/// The tenant's events in the history table, whether served or not: (rows, all older than
+/// [`MAX_AGE`] by the database's clock).
+async fn stored(cluster: &TestCluster, tenant: &str) -> anyhow::Result<(i64, bool)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), coalesce(bool_and(published_at < now() - make_interval(secs => $3)), false)
+           FROM shoal_notifications WHERE cluster = $1 AND tenant = $2",
+    )
+    .bind(&cluster.name)
+    .bind(tenant)
+    .bind(MAX_AGE.as_secs_f64())
+    .fetch_one(&cluster.pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_the_max_age_are_not_served_and_a_resume_before_them_is_reset()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::new(SHARDS).await?;
+    // The count bound (10000 by default) is far away: only the age removes anything.
+    let max_age = format!("{}s", MAX_AGE.as_secs());
+    let aging = [
+        ("SHOAL__NOTIFICATIONS__HISTORY_MAX_AGE", max_age.as_str()),
+        ("SHOAL__NOTIFICATIONS__PRUNE_EVERY", "1"),
+    ];
+    let _runners = runners(&cluster, 1, &aging).await?;
+    let gw = gateway(&cluster, &aging).await?;
+    for i in 0..5 {
+        publish(&gw.http, "old", "x", json!(i)).await?;
+    }
+    wait_until(DEADLINE, "events 1-5 are past the max age", || async {
+        Ok(stored(&cluster, "old").await? == (5, true))
+    })
+    .await?;
+    // Still stored (no publish has pruned since), but no longer served: a resume from the
+    // start is told that nothing it asks for is kept.
+    let mut from_start = Sse::open(
+        &gw.http.base,
+        "/tenants/old/events",
+        &[("last-event-id", "0")],
+    )
+    .await?;
+    let reset = from_start.take(1).await?.remove(0);
+    ensure!(reset.event == "reset", "{reset:?}");
+    let data: Value = serde_json::from_str(&reset.data)?;
+    ensure!(
+        data["reason"] == "expired"
+            && data["oldest"].is_null()
+            && data["newest"] == 5
+            && data["resume_after"] == 5,
+        "{data}"
+    );
+    ensure!(reset.id.as_deref() == Some("5"), "{reset:?}");
+    // The next publish prunes what is past the age.
+    for i in 5..8 {
+        publish(&gw.http, "old", "x", json!(i)).await?;
+    }
+    let (rows, _) = stored(&cluster, "old").await?;
+    ensure!(rows == 3, "{rows} rows kept after the prune, not 3");
+    // The stream that was reset goes on live, without another reset.
+    let live = from_start.take(3).await?;
+    ensure!(
+        seqs(&live) == [6, 7, 8] && live.iter().all(|f| f.event == "x"),
+        "{live:?}"
+    );
+    // A resume from before the aged events: reset naming the oldest kept, then the
+    // younger events.
+    let mut stale = Sse::open(
+        &gw.http.base,
+        "/tenants/old/events",
+        &[("last-event-id", "2")],
+    )
+    .await?;
+    let frames = stale.take(4).await?;
+    ensure!(frames[0].event == "reset", "{frames:?}");
+    let data: Value = serde_json::from_str(&frames[0].data)?;
+    ensure!(
+        data["reason"] == "expired" && data["oldest"] == 6 && data["newest"] == 8,
+        "{data}"
+    );
+    ensure!(frames[0].id.as_deref() == Some("5"), "{frames:?}");
+    ensure!(seqs(&frames[1..]) == [6, 7, 8], "{frames:?}");
+    // A resume inside what is kept is served exactly, without a reset.
+    let mut young = Sse::open(
+        &gw.http.base,
+        "/tenants/old/events",
+        &[("last-event-id", "6")],
+    )
+    .await?;
+    let frames = young.take(2).await?;
+    ensure!(
+        seqs(&frames) == [7, 8] && frames.iter().all(|f| f.event == "x"),
+        "{frames:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_gets_a_comment_heartbeat_at_the_configured_interval() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::new(SHARDS).await?;
+    let _runners = runners(&cluster, 1, &[]).await?;
+    let gw = gateway(&cluster, &[("SHOAL__NOTIFICATIONS__HEARTBEAT", "250ms")]).await?;
+    let mut stream = Sse::open(&gw.http.base, "/tenants/quiet/events", &[]).await?;
+    // Two heartbeats at 250 ms take half a second; at the default 15 s they would take 30.
+    let within = Duration::from_secs(5);
+    tokio::time::timeout(within, stream.idle_until_comments(2))
+        .await
+        .with_context(|| format!("2 heartbeats within {within:?}: {:?}", stream.comments))??;
+    ensure!(
+        stream.comments.iter().all(|c| c == ": heartbeat"),
+        "{:?}",
+        stream.comments
+    );
+    // The stream is still a working one.
+    publish(&gw.http, "quiet", "x", json!(1)).await?;
+    let frames = stream.take(1).await?;
+    ensure!(frames[0].seq() == 1 && frames[0].event == "x", "{frames:?}");
+    Ok(())
+}
+
 /// Reads `stream` until it has seen seq `last`, checking every seq once and in order.
 async fn read_until(stream: &mut Sse, from: u64, last: u64) -> anyhow::Result<Vec<u64>> {
     let mut seen = Vec::new();
@@ -539,6 +701,129 @@ async fn a_restarted_gateways_clients_resume_without_gap() -> anyhow::Result<()>
     read_until(&mut resumed, 11, 25).await?;
     publish(&two.http, "r", "x", json!(25)).await?;
     read_until(&mut resumed, 26, 26).await?;
+    Ok(())
+}
+
+/// The channel `prefix`'s runners push on and its gateways listen to.
+fn channel(prefix: &str) -> String {
+    format!("{prefix}:notifications")
+}
+
+/// The seq of a push (an event as JSON) of `tenant`; `None` for another tenant's.
+fn pushed_seq(payload: &str, tenant: &str) -> anyhow::Result<Option<u64>> {
+    let event: Value = serde_json::from_str(payload)?;
+    if event["tenant"] != tenant {
+        return Ok(None);
+    }
+    Ok(Some(event["seq"].as_u64().context("a push without seq")?))
+}
+
+/// Publishes event `i` of tenant `lossy` and waits for the runner's push of it (its
+/// payload).
+async fn publish_and_tap(
+    http: &Http,
+    pushes: &mut (impl futures::Stream<Item = redis::Msg> + Unpin),
+    i: u64,
+) -> anyhow::Result<String> {
+    let seq = publish(http, "lossy", "x", json!({"i": i})).await?;
+    ensure!(seq == i, "publish {i} got seq {seq}");
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let push = pushes.next().await.context("the tap ended")?;
+            let payload: String = push.get_payload()?;
+            if pushed_seq(&payload, "lossy")? == Some(i) {
+                return anyhow::Ok(payload);
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("the runner's push of {i}"))?
+}
+
+/// Publishes `payload` on `channel`, as a carrier would.
+async fn relay(
+    publisher: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    payload: &str,
+) -> anyhow::Result<()> {
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query_async(publisher)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_misses_pushes_catches_up_from_the_history_by_its_periodic_sync()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::new(SHARDS).await?;
+    let _runners = runners(&cluster, 1, &[]).await?;
+    // The runner pushes on its prefix's channel; the gateway, under another prefix, listens
+    // on a channel only this test publishes to. The test relays the runner's pushes to it
+    // and withholds some: a carrier that loses pushes while the gateway's subscription
+    // stays up (no resubscription, hence no catch-up of its own).
+    let runner_prefix = format!("shoal-test:{}", cluster.db.name);
+    let gateway_prefix = format!("{runner_prefix}:lossy");
+    let gw = gateway(
+        &cluster,
+        &[
+            ("SHOAL__REDIS__KEY_PREFIX", gateway_prefix.as_str()),
+            ("SHOAL__NOTIFICATIONS__SYNC_INTERVAL", "300ms"),
+        ],
+    )
+    .await?;
+    let redis = redis::Client::open(shoal_testkit::redis::redis_url())?;
+    let mut publisher = redis.get_multiplexed_async_connection().await?;
+    let mut taps = redis.get_async_pubsub().await?;
+    taps.subscribe(channel(&runner_prefix)).await?;
+    let mut pushes = taps.into_on_message();
+    let relayed = channel(&gateway_prefix);
+    wait_until(DEADLINE, "the gateway listens on its channel", || {
+        let mut publisher = publisher.clone();
+        let relayed = relayed.clone();
+        async move {
+            let (_, listeners): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&relayed)
+                .query_async(&mut publisher)
+                .await?;
+            Ok(listeners >= 1)
+        }
+    })
+    .await?;
+    let mut stream = Sse::open(&gw.http.base, "/tenants/lossy/events", &[]).await?;
+    // 1-3 are relayed.
+    for i in 1..=3 {
+        let payload = publish_and_tap(&gw.http, &mut pushes, i).await?;
+        relay(&mut publisher, &relayed, &payload).await?;
+    }
+    let relayed_frames = stream.take(3).await.context("the relayed events")?;
+    ensure!(seqs(&relayed_frames) == [1, 2, 3], "{relayed_frames:?}");
+    // 4-6 are lost, and nothing follows them that would show a gap: only the gateway's
+    // periodic catch-up from the history can bring them.
+    let mut withheld = Vec::new();
+    for i in 4..=6 {
+        withheld.push(publish_and_tap(&gw.http, &mut pushes, i).await?);
+    }
+    let caught_up = stream
+        .take(3)
+        .await
+        .context("the lost events, from the history")?;
+    ensure!(seqs(&caught_up) == [4, 5, 6], "{caught_up:?}");
+    for (i, frame) in (4..).zip(&caught_up) {
+        let data: Value = serde_json::from_str(&frame.data)?;
+        ensure!(data["i"] == i && frame.event == "x", "{frame:?}");
+    }
+    // The lost pushes turn up late: nothing is delivered twice, and the next live one
+    // follows without a gap.
+    for payload in &withheld {
+        relay(&mut publisher, &relayed, payload).await?;
+    }
+    let payload = publish_and_tap(&gw.http, &mut pushes, 7).await?;
+    relay(&mut publisher, &relayed, &payload).await?;
+    let next = stream.take(1).await?;
+    ensure!(seqs(&next) == [7], "{next:?}");
     Ok(())
 }
 
