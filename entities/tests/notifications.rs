@@ -923,11 +923,33 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
         text.contains("event: reset") && text.contains("slow_consumer"),
         "no reset frame at the end"
     );
-    // The cap: 3 subscribers, the 4th is refused with 503.
+    // The cap: 3 subscribers, the 4th is refused with 503 — and so is an extraction's
+    // stream, which takes its place under the same cap.
+    let body = json!({"text": "Ada Lovelace met Charles Babbage.", "ontology_id": "foaf"});
+    let extraction = gw
+        .http
+        .post_json("/extractions?wait=true", &body, &[])
+        .await?;
+    ensure!(extraction.status == StatusCode::OK, "{}", extraction.text());
+    let extraction = extraction.json()?["id"]
+        .as_str()
+        .context("an extraction id")?
+        .to_owned();
     let _a = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
     let _b = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
     let _c = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
     let refused = gw.http.get("/tenants/cap/events").await?;
+    ensure!(
+        refused.status == StatusCode::SERVICE_UNAVAILABLE
+            && refused.error()?.0 == "too_many_subscribers",
+        "{} {}",
+        refused.status,
+        refused.text()
+    );
+    let refused = gw
+        .http
+        .get(&format!("/extractions/{extraction}/events"))
+        .await?;
     ensure!(
         refused.status == StatusCode::SERVICE_UNAVAILABLE
             && refused.error()?.0 == "too_many_subscribers",

@@ -7,7 +7,7 @@ use shoal::gateway::GatewayParams;
 use shoal_entities::extraction::watch::{self as extraction_watch, JournalWatch};
 use shoal_entities::notifications::carrier;
 use shoal_entities::notifications::history::History;
-use shoal_entities::notifications::hub::spawn_hub;
+use shoal_entities::notifications::hub::{StreamSlots, spawn_hub};
 use shoal_entities::notifications::routes::Subscriptions;
 
 use super::{ClusterArgs, DatabaseArgs};
@@ -55,16 +55,15 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         )?),
         None => None,
     };
-    let journal_watch = JournalWatch::new(
-        app.notifications.max_subscribers,
-        app.notifications.sync_interval,
-    );
+    // One cap over every stream this gateway serves: tenant streams and extraction readers.
+    let slots = StreamSlots::new(app.notifications.max_subscribers);
+    let journal_watch = JournalWatch::new(slots.clone(), app.notifications.sync_interval);
     let subscriptions = subscriptions(
         &config,
         pool.clone(),
         redis.as_ref(),
         &app,
-        &journal_watch,
+        (&slots, &journal_watch),
         &shutdown,
     );
     let setup = shoal_entities::extraction::ExtractionSetup {
@@ -97,7 +96,7 @@ fn subscriptions(
     pool: sqlx::PgPool,
     redis: Option<&shoal::redis::RedisClient>,
     app: &shoal_entities::AppConfig,
-    journal_watch: &JournalWatch,
+    (slots, journal_watch): (&StreamSlots, &JournalWatch),
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Subscriptions {
     let notifications = &app.notifications;
@@ -106,7 +105,12 @@ fn subscriptions(
         config.cluster.name.to_string(),
         notifications.history_max_age,
     );
-    let hub = spawn_hub(history.clone(), notifications, shutdown.clone());
+    let hub = spawn_hub(
+        history.clone(),
+        notifications,
+        slots.clone(),
+        shutdown.clone(),
+    );
     if let (Some(url), Some(redis)) = (&config.redis.url, redis) {
         tokio::spawn(carrier::listen(
             url.clone(),

@@ -10,9 +10,10 @@
 //! the reader's fallback read every `notifications.sync-interval` (and every reader reads
 //! again after each (re)subscription); a gateway with no Redis reads every 100 ms.
 //!
-//! Bounded: the readers one gateway follows at once are capped (`notifications.
-//! max-subscribers`; past it the stream is refused with a 503), and the map holds one entry
-//! per followed extraction, removed with its last reader.
+//! Bounded: each reader takes one of the gateway's [`StreamSlots`], the cap it shares with
+//! the tenant streams (`notifications.max-subscribers`; past it the stream is refused with
+//! a 503), and the map holds one entry per followed extraction, removed with its last
+//! reader.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use shoal::redis::RedisClient;
 use tokio::sync::watch;
 
 use crate::notifications::carrier::Side;
+use crate::notifications::hub::{Slot, StreamSlots};
 
 /// How often a reader reads the journal when no wake-ups arrive (no Redis).
 pub const POLL: Duration = Duration::from_millis(100);
@@ -67,7 +69,7 @@ pub struct JournalWatch {
 struct Inner {
     followed: Mutex<HashMap<String, Followed>>,
     readers: AtomicUsize,
-    max_readers: usize,
+    slots: StreamSlots,
     /// Set once the gateway's subscription is up: wake-ups arrive, so readers may wait long.
     subscribed: AtomicBool,
     fallback: Duration,
@@ -81,26 +83,29 @@ struct Followed {
 
 /// Too many readers on this gateway.
 #[derive(Debug, thiserror::Error)]
-#[error("this gateway follows {0} extraction streams, its limit")]
+#[error("this gateway serves {0} streams, its limit")]
 pub struct TooManyReaders(pub usize);
 
 impl Default for JournalWatch {
     /// The notification defaults' cap and sync interval.
     fn default() -> Self {
         let defaults = crate::notifications::NotificationsConfig::default();
-        Self::new(defaults.max_subscribers, defaults.sync_interval)
+        Self::new(
+            StreamSlots::new(defaults.max_subscribers),
+            defaults.sync_interval,
+        )
     }
 }
 
 impl JournalWatch {
-    /// At most `max_readers` readers; each reads at least every `fallback` once wake-ups
-    /// arrive (every [`POLL`] until then).
-    pub fn new(max_readers: usize, fallback: Duration) -> Self {
+    /// Readers within `slots`; each reads at least every `fallback` once wake-ups arrive
+    /// (every [`POLL`] until then).
+    pub fn new(slots: StreamSlots, fallback: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 followed: Mutex::default(),
                 readers: AtomicUsize::new(0),
-                max_readers,
+                slots,
                 subscribed: AtomicBool::new(false),
                 fallback,
             }),
@@ -110,14 +115,11 @@ impl JournalWatch {
     /// A reader of `id`'s journal, or `TooManyReaders`.
     pub fn follow(&self, id: &str) -> Result<Reader, TooManyReaders> {
         let inner = &self.inner;
-        let admitted = inner
-            .readers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < inner.max_readers).then_some(n + 1)
-            });
-        if admitted.is_err() {
-            return Err(TooManyReaders(inner.max_readers));
-        }
+        let slot = inner
+            .slots
+            .admit()
+            .ok_or(TooManyReaders(inner.slots.max()))?;
+        inner.readers.fetch_add(1, Ordering::AcqRel);
         let mut followed = lock(&inner.followed);
         let entry = followed.entry(id.to_owned()).or_insert_with(|| Followed {
             wake: watch::Sender::new(0),
@@ -130,6 +132,7 @@ impl JournalWatch {
             id: id.to_owned(),
             woken,
             watch: self.clone(),
+            _slot: slot,
         })
     }
 
@@ -178,6 +181,8 @@ pub struct Reader {
     id: String,
     woken: watch::Receiver<u64>,
     watch: JournalWatch,
+    /// Its place under the gateway's stream cap, released with the reader.
+    _slot: Slot,
 }
 
 impl Reader {
@@ -225,7 +230,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wake_up_ends_the_wait_and_the_map_forgets_the_last_reader() {
-        let watch = JournalWatch::new(2, Duration::from_secs(60));
+        let watch = JournalWatch::new(StreamSlots::new(2), Duration::from_secs(60));
         watch.on_subscribed();
         let mut reader = watch.follow("x").expect("admitted");
         let mut other = watch.follow("x").expect("admitted");
@@ -250,10 +255,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_a_subscription_readers_poll() {
-        let watch = JournalWatch::new(1, Duration::from_secs(60));
+        let watch = JournalWatch::new(StreamSlots::new(1), Duration::from_secs(60));
         let mut reader = watch.follow("x").expect("admitted");
         let started = tokio::time::Instant::now();
         reader.wait(None).await;
         assert_eq!(started.elapsed(), POLL);
+    }
+
+    #[test]
+    fn readers_share_the_gateways_stream_cap_with_tenant_streams() {
+        let slots = StreamSlots::new(2);
+        let watch = JournalWatch::new(slots.clone(), Duration::from_secs(60));
+        let tenant_stream = slots.admit().expect("a tenant stream");
+        let reader = watch.follow("x").expect("admitted");
+        assert!(watch.follow("y").is_err(), "one cap for both kinds");
+        drop(tenant_stream);
+        let other = watch.follow("y").expect("a place was freed");
+        drop((reader, other));
+        assert_eq!(slots.taken(), 0);
     }
 }

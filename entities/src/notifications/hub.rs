@@ -70,8 +70,49 @@ struct Feed {
 pub struct HubHandle {
     commands: mpsc::Sender<Command>,
     lost: Arc<AtomicBool>,
-    subscribers: Arc<AtomicUsize>,
-    max_subscribers: usize,
+    slots: StreamSlots,
+}
+
+/// The streams one gateway serves at once, of every kind — tenant streams here, extraction
+/// streams and waits (`extraction::watch`) — under one cap (`notifications.
+/// max-subscribers`; past it a stream is refused with a 503). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StreamSlots {
+    taken: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl StreamSlots {
+    /// At most `max` streams at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            taken: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A place for one more stream, or `None` at the cap.
+    pub fn admit(&self) -> Option<Slot> {
+        let before = self.taken.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        super::metrics::subscribers(before + 1);
+        Some(Slot {
+            subscribers: self.taken.clone(),
+        })
+    }
+
+    /// Streams served now.
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -102,22 +143,15 @@ pub enum HubError {
 }
 
 impl HubHandle {
-    /// A place for one more subscriber, or `None` at the cap.
+    /// A place for one more subscriber, or `None` at the cap (shared with every other
+    /// stream of the gateway: [`StreamSlots`]).
     pub fn admit(&self) -> Option<Slot> {
-        let before = self.subscribers.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max_subscribers {
-            self.subscribers.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        super::metrics::subscribers(before + 1);
-        Some(Slot {
-            subscribers: self.subscribers.clone(),
-        })
+        self.slots.admit()
     }
 
-    /// Subscribers on this gateway now.
+    /// Streams on this gateway now.
     pub fn subscribers(&self) -> usize {
-        self.subscribers.load(Ordering::Acquire)
+        self.slots.taken()
     }
 
     /// Joins `tenant`'s feed; `newest` is the newest seq the caller read from the history
@@ -155,14 +189,14 @@ impl HubHandle {
 pub fn spawn_hub(
     history: History,
     config: &NotificationsConfig,
+    slots: StreamSlots,
     shutdown: CancellationToken,
 ) -> HubHandle {
     let (commands, rx) = mpsc::channel(COMMANDS);
     let handle = HubHandle {
         commands: commands.clone(),
         lost: Arc::new(AtomicBool::new(false)),
-        subscribers: Arc::new(AtomicUsize::new(0)),
-        max_subscribers: config.max_subscribers,
+        slots,
     };
     let hub = Hub {
         feeds: HashMap::new(),
