@@ -176,7 +176,8 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
         singletons,
         runner_id_rx.clone(),
         config.runner.drain_timeout,
-    );
+    )
+    .with_client(client.clone());
     let lifecycle = Lifecycles(vec![
         Arc::new(runtime.clone()),
         Arc::new(singletons.clone()),

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::ShoalClient;
 use crate::ids::{Epoch, RunnerId, ShardId};
 use crate::ownership::ShardLifecycle;
 use crate::sharding::Sharding;
@@ -32,10 +33,17 @@ pub struct SingletonContext {
     pub epoch: Epoch,
     /// This runner.
     pub runner_id: Option<RunnerId>,
+    client: Option<ShoalClient>,
     cancel: CancellationToken,
 }
 
 impl SingletonContext {
+    /// This runner's client, to send messages to entities (none where the singletons run
+    /// without one, as in unit tests).
+    pub fn client(&self) -> Option<&ShoalClient> {
+        self.client.as_ref()
+    }
+
     /// Whether this runner still leads (the shard is still ours).
     pub fn is_leader(&self) -> bool {
         !self.cancel.is_cancelled()
@@ -112,6 +120,7 @@ pub struct Singletons {
     entries: Arc<Vec<(ShardId, Singleton)>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
     runner_id: watch::Receiver<Option<RunnerId>>,
+    client: Option<ShoalClient>,
     grace: Duration,
 }
 
@@ -139,8 +148,15 @@ impl Singletons {
             entries: Arc::new(entries),
             running: Arc::new(Mutex::new(HashMap::new())),
             runner_id,
+            client: None,
             grace,
         }
+    }
+
+    /// Hands the singletons this runner's `client` ([`SingletonContext::client`]).
+    pub fn with_client(mut self, client: ShoalClient) -> Self {
+        self.client = Some(client);
+        self
     }
 
     fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
@@ -185,6 +201,7 @@ impl ShardLifecycle for Singletons {
                 shard,
                 epoch,
                 runner_id: *self.runner_id.borrow(),
+                client: self.client.clone(),
                 cancel: cancel.clone(),
             };
             tracing::info!(singleton = %singleton.name, %shard, %epoch, "singleton starting");

@@ -65,8 +65,8 @@ pub struct JobsConfig {
     /// (see [`gauges`]). Default 15 s.
     #[serde(with = "humantime_serde")]
     pub gauge_interval: std::time::Duration,
-    /// How often the leading runner deletes the emptied rows of pruned jobs and released
-    /// keys (see [`sweep`]). Default 5 min.
+    /// How often the leading runner prunes jobs past the retention and deletes the emptied
+    /// rows of pruned jobs and released keys (see [`sweep`]). Default 5 min.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: std::time::Duration,
     /// `[jobs.webhook]`: the `webhook` type, offered when it has signing secrets.
@@ -91,16 +91,10 @@ pub fn register(
     registry: &mut EntityRegistry,
     types: Arc<JobRegistry>,
     redis: Option<shoal::redis::RedisClient>,
-    config: &JobsConfig,
 ) -> Result<(), RegistryError> {
     let running = control::RunningAttempts::default();
     registry
-        .register(entity::Job::new(
-            types,
-            running.clone(),
-            redis,
-            config.retention,
-        ))?
+        .register(entity::Job::new(types, running.clone(), redis))?
         .register_concurrent(control::JobControl::new(running))?
         .register(key::JobKey)?
         .register(cron::JobCron)?;

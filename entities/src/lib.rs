@@ -81,12 +81,7 @@ pub fn registry_for(
             &app.notifications,
         ))?;
     let types = job_types_with(pool, redis.clone(), jobs_config)?;
-    jobs::register(
-        &mut registry,
-        std::sync::Arc::new(types),
-        redis,
-        jobs_config,
-    )?;
+    jobs::register(&mut registry, std::sync::Arc::new(types), redis)?;
     Ok(registry)
 }
 

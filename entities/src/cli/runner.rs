@@ -51,6 +51,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     let sweeper = shoal_entities::jobs::sweep::singleton(
         pool.clone(),
         cluster.clone(),
+        app.jobs.retention,
         app.jobs.sweep_interval,
     );
     let extraction_pool = extraction_pool(&config)?;

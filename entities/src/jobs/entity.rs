@@ -40,8 +40,6 @@ pub struct Job {
     pub(crate) running: RunningAttempts,
     /// For concurrency leases (a limited type waits without it).
     pub(crate) redis: Option<RedisClient>,
-    /// How long a finished job is kept before it is pruned.
-    pub(crate) retention: Duration,
 }
 
 impl Job {
@@ -51,13 +49,11 @@ impl Job {
         registry: Arc<JobRegistry>,
         running: RunningAttempts,
         redis: Option<RedisClient>,
-        retention: Duration,
     ) -> Self {
         Self {
             registry,
             running,
             redis,
-            retention,
         }
     }
 }
@@ -127,8 +123,9 @@ pub enum JobMessage {
     Retry {},
     /// Cancels a job that is not running.
     Cancel {},
-    /// Forgets a job finished in generation `generation` (scheduled `retention` after it
-    /// finished): its key is released and its record emptied (then `GET` is a 404).
+    /// Forgets a job finished in generation `generation` (sent by the `shoal-job-sweeper`
+    /// singleton `[jobs] retention` after it finished, module `sweep`): its key is released
+    /// and its record emptied (then `GET` is a 404).
     Prune {
         /// The generation that finished.
         generation: u32,
@@ -168,7 +165,6 @@ impl Entity for Job {
         state: &mut JobView,
         message: JobMessage,
     ) -> Result<JobView, HandlerError> {
-        let was_finished = state.status.is_finished();
         let before = (state.status, state.attempts.len(), state.generation);
         match message {
             JobMessage::Enqueue(new) => self.enqueue(ctx, state, new).await?,
@@ -180,9 +176,6 @@ impl Entity for Job {
             JobMessage::Retry {} => retry(ctx, state).await?,
             JobMessage::Cancel {} => cancel(state),
             JobMessage::Get {} => {}
-        }
-        if !was_finished && state.status.is_finished() {
-            self.schedule_prune(ctx, state).await?;
         }
         if (state.status, state.attempts.len(), state.generation) != before
             && state.status != JobStatus::New
@@ -226,23 +219,6 @@ async fn publish_change(ctx: &EntityContext, state: &JobView) {
 pub const JOB_TOPIC: &str = "job";
 
 impl Job {
-    /// Schedules the finished job's `prune` for `retention` after it finished.
-    async fn schedule_prune(
-        &self,
-        ctx: &EntityContext,
-        state: &JobView,
-    ) -> Result<(), HandlerError> {
-        let finished = state.finished_at.unwrap_or_else(Utc::now);
-        let at =
-            finished + chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
-        let body = serde_json::json!({ "generation": state.generation });
-        let request = Request::persisted(ctx.address.clone(), "prune", body);
-        ctx.schedule(request, at)
-            .await
-            .map_err(|e| HandlerError::retryable("schedule_failed", e.to_string()))?;
-        Ok(())
-    }
-
     async fn enqueue(
         &self,
         ctx: &EntityContext,
