@@ -108,8 +108,15 @@ fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConf
     let notifications: shoal_entities::notifications::NotificationsConfig =
         app.section("notifications")?;
     notifications.validate().map_err(anyhow::Error::msg)?;
+    let jobs: shoal_entities::jobs::JobsConfig = app.section("jobs")?;
+    for (field, zero) in [
+        ("sweep-interval", jobs.sweep_interval.is_zero()),
+        ("gauge-interval", jobs.gauge_interval.is_zero()),
+    ] {
+        anyhow::ensure!(!zero, "jobs.{field}: must be above zero");
+    }
     Ok(shoal_entities::AppConfig {
-        jobs: app.section("jobs")?,
+        jobs,
         notifications,
         extraction: app.section("extraction")?,
     })

@@ -112,10 +112,17 @@ impl ExtractionSetup {
             .map(|redis| Cache::extraction(redis, &self.redis_config.cache))
     }
 
-    /// The ontologies, re-read every `ontology-reload-interval` (inside a Tokio runtime).
+    /// The ontologies; inside a Tokio runtime, a task stores every version they offer and
+    /// re-reads the directory every `ontology-reload-interval`, until they are dropped.
     fn ontologies(&self) -> Result<Ontologies, ExtractionSetupError> {
         let ontologies = Ontologies::load(&self.config.ontologies)?;
-        ontologies.reload_every(self.config.ontology_reload_interval);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(keep_ontologies(
+                ontologies.downgrade(),
+                self.journal(),
+                self.config.ontology_reload_interval,
+            ));
+        }
         Ok(ontologies)
     }
 
@@ -180,5 +187,46 @@ impl ExtractionSetup {
             cache: self.cache(),
             watch: JournalWatch::default(),
         })
+    }
+}
+
+/// Stores each version `ontologies` offer (once it is stored, not again) and re-reads their
+/// directory every `interval` (`0s`: never), until the ontologies are dropped. A version
+/// that could not be stored is tried again on the next round.
+async fn keep_ontologies(
+    ontologies: ontology::WeakOntologies,
+    journal: Option<Journal>,
+    interval: std::time::Duration,
+) {
+    let mut stored = std::collections::HashSet::new();
+    loop {
+        let Some(current) = ontologies.upgrade().map(|o| o.current()) else {
+            return;
+        };
+        if let Some(journal) = &journal {
+            for ontology in current {
+                let key = (ontology.id.clone(), ontology.version.clone());
+                if stored.contains(&key) {
+                    continue;
+                }
+                match journal.put_ontology(&ontology).await {
+                    Ok(()) => {
+                        stored.insert(key);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, ontology = %ontology.id, "could not store an ontology version");
+                    }
+                }
+            }
+        }
+        if interval.is_zero() {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+        let Some(handle) = ontologies.upgrade() else {
+            return;
+        };
+        // Parsing is CPU work: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || handle.reload()).await;
     }
 }

@@ -951,7 +951,7 @@ async fn ended_journals_old_chunks_and_old_results_are_pruned_running_ones_kept(
 -> anyhow::Result<()> {
     let fake = FakeProvider::start().await?;
     let extra = [
-        ("SHOAL__EXTRACTION__KEEP_HANDLE", "1s"),
+        ("SHOAL__EXTRACTION__KEEP_HANDLE", "500ms"),
         ("SHOAL__EXTRACTION__JOURNAL_RETENTION", "1s"),
         ("SHOAL__EXTRACTION__RESULT_RETENTION", "1h"),
         ("SHOAL__EXTRACTION__PRUNE_INTERVAL", "200ms"),
@@ -1107,6 +1107,55 @@ async fn an_ontology_added_or_changed_is_served_without_a_restart() -> anyhow::R
         .filter_map(|e| e["class_iri"].as_str())
         .collect();
     ensure!(classes.iter().any(|c| c.contains("Port")), "{second}");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_pinned_to_an_ontology_version_finishes_on_a_runner_that_never_read_it()
+-> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("shoal-ontologies-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let dir_text = dir.display().to_string();
+    // `people` is the default FOAF ontology under another id (the fake answers in FOAF).
+    let people = include_str!("../../cluster-config/ontologies/foaf.ttl");
+    std::fs::write(dir.join("people.ttl"), people)?;
+    let fake = FakeProvider::start().await?;
+    fake.hold("mentions");
+    let extra = [
+        ("SHOAL__EXTRACTION__ONTOLOGIES", dir_text.as_str()),
+        ("SHOAL__EXTRACTION__ONTOLOGY_RELOAD_INTERVAL", "200ms"),
+    ];
+    let mut nodes = Nodes::start(1, 1, Some(&fake), &extra).await?;
+    let body = json!({"text": "Ada Lovelace joined the Analytical Society.",
+                      "ontology_id": "people", "options": {"provider": "oai"}});
+    let id = start(nodes.http(), &body).await?;
+    wait_until(common::DEADLINE, "the held mentions call", || async {
+        Ok(fake.calls_of("mentions") == 1)
+    })
+    .await?;
+    let pinned: String = sqlx::query_scalar(
+        "SELECT data->>'ontology_version' FROM shoal_extraction_events
+          WHERE extraction_id = $1 AND kind = 'started'",
+    )
+    .bind(&id)
+    .fetch_one(&nodes.cluster.pool)
+    .await?;
+    // The file changes; the runner dies; its successor only ever reads the new file.
+    std::fs::write(dir.join("people.ttl"), format!("{people}\n# version 2\n"))?;
+    nodes.runners[0].kill()?;
+    nodes.add_runner().await?;
+    fake.release();
+    let view = await_status(nodes.http(), &id, &["completed", "failed"], LONG).await?;
+    ensure!(view["status"] == "completed", "{view}");
+    ensure!(view["result"]["ontology_version"] == pinned, "{view}");
+    ensure!(
+        !view["result"]["entities"]
+            .as_array()
+            .context("entities")?
+            .is_empty(),
+        "{view}"
+    );
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

@@ -239,14 +239,20 @@ async fn a_timed_out_attempt_is_retried_after_its_backoff() -> anyhow::Result<()
         "{job}"
     );
     let attempts = job["attempts"].as_array().context("attempts")?;
+    let mut waited = Duration::ZERO;
     for pair in attempts.windows(2) {
         let gap = (time(&pair[1]["started_at"])? - time(&pair[0]["ended_at"])?).to_std()?;
-        // Jitter takes up to half off the backoff.
+        // The job's own backoff (400 ms, jitter adds up to half), not its type's (1 s, 2 s).
         ensure!(
-            gap >= Duration::from_millis(200),
+            gap >= Duration::from_millis(400),
             "retried after {gap:?}: {job}"
         );
+        waited += gap;
     }
+    ensure!(
+        waited < Duration::from_millis(2500),
+        "waited {waited:?}: {job}"
+    );
     // What an operator alerts on: attempts by outcome and duration, queue lag, dead letters.
     let sleep = ("type", "diag.sleep");
     let timed_out = metric_sum(

@@ -152,9 +152,9 @@ impl ExtractionConfig {
         if self.chunk_tokens < 16 {
             return invalid("chunk-tokens", "must be at least 16");
         }
-        if self.journal_retention < self.keep_handle {
+        if self.journal_retention <= self.keep_handle {
             // A kept handle serves its journal (`GET /extractions/{id}/events`).
-            return invalid("journal-retention", "must be at least keep-handle");
+            return invalid("journal-retention", "must be longer than keep-handle");
         }
         if self.prune_batch == 0 {
             return invalid("prune-batch", "must be at least 1");

@@ -116,7 +116,7 @@ pub struct StageRun {
     /// Time provider limits held its calls back (first refusal to admission), ms.
     #[serde(default)]
     pub limit_wait_ms: u64,
-    /// Chunks whose stored output an attempt reused instead of calling the provider.
+    /// Chunks whose stored output the latest attempt reused instead of calling the provider.
     #[serde(default)]
     pub chunks_reused: u32,
     /// When it first started.
@@ -401,7 +401,8 @@ impl Extraction {
     ) -> Result<(), HandlerError> {
         let now = Utc::now();
         let run = run_of(state, stage);
-        if run.provider_calls + run.chunks_reused > 1 {
+        // (A checkpoint adopted after a crash may have rows its lost state never counted.)
+        if run.provider_calls + run.chunks_reused > 1 || run.from_checkpoint {
             // Its chunks' outputs are in the checkpoint now.
             self.journal()?
                 .drop_chunks(&state.id, state.generation, stage.name())
@@ -682,7 +683,8 @@ impl Extraction {
     }
 
     /// The ontology version the request pinned. A version this node has not read yet
-    /// (the gateway re-read a changed file first) makes it re-read the directory; still
+    /// makes it re-read the directory (the gateway re-read a changed file first), then load
+    /// the version other nodes stored (the file changed before this node started); still
     /// missing, the stage retries within its attempt budget, then fails `ontology`.
     async fn ontology(&self, request: &ExtractionRequest) -> Result<Arc<Ontology>, StageFailure> {
         let ontologies = &self.pipeline.ontologies;
@@ -692,6 +694,30 @@ impl Extraction {
         }
         let reloading = ontologies.clone();
         let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
+        if let Some(ontology) = ontologies.version(id, version) {
+            return Ok(ontology);
+        }
+        // Changed before this node read it: the version as a node that offered it stored it.
+        if let Some(journal) = &self.pipeline.journal {
+            let stored = journal
+                .ontology_source(id, version)
+                .await
+                .map_err(|e| StageFailure::Storage(e.to_string()))?;
+            if let Some(source) = stored {
+                match Ontology::parse(id, &source) {
+                    Ok(ontology) if ontology.version == *version => {
+                        return Ok(ontologies.adopt(ontology));
+                    }
+                    Ok(other) => tracing::warn!(
+                        ontology = %id, %version, read = %other.version,
+                        "a stored ontology version does not hash to its version"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "a stored ontology version does not parse")
+                    }
+                }
+            }
+        }
         ontologies.version(id, version).ok_or_else(|| {
             let here = ontologies
                 .get(id)
@@ -752,6 +778,7 @@ impl Extraction {
         } else {
             BTreeMap::new()
         };
+        run_of(state, stage).chunks_reused = 0;
         let mut outputs = Vec::with_capacity(chunks.len());
         for (index, chunk) in chunks.iter().enumerate() {
             let index = index as u32;

@@ -15,6 +15,9 @@
 //!   removed once its checkpoint is in the journal.
 //! - `shoal_extraction_results`: the durable copy of every finished result (the Redis cache
 //!   holds it for 24 h in front of it).
+//! - `shoal_extraction_ontologies`: the Turtle of every ontology version a node offered,
+//!   by id and version (content-addressed, shared by clusters), so a runner that never read
+//!   a version a run pinned (it started after the file changed) loads it from here.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
 
+use super::ontology::Ontology;
 use super::watch::JournalHints;
 
 /// The tables (idempotent).
@@ -48,6 +52,13 @@ pub const SCHEMA: &[&str] = &[
         output JSONB NOT NULL,
         created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (cluster, extraction_id, generation, stage, chunk)
+    )",
+    "CREATE TABLE IF NOT EXISTS shoal_extraction_ontologies (
+        ontology_id TEXT NOT NULL,
+        version TEXT NOT NULL,
+        source BYTEA NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (ontology_id, version)
     )",
     "CREATE TABLE IF NOT EXISTS shoal_extraction_results (
         cluster TEXT NOT NULL,
@@ -271,6 +282,37 @@ impl Journal {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Stores an ontology version's Turtle (the first copy stays: same id and version, same
+    /// bytes).
+    pub async fn put_ontology(&self, ontology: &Ontology) -> Result<(), JournalError> {
+        sqlx::query(
+            "INSERT INTO shoal_extraction_ontologies (ontology_id, version, source)
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&ontology.id)
+        .bind(&ontology.version)
+        .bind(&ontology.source[..])
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The stored Turtle of version `version` of ontology `id`.
+    pub async fn ontology_source(
+        &self,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<Vec<u8>>, JournalError> {
+        let row: Option<(Vec<u8>,)> = sqlx::query_as(
+            "SELECT source FROM shoal_extraction_ontologies WHERE ontology_id = $1 AND version = $2",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(source,)| source))
     }
 
     /// Stores a finished result (the first one stays).

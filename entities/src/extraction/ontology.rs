@@ -12,8 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use oxrdf::{NamedOrBlankNode, Term};
 use oxttl::TurtleParser;
@@ -99,6 +98,9 @@ pub struct Ontology {
     pub classes: Vec<OntologyClass>,
     /// Its object properties, by IRI order.
     pub properties: Vec<OntologyProperty>,
+    /// The Turtle it was parsed from (what is stored so other nodes can load this version
+    /// after the file changed).
+    pub source: Arc<[u8]>,
 }
 
 #[derive(Default)]
@@ -158,6 +160,7 @@ impl Ontology {
             prefixes,
             classes: Vec::new(),
             properties: Vec::new(),
+            source: Arc::from(bytes),
         };
         for (iri, entry) in described {
             let name = ontology.compact(&iri);
@@ -242,11 +245,36 @@ impl Ontology {
 /// [`KEPT_VERSIONS`] earlier ones, so an extraction that pinned a version before a file
 /// changed still finds it. A file that no longer parses keeps its last good version (the
 /// reload reports it); a file that is gone is no longer offered to new requests, and its
-/// versions stay for the runs that pinned them.
+/// versions stay for the runs that pinned them (`foaf` is never withdrawn: without its
+/// file the last version read stays current). Versions this node never read — the file
+/// changed before it started — come from the other nodes through storage
+/// ([`Ontologies::adopt`], module `journal`).
 #[derive(Debug, Clone)]
 pub struct Ontologies {
     catalog: Arc<RwLock<Arc<Catalog>>>,
+    /// Held by a reload or an adoption from start to publish, so two never overwrite
+    /// each other's result.
+    changing: Arc<Mutex<()>>,
     dir: Option<PathBuf>,
+}
+
+/// A handle that does not keep the ontologies alive ([`Ontologies::downgrade`]).
+#[derive(Debug, Clone)]
+pub struct WeakOntologies {
+    catalog: Weak<RwLock<Arc<Catalog>>>,
+    changing: Weak<Mutex<()>>,
+    dir: Option<PathBuf>,
+}
+
+impl WeakOntologies {
+    /// The ontologies, while any strong handle is left.
+    pub fn upgrade(&self) -> Option<Ontologies> {
+        Some(Ontologies {
+            catalog: self.catalog.upgrade()?,
+            changing: self.changing.upgrade()?,
+            dir: self.dir.clone(),
+        })
+    }
 }
 
 /// Earlier versions kept per id beside the current one.
@@ -320,6 +348,7 @@ impl Ontologies {
         catalog.by_id.insert("foaf".to_owned(), versions);
         Ok(Self {
             catalog: Arc::new(RwLock::new(Arc::new(catalog))),
+            changing: Arc::new(Mutex::new(())),
             dir: None,
         })
     }
@@ -331,7 +360,7 @@ impl Ontologies {
         let mut ontologies = Self::builtin()?;
         ontologies.dir = Some(dir.to_owned());
         let mut catalog = Catalog::clone(&ontologies.snapshot());
-        for file in read_dir(dir)? {
+        for (_, file) in read_dir(dir)? {
             let ontology = file?;
             catalog
                 .by_id
@@ -350,6 +379,7 @@ impl Ontologies {
         let Some(dir) = &self.dir else {
             return report;
         };
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let files = match read_dir(dir) {
             Ok(files) => files,
             Err(error) => {
@@ -362,20 +392,17 @@ impl Ontologies {
         };
         let mut catalog = Catalog::clone(&self.snapshot());
         let mut seen = BTreeSet::from(["foaf".to_owned()]);
-        for file in files {
+        for (id, file) in files {
+            // A file that is there but does not load keeps its last good version.
+            seen.insert(id.clone());
             match file {
                 Ok(ontology) => {
-                    let id = ontology.id.clone();
-                    seen.insert(id.clone());
                     if catalog.by_id.entry(id.clone()).or_default().offer(ontology) {
                         report.changed.push(id);
                     }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "an ontology did not load; its last good version stays");
-                    if let Some(id) = error.id() {
-                        seen.insert(id.to_owned());
-                    }
                     report.failed.push(error.to_string());
                 }
             }
@@ -434,36 +461,46 @@ impl Ontologies {
             .collect()
     }
 
-    /// Re-reads the directory every `interval` on a task of its own, which ends when the
-    /// last clone of this handle is dropped (outside a Tokio runtime: never).
-    pub fn reload_every(&self, interval: Duration) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.dir.is_none() || interval.is_zero() {
-            return;
+    /// A handle that does not keep these alive (for a task that should end with them).
+    pub fn downgrade(&self) -> WeakOntologies {
+        WeakOntologies {
+            catalog: Arc::downgrade(&self.catalog),
+            changing: Arc::downgrade(&self.changing),
+            dir: self.dir.clone(),
         }
-        let weak = Arc::downgrade(&self.catalog);
-        let dir = self.dir.clone();
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(catalog) = weak.upgrade() else {
-                    return;
-                };
-                let this = Self {
-                    catalog,
-                    dir: dir.clone(),
-                };
-                // Parsing is CPU work: off the async threads.
-                let _ = tokio::task::spawn_blocking(move || this.reload()).await;
-            }
-        });
+    }
+
+    /// The current version of every id.
+    pub fn current(&self) -> Vec<Arc<Ontology>> {
+        self.snapshot()
+            .by_id
+            .values()
+            .filter_map(|v| v.current.clone())
+            .collect()
+    }
+
+    /// Keeps `ontology` as an earlier version of its id (one this node's files no longer
+    /// hold, loaded from where the nodes store every version they offered); the current
+    /// version stays. Returns the kept version.
+    pub fn adopt(&self, ontology: Ontology) -> Arc<Ontology> {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut catalog = Catalog::clone(&self.snapshot());
+        let versions = catalog.by_id.entry(ontology.id.clone()).or_default();
+        if let Some(known) = versions.find(&ontology.version) {
+            return known;
+        }
+        let ontology = Arc::new(ontology);
+        versions.earlier.push_front(ontology.clone());
+        versions.earlier.truncate(KEPT_VERSIONS);
+        self.publish(catalog);
+        ontology
     }
 }
 
-/// Every `<id>.ttl` in `dir`, parsed (in name order); a missing directory holds none.
-fn read_dir(dir: &Path) -> Result<Vec<Result<Ontology, OntologyError>>, OntologyError> {
+/// Every `<id>.ttl` in `dir` by id, parsed (in name order); a missing directory holds none.
+type Files = Vec<(String, Result<Ontology, OntologyError>)>;
+
+fn read_dir(dir: &Path) -> Result<Files, OntologyError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -480,33 +517,29 @@ fn read_dir(dir: &Path) -> Result<Vec<Result<Ontology, OntologyError>>, Ontology
         .filter(|p| p.extension().is_some_and(|x| x == "ttl"))
         .collect();
     paths.sort();
-    Ok(paths.iter().map(|path| read_file(path)).collect())
+    Ok(paths
+        .iter()
+        .map(|path| {
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let file = read_file(&id, path);
+            (id, file)
+        })
+        .collect())
 }
 
-fn read_file(path: &Path) -> Result<Ontology, OntologyError> {
-    let id = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_owned();
-    if !valid_id(&id) {
-        return Err(OntologyError::BadId(id));
+fn read_file(id: &str, path: &Path) -> Result<Ontology, OntologyError> {
+    if !valid_id(id) {
+        return Err(OntologyError::BadId(id.to_owned()));
     }
     let bytes = std::fs::read(path).map_err(|source| OntologyError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    Ontology::parse(&id, &bytes)
-}
-
-impl OntologyError {
-    /// The ontology the error is about, if it names one.
-    fn id(&self) -> Option<&str> {
-        match self {
-            Self::Syntax { id, .. } | Self::NoClasses { id } => Some(id),
-            Self::Io { .. } | Self::BadId(_) => None,
-        }
-    }
+    Ontology::parse(id, &bytes)
 }
 
 fn valid_id(id: &str) -> bool {

@@ -119,7 +119,7 @@ async fn prune(
         .unwrap_or(chrono::DateTime::UNIX_EPOCH)
         .to_rfc3339_opts(SecondsFormat::AutoSi, true);
     let job_type = EntityType::new(super::entity::Job::NAME)?;
-    let mut after = String::new();
+    let mut after = (String::new(), String::new());
     let mut total = 0;
     while ctx.is_leader() {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
@@ -128,17 +128,19 @@ async fn prune(
                FROM shoal_entity_state
               WHERE cluster = $1 AND entity_type = 'job'
                 AND state->>'status' IN ('succeeded', 'dead', 'cancelled')
-                AND state->>'finished_at' < $2 AND state->>'finished_at' > $3
-              ORDER BY state->>'finished_at' LIMIT $4",
+                AND state->>'finished_at' < $2
+                AND (state->>'finished_at', entity_id) > ($3, $4)
+              ORDER BY state->>'finished_at', entity_id LIMIT $5",
         )
         .bind(cluster)
         .bind(&before)
-        .bind(&after)
+        .bind(&after.0)
+        .bind(&after.1)
         .bind(BATCH)
         .fetch_all(pool)
         .await?;
         let Some(last) = rows.last() else { break };
-        after.clone_from(&last.0);
+        after = (last.0.clone(), last.1.clone());
         let full = rows.len() as i64 == BATCH;
         let sends = rows.into_iter().map(|(_, id, generation)| {
             let job_type = job_type.clone();
@@ -176,7 +178,7 @@ async fn prune(
 const JOBS: &str = "DELETE FROM shoal_entity_state
   WHERE ctid = ANY(ARRAY(SELECT ctid FROM shoal_entity_state
                           WHERE cluster = $1 AND entity_type = 'job'
-                            AND state->>'status' = 'new'
+                            AND state->>'status' = 'new' AND state = $3
                           LIMIT $2))
     AND entity_type = 'job' AND state = $3";
 

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// `shoal_notify_subscribers`: SSE subscribers on this gateway.
+/// `shoal_notify_subscribers`: streams this gateway serves under its one cap (tenant
+/// streams, extraction streams and `?wait=true` waits).
 pub(crate) fn subscribers(n: usize) {
     metrics::gauge!("shoal_notify_subscribers").set(n as f64);
 }
