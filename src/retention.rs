@@ -38,9 +38,8 @@ async fn run(ctx: SingletonContext, storage: Arc<dyn MessageStorage>, config: Re
             Ok(stats) => crate::metrics::storage_stats(&stats),
             Err(error) => tracing::warn!(%error, "could not read storage stats"),
         }
-        tokio::select! {
-            () = ctx.cancelled() => return,
-            () = tokio::time::sleep(config.interval) => {}
+        if !ctx.pause(config.interval).await {
+            return;
         }
     }
 }
@@ -63,9 +62,8 @@ async fn pass(
         if removed < config.batch_size as u64 {
             break;
         }
-        tokio::select! {
-            () = ctx.cancelled() => break,
-            () = tokio::time::sleep(config.batch_pause) => {}
+        if !ctx.pause(config.batch_pause).await {
+            break;
         }
     }
     Ok(total)

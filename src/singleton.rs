@@ -53,6 +53,15 @@ impl SingletonContext {
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await;
     }
+
+    /// Waits `pause`, cut short when leadership ends; whether this runner still leads
+    /// (the wait between a singleton's passes or batches).
+    pub async fn pause(&self, pause: std::time::Duration) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            () = tokio::time::sleep(pause) => true,
+        }
+    }
 }
 
 /// A singleton's body.

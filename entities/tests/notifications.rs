@@ -131,6 +131,19 @@ impl Frame {
     }
 }
 
+/// Checks that `frame` is an `expired` reset naming `oldest` (a seq, or null when nothing
+/// is kept) and `newest`, with the id the stream resumes after; its data.
+fn ensure_expired(frame: &Frame, oldest: Value, newest: u64, id: &str) -> anyhow::Result<Value> {
+    ensure!(frame.event == "reset", "{frame:?}");
+    let data: Value = serde_json::from_str(&frame.data)?;
+    ensure!(
+        data["reason"] == "expired" && data["oldest"] == oldest && data["newest"] == newest,
+        "{data}"
+    );
+    ensure!(frame.id.as_deref() == Some(id), "{frame:?}");
+    Ok(data)
+}
+
 struct Sse {
     response: reqwest::Response,
     buffer: String,
@@ -429,14 +442,7 @@ async fn an_id_older_than_the_history_gets_reset_naming_the_oldest_kept() -> any
     )
     .await?;
     let frames = stream.take(6).await?;
-    let reset = &frames[0];
-    ensure!(reset.event == "reset", "{frames:?}");
-    let data: Value = serde_json::from_str(&reset.data)?;
-    ensure!(
-        data["reason"] == "expired" && data["oldest"] == 16 && data["newest"] == 20,
-        "{data}"
-    );
-    ensure!(reset.id.as_deref() == Some("15"), "{reset:?}");
+    ensure_expired(&frames[0], json!(16), 20, "15")?;
     ensure!(
         seqs(&frames[1..]) == (16..=20).collect::<Vec<_>>(),
         "{frames:?}"
@@ -505,16 +511,8 @@ async fn events_past_the_max_age_are_not_served_and_a_resume_before_them_is_rese
     )
     .await?;
     let reset = from_start.take(1).await?.remove(0);
-    ensure!(reset.event == "reset", "{reset:?}");
-    let data: Value = serde_json::from_str(&reset.data)?;
-    ensure!(
-        data["reason"] == "expired"
-            && data["oldest"].is_null()
-            && data["newest"] == 5
-            && data["resume_after"] == 5,
-        "{data}"
-    );
-    ensure!(reset.id.as_deref() == Some("5"), "{reset:?}");
+    let data = ensure_expired(&reset, Value::Null, 5, "5")?;
+    ensure!(data["resume_after"] == 5, "{data}");
     // The next publish prunes what is past the age.
     for i in 5..8 {
         publish(&gw.http, "old", "x", json!(i)).await?;
@@ -536,13 +534,7 @@ async fn events_past_the_max_age_are_not_served_and_a_resume_before_them_is_rese
     )
     .await?;
     let frames = stale.take(4).await?;
-    ensure!(frames[0].event == "reset", "{frames:?}");
-    let data: Value = serde_json::from_str(&frames[0].data)?;
-    ensure!(
-        data["reason"] == "expired" && data["oldest"] == 6 && data["newest"] == 8,
-        "{data}"
-    );
-    ensure!(frames[0].id.as_deref() == Some("5"), "{frames:?}");
+    ensure_expired(&frames[0], json!(6), 8, "5")?;
     ensure!(seqs(&frames[1..]) == [6, 7, 8], "{frames:?}");
     // A resume inside what is kept is served exactly, without a reset.
     let mut young = Sse::open(

@@ -74,9 +74,8 @@ async fn run(ctx: SingletonContext, pool: PgPool, cluster: String, policy: Polic
                 }
             }
         }
-        tokio::select! {
-            () = ctx.cancelled() => return,
-            () = tokio::time::sleep(policy.interval) => {}
+        if !ctx.pause(policy.interval).await {
+            return;
         }
     }
 }
@@ -164,9 +163,8 @@ async fn prune(
         if removed == 0 || (!matches!(table, Table::Events) && removed < limit as u64) {
             break;
         }
-        tokio::select! {
-            () = ctx.cancelled() => break,
-            () = tokio::time::sleep(policy.pause) => {}
+        if !ctx.pause(policy.pause).await {
+            break;
         }
     }
     Ok(total)

@@ -47,9 +47,8 @@ async fn run(ctx: SingletonContext, pool: PgPool, cluster: String, interval: Dur
             }
             Err(error) => tracing::warn!(%error, "could not count jobs; retrying next interval"),
         }
-        tokio::select! {
-            () = ctx.cancelled() => break,
-            () = tokio::time::sleep(interval) => {}
+        if !ctx.pause(interval).await {
+            break;
         }
     }
     for (job_type, status) in &exported {

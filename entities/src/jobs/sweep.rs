@@ -96,9 +96,8 @@ async fn run(
                 }
             }
         }
-        tokio::select! {
-            () = ctx.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !ctx.pause(interval).await {
+            return;
         }
     }
 }
@@ -166,9 +165,8 @@ async fn prune(
         if !full {
             break;
         }
-        tokio::select! {
-            () = ctx.cancelled() => break,
-            () = tokio::time::sleep(PAUSE) => {}
+        if !ctx.pause(PAUSE).await {
+            break;
         }
     }
     Ok(total)
@@ -211,9 +209,8 @@ async fn sweep(
         if removed < BATCH as u64 {
             break;
         }
-        tokio::select! {
-            () = ctx.cancelled() => break,
-            () = tokio::time::sleep(PAUSE) => {}
+        if !ctx.pause(PAUSE).await {
+            break;
         }
     }
     Ok(total)
