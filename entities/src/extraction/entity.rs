@@ -402,7 +402,8 @@ impl Extraction {
         let now = Utc::now();
         let run = run_of(state, stage);
         // (A checkpoint adopted after a crash may have rows its lost state never counted.)
-        if run.provider_calls + run.chunks_reused > 1 || run.from_checkpoint {
+        let chunked = matches!(stage, Stage::Entities | Stage::Relations);
+        if chunked && (run.provider_calls + run.chunks_reused > 1 || run.from_checkpoint) {
             // Its chunks' outputs are in the checkpoint now.
             self.journal()?
                 .drop_chunks(&state.id, state.generation, stage.name())
@@ -486,12 +487,7 @@ impl Extraction {
                 if run.failed_attempts >= config.stage_attempts {
                     return self.fail(ctx, state, stage, kind, message).await;
                 }
-                let failures = run.failed_attempts + run.invalid_outputs;
-                let delay = self.retry_delay(failures, None);
-                state.status = ExtractionStatus::Running;
-                state.waiting = Some(format!("retrying after: {message}"));
-                let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                schedule_advance(ctx, state, stage, failures + 1, at).await
+                self.retry_later(ctx, state, stage, None, &message).await
             }
             StageFailure::Retry(error) => {
                 let run = run_of(state, stage);
@@ -522,22 +518,33 @@ impl Extraction {
                 if exhausted {
                     return self.fail(ctx, state, stage, kind, error.to_string()).await;
                 }
-                let failures = run.failed_attempts + run.invalid_outputs;
-                let delay = self.retry_delay(failures, error.retry_after());
-                state.status = ExtractionStatus::Running;
-                state.waiting = Some(format!("retrying after: {error}"));
-                let at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                schedule_advance(ctx, state, stage, failures + 1, at).await
+                let retry_after = error.retry_after();
+                self.retry_later(ctx, state, stage, retry_after, &error.to_string())
+                    .await
             }
         }
     }
 
-    /// The wait before attempt `failures + 1`: the backoff, at least `retry_after`.
-    fn retry_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+    /// Schedules the stage's next attempt after the backoff for the failures counted so
+    /// far (at least `retry_after`), noting `reason` as what it waits for.
+    async fn retry_later(
+        &self,
+        ctx: &EntityContext,
+        state: &mut ExtractionState,
+        stage: Stage,
+        retry_after: Option<Duration>,
+        reason: &str,
+    ) -> Result<(), HandlerError> {
         let config = &self.pipeline.config;
+        let run = run_of(state, stage);
+        let failures = run.failed_attempts + run.invalid_outputs;
         let backoff = shoal::backoff::Backoff::nth(config.backoff_first, failures - 1, 16)
             .min(config.backoff_max);
-        shoal::backoff::jittered(backoff).max(retry_after.unwrap_or_default())
+        let delay = shoal::backoff::jittered(backoff).max(retry_after.unwrap_or_default());
+        state.status = ExtractionStatus::Running;
+        state.waiting = Some(format!("retrying after: {reason}"));
+        let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        schedule_advance(ctx, state, stage, failures + 1, at).await
     }
 
     async fn fail(
