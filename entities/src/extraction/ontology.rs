@@ -303,17 +303,21 @@ impl Versions {
         let ontology = Arc::new(ontology);
         self.earlier.retain(|o| o.version != ontology.version);
         if let Some(previous) = self.current.replace(ontology) {
-            self.earlier.push_front(previous);
+            self.keep_earlier(previous);
         }
-        self.earlier.truncate(KEPT_VERSIONS);
         true
     }
 
     fn withdraw(&mut self) {
         if let Some(previous) = self.current.take() {
-            self.earlier.push_front(previous);
-            self.earlier.truncate(KEPT_VERSIONS);
+            self.keep_earlier(previous);
         }
+    }
+
+    /// Keeps `ontology` as the newest earlier version (dropping the oldest past the bound).
+    fn keep_earlier(&mut self, ontology: Arc<Ontology>) {
+        self.earlier.push_front(ontology);
+        self.earlier.truncate(KEPT_VERSIONS);
     }
 
     fn find(&self, version: &str) -> Option<Arc<Ontology>> {
@@ -490,8 +494,7 @@ impl Ontologies {
             return known;
         }
         let ontology = Arc::new(ontology);
-        versions.earlier.push_front(ontology.clone());
-        versions.earlier.truncate(KEPT_VERSIONS);
+        versions.keep_earlier(ontology.clone());
         self.publish(catalog);
         ontology
     }
