@@ -1,7 +1,9 @@
 //! The runner transport over HTTP/2, authenticated by the cluster's shared secret
-//! (`x-shoal-secret`). The client is one pooled reqwest client speaking HTTP/2 with prior
-//! knowledge, so each peer gets one multiplexed connection, re-established by itself after
-//! the peer restarts.
+//! (`x-shoal-secret`). Each peer gets one multiplexed HTTP/2 connection (prior knowledge).
+//! A connection that fails mid-request is retired before its callers hear of the failure,
+//! so what is sent afterwards opens a new one: against a dead peer that connect is refused,
+//! which proves the delivery never reached a runner (`Unreachable`, safe to resend), where a
+//! write into the dead connection could only be called `Lost`.
 //!
 //! Deliveries to one peer are batched (`peer`): `POST /_shoal/v1/deliver-batch` carries
 //! many envelopes as JSON, and the runner streams the answers back as NDJSON lines in the
@@ -122,18 +124,24 @@ pub struct HttpTransport {
     peers: Arc<Mutex<HashMap<String, tokio::sync::mpsc::Sender<peer::Pending>>>>,
 }
 
+/// An HTTP/2 client with its own connection pool. Each peer's deliveries have one (see
+/// `peer::Link::retire`); status lookups share another.
+fn peer_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .connect_timeout(Duration::from_secs(1))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .http2_keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_while_idle(true)
+        .build()
+        .map_err(|e| format!("cannot build the transport client: {e}"))
+}
+
 impl HttpTransport {
     /// A client presenting `secret`.
     pub fn new(secret: impl Into<String>) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .http2_keep_alive_while_idle(true)
-            .build()
-            .map_err(|e| format!("cannot build the transport client: {e}"))?;
+        let client = peer_client()?;
         Ok(Self {
             client,
             secret: Arc::from(secret.into()),
@@ -150,13 +158,15 @@ impl HttpTransport {
                 }
             })
         };
-        Ok(peer::Link {
-            client: self.client.clone(),
-            secret: self.secret.clone(),
+        peer::Link::new(
+            self.secret.clone(),
+            address,
+            url(DELIVER_BATCH_PATH)?,
+            url(DELIVER_PATH)?,
+        )
+        .map_err(|reason| TransportError::Unreachable {
             address: address.to_owned(),
-            batch_url: url(DELIVER_BATCH_PATH)?,
-            single_url: url(DELIVER_PATH)?,
-            singles_until: Mutex::new(None),
+            reason,
         })
     }
 
@@ -290,7 +300,10 @@ impl Transport for HttpTransport {
                 reason: format!("cannot encode the envelope: {e}"),
             })?;
         self.enqueue(address, pending, deadline).await?;
-        match tokio::time::timeout_at(deadline + GRACE, answer).await {
+        // The request itself times out at `deadline + GRACE` and its failure retires the
+        // connection before it is reported; this later timer only guards a peer queue
+        // that never answers at all, so it never overtakes that retirement.
+        match tokio::time::timeout_at(deadline + 2 * GRACE, answer).await {
             Ok(Ok(answer)) => answer,
             // Queued, so it may have gone out: the caller cannot know whether it ran.
             Ok(Err(_)) => Err(TransportError::Lost {
@@ -299,7 +312,7 @@ impl Transport for HttpTransport {
             }),
             Err(_) => Err(TransportError::Lost {
                 address: address.to_owned(),
-                reason: format!("no answer within {:?}", timeout + GRACE),
+                reason: format!("no answer within {:?}", timeout + 2 * GRACE),
             }),
         }
     }

@@ -77,10 +77,18 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+/// One peer's HTTP/2 connection (a client with its own pool), numbered so that a failure
+/// retires the connection it happened on and no later one.
+#[derive(Debug, Clone)]
+pub(super) struct Connection {
+    generation: u64,
+    client: reqwest::Client,
+}
+
 /// How to reach one peer.
 #[derive(Debug)]
 pub(super) struct Link {
-    pub(super) client: reqwest::Client,
+    pub(super) connection: Mutex<Connection>,
     pub(super) secret: Arc<str>,
     pub(super) address: String,
     pub(super) batch_url: reqwest::Url,
@@ -91,6 +99,53 @@ pub(super) struct Link {
 }
 
 impl Link {
+    /// A link to `address` whose first connection is made on first use.
+    pub(super) fn new(
+        secret: Arc<str>,
+        address: &str,
+        batch_url: reqwest::Url,
+        single_url: reqwest::Url,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            connection: Mutex::new(Connection {
+                generation: 0,
+                client: super::peer_client()?,
+            }),
+            secret,
+            address: address.to_owned(),
+            batch_url,
+            single_url,
+            singles_until: Mutex::new(None),
+        })
+    }
+
+    /// The connection to send on now.
+    fn connection(&self) -> Connection {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Retires `used` after a failure on it: whatever is sent from now on opens a new
+    /// connection, so a request sent after the peer was seen gone cannot be written into
+    /// the dead one, and "connection refused" proves it never reached a runner.
+    fn retire(&self, used: &Connection) {
+        let mut current = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        if current.generation != used.generation {
+            return; // Already replaced by another failure.
+        }
+        match super::peer_client() {
+            Ok(client) => {
+                *current = Connection {
+                    generation: used.generation + 1,
+                    client,
+                };
+            }
+            Err(error) => tracing::warn!(%error, address = %self.address, "cannot reconnect"),
+        }
+    }
+
     fn singles(&self) -> bool {
         let until = self.singles_until.lock().unwrap_or_else(|e| e.into_inner());
         until.is_some_and(|until| Instant::now() < until)
@@ -216,7 +271,8 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
             .map(|(p, left)| (millis(*left), p.encoded.as_slice()))
             .collect::<Vec<_>>(),
     );
-    let sent = link
+    let connection = link.connection();
+    let sent = connection
         .client
         .post(link.batch_url.clone())
         .header(SECRET_HEADER, &*link.secret)
@@ -229,6 +285,9 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
         Ok(response) => response,
         Err(error) => {
             let error = super::send_error(&link.address, error);
+            // Retired before anyone hears of the failure, so their next request cannot
+            // take the same connection.
+            link.retire(&connection);
             return fail_all(live.into_iter().map(|(p, _)| p.respond), error);
         }
     };
@@ -282,6 +341,7 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
             }
             // Sent, and the answers broke off: those without one may have run.
             Err(error) => {
+                link.retire(&connection);
                 return fail_all(respond.into_iter().flatten(), link.lost(error.to_string()));
             }
         };
@@ -328,7 +388,8 @@ async fn deliver_singly(link: &Link, live: Vec<(Pending, Duration)>) {
 
 /// Delivers one encoded envelope with one request (`/deliver`).
 async fn deliver_one(link: &Link, encoded: Vec<u8>, timeout: Duration) -> Answer {
-    let response = link
+    let connection = link.connection();
+    let response = connection
         .client
         .post(link.single_url.clone())
         .header(SECRET_HEADER, &*link.secret)
@@ -338,12 +399,15 @@ async fn deliver_one(link: &Link, encoded: Vec<u8>, timeout: Duration) -> Answer
         .body(encoded)
         .send()
         .await
-        .map_err(|e| super::send_error(&link.address, e))?;
+        .map_err(|e| {
+            link.retire(&connection);
+            super::send_error(&link.address, e)
+        })?;
     let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| link.lost(e.to_string()))?;
+    let body = response.bytes().await.map_err(|e| {
+        link.retire(&connection);
+        link.lost(e.to_string())
+    })?;
     single_answer(&link.address, status, &body)
 }
 

@@ -388,6 +388,67 @@ async fn a_connection_lost_mid_batch_is_reported_lost() {
         matches!(lost, Err(TransportError::Lost { .. })),
         "it was sent, so it may have run: {lost:?}"
     );
+    // The peer is gone (the proxy no longer listens). A delivery sent after the failure was
+    // seen must not be written into the dead connection: it finds nobody, which is safe.
+    for round in 0..20 {
+        let next = transport
+            .deliver(&via, sleep_envelope("b", 0), Duration::from_secs(2))
+            .await;
+        assert!(
+            matches!(next, Err(TransportError::Unreachable { .. })),
+            "round {round}: nothing can have run it: {next:?}"
+        );
+    }
+}
+
+/// Forwards one TCP connection to `upstream` and then listens no more; once `freeze` fires
+/// it stops forwarding but keeps both sockets open, like a hung runner's.
+async fn freezable_proxy(upstream: String) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    let (freeze, frozen) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut inbound, _) = listener.accept().await.expect("accepts");
+        drop(listener);
+        let mut outbound = tokio::net::TcpStream::connect(upstream)
+            .await
+            .expect("connects");
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+            _ = frozen => std::future::pending::<()>().await,
+        }
+    });
+    (address, freeze)
+}
+
+#[tokio::test]
+async fn nothing_is_sent_into_a_connection_that_failed() {
+    let (address, _) = serve(true).await;
+    let (via, freeze) = freezable_proxy(address).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    let warm = transport
+        .deliver(&via, sleep_envelope("a", 0), Duration::from_secs(5))
+        .await;
+    assert_eq!(value(warm), 0, "the pooled connection works");
+    freeze.send(()).expect("the proxy runs");
+    let lost = transport
+        .deliver(&via, sleep_envelope("a", 0), Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(lost, Err(TransportError::Lost { .. })),
+        "written into a hung connection, it may yet run: {lost:?}"
+    );
+    // The old connection still looks open, but it failed: the next delivery opens a new
+    // one, which nobody accepts, so nothing can have run it.
+    let next = transport
+        .deliver(&via, sleep_envelope("b", 0), Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(next, Err(TransportError::Unreachable { .. })),
+        "sent after the failure was seen: {next:?}"
+    );
 }
 
 #[tokio::test]
