@@ -48,10 +48,25 @@ impl TestDb {
     /// apart).
     pub async fn create_named(prefix: &str) -> anyhow::Result<Self> {
         let admin_url = server_url();
+        crate::connections::start_sampler(&admin_url);
         let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = connect(&admin_url)
-            .await
-            .context("set SHOAL_TEST_DATABASE_URL to a server tests may create databases on")?;
+        let mut admin = match connect(&admin_url).await {
+            Ok(admin) => admin,
+            Err(error) if crate::connections::is_too_many_clients(&error) => {
+                let usage = crate::connections::latest().map_or_else(
+                    || "no sample of who holds them".to_owned(),
+                    |u| u.describe(),
+                );
+                return Err(error.context(format!(
+                    "out of PostgreSQL connections, not a bug in the test: {usage}"
+                )));
+            }
+            Err(error) => {
+                return Err(error.context(
+                    "set SHOAL_TEST_DATABASE_URL to a server tests may create databases on",
+                ));
+            }
+        };
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await

@@ -8,6 +8,8 @@
 //! - [`process`] — child processes with their output in a log file, signalled (SIGKILL,
 //!   SIGTERM, SIGSTOP, SIGCONT) and run to their end under a deadline; the log's tail is
 //!   printed when the test fails ([`ChildProcess`]).
+//! - [`connections`] — the PostgreSQL connection budget: the suite's peak recorded under
+//!   `target/tmp/pg-connections/`, a warning when the server nears its limit.
 //! - [`wait`] — [`wait_until`] a condition holds, under a deadline ([`DEADLINE`]).
 //! - [`net`] — [`free_port`].
 //! - [`browser`] — headless Chromium over WebDriver ([`Browser`]), installed with
@@ -23,6 +25,7 @@
 //! `redis://127.0.0.1:6379`).
 
 pub mod browser;
+pub mod connections;
 pub mod db;
 pub mod net;
 pub mod process;

@@ -198,6 +198,18 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
+        // Shown with the test's output when it fails: a child starved of connections is a
+        // shortage on the server, not a bug.
+        if self.log().contains("too many clients") {
+            let usage = crate::connections::latest().map_or_else(
+                || "no sample of who holds them".to_owned(),
+                |usage| usage.describe(),
+            );
+            eprintln!(
+                "--- {} ran out of PostgreSQL connections (\"too many clients\"): {usage} ---",
+                self.name
+            );
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- {} log tail, full log in {} ---\n{}",

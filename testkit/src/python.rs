@@ -11,7 +11,7 @@ use anyhow::Context;
 
 /// The target directory's `tmp/` (the one `CARGO_TARGET_TMPDIR` names), found from the
 /// running test binary (`target/<profile>/deps/<binary>`).
-fn target_tmp() -> anyhow::Result<PathBuf> {
+pub(crate) fn target_tmp() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile = exe
         .ancestors()
