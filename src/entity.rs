@@ -22,10 +22,12 @@
 //! knows nothing of the types in `entities/`. A handler reaches other entities (ask, send,
 //! schedule) through its [`EntityContext`] (see `context.rs`).
 
+mod access;
 pub(crate) mod context;
 mod erased;
 mod registry;
 
+pub use access::{AccessDenied, Caller, GatewayAccess, TenantScope};
 pub use context::MAX_CALLS_PER_MESSAGE;
 
 use std::future::Future;
@@ -157,6 +159,15 @@ pub trait EntityProtocol: Send + Sync + 'static {
     /// Whether a message is persisted before delivery (at-least-once, survives a crash) or
     /// volatile (lost with its owner; the caller gets an error).
     fn is_persisted(message: &Self::Message) -> bool;
+
+    /// Whether the gateway's generic routes reach the type, and for which tenant (see
+    /// [`GatewayAccess`]). Default [`GatewayAccess::Internal`]: a type is public only when
+    /// it says so.
+    const ACCESS: GatewayAccess = GatewayAccess::Internal;
+
+    /// Messages the generic routes never deliver and the OpenAPI document does not list
+    /// (a timer the type sends itself, a message only its application routes send).
+    const INTERNAL_MESSAGES: &'static [&'static str] = &[];
 
     /// The idempotency key of a message, if it has one of its own.
     fn idempotency_key(_message: &Self::Message) -> Option<String> {

@@ -7,7 +7,9 @@
 //! [`CounterReply`].
 
 use serde::{Deserialize, Serialize};
-use shoal::entity::{Entity, EntityContext, EntityProtocol, HandlerError};
+use shoal::entity::{
+    Entity, EntityContext, EntityProtocol, GatewayAccess, HandlerError, TenantScope,
+};
 use utoipa::ToSchema;
 
 /// The counter entity type.
@@ -48,6 +50,8 @@ pub struct CounterReply {
 
 impl EntityProtocol for Counter {
     const NAME: &'static str = "counter";
+    // With auth on, a tenant's counters are those with ids `<tenant>` or `<tenant>:…`.
+    const ACCESS: GatewayAccess = GatewayAccess::Public(TenantScope::IdPrefix);
     type Message = CounterMessage;
     type Reply = CounterReply;
 

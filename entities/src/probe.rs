@@ -26,7 +26,9 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal::entity::{Entity, EntityContext, EntityOptions, EntityProtocol, HandlerError};
+use shoal::entity::{
+    Entity, EntityContext, EntityOptions, EntityProtocol, GatewayAccess, HandlerError, TenantScope,
+};
 use utoipa::ToSchema;
 
 /// The probe entity type.
@@ -113,6 +115,8 @@ pub struct ProbeState {
 
 impl EntityProtocol for Probe {
     const NAME: &'static str = "probe";
+    // With auth on, a tenant's probes are those with ids `<tenant>` or `<tenant>:…`.
+    const ACCESS: GatewayAccess = GatewayAccess::Public(TenantScope::IdPrefix);
     type Message = ProbeMessage;
     type Reply = serde_json::Value;
 

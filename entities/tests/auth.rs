@@ -3,6 +3,10 @@
 //! token, an expired or a forged one → 401; a valid token for tenant A asking for tenant
 //! B's stream, or sending `X-Tenant-Id: B` to a job or an entity route → 403; a valid one →
 //! the stream, the job route, the entity route. The operational routes stay open.
+//!
+//! And what a valid token for another tenant cannot do through the generic entity routes:
+//! reach a workload's internal types (jobs, job keys, notifications, extractions), another
+//! tenant's counters, or an internal message; only the operator scope reaches them.
 
 mod common;
 
@@ -146,7 +150,7 @@ async fn tokens_decide_who_reads_which_tenant() -> anyhow::Result<()> {
         (get.clone(), "/tenants/acme/events".to_owned()),
         (post.clone(), "/tenants/acme/events".to_owned()),
         (get.clone(), job.clone()),
-        (post.clone(), "/entities/counter/c1/get".to_owned()),
+        (post.clone(), "/entities/counter/acme:c1/get".to_owned()),
     ];
     let valid = hs256(&claims("acme", 300), SECRET)?;
     let expired = hs256(&claims("acme", -300), SECRET)?;
@@ -200,7 +204,7 @@ async fn tokens_decide_who_reads_which_tenant() -> anyhow::Result<()> {
     other.push(("x-tenant-id", "globex".to_owned()));
     for (method, path) in [
         (get.clone(), job.as_str()),
-        (post.clone(), "/entities/counter/c1/get"),
+        (post.clone(), "/entities/counter/acme:c1/get"),
     ] {
         let (status, code) = ask(http, method.clone(), path, &other).await?;
         ensure!(
@@ -244,6 +248,214 @@ async fn tokens_decide_who_reads_which_tenant() -> anyhow::Result<()> {
     for path in ["/health", "/ready", "/openapi.json"] {
         let (status, _) = ask(http, get.clone(), path, &[]).await?;
         ensure!(status == StatusCode::OK, "{path}: {status}");
+    }
+    Ok(())
+}
+
+/// `POST path` with `body` as `token`'s caller: status, code and body.
+async fn post_as(
+    http: &Http,
+    token: &str,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<(StatusCode, String, Value)> {
+    let auth = format!("Bearer {token}");
+    let response = http
+        .post_json(path, body, &[("authorization", auth.as_str())])
+        .await?;
+    let json = response.json().unwrap_or(Value::Null);
+    let code = json["error"]["code"].as_str().unwrap_or("").to_owned();
+    Ok((response.status, code, json))
+}
+
+async fn get_as(http: &Http, token: &str, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+    let response = http
+        .client
+        .get(http.url(path))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let status = response.status();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_token_reaches_nothing_through_the_entity_routes() -> anyhow::Result<()> {
+    let (_cluster, _runner, gateway) = setup().await?;
+    let http = &gateway.http;
+    let acme = hs256(&claims("acme", 300), SECRET)?;
+    let beta = hs256(&claims("beta", 300), SECRET)?;
+    let mut operator_claims = claims("ops", 300);
+    operator_claims["scope"] = json!("shoal:operator");
+    let operator = hs256(&operator_claims, SECRET)?;
+
+    // acme's own things: a job waiting an hour (so it is still cancellable) with a key,
+    // and a counter.
+    let run_at = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let (status, _, job) = post_as(
+        http,
+        &acme,
+        "/jobs",
+        &json!({"type": "diag.noop", "payload": {}, "key": "invoice-1001", "run_at": run_at}),
+    )
+    .await?;
+    ensure!(status == StatusCode::ACCEPTED, "{status} {job}");
+    let job_id = job["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _, _) = post_as(
+        http,
+        &acme,
+        "/entities/counter/acme:c1/increment",
+        &json!({"by": 5}),
+    )
+    .await?;
+    ensure!(status == StatusCode::OK, "acme's own counter: {status}");
+
+    // beta, through the generic routes: every workload type is unknown to it.
+    let attacks = [
+        (format!("/entities/job/{job_id}/get"), json!({})),
+        (format!("/entities/job/{job_id}/cancel"), json!({})),
+        (
+            "/entities/job-key/~acme:diag.noop:invoice-1001/claim".to_owned(),
+            json!({}),
+        ),
+        (
+            "/entities/job-key/~acme:diag.noop:invoice-1001/release".to_owned(),
+            json!({}),
+        ),
+        (
+            "/entities/notification/acme/publish".to_owned(),
+            json!({"topic": "invoice", "data": {"pay_to": "IBAN-EVIL"}}),
+        ),
+        (
+            format!("/entities/job/{}/enqueue", uuid::Uuid::now_v7()),
+            json!({"type": "diag.noop", "payload": {}, "tenant": "acme"}),
+        ),
+        (
+            "/entities/extraction/ex-0123456789abcdef0123456789abcdef/get".to_owned(),
+            json!({}),
+        ),
+        ("/entities/job-control/x/cancel".to_owned(), json!({})),
+        ("/entities/job-cron/x/tick".to_owned(), json!({})),
+    ];
+    for (path, body) in &attacks {
+        let (status, code, answer) = post_as(http, &beta, path, body).await?;
+        ensure!(
+            status == StatusCode::NOT_FOUND && code == "unknown_entity_type",
+            "beta {path}: {status} {answer}"
+        );
+    }
+    for path in [
+        format!("/entities/job/{job_id}"),
+        "/entities/notification/acme".to_owned(),
+    ] {
+        let (status, answer) = get_as(http, &beta, &path).await?;
+        ensure!(
+            status == StatusCode::NOT_FOUND,
+            "beta explains {path}: {status} {answer}"
+        );
+    }
+    // acme's counter is out of beta's scope, for sending and explaining alike.
+    for (path, body) in [
+        ("/entities/counter/acme:c1/increment", json!({"by": 1000})),
+        ("/entities/counter/acme/get", json!({})),
+        ("/entities/counter/acme-c1/get", json!({})),
+    ] {
+        let (status, code, answer) = post_as(http, &beta, path, &body).await?;
+        ensure!(
+            status == StatusCode::FORBIDDEN && code == "outside_tenant",
+            "beta {path}: {status} {answer}"
+        );
+    }
+    let (status, _) = get_as(http, &beta, "/entities/counter/acme:c1").await?;
+    ensure!(
+        status == StatusCode::FORBIDDEN,
+        "beta explains acme's counter: {status}"
+    );
+    let (status, _, own) =
+        post_as(http, &beta, "/entities/counter/beta:c1/get", &json!({})).await?;
+    ensure!(
+        status == StatusCode::OK,
+        "beta's own counter: {status} {own}"
+    );
+
+    // Nothing of acme's changed: the job still waits, its key still holds, the count is 5.
+    let (status, record) = get_as(http, &acme, &format!("/jobs/{job_id}")).await?;
+    ensure!(
+        status == StatusCode::OK && record["status"] == "scheduled",
+        "acme's job: {status} {record}"
+    );
+    let (status, _, again) = post_as(
+        http,
+        &acme,
+        "/jobs",
+        &json!({"type": "diag.noop", "payload": {}, "key": "invoice-1001", "run_at": run_at}),
+    )
+    .await?;
+    ensure!(
+        status == StatusCode::ACCEPTED && again["id"] == job_id.as_str(),
+        "the key still names acme's job: {status} {again}"
+    );
+    let (_, _, count) = post_as(http, &acme, "/entities/counter/acme:c1/get", &json!({})).await?;
+    ensure!(count["reply"]["count"] == 5, "acme's count: {count}");
+
+    // An operator reaches the internal types (here: explaining acme's job entity).
+    let (status, explain) = get_as(http, &operator, &format!("/entities/job/{job_id}")).await?;
+    ensure!(status == StatusCode::OK, "operator: {status} {explain}");
+
+    // The document lists no internal type.
+    let doc: Value = http.get("/openapi.json").await?.json()?;
+    let paths: Vec<&String> = doc["paths"]
+        .as_object()
+        .map(|p| p.keys().collect())
+        .unwrap_or_default();
+    for hidden in [
+        "/entities/job/",
+        "/entities/job-key/",
+        "/entities/notification/",
+        "/entities/extraction/",
+        "/entities/job-control/",
+        "/entities/job-cron/",
+    ] {
+        ensure!(
+            !paths.iter().any(|p| p.starts_with(hidden)),
+            "{hidden} listed: {paths:?}"
+        );
+    }
+    ensure!(
+        paths.iter().any(|p| p.starts_with("/entities/counter/")),
+        "the counter is public: {paths:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_missing_a_configured_claim_or_not_yet_valid_are_refused() -> anyhow::Result<()> {
+    let (_cluster, _runner, gateway) = setup().await?;
+    let http = &gateway.http;
+    let mut tokens = Vec::new();
+    for missing in ["iss", "aud"] {
+        let mut without = claims("acme", 300);
+        without.as_object_mut().map(|c| c.remove(missing));
+        tokens.push((format!("without {missing}"), hs256(&without, SECRET)?));
+    }
+    let mut early = claims("acme", 3 * 365 * 24 * 3600);
+    early["nbf"] = json!(chrono::Utc::now().timestamp() + 365 * 24 * 3600);
+    tokens.push(("nbf a year ahead".to_owned(), hs256(&early, SECRET)?));
+    for (what, token) in &tokens {
+        let response = http
+            .client
+            .get(http.url("/tenants/acme/events"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        ensure!(
+            status == StatusCode::UNAUTHORIZED
+                && body["error"]["code"] == "invalid_token"
+                && body["error"]["message"] == "the bearer token is not valid for this gateway",
+            "{what}: {status} {body}"
+        );
     }
     Ok(())
 }

@@ -567,11 +567,12 @@ async fn identical_requests_through_two_gateways_run_once() -> anyhow::Result<()
     Ok(())
 }
 
-/// The runner that owns `id`'s shard.
+/// The runner that owns `id`'s shard (the extraction type is internal; a shard is a
+/// function of the id alone, so the public counter of the same id explains it).
 async fn owner_of(nodes: &Nodes, id: &str) -> anyhow::Result<usize> {
     let explain = nodes
         .http()
-        .get(&format!("/entities/extraction/{id}"))
+        .get(&format!("/entities/counter/{id}"))
         .await?
         .json()?;
     let owner = explain["owner_runner_id"].as_i64().context("an owner")?;

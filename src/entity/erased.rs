@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     ActivationContext, ConcurrentEntity, DecodeError, Entity, EntityContext, EntityOptions,
-    EntitySchemas, HandlerError,
+    EntitySchemas, GatewayAccess, HandlerError,
 };
 use crate::ids::EntityType;
 
@@ -38,6 +38,10 @@ pub(crate) trait ErasedEntity: Send + Sync + 'static {
     fn idempotency_key(&self, message: &AnyMessage) -> Option<String>;
     /// The OpenAPI schemas of its messages and reply (the gateway's document).
     fn schemas(&self) -> EntitySchemas;
+    /// Whether the gateway's generic routes reach it.
+    fn access(&self) -> GatewayAccess;
+    /// Whether message `tag` is internal (never from the generic routes).
+    fn is_internal_message(&self, tag: &str) -> bool;
     /// Runs the activation hook on the stored state (decoded here), if any.
     fn activate<'a>(
         &'a self,
@@ -152,6 +156,14 @@ macro_rules! erased_routing {
 
         fn schemas(&self) -> EntitySchemas {
             EntitySchemas::of::<E::Message, E::Reply>()
+        }
+
+        fn access(&self) -> GatewayAccess {
+            E::ACCESS
+        }
+
+        fn is_internal_message(&self, tag: &str) -> bool {
+            E::INTERNAL_MESSAGES.contains(&tag)
         }
     };
 }

@@ -30,7 +30,14 @@ pub struct Principal {
     pub tenant: String,
     /// The token's `sub`, if any.
     pub subject: Option<String>,
+    /// Whether the token carries the operator scope ([`OPERATOR_SCOPE`] in its `scope`
+    /// claim): the generic entity routes then reach every type, internal ones included,
+    /// and every tenant's ids.
+    pub operator: bool,
 }
+
+/// The scope (in the space-separated `scope` claim) that makes a token an operator's.
+pub const OPERATOR_SCOPE: &str = "shoal:operator";
 
 struct Key {
     kid: Option<String>,
@@ -106,9 +113,14 @@ impl Verifier {
 
     /// The principal of a bearer token, or why it is refused.
     pub(crate) fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let invalid = |message: String| ApiError::Unauthorized {
-            code: "invalid_token",
-            message,
+        // The answer never says which check failed (that would guide a forger); the log
+        // does, at debug.
+        let invalid = |reason: String| {
+            tracing::debug!(%reason, "token refused");
+            ApiError::Unauthorized {
+                code: "invalid_token",
+                message: "the bearer token is not valid for this gateway".to_owned(),
+            }
         };
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("the token: {e}")))?;
@@ -127,14 +139,21 @@ impl Verifier {
             })?;
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = self.config.leeway().as_secs();
-        validation.set_required_spec_claims(&["exp"]);
+        validation.validate_nbf = true;
+        // A configured `iss` or `aud` is required, not only checked when present.
+        let mut required = vec!["exp"];
         if let Some(issuer) = &self.config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         match &self.config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|e| invalid(format!("the token: {e}")))?
             .claims;
@@ -144,12 +163,17 @@ impl Verifier {
             .and_then(serde_json::Value::as_str)
             .filter(|t| super::rate_limit::valid_tenant(t))
             .ok_or_else(|| invalid(format!("the token has no valid `{claim}` claim")))?;
+        let operator = claims
+            .get("scope")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|scope| scope.split_ascii_whitespace().any(|s| s == OPERATOR_SCOPE));
         Ok(Principal {
             tenant: tenant.to_owned(),
             subject: claims
                 .get("sub")
                 .and_then(serde_json::Value::as_str)
                 .map(str::to_owned),
+            operator,
         })
     }
 }
@@ -277,5 +301,62 @@ mod tests {
         other["tenant"] = "no spaces allowed".into();
         assert!(verifier.verify(&token(other, SECRET)).is_err());
         assert!(verifier.verify("not-a-jwt").is_err());
+    }
+
+    #[test]
+    fn configured_issuer_and_audience_are_required_and_nbf_is_checked() {
+        let verifier = verifier();
+        for missing in ["iss", "aud"] {
+            let mut other = claims(60);
+            other.as_object_mut().expect("an object").remove(missing);
+            let refused = verifier.verify(&token(other, SECRET));
+            assert!(refused.is_err(), "a token without `{missing}`");
+        }
+        let mut early = claims(3600);
+        early["nbf"] = (chrono::Utc::now().timestamp() + 365 * 24 * 3600).into();
+        let refused = verifier
+            .verify(&token(early, SECRET))
+            .expect_err("not yet valid");
+        // The answer does not say which check failed.
+        assert_eq!(
+            refused.to_string(),
+            verifier
+                .verify(&token(claims(60), "another-secret-another-secret-xx"))
+                .expect_err("forged")
+                .to_string()
+        );
+        let mut soon = claims(3600);
+        soon["nbf"] = (chrono::Utc::now().timestamp() + 10).into();
+        assert!(
+            verifier.verify(&token(soon, SECRET)).is_ok(),
+            "within the leeway"
+        );
+    }
+
+    #[test]
+    fn the_operator_scope_makes_an_operator() {
+        let verifier = verifier();
+        assert!(
+            !verifier
+                .verify(&token(claims(60), SECRET))
+                .expect("valid")
+                .operator
+        );
+        let mut operator = claims(60);
+        operator["scope"] = "read shoal:operator".into();
+        assert!(
+            verifier
+                .verify(&token(operator, SECRET))
+                .expect("valid")
+                .operator
+        );
+        let mut lookalike = claims(60);
+        lookalike["scope"] = "shoal:operators".into();
+        assert!(
+            !verifier
+                .verify(&token(lookalike, SECRET))
+                .expect("valid")
+                .operator
+        );
     }
 }

@@ -218,6 +218,9 @@ mod tests {
         M: 'static,
     {
         const NAME: &'static str = if CLOSED { "closed" } else { "open" };
+        const ACCESS: crate::entity::GatewayAccess =
+            crate::entity::GatewayAccess::Public(crate::entity::TenantScope::IdPrefix);
+        const INTERNAL_MESSAGES: &'static [&'static str] = if CLOSED { &["clear"] } else { &[] };
         type Message = M;
         type Reply = i64;
         fn is_persisted(_: &M) -> bool {
@@ -260,9 +263,11 @@ mod tests {
             set["additionalProperties"], false,
             "deny_unknown_fields: {set}"
         );
-        assert_eq!(
-            body("/entities/closed/{entity_id}/clear")["additionalProperties"],
-            false
+        assert!(
+            doc["paths"]
+                .get("/entities/closed/{entity_id}/clear")
+                .is_none(),
+            "an internal message is not listed"
         );
         let note = body("/entities/open/{entity_id}/note");
         assert!(note.get("additionalProperties").is_none(), "{note}");
@@ -286,6 +291,44 @@ mod tests {
             doc["paths"][entities::GENERIC]["post"].is_object(),
             "generic route kept"
         );
+    }
+
+    /// A type that keeps the default access: internal.
+    struct Hidden;
+
+    impl crate::entity::EntityProtocol for Hidden {
+        const NAME: &'static str = "hidden";
+        type Message = Open;
+        type Reply = i64;
+        fn is_persisted(_: &Open) -> bool {
+            false
+        }
+    }
+
+    impl crate::entity::Entity for Hidden {
+        type State = i64;
+        async fn handle(
+            &self,
+            _: &crate::entity::EntityContext,
+            _: &mut i64,
+            _: Open,
+        ) -> Result<i64, crate::entity::HandlerError> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn internal_types_are_not_listed() {
+        let mut registry = EntityRegistry::new();
+        registry.register(Hidden).expect("registers");
+        let doc = document(&registry, Vec::new()).expect("the document builds");
+        let listed: Vec<&String> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .filter(|path| path.contains("hidden"))
+            .collect();
+        assert!(listed.is_empty(), "{listed:?}");
     }
 
     #[test]

@@ -15,9 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, RequestId};
+use super::{ApiError, AppState, Principal, RequestId};
 use crate::client::Request;
-use crate::entity::{DecodeError, ErasedEntity};
+use crate::entity::{AccessDenied, Caller, DecodeError, ErasedEntity};
 use crate::ids::{EntityAddress, EntityId, EntityType, RunnerId};
 use crate::message_storage::Reply;
 use crate::message_storage::storable::nul_pointer;
@@ -73,23 +73,66 @@ fn path_error(rejection: PathRejection) -> ApiError {
     ApiError::bad_request("bad_path", rejection.body_text())
 }
 
+/// Who is calling, as the access rules see it.
+fn caller(principal: Option<&Extension<Principal>>) -> Caller<'_> {
+    match principal {
+        None => Caller::Anonymous,
+        Some(Extension(principal)) if principal.operator => Caller::Operator,
+        Some(Extension(principal)) => Caller::Tenant(&principal.tenant),
+    }
+}
+
+/// The entity a generic route names, if `caller` may reach it (and message `message`,
+/// when one is sent): an internal type is answered as unknown, an internal message too,
+/// an id outside the tenant's scope with 403.
 fn parse_address(
     entity_type: String,
     entity_id: String,
+    message: Option<&str>,
+    caller: Caller<'_>,
     state: &AppState,
 ) -> Result<(EntityAddress, std::sync::Arc<dyn ErasedEntity>), ApiError> {
     let entity_type = EntityType::new(entity_type)
         .map_err(|e| ApiError::bad_request("bad_entity_type", e.to_string()))?;
+    let unknown = || ApiError::NotFound {
+        code: "unknown_entity_type",
+        message: format!("no entity type `{entity_type}`"),
+    };
     let def = state
         .registry
         .get(&entity_type)
         .cloned()
-        .ok_or_else(|| ApiError::NotFound {
-            code: "unknown_entity_type",
-            message: format!("no entity type `{entity_type}`"),
-        })?;
+        .ok_or_else(unknown)?;
     let entity_id = EntityId::new(entity_id)
         .map_err(|e| ApiError::bad_request("bad_entity_id", e.to_string()))?;
+    let internal_message = message.is_some_and(|tag| def.is_internal_message(tag));
+    match def
+        .access()
+        .check(caller, entity_id.as_str(), internal_message)
+    {
+        Ok(()) => {}
+        Err(AccessDenied::InternalType) => return Err(unknown()),
+        Err(AccessDenied::InternalMessage) => {
+            return Err(ApiError::bad_request(
+                "unknown_message",
+                DecodeError::UnknownMessage {
+                    entity_type: entity_type.clone(),
+                    tag: message.unwrap_or_default().to_owned(),
+                }
+                .to_string(),
+            ));
+        }
+        Err(AccessDenied::OutsideTenant { prefix }) => {
+            return Err(ApiError::Forbidden {
+                code: "outside_tenant",
+                message: format!(
+                    "this tenant's `{entity_type}` entities have ids `{}` or starting with \
+                     `{prefix}`",
+                    prefix.trim_end_matches(':')
+                ),
+            });
+        }
+    }
     Ok((
         EntityAddress {
             entity_type,
@@ -175,6 +218,7 @@ fn check_storable(payload: &serde_json::Value, key: Option<&str>) -> Result<(), 
     responses(
         (status = 200, description = "The entity's reply", body = SendResponse),
         (status = 400, description = "Bad input; the message names the field", body = ErrorBody),
+        (status = 403, description = "The id is outside the caller's tenant (`outside_tenant`)", body = ErrorBody),
         (status = 404, description = "Unknown entity type", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "The handler answered with an error", body = ErrorBody),
@@ -187,6 +231,7 @@ fn check_storable(payload: &serde_json::Value, key: Option<&str>) -> Result<(), 
 pub(crate) async fn send_message(
     State(state): State<Arc<AppState>>,
     Extension(request_id): Extension<RequestId>,
+    principal: Option<Extension<Principal>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     query: Result<Query<SendQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -194,7 +239,13 @@ pub(crate) async fn send_message(
 ) -> Result<Json<SendResponse>, ApiError> {
     let Path((entity_type, entity_id, message)) = path.map_err(path_error)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let (address, def) = parse_address(entity_type, entity_id, &state)?;
+    let (address, def) = parse_address(
+        entity_type,
+        entity_id,
+        Some(&message),
+        caller(principal.as_ref()),
+        &state,
+    )?;
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
             "the body is larger than {} bytes",
@@ -312,16 +363,24 @@ pub struct Explain {
     responses(
         (status = 200, description = "What the cluster knows about the entity", body = Explain),
         (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 403, description = "The id is outside the caller's tenant (`outside_tenant`)", body = ErrorBody),
         (status = 404, description = "Unknown entity type", body = ErrorBody),
     ),
     tag = "entities"
 )]
 pub(crate) async fn explain(
     State(state): State<Arc<AppState>>,
+    principal: Option<Extension<Principal>>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Explain>, ApiError> {
     let Path((entity_type, entity_id)) = path.map_err(path_error)?;
-    let (address, _) = parse_address(entity_type, entity_id, &state)?;
+    let (address, _) = parse_address(
+        entity_type,
+        entity_id,
+        None,
+        caller(principal.as_ref()),
+        &state,
+    )?;
     let shard = state.config.sharding().shard_of(&address.entity_id);
     let snapshot = state
         .runners

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::entity::{DecodeError, EntityRegistry, ErasedEntity};
+use crate::entity::{DecodeError, EntityRegistry, ErasedEntity, GatewayAccess};
 
 /// The generic route the typed operations are instances of.
 pub(crate) const GENERIC: &str = "/entities/{entity_type}/{entity_id}/{message}";
@@ -97,13 +97,20 @@ pub(crate) fn typed_paths(
         let Some(def) = registry.get(&entity_type) else {
             continue;
         };
+        // What the generic routes do not reach, the document does not list.
+        if def.access() == GatewayAccess::Internal {
+            continue;
+        }
         let schemas = def.schemas();
         let to_json = |s| serde_json::to_value(s).map_err(|e| e.to_string());
         let reply = to_json(&schemas.reply)?;
         for (name, schema) in &schemas.components {
             components.insert(name.clone(), to_json(schema)?);
         }
-        for mut message in messages(&to_json(&schemas.message)?) {
+        let public = messages(&to_json(&schemas.message)?)
+            .into_iter()
+            .filter(|message| !def.is_internal_message(&message.name));
+        for mut message in public {
             if refuses_unknown_fields(def.as_ref(), &message.name)
                 && message.schema.get("type").is_some_and(|t| t == "object")
             {
