@@ -2,6 +2,9 @@
 # Runs the load matrix (persisted and volatile; 1 runner, then 2) against a fresh cluster in
 # a fresh database and writes one JSON array to bench.json (or $1). Needs only Postgres.
 set -euo pipefail
+# Runners and gateways refuse the built-in cluster secret; this cluster gets its own.
+export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
+export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
 cd "$(dirname "$0")/.."
 out="${1:-bench.json}"
 base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"

@@ -12,6 +12,10 @@ profile="${PROFILE:-release}"
 target="${CARGO_TARGET_DIR:-target}"
 bin="$target/$profile/shoal"
 py=python3
+# Runners and gateways refuse the built-in cluster secret: the benchmark's cluster gets one.
+export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
+# The load drivers use the diagnostic types (probe, diag.*).
+export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
 
 # Processes and databases the exit trap removes.
 pids=()

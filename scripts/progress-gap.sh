@@ -6,6 +6,9 @@
 # statement, and the p99 of the samples. Run it while something else loads the machine
 # (e.g. the test suite) to see the gap under load. Needs only Postgres.
 set -euo pipefail
+# Runners and gateways refuse the built-in cluster secret; this cluster gets its own.
+export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
+export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
 cd "$(dirname "$0")/.."
 base="${SHOAL_DRILL_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
 seconds="${SECONDS_TOTAL:-60}"

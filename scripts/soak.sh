@@ -10,6 +10,9 @@
 # (`SECONDS` itself cannot name the duration: it is bash's own clock.) Needs Postgres, curl
 # and jq. SHOAL_SOAK_DATABASE_BASE names the server (default the local one).
 set -euo pipefail
+# Runners and gateways refuse the built-in cluster secret; this cluster gets its own.
+export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
+export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
 cd "$(dirname "$0")/.."
 base="${SHOAL_SOAK_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
 db="shoal_soak_$$"
@@ -51,7 +54,7 @@ done
 
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$runner/status"; }
 processed() {
-  curl -sf "http://127.0.0.1:$port/metrics" \
+  curl -sf -H "x-shoal-secret: $SHOAL__CLUSTER__SECRET" "http://127.0.0.1:$port/metrics" \
     | awk '/^shoal_messages_processed_total/ {n += $2} END {printf "%d", n}'
 }
 started=$(date +%s.%N)

@@ -100,8 +100,20 @@ impl Cli {
     }
 }
 
+/// Runners and gateways started on their own refuse the built-in cluster secret: anyone
+/// who knows it (it is in the source) could deliver envelopes into a runner. `shoal dev`
+/// and the drills give their children a random one.
+fn refuse_default_secret(config: &ShoalConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.cluster.secret != shoal::config::DEFAULT_SECRET,
+        "cluster.secret is the built-in default, which anyone can read in the source: set \
+         your own (SHOAL__CLUSTER__SECRET, the same on every runner and gateway of the cluster)"
+    );
+    Ok(())
+}
+
 /// The configuration sections of the application (not the runtime's).
-const APPLICATION_SECTIONS: &[&str] = &["jobs", "notifications", "extraction"];
+const APPLICATION_SECTIONS: &[&str] = &["jobs", "notifications", "extraction", "diagnostics"];
 
 /// The application's sections, decoded and checked.
 fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConfig> {
@@ -119,6 +131,7 @@ fn app_config(app: &ApplicationConfig) -> anyhow::Result<shoal_entities::AppConf
         jobs,
         notifications,
         extraction: app.section("extraction")?,
+        diagnostics: app.section("diagnostics")?,
     })
 }
 
@@ -130,6 +143,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Runner(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
+            refuse_default_secret(&config)?;
             runner::run(config, app_config(&app)?).await
         }
         Command::Dev(args) => {
@@ -138,6 +152,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(args) => {
             let (config, app) = cli.load_config_with_app(|l| args.apply(l))?;
+            refuse_default_secret(&config)?;
             gateway::run(config, app_config(&app)?).await
         }
         Command::Status(args) => {

@@ -23,8 +23,17 @@ pub mod webhook;
 
 use shoal::entity::EntityRegistry;
 
+/// `[diagnostics]`: the types drills and tests use (`probe`, the `diag.*` job types).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DiagnosticsConfig {
+    /// Whether they are registered. Default `false`: a production cluster does not offer
+    /// them to tenants; `shoal dev` and the drills turn them on for their children.
+    pub enabled: bool,
+}
+
 /// The application's configuration sections (`[jobs]`, `[notifications]`,
-/// `[extraction]`).
+/// `[extraction]`, `[diagnostics]`).
 #[derive(Debug, Clone, Default)]
 pub struct AppConfig {
     /// `[jobs]`.
@@ -33,11 +42,23 @@ pub struct AppConfig {
     pub notifications: notifications::NotificationsConfig,
     /// `[extraction]`.
     pub extraction: extraction::ExtractionConfig,
+    /// `[diagnostics]`.
+    pub diagnostics: DiagnosticsConfig,
 }
 
-/// Every built-in entity type, ready to register on a runner.
+impl AppConfig {
+    /// The defaults with the diagnostic types on (tests, benches, local clusters).
+    pub fn with_diagnostics() -> Self {
+        Self {
+            diagnostics: DiagnosticsConfig { enabled: true },
+            ..Self::default()
+        }
+    }
+}
+
+/// Every built-in entity type, the diagnostic ones included (tests and benches).
 pub fn registry() -> anyhow::Result<EntityRegistry> {
-    registry_with(None, None, "shoal", &AppConfig::default())
+    registry_with(None, None, "shoal", &AppConfig::with_diagnostics())
 }
 
 /// Every built-in entity type; job types that touch the database and the notification
@@ -66,33 +87,39 @@ pub fn registry_for(
     app: &AppConfig,
     extraction: &extraction::ExtractionSetup,
 ) -> anyhow::Result<EntityRegistry> {
-    let jobs_config = &app.jobs;
     let mut registry = EntityRegistry::new();
     registry.register(extraction::Extraction::new(std::sync::Arc::new(
         extraction.pipeline()?,
     )))?;
+    if app.diagnostics.enabled {
+        registry.register(probe::Probe)?;
+    }
     registry
         .register(counter::Counter)?
-        .register(probe::Probe)?
         .register(notifications::entity(
             pool.clone(),
             cluster,
             redis.clone(),
             &app.notifications,
         ))?;
-    let types = job_types_with(pool, redis.clone(), jobs_config)?;
+    let types = job_types_with(pool, redis.clone(), app)?;
     jobs::register(&mut registry, std::sync::Arc::new(types), redis)?;
     Ok(registry)
 }
 
-/// The job types of this binary: the diagnostic ones, and `webhook` when `[jobs.webhook]`
-/// has secrets (it keeps its breakers and disabled endpoints in `redis`).
+/// The job types of this binary: the diagnostic ones with `[diagnostics] enabled`, and
+/// `webhook` when `[jobs.webhook]` has secrets (it keeps its breakers and disabled
+/// endpoints in `redis`).
 pub fn job_types_with(
     pool: Option<sqlx::PgPool>,
     redis: Option<shoal::redis::RedisClient>,
-    jobs_config: &jobs::JobsConfig,
+    app: &AppConfig,
 ) -> anyhow::Result<jobs::JobRegistry> {
-    let mut types = jobs::job_types(pool)?;
-    webhook::job::register(&mut types, &jobs_config.webhook, redis)?;
+    let mut types = if app.diagnostics.enabled {
+        jobs::job_types(pool)?
+    } else {
+        jobs::JobRegistry::new()
+    };
+    webhook::job::register(&mut types, &app.jobs.webhook, redis)?;
     Ok(types)
 }

@@ -459,3 +459,122 @@ async fn tokens_missing_a_configured_claim_or_not_yet_valid_are_refused() -> any
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_port_needs_the_cluster_secret_and_refuses_the_built_in_one()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::new(4).await?;
+    let runner = cluster.start_runner().await?;
+    let http = reqwest::Client::new();
+    for path in ["/status", "/metrics"] {
+        let url = format!("http://{}{path}", runner.addr);
+        let bare = http.get(&url).send().await?.status();
+        ensure!(
+            bare == StatusCode::UNAUTHORIZED,
+            "{path} without the secret: {bare}"
+        );
+        let wrong = http
+            .get(&url)
+            .header("x-shoal-secret", "not-the-secret")
+            .send()
+            .await?
+            .status();
+        ensure!(
+            wrong == StatusCode::UNAUTHORIZED,
+            "{path} with a wrong one: {wrong}"
+        );
+        let right = http
+            .get(&url)
+            .bearer_auth(shoal_testkit::process::CLUSTER_SECRET)
+            .send()
+            .await?
+            .status();
+        ensure!(right == StatusCode::OK, "{path} with the secret: {right}");
+    }
+    let health = http
+        .get(format!("http://{}/health", runner.addr))
+        .send()
+        .await?
+        .status();
+    ensure!(health == StatusCode::OK, "/health stays open: {health}");
+    // Started on their own with the secret everyone can read in the source: refused.
+    let port = shoal_testkit::free_port()?.to_string();
+    let listen = format!("127.0.0.1:{port}");
+    for args in [
+        vec![
+            "runner",
+            "--database-url",
+            cluster.db.url.as_str(),
+            "--listen",
+            listen.as_str(),
+        ],
+        vec![
+            "gateway",
+            "--database-url",
+            cluster.db.url.as_str(),
+            "--listen",
+            listen.as_str(),
+        ],
+    ] {
+        let (status, stderr) = common::run_shoal_in(
+            &cluster.dir,
+            &args,
+            &[("SHOAL__CLUSTER__SECRET", shoal::config::DEFAULT_SECRET)],
+        )
+        .await?;
+        ensure!(
+            !status.success() && stderr.contains("cluster.secret is the built-in default"),
+            "{args:?}: {status} {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostic_types_are_offered_only_when_enabled() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(4).await?;
+    let _runner = cluster.start_runner().await?;
+    let gateway = Gateway::start(
+        &cluster,
+        GatewayOptions {
+            env: vec![("SHOAL__DIAGNOSTICS__ENABLED".to_owned(), "false".to_owned())],
+            redis_url: None,
+            listen: None,
+        },
+    )
+    .await?;
+    let http = &gateway.http;
+    let probe = http
+        .post_json("/entities/probe/p1/echo", &json!({"value": 1}), &[])
+        .await?;
+    ensure!(
+        probe.status == StatusCode::NOT_FOUND,
+        "probe: {} {}",
+        probe.status,
+        probe.text()
+    );
+    let job = http
+        .post_json("/jobs", &json!({"type": "diag.noop", "payload": {}}), &[])
+        .await?;
+    ensure!(
+        job.status == StatusCode::BAD_REQUEST,
+        "diag.noop: {} {}",
+        job.status,
+        job.text()
+    );
+    let doc: Value = http.get("/openapi.json").await?.json()?;
+    let text = doc.to_string();
+    ensure!(
+        !text.contains("/entities/probe/") && !text.contains("diag.noop"),
+        "the document offers a diagnostic type"
+    );
+    let counter = http
+        .post_json("/entities/counter/c1/get", &json!({}), &[])
+        .await?;
+    ensure!(
+        counter.status == StatusCode::OK,
+        "counter: {}",
+        counter.status
+    );
+    Ok(())
+}

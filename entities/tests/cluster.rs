@@ -660,7 +660,12 @@ async fn sample_views(http: &reqwest::Client, urls: &[String]) -> Vec<common::Ru
     for url in urls {
         let (http, url) = (http.clone(), url.clone());
         fetches.spawn(async move {
-            let response = http.get(&url).send().await?.error_for_status()?;
+            let response = http
+                .get(&url)
+                .header("x-shoal-secret", shoal_testkit::process::CLUSTER_SECRET)
+                .send()
+                .await?
+                .error_for_status()?;
             response.json::<common::RunnerView>().await
         });
     }

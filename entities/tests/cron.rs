@@ -87,6 +87,7 @@ async fn singleton_status(
 ) -> anyhow::Result<SingletonStatus> {
     let response = http
         .get(format!("http://{addr}/status"))
+        .header("x-shoal-secret", shoal_testkit::process::CLUSTER_SECRET)
         .send()
         .await?
         .error_for_status()?;

@@ -28,7 +28,10 @@ async fn metric_sum<const N: usize>(
 ) -> anyhow::Result<f64> {
     let mut sum = 0.0;
     for runner in runners {
-        let text = reqwest::get(format!("http://{}/metrics", runner.addr))
+        let text = reqwest::Client::new()
+            .get(format!("http://{}/metrics", runner.addr))
+            .header("x-shoal-secret", shoal_testkit::process::CLUSTER_SECRET)
+            .send()
             .await?
             .text()
             .await?;

@@ -1,5 +1,10 @@
 //! The runner's own HTTP endpoint: `/health`, `/metrics` and `/status` (what this runner
 //! believes it owns). The runner transport's routes join these in the entity runtime.
+//!
+//! Only `/health` is open. `/status` and `/metrics` tell an outsider which entities and
+//! webhook hosts the cluster serves, so they need the cluster secret like the transport:
+//! `x-shoal-secret: <secret>`, or `Authorization: Bearer <secret>` (what a Prometheus
+//! scrape job's `authorization` setting sends).
 
 use axum::Router;
 use axum::extract::State;
@@ -40,10 +45,16 @@ struct RunnerStatus {
 
 pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: CancellationToken) {
     let transport = crate::transport::http::router(state.runtime.clone(), state.secret.clone());
-    let app = Router::new()
-        .route("/health", get(health))
+    let operator = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.secret.clone(),
+            require_secret,
+        ));
+    let app = Router::new()
+        .route("/health", get(health))
+        .merge(operator)
         .with_state(state)
         .merge(transport);
     if let Err(error) = axum::serve(crate::transport::http::without_nagle(listener), app)
@@ -52,6 +63,35 @@ pub(crate) async fn serve(listener: TcpListener, state: RunnerHttp, shutdown: Ca
     {
         tracing::error!(%error, "runner HTTP server failed");
     }
+}
+
+/// Lets a request through only with the cluster secret.
+async fn require_secret(
+    State(secret): State<String>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes);
+    let given = headers
+        .get(crate::transport::http::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .or(bearer);
+    if given.is_some_and(|given| crate::transport::http::same_secret(given, secret.as_bytes())) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({"error": {
+            "code": "missing_secret",
+            "message": "this route needs the cluster secret (x-shoal-secret or Authorization: Bearer)",
+        }})),
+    )
+        .into_response()
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 pub use server::router;
+pub(crate) use server::same_secret;
 
 use super::{Envelope, Transport, TransportError};
 use crate::ids::EntityAddress;

@@ -32,11 +32,17 @@ pub fn shoal_command(program: impl AsRef<OsStr>, dir: &Path) -> Command {
         }
     }
     command
+        // Runners refuse the built-in secret; the diagnostic types are off by default.
+        .env("SHOAL__CLUSTER__SECRET", CLUSTER_SECRET)
+        .env("SHOAL__DIAGNOSTICS__ENABLED", "true")
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     command
 }
+
+/// The cluster secret [`shoal_command`] gives every child (a test may set another).
+pub const CLUSTER_SECRET: &str = "shoal-test-cluster-secret";
 
 /// Runs `command` to its end, collecting stdout and stderr; fails if it takes longer than
 /// `deadline` (the child is killed then).

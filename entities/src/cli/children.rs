@@ -38,6 +38,8 @@ pub(crate) fn shoal_command(args: &[&str]) -> anyhow::Result<Command> {
     let mut command = Command::new(current_exe()?);
     command
         .args(args)
+        // A local cluster offers the diagnostic types its drills and tests use.
+        .env("SHOAL__DIAGNOSTICS__ENABLED", "true")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -123,4 +125,16 @@ pub(crate) fn signal_pid(pid: u32, signal: Signal) -> anyhow::Result<()> {
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// `config` for a local cluster of child processes: the built-in cluster secret, which
+/// runners refuse, is replaced by a random one for this cluster's lifetime (passed to the
+/// children as `SHOAL__CLUSTER__SECRET`); a secret of the operator's own is kept.
+pub(crate) fn with_local_secret(
+    mut config: shoal::config::ShoalConfig,
+) -> shoal::config::ShoalConfig {
+    if config.cluster.secret == shoal::config::DEFAULT_SECRET {
+        config.cluster.secret = format!("local-{}", uuid::Uuid::new_v4().simple());
+    }
+    config
 }

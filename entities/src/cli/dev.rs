@@ -43,6 +43,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     if args.runners == 0 {
         bail!("--runners must be at least 1");
     }
+    let config = super::children::with_local_secret(config);
     let shutdown = super::signals::shutdown_on_signals()?;
     ensure_database(&config.database.url).await?;
     let pool = super::connect(&config).await?;
@@ -178,6 +179,7 @@ fn spawn(
     let mut command = children::shoal_command(args)?;
     command
         .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
+        .env("SHOAL__CLUSTER__SECRET", &config.cluster.secret)
         .env("SHOAL__REDIS__URL", redis)
         .env(
             "SHOAL__CLUSTER__SHARDS_PER_GROUP",

@@ -122,6 +122,11 @@ async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()
     if args.gateway.is_none() && args.runners < 2 {
         bail!("--runners must be at least 2 (one to kill, one to take over)");
     }
+    // A cluster of its own gets a random secret; an existing one needs its own.
+    let config = match &args.gateway {
+        Some(_) => config,
+        None => super::children::with_local_secret(config),
+    };
     let pool = super::connect(&config).await?;
     shoal::MIGRATOR
         .run(&pool)
@@ -254,8 +259,17 @@ impl Cluster {
     /// The pid of the runner at `address`, as its `/status` reports it (so it must run on
     /// this machine).
     async fn pid_of(&self, address: &str) -> anyhow::Result<nix::unistd::Pid> {
-        let status: serde_json::Value = reqwest::get(format!("http://{address}/status"))
+        let (Self::Own { config, .. } | Self::Existing { config, .. }) = self;
+        let status: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://{address}/status"))
+            .header(
+                shoal::transport::http::SECRET_HEADER,
+                &config.cluster.secret,
+            )
+            .send()
             .await?
+            .error_for_status()
+            .context("the runner's /status (is cluster.secret the cluster's?)")?
             .json()
             .await?;
         let pid = status["pid"]

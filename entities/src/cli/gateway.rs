@@ -76,8 +76,9 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     let mut extraction = setup.api()?;
     extraction.watch = journal_watch;
     let extraction = std::sync::Arc::new(extraction);
-    let types = shoal_entities::job_types_with(None, redis, &app.jobs)?;
-    let params = GatewayParams::new(config, shoal_entities::registry()?)
+    let types = shoal_entities::job_types_with(None, redis, &app)?;
+    let registry = shoal_entities::registry_with(None, None, config.cluster.name.as_str(), &app)?;
+    let params = GatewayParams::new(config, registry)
         .with_metrics(metrics)
         .with_routes(shoal_entities::http::routes_for(
             Some(store),

@@ -25,8 +25,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{DEADLINE, TestCluster, free_port, shoal_command};
 
-/// The cluster secret runners use when none is configured (`shoal::config::DEFAULT_SECRET`).
-pub const DEFAULT_SECRET: &str = shoal::config::DEFAULT_SECRET;
+/// The cluster secret the harness gives every runner and gateway it starts (they refuse the
+/// built-in `shoal::config::DEFAULT_SECRET`).
+pub const DEFAULT_SECRET: &str = shoal_testkit::process::CLUSTER_SECRET;
 
 // ---------------------------------------------------------------------------------------
 // Gateway processes

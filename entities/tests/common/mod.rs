@@ -586,7 +586,12 @@ impl Runner {
 
 async fn runner_status(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<RunnerView> {
     let url = format!("http://{addr}/status");
-    let response = http.get(&url).send().await?.error_for_status()?;
+    let response = http
+        .get(&url)
+        .header("x-shoal-secret", shoal_testkit::process::CLUSTER_SECRET)
+        .send()
+        .await?
+        .error_for_status()?;
     Ok(response.json().await?)
 }
 

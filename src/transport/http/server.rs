@@ -81,7 +81,7 @@ fn authorized(headers: &HeaderMap, secret: &str) -> bool {
 }
 
 /// Compares secrets without an early exit, so timing reveals nothing about the prefix.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len()
         && given
             .iter()
