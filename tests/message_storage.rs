@@ -1461,10 +1461,23 @@ mod postgres_refusals {
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),
             any::<u64>().prop_map(serde_json::Value::from),
-            // Floats with short decimal forms only: serde_json without `float_roundtrip`
-            // reads some 17-digit decimals back one ulp off (132026642262405.81 comes back
-            // as …405.8). That is a precision matter, not a refusal; this is about refusals.
             (-1_000_000i64..1_000_000).prop_map(|n| serde_json::Value::from(n as f64 / 8.0)),
+            // Any finite double, and the extremes: Postgres prints 1.7976931348623157e308
+            // as 309 digits and 5e-324 as 324 decimals; they must read back the same double
+            // (serde_json's `float_roundtrip`), not fail "number out of range".
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            prop_oneof![
+                Just(f64::MAX),
+                Just(f64::MIN),
+                Just(f64::MIN_POSITIVE),
+                Just(5e-324),
+                Just(-5e-324),
+                Just(1e308),
+                Just(123_456_789_012_345_680_000_000_000_000_000_000_000.0),
+            ]
+            .prop_map(serde_json::Value::from),
             text.clone().prop_map(serde_json::Value::from),
         ];
         let tree = leaf.prop_recursive(5, 48, 5, move |inner| {
