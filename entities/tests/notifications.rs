@@ -853,6 +853,8 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
         &[
             ("SHOAL__NOTIFICATIONS__SUBSCRIBER_BUFFER", "16"),
             ("SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS", "3"),
+            // This test fills the gateway's cap with one tenant's streams.
+            ("SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS_PER_TENANT", "3"),
         ],
     )
     .await?;
