@@ -15,6 +15,7 @@ pub mod history;
 pub mod hub;
 pub(crate) mod metrics;
 pub mod routes;
+pub mod slots;
 pub mod stream;
 
 use std::fmt;
@@ -44,8 +45,13 @@ pub struct NotificationsConfig {
     pub retry: Duration,
     /// Events buffered per subscriber before it counts as too slow (reset). Default 256.
     pub subscriber_buffer: usize,
-    /// Subscribers one gateway holds; more get 503. Default 10000.
+    /// Streams one gateway holds (tenant streams, extraction streams, `?wait=true` waits);
+    /// more get 503. Default 10000.
     pub max_subscribers: usize,
+    /// Streams of one tenant one gateway holds, below `max-subscribers`; the tenant's next
+    /// gets 429 with `Retry-After` while other tenants' still open. Default a quarter of
+    /// `max-subscribers`, at least 1.
+    pub max_subscribers_per_tenant: Option<usize>,
     /// Each gateway catches every feed up from the history this often (the net under a
     /// lost push). Default `2s`.
     #[serde(with = "humantime_serde")]
@@ -62,14 +68,29 @@ impl Default for NotificationsConfig {
             retry: Duration::from_secs(2),
             subscriber_buffer: 256,
             max_subscribers: 10_000,
+            max_subscribers_per_tenant: None,
             sync_interval: Duration::from_secs(2),
         }
     }
 }
 
 impl NotificationsConfig {
+    /// `max-subscribers-per-tenant`, or its default.
+    pub fn per_tenant_cap(&self) -> usize {
+        self.max_subscribers_per_tenant
+            .unwrap_or((self.max_subscribers / 4).max(1))
+    }
+
     /// Refuses values that cannot work.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(cap) = self.max_subscribers_per_tenant
+            && (cap == 0 || cap > self.max_subscribers)
+        {
+            return Err(format!(
+                "[notifications] max-subscribers-per-tenant must be within 1–{} (max-subscribers)",
+                self.max_subscribers
+            ));
+        }
         let positive = [
             ("history-max-events", self.history_max_events == 0),
             ("prune-every", self.prune_every == 0),
@@ -126,6 +147,25 @@ impl Tenant {
     /// The tenant's name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The caller's tenant on an application route: `X-Tenant-Id`, which the gateway
+    /// writes from the verified token when `[gateway.auth]` is on (a request naming
+    /// another is refused before it gets here); `None` without one. A bad one is a 400.
+    pub fn of_caller(
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Option<Self>, shoal::gateway::ApiError> {
+        headers
+            .get("x-tenant-id")
+            .map(|v| {
+                v.to_str().ok().and_then(|t| t.parse().ok()).ok_or_else(|| {
+                    shoal::gateway::ApiError::bad_request(
+                        "bad_tenant",
+                        "header `X-Tenant-Id`: 1–64 letters, digits, `-`, `_` or `.`",
+                    )
+                })
+            })
+            .transpose()
     }
 }
 
@@ -205,6 +245,21 @@ mod tests {
         assert!("job:state".parse::<Topic>().is_ok());
         assert!("reset".parse::<Topic>().is_err());
         assert!("a\nb".parse::<Topic>().is_err());
+    }
+
+    #[test]
+    fn the_per_tenant_cap_defaults_to_a_quarter_and_stays_below_the_total() {
+        let config = |max, per_tenant| NotificationsConfig {
+            max_subscribers: max,
+            max_subscribers_per_tenant: per_tenant,
+            ..NotificationsConfig::default()
+        };
+        assert_eq!(NotificationsConfig::default().per_tenant_cap(), 2_500);
+        assert_eq!(config(3, None).per_tenant_cap(), 1);
+        assert_eq!(config(4, Some(2)).per_tenant_cap(), 2);
+        assert!(config(4, Some(0)).validate().is_err());
+        assert!(config(4, Some(5)).validate().is_err());
+        assert!(config(4, Some(4)).validate().is_ok());
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! And what a valid token for another tenant cannot do through the generic entity routes:
 //! reach a workload's internal types (jobs, job keys, notifications, extractions), another
 //! tenant's counters, or an internal message; only the operator scope reaches them.
+//!
+//! Tenancy with auth on: another tenant's extraction is a 404 on every read and its text
+//! runs again as the caller's own (never `cached: true` from the other's result); one
+//! tenant holding its cap of streams on a gateway is refused (429) while others open.
 
 mod common;
 
-use anyhow::ensure;
-use common::gateway::{Gateway, GatewayOptions, Http};
-use common::{Runner, TestCluster};
+use anyhow::{Context, ensure};
+use common::gateway::{Gateway, GatewayOptions, Http, HttpResponse};
+use common::{DEADLINE, Runner, RunnerOptions, TestCluster, wait_until};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -68,8 +72,22 @@ fn rs256(claims: &Value) -> anyhow::Result<String> {
 }
 
 async fn setup() -> anyhow::Result<(TestCluster, Runner, Gateway)> {
+    setup_with(&[]).await
+}
+
+/// A runner and a gateway with auth on, both with `extra` in their environment.
+async fn setup_with(extra: &[(&str, String)]) -> anyhow::Result<(TestCluster, Runner, Gateway)> {
     let cluster = TestCluster::new(16).await?;
-    let runner = cluster.start_runner().await?;
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    let runner = cluster
+        .start_runner_with(RunnerOptions {
+            env: extra.clone(),
+            ..RunnerOptions::default()
+        })
+        .await?;
     cluster.await_balanced(&[&runner]).await?;
     let jwks = cluster.dir.join("jwks.json");
     std::fs::write(
@@ -96,6 +114,7 @@ async fn setup() -> anyhow::Result<(TestCluster, Runner, Gateway)> {
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .chain(extra)
                 .collect(),
             redis_url: None,
             listen: None,
@@ -576,5 +595,395 @@ async fn diagnostic_types_are_offered_only_when_enabled() -> anyhow::Result<()> 
         "counter: {}",
         counter.status
     );
+    Ok(())
+}
+
+/// `Authorization: Bearer` with a valid token for `tenant`.
+fn bearer_of(tenant: &str) -> anyhow::Result<String> {
+    Ok(format!("Bearer {}", hs256(&claims(tenant, 300), SECRET)?))
+}
+
+/// `method path` as `tenant` (with a JSON body for a `POST`), the whole answer read.
+async fn as_tenant(
+    http: &Http,
+    tenant: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<HttpResponse> {
+    let mut request = http
+        .client
+        .request(method, http.url(path))
+        .header("authorization", bearer_of(tenant)?);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    http.send(request).await
+}
+
+/// `POST /extractions?wait=true` of `text` as `tenant`: 200 and the view.
+async fn extract(http: &Http, tenant: &str, text: &str) -> anyhow::Result<Value> {
+    let body = json!({"text": text, "ontology_id": "foaf"});
+    let post = reqwest::Method::POST;
+    let answer = as_tenant(http, tenant, post, "/extractions?wait=true", Some(&body)).await?;
+    ensure!(
+        answer.status == StatusCode::OK,
+        "{tenant}: {} {}",
+        answer.status,
+        answer.text()
+    );
+    answer.json()
+}
+
+/// Redis for the runner and the gateway, under a prefix of this test's own.
+fn redis_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("SHOAL__REDIS__URL", shoal_testkit::redis::redis_url()),
+        (
+            "SHOAL__REDIS__KEY_PREFIX",
+            format!("shoal-test:auth-{}", uuid::Uuid::now_v7()),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_extraction_is_a_404_and_its_text_runs_as_the_callers_own()
+-> anyhow::Result<()> {
+    let mut extra = redis_env();
+    // A short handle, so a finished extraction is forgotten and answered from the
+    // durable copy (whose row carries the tenant) within the test.
+    extra.push(("SHOAL__EXTRACTION__KEEP_HANDLE", "1s".to_owned()));
+    let (_cluster, _runner, gateway) = setup_with(&extra).await?;
+    let http = &gateway.http;
+    let get = reqwest::Method::GET;
+    let text = "Ada Lovelace met Charles Babbage at the University of London.";
+
+    let acme = extract(http, "acme", text).await?;
+    ensure!(
+        acme["status"] == "completed" && acme["cached"] == false,
+        "{acme}"
+    );
+    let acme_id = acme["id"].as_str().context("an id")?.to_owned();
+    let again = extract(http, "acme", text).await?;
+    ensure!(
+        again["id"] == acme_id.as_str() && again["cached"] == true,
+        "acme's own repeat is a cache hit: {again}"
+    );
+
+    // Beta holding acme's id learns nothing: every read is the 404 of an unknown id.
+    let unknown = format!("ex-{}", "0".repeat(32));
+    for path in [
+        format!("/extractions/{acme_id}"),
+        format!("/extractions/{acme_id}/events"),
+    ] {
+        let answer = as_tenant(http, "beta", get.clone(), &path, None).await?;
+        let body = answer.text();
+        ensure!(
+            answer.status == StatusCode::NOT_FOUND
+                && answer.error()?.0 == "unknown_extraction"
+                && !body.contains("Lovelace")
+                && !body.contains("foaf"),
+            "beta {path}: {} {body}",
+            answer.status
+        );
+        let control = as_tenant(
+            http,
+            "beta",
+            get.clone(),
+            &path.replace(&acme_id, &unknown),
+            None,
+        )
+        .await?;
+        ensure!(
+            control.text().replace(&unknown, &acme_id) == body,
+            "an unknown id answers the same: {}",
+            control.text()
+        );
+    }
+    let jsonld = http
+        .send(
+            http.client
+                .get(http.url(&format!("/extractions/{acme_id}")))
+                .header("authorization", bearer_of("beta")?)
+                .header("accept", "application/ld+json"),
+        )
+        .await?;
+    ensure!(jsonld.status == StatusCode::NOT_FOUND, "{}", jsonld.text());
+
+    // Beta's same text is beta's own extraction, run for beta.
+    let beta = extract(http, "beta", text).await?;
+    let beta_id = beta["id"].as_str().context("an id")?.to_owned();
+    ensure!(
+        beta_id != acme_id && beta["cached"] == false && beta["dedup_hits"] == 0,
+        "beta's run is its own: {beta}"
+    );
+    ensure!(
+        beta["result"]["entities"] == acme["result"]["entities"],
+        "the same extraction, run again: {beta}"
+    );
+    let answer = as_tenant(
+        http,
+        "acme",
+        get.clone(),
+        &format!("/extractions/{beta_id}"),
+        None,
+    )
+    .await?;
+    ensure!(answer.status == StatusCode::NOT_FOUND, "{}", answer.text());
+    // Acme's own still answers acme, its events included.
+    let again = extract(http, "acme", text).await?;
+    ensure!(
+        again["id"] == acme_id.as_str() && again["cached"] == true,
+        "{again}"
+    );
+    let events = as_tenant(
+        http,
+        "acme",
+        get.clone(),
+        &format!("/extractions/{acme_id}/events"),
+        None,
+    )
+    .await?;
+    ensure!(
+        events.status == StatusCode::OK && events.text().contains("event: complete"),
+        "{} {}",
+        events.status,
+        events.text()
+    );
+
+    // Forgotten after keep-handle, acme's answers from the durable copy — and still not to
+    // beta.
+    let path = format!("/extractions/{acme_id}");
+    wait_until(
+        DEADLINE,
+        "acme's extraction answered from its durable copy",
+        || async {
+            let view = as_tenant(http, "acme", get.clone(), &path, None)
+                .await?
+                .json()?;
+            Ok(view["cached"] == true)
+        },
+    )
+    .await?;
+    let answer = as_tenant(http, "beta", get.clone(), &path, None).await?;
+    ensure!(
+        answer.status == StatusCode::NOT_FOUND && answer.error()?.0 == "unknown_extraction",
+        "{} {}",
+        answer.status,
+        answer.text()
+    );
+    // A token naming neither cannot turn itself into acme by header (the gateway's 403).
+    let answer = http
+        .send(
+            http.client
+                .post(http.url("/extractions"))
+                .header("authorization", bearer_of("beta")?)
+                .header("x-tenant-id", "acme")
+                .json(&json!({"text": text, "ontology_id": "foaf"})),
+        )
+        .await?;
+    ensure!(answer.status == StatusCode::FORBIDDEN, "{}", answer.text());
+    Ok(())
+}
+
+/// Opens `path` as `tenant` and holds the stream: `Ok(response)` once it answers 200 with
+/// `text/event-stream`, or the answer read whole otherwise.
+async fn open_stream(
+    client: &reqwest::Client,
+    http: &Http,
+    tenant: &str,
+    path: &str,
+) -> anyhow::Result<Result<reqwest::Response, HttpResponse>> {
+    let response = client
+        .get(http.url(path))
+        .header("authorization", bearer_of(tenant)?)
+        .send()
+        .await?;
+    let is_stream = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if response.status() == StatusCode::OK && is_stream {
+        return Ok(Ok(response));
+    }
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?.to_vec();
+    Ok(Err(HttpResponse {
+        status,
+        headers,
+        body,
+    }))
+}
+
+fn is_tenant_limit(answer: &HttpResponse) -> anyhow::Result<bool> {
+    Ok(answer.status == StatusCode::TOO_MANY_REQUESTS
+        && answer.error()?.0 == "tenant_stream_limit"
+        && answer.text().contains("max-subscribers-per-tenant")
+        && answer.headers.contains_key("retry-after"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_at_its_cap_of_streams_leaves_the_others_room() -> anyhow::Result<()> {
+    let extra = [
+        ("SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS", "4".to_owned()),
+        (
+            "SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS_PER_TENANT",
+            "2".to_owned(),
+        ),
+        // A closed stream's place comes back at its next write.
+        ("SHOAL__NOTIFICATIONS__HEARTBEAT", "200ms".to_owned()),
+    ];
+    let (_cluster, _runner, gateway) = setup_with(&extra).await?;
+    let http = &gateway.http;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let acme_id = extract(http, "acme", "Ada Lovelace met Charles Babbage.").await?["id"]
+        .as_str()
+        .context("an id")?
+        .to_owned();
+    let beta_id = extract(http, "beta", "Alan Turing met Alonzo Church.").await?["id"]
+        .as_str()
+        .context("an id")?
+        .to_owned();
+
+    // Acme takes its two places.
+    let mut acme = Vec::new();
+    for _ in 0..2 {
+        match open_stream(&client, http, "acme", "/tenants/acme/events").await? {
+            Ok(stream) => acme.push(stream),
+            Err(answer) => anyhow::bail!("acme's stream: {} {}", answer.status, answer.text()),
+        }
+    }
+    // Its third stream of any kind is refused with its own limit named.
+    for path in [
+        "/tenants/acme/events".to_owned(),
+        format!("/extractions/{acme_id}/events"),
+    ] {
+        let refused = open_stream(&client, http, "acme", &path).await?;
+        let answer = refused.err().context("acme's third stream opened")?;
+        ensure!(
+            is_tenant_limit(&answer)?,
+            "{path}: {} {:?} {}",
+            answer.status,
+            answer.headers.get("retry-after"),
+            answer.text()
+        );
+    }
+    // A wait is a stream too: acme's `?wait=true` does not wait (202, follow status_url).
+    let body = json!({"text": "Grace Hopper met John von Neumann.", "ontology_id": "foaf"});
+    let post = reqwest::Method::POST;
+    let waited = as_tenant(
+        http,
+        "acme",
+        post.clone(),
+        "/extractions?wait=true",
+        Some(&body),
+    )
+    .await?;
+    ensure!(
+        waited.status == StatusCode::ACCEPTED,
+        "{} {}",
+        waited.status,
+        waited.text()
+    );
+
+    // Beta's streams still open: its extraction's events (read to their end), a stream of
+    // its own; then gamma's, once the events' place is back.
+    let events = as_tenant(
+        http,
+        "beta",
+        reqwest::Method::GET,
+        &format!("/extractions/{beta_id}/events"),
+        None,
+    )
+    .await?;
+    ensure!(
+        events.status == StatusCode::OK && events.text().contains("event: complete"),
+        "{} {}",
+        events.status,
+        events.text()
+    );
+    let refused = |answer: &HttpResponse| -> anyhow::Result<bool> {
+        Ok(is_tenant_limit(answer)? || answer.error()?.0 == "too_many_subscribers")
+    };
+    let beta = open_when(&client, http, "beta", "/tenants/beta/events", refused).await?;
+    let gamma = open_when(&client, http, "gamma", "/tenants/gamma/events", refused).await?;
+    // The gateway's own cap (4: acme's two, beta's, gamma's) still holds for everyone.
+    let full = open_stream(&client, http, "delta", "/tenants/delta/events").await?;
+    let answer = full
+        .err()
+        .context("delta's stream opened past the gateway's cap")?;
+    ensure!(
+        answer.status == StatusCode::SERVICE_UNAVAILABLE
+            && answer.error()?.0 == "too_many_subscribers",
+        "{} {}",
+        answer.status,
+        answer.text()
+    );
+    // Acme closing a stream gives its place back to acme.
+    acme.pop();
+    let again = open_when(
+        &client,
+        http,
+        "acme",
+        "/tenants/acme/events",
+        is_tenant_limit,
+    )
+    .await?;
+    drop((acme, again, beta, gamma));
+    Ok(())
+}
+
+/// Opens `path` as `tenant` once it is no longer refused as `refused` says (a closed
+/// stream's place comes back when the gateway notices); another answer is reported if it
+/// lasts to the deadline.
+async fn open_when(
+    client: &reqwest::Client,
+    http: &Http,
+    tenant: &str,
+    path: &str,
+    refused: impl Fn(&HttpResponse) -> anyhow::Result<bool>,
+) -> anyhow::Result<reqwest::Response> {
+    let opened = std::sync::Mutex::new(None);
+    let what = format!("{tenant}'s stream {path} opens");
+    wait_until(DEADLINE, &what, || async {
+        match open_stream(client, http, tenant, path).await? {
+            Ok(stream) => {
+                *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+                Ok(true)
+            }
+            Err(answer) if refused(&answer)? => Ok(false),
+            Err(answer) => anyhow::bail!("{what}: {} {}", answer.status, answer.text()),
+        }
+    })
+    .await?;
+    opened
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .context("no stream")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_may_opt_into_one_shared_extraction_cache() -> anyhow::Result<()> {
+    let mut extra = redis_env();
+    extra.push(("SHOAL__EXTRACTION__SHARED_CACHE", "true".to_owned()));
+    let (_cluster, _runner, gateway) = setup_with(&extra).await?;
+    let http = &gateway.http;
+    let text = "Ada Lovelace met Charles Babbage at the University of London.";
+    let acme = extract(http, "acme", text).await?;
+    ensure!(acme["cached"] == false, "{acme}");
+    let id = acme["id"].as_str().context("an id")?;
+    // One extraction per inputs across tenants: beta is answered from acme's result.
+    let beta = extract(http, "beta", text).await?;
+    ensure!(beta["id"] == id && beta["cached"] == true, "{beta}");
+    let answer = as_tenant(
+        http,
+        "beta",
+        reqwest::Method::GET,
+        &format!("/extractions/{id}"),
+        None,
+    )
+    .await?;
+    ensure!(answer.status == StatusCode::OK, "{}", answer.text());
     Ok(())
 }

@@ -855,6 +855,8 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
         &[
             ("SHOAL__NOTIFICATIONS__SUBSCRIBER_BUFFER", "16"),
             ("SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS", "3"),
+            // This test fills the gateway's cap with one tenant's streams.
+            ("SHOAL__NOTIFICATIONS__MAX_SUBSCRIBERS_PER_TENANT", "3"),
         ],
     )
     .await?;
@@ -934,7 +936,8 @@ async fn a_subscriber_that_does_not_read_is_reset_and_memory_stays_flat() -> any
     let _a = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
     let _b = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
     let _c = Sse::open(&gw.http.base, "/tenants/cap/events", &[]).await?;
-    let refused = gw.http.get("/tenants/cap/events").await?;
+    // Another tenant's (a fourth `cap` stream would meet its tenant's cap first).
+    let refused = gw.http.get("/tenants/other/events").await?;
     ensure!(
         refused.status == StatusCode::SERVICE_UNAVAILABLE
             && refused.error()?.0 == "too_many_subscribers",

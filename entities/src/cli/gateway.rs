@@ -7,8 +7,9 @@ use shoal::gateway::GatewayParams;
 use shoal_entities::extraction::watch::{self as extraction_watch, JournalWatch};
 use shoal_entities::notifications::carrier;
 use shoal_entities::notifications::history::History;
-use shoal_entities::notifications::hub::{StreamSlots, spawn_hub};
+use shoal_entities::notifications::hub::spawn_hub;
 use shoal_entities::notifications::routes::Subscriptions;
+use shoal_entities::notifications::slots::StreamSlots;
 
 use super::{ClusterArgs, DatabaseArgs};
 
@@ -55,8 +56,9 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         )?),
         None => None,
     };
-    // One cap over every stream this gateway serves: tenant streams and extraction readers.
-    let slots = StreamSlots::new(app.notifications.max_subscribers);
+    // One owner of the caps over every stream this gateway serves (in total and per
+    // tenant): tenant streams, extraction streams and `?wait=true` waits.
+    let slots = StreamSlots::of(&app.notifications);
     let journal_watch = JournalWatch::new(slots.clone(), app.notifications.sync_interval);
     let subscriptions = subscriptions(
         &config,

@@ -63,6 +63,12 @@ pub struct ExtractionConfig {
     /// a restart; `0s` turns it off). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub ontology_reload_interval: Duration,
+    /// One extraction per inputs across tenants (read by gateways): the same text from two
+    /// tenants is one run, a second tenant is answered `cached: true` from the first's
+    /// result, and any tenant that holds an id reads it — which tells a tenant that someone
+    /// sent that text. Off by default: the tenant is part of an extraction's id, dedup,
+    /// cache and events, and another tenant's id is a 404. Default `false`.
+    pub shared_cache: bool,
     /// `[extraction.providers.<name>]`: the HTTP providers (`builtin` is always there).
     pub providers: BTreeMap<String, ProviderConfig>,
 }
@@ -86,6 +92,7 @@ impl Default for ExtractionConfig {
             prune_batch: 1000,
             prune_pause: Duration::from_millis(50),
             ontology_reload_interval: Duration::from_secs(30),
+            shared_cache: false,
             providers: BTreeMap::new(),
         }
     }

@@ -311,12 +311,11 @@ impl Extraction {
             "model": request.model,
         });
         self.journal()?
-            .append(
+            .append_started(
                 &id,
                 &format!("g{generation}:started"),
-                "started",
                 &data,
-                None,
+                request.tenant.as_deref(),
             )
             .await
             .map_err(storage)?;
@@ -672,7 +671,7 @@ impl Extraction {
             serde_json::to_value(&result).map_err(|e| StageFailure::Storage(e.to_string()))?;
         if let Some(journal) = &self.pipeline.journal {
             journal
-                .put_result(&state.id, &value)
+                .put_result(&state.id, request.tenant.as_deref(), &value)
                 .await
                 .map_err(|e| StageFailure::Storage(e.to_string()))?;
         }

@@ -15,6 +15,9 @@
 //!   removed once its checkpoint is in the journal.
 //! - `shoal_extraction_results`: the durable copy of every finished result (the Redis cache
 //!   holds it for 24 h in front of it).
+//!
+//! A `started` event and a result carry the extraction's tenant (`tenant`, NULL for a
+//! caller without one), so a read by id is answered only to that tenant.
 //! - `shoal_extraction_ontologies`: the Turtle of every ontology version a node offered,
 //!   by id and version (content-addressed, shared by clusters), so a runner that never read
 //!   a version a run pinned (it started after the file changed) loads it from here.
@@ -67,6 +70,10 @@ pub const SCHEMA: &[&str] = &[
         created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (cluster, extraction_id)
     )",
+    // Whose extraction it is (NULL: a caller without a tenant), on its `started` events and
+    // its result: what a read by id is checked against.
+    "ALTER TABLE shoal_extraction_events ADD COLUMN IF NOT EXISTS tenant TEXT",
+    "ALTER TABLE shoal_extraction_results ADD COLUMN IF NOT EXISTS tenant TEXT",
 ];
 
 /// Creates the tables.
@@ -88,6 +95,24 @@ pub struct Event {
     pub data: Value,
     /// When it was appended.
     pub created_at: DateTime<Utc>,
+}
+
+/// Where an extraction's latest run starts, and whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStart {
+    /// The seq just before its `started` (where a stream without `Last-Event-ID` begins).
+    pub before: i64,
+    /// The extraction's tenant (`None`: a caller without one).
+    pub tenant: Option<String>,
+}
+
+/// A stored result and whose it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResult {
+    /// The result.
+    pub result: Value,
+    /// The extraction's tenant (`None`: a caller without one).
+    pub tenant: Option<String>,
 }
 
 /// Whether the journal's storage failed (always worth retrying: the handler runs again).
@@ -124,9 +149,33 @@ impl Journal {
         data: &Value,
         checkpoint: Option<&Value>,
     ) -> Result<Option<Value>, JournalError> {
+        self.insert(id, key, kind, data, checkpoint, None).await
+    }
+
+    /// Appends a run's `started` event under `key`, naming the extraction's `tenant`.
+    pub async fn append_started(
+        &self,
+        id: &str,
+        key: &str,
+        data: &Value,
+        tenant: Option<&str>,
+    ) -> Result<(), JournalError> {
+        self.insert(id, key, "started", data, None, tenant).await?;
+        Ok(())
+    }
+
+    async fn insert(
+        &self,
+        id: &str,
+        key: &str,
+        kind: &str,
+        data: &Value,
+        checkpoint: Option<&Value>,
+        tenant: Option<&str>,
+    ) -> Result<Option<Value>, JournalError> {
         let inserted = sqlx::query(
-            "INSERT INTO shoal_extraction_events (cluster, extraction_id, seq, key, kind, data, checkpoint)
-             SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6
+            "INSERT INTO shoal_extraction_events (cluster, extraction_id, seq, key, kind, data, checkpoint, tenant)
+             SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7
                FROM shoal_extraction_events WHERE cluster = $1 AND extraction_id = $2
              ON CONFLICT (cluster, extraction_id, key) DO NOTHING",
         )
@@ -136,6 +185,7 @@ impl Journal {
         .bind(kind)
         .bind(data)
         .bind(checkpoint)
+        .bind(tenant)
         .execute(&self.pool)
         .await?;
         if let Some(hints) = &self.hints
@@ -203,18 +253,21 @@ impl Journal {
             .collect())
     }
 
-    /// The seq just before the latest run's `started` (where a stream without
-    /// `Last-Event-ID` begins), or `None` when the extraction has no events.
-    pub async fn latest_run_start(&self, id: &str) -> Result<Option<i64>, JournalError> {
-        let row: (Option<i64>,) = sqlx::query_as(
-            "SELECT MAX(seq) FROM shoal_extraction_events
-              WHERE cluster = $1 AND extraction_id = $2 AND kind = 'started'",
+    /// The latest run's start, or `None` when the extraction has no events.
+    pub async fn latest_run_start(&self, id: &str) -> Result<Option<RunStart>, JournalError> {
+        let row: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT seq, tenant FROM shoal_extraction_events
+              WHERE cluster = $1 AND extraction_id = $2 AND kind = 'started'
+              ORDER BY seq DESC LIMIT 1",
         )
         .bind(&self.cluster)
         .bind(id)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(row.0.map(|seq| seq - 1))
+        Ok(row.map(|(seq, tenant)| RunStart {
+            before: seq - 1,
+            tenant,
+        }))
     }
 
     /// The stored outputs of `stage`'s chunks in run `generation`, by chunk index.
@@ -315,29 +368,36 @@ impl Journal {
         Ok(row.map(|(source,)| source))
     }
 
-    /// Stores a finished result (the first one stays).
-    pub async fn put_result(&self, id: &str, result: &Value) -> Result<(), JournalError> {
+    /// Stores a finished result of `tenant`'s extraction (the first one stays).
+    pub async fn put_result(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        result: &Value,
+    ) -> Result<(), JournalError> {
         sqlx::query(
-            "INSERT INTO shoal_extraction_results (cluster, extraction_id, result)
-             VALUES ($1, $2, $3) ON CONFLICT (cluster, extraction_id) DO NOTHING",
+            "INSERT INTO shoal_extraction_results (cluster, extraction_id, result, tenant)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (cluster, extraction_id) DO NOTHING",
         )
         .bind(&self.cluster)
         .bind(id)
         .bind(result)
+        .bind(tenant)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     /// The stored result of `id`, if it finished.
-    pub async fn result(&self, id: &str) -> Result<Option<Value>, JournalError> {
-        let row: Option<(Value,)> = sqlx::query_as(
-            "SELECT result FROM shoal_extraction_results WHERE cluster = $1 AND extraction_id = $2",
+    pub async fn result(&self, id: &str) -> Result<Option<StoredResult>, JournalError> {
+        let row: Option<(Value, Option<String>)> = sqlx::query_as(
+            "SELECT result, tenant FROM shoal_extraction_results
+              WHERE cluster = $1 AND extraction_id = $2",
         )
         .bind(&self.cluster)
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(r,)| r))
+        Ok(row.map(|(result, tenant)| StoredResult { result, tenant }))
     }
 }

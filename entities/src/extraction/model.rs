@@ -12,22 +12,33 @@ pub const MAX_TEXT_BYTES: usize = 200_000;
 
 /// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the
 /// normalised text (NFC, whitespace runs one space: `pipeline::normalise`, what the stages
-/// read), provider, model, ontology version and temperature (each length-prefixed), so the
-/// same inputs are the same entity and any other model or ontology version another one.
+/// read), provider, model, ontology version and temperature (each length-prefixed), and,
+/// for a tenant's extraction, the tenant: so the same inputs of one tenant are the same
+/// entity, and another tenant's, another model or ontology version another one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ExtractionId(String);
 
 impl ExtractionId {
-    /// The content address of these inputs.
-    pub fn of(
-        text: &str,
-        provider: &str,
-        model: &str,
-        ontology_version: &str,
-        temperature: f64,
-    ) -> Self {
+    /// The content address of these inputs in `scope` (the tenant whose extraction it is;
+    /// `None` for a caller without one, or with `[extraction] shared-cache`).
+    pub fn of(scope: Option<&str>, inputs: Inputs<'_>) -> Self {
+        let Inputs {
+            text,
+            provider,
+            model,
+            ontology_version,
+            temperature,
+        } = inputs;
         let mut hash = Sha256::new();
+        if let Some(tenant) = scope {
+            // A prefix no unscoped input starts with (its first 8 bytes are the text's
+            // length, which these bytes would make petabytes), so a tenant's ids never
+            // meet the unscoped ones.
+            hash.update(b"tenant\0");
+            hash.update((tenant.len() as u64).to_le_bytes());
+            hash.update(tenant.as_bytes());
+        }
         let temperature = format!("{temperature:.3}");
         let text = super::pipeline::normalise(text);
         for part in [
@@ -57,6 +68,21 @@ impl ExtractionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// What an extraction's id is computed over, besides its scope.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The text (normalised before hashing).
+    pub text: &'a str,
+    /// The provider.
+    pub provider: &'a str,
+    /// The model.
+    pub model: &'a str,
+    /// The pinned ontology version.
+    pub ontology_version: &'a str,
+    /// The temperature (3 decimals count).
+    pub temperature: f64,
 }
 
 impl fmt::Display for ExtractionId {
@@ -114,20 +140,33 @@ pub struct ExtractionRequest {
     pub temperature: f64,
     /// Largest completion per call.
     pub max_tokens: u32,
-    /// The tenant that asked first.
+    /// The tenant that asked (the first one, with a shared cache): its stream gets the
+    /// steps, and only it reads the extraction.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Set by a gateway with `[extraction] shared-cache = true`: the id leaves the tenant
+    /// out, so every tenant's same inputs are one extraction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 impl ExtractionRequest {
-    /// The request's content address.
+    /// The request's content address (in its tenant's scope unless `shared`).
     pub fn id(&self) -> ExtractionId {
+        let scope = if self.shared {
+            None
+        } else {
+            self.tenant.as_deref()
+        };
         ExtractionId::of(
-            &self.text,
-            &self.provider,
-            &self.model,
-            &self.ontology_version,
-            self.temperature,
+            scope,
+            Inputs {
+                text: &self.text,
+                provider: &self.provider,
+                model: &self.model,
+                ontology_version: &self.ontology_version,
+                temperature: self.temperature,
+            },
         )
     }
 }
@@ -299,27 +338,79 @@ pub struct ExtractionFailure {
 mod tests {
     use super::*;
 
+    fn id(
+        text: &str,
+        provider: &str,
+        model: &str,
+        version: &str,
+        temperature: f64,
+    ) -> ExtractionId {
+        scoped(None, text, provider, model, version, temperature)
+    }
+
+    fn scoped(
+        tenant: Option<&str>,
+        text: &str,
+        provider: &str,
+        model: &str,
+        ontology_version: &str,
+        temperature: f64,
+    ) -> ExtractionId {
+        let inputs = Inputs {
+            text,
+            provider,
+            model,
+            ontology_version,
+            temperature,
+        };
+        ExtractionId::of(tenant, inputs)
+    }
+
     #[test]
     fn the_id_is_a_content_address_of_every_input() {
-        let a = ExtractionId::of("text", "builtin", "m", "v1", 0.0);
-        assert_eq!(a, ExtractionId::of("text", "builtin", "m", "v1", 0.0));
-        assert_ne!(a, ExtractionId::of("text", "builtin", "m2", "v1", 0.0));
-        assert_ne!(a, ExtractionId::of("text", "builtin", "m", "v2", 0.0));
-        assert_ne!(a, ExtractionId::of("text", "builtin", "m", "v1", 0.5));
-        assert_ne!(a, ExtractionId::of("text", "openai", "m", "v1", 0.0));
-        assert_ne!(a, ExtractionId::of("textb", "builtin", "m", "v1", 0.0));
+        let a = id("text", "builtin", "m", "v1", 0.0);
+        assert_eq!(a, id("text", "builtin", "m", "v1", 0.0));
+        assert_ne!(a, id("text", "builtin", "m2", "v1", 0.0));
+        assert_ne!(a, id("text", "builtin", "m", "v2", 0.0));
+        assert_ne!(a, id("text", "builtin", "m", "v1", 0.5));
+        assert_ne!(a, id("text", "openai", "m", "v1", 0.0));
+        assert_ne!(a, id("textb", "builtin", "m", "v1", 0.0));
         // One text however it is encoded or spaced.
         assert_eq!(
-            ExtractionId::of("Caf\u{e9} ouvert", "builtin", "m", "v1", 0.0),
-            ExtractionId::of(" Cafe\u{301}\n ouvert", "builtin", "m", "v1", 0.0)
+            id("Caf\u{e9} ouvert", "builtin", "m", "v1", 0.0),
+            id(" Cafe\u{301}\n ouvert", "builtin", "m", "v1", 0.0)
         );
         // Length prefixes: moving a byte between fields changes the id.
-        assert_ne!(
-            ExtractionId::of("ab", "c", "m", "v", 0.0),
-            ExtractionId::of("a", "bc", "m", "v", 0.0)
-        );
+        assert_ne!(id("ab", "c", "m", "v", 0.0), id("a", "bc", "m", "v", 0.0));
         assert_eq!(ExtractionId::parse(a.as_str()), Some(a));
         assert_eq!(ExtractionId::parse("ex-xyz"), None);
+    }
+
+    #[test]
+    fn a_tenant_is_part_of_the_id() {
+        let of = |tenant| scoped(tenant, "text", "builtin", "m", "v1", 0.0);
+        let (acme, beta, none) = (of(Some("acme")), of(Some("beta")), of(None));
+        assert_eq!(acme, of(Some("acme")));
+        assert_ne!(acme, beta);
+        assert_ne!(acme, none);
+        assert!(
+            ExtractionId::parse(acme.as_str()).is_some(),
+            "the same shape"
+        );
+        let mut request = ExtractionRequest {
+            text: "text".to_owned(),
+            ontology_id: "foaf".to_owned(),
+            ontology_version: "v1".to_owned(),
+            provider: "builtin".to_owned(),
+            model: "m".to_owned(),
+            temperature: 0.0,
+            max_tokens: 1,
+            tenant: Some("acme".to_owned()),
+            shared: false,
+        };
+        assert_eq!(request.id(), acme);
+        request.shared = true;
+        assert_eq!(request.id(), none, "a shared cache leaves the tenant out");
     }
 
     #[test]

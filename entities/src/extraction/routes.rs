@@ -9,6 +9,15 @@
 //! - `GET /extractions/{id}`: state, current stage, per-stage timings, result or error;
 //!   with `Accept: application/ld+json` the result as JSON-LD.
 //! - `GET /extractions/{id}/events`: the journal as SSE (`sse.rs`).
+//!
+//! Tenancy: the caller's tenant (`X-Tenant-Id`, from the verified token when
+//! `[gateway.auth]` is on) is part of the id ([`ExtractionId::of`]), so the same text from
+//! two tenants is two extractions, each with its own dedup, cached result and events, and
+//! `cached: true` never answers from another tenant's run. Every read by id checks the
+//! tenant stored with the extraction (its state, its result row, its `started` event):
+//! another tenant's id is a 404 like an unknown one. A caller without a tenant (auth off,
+//! no header) reads any, as on the job routes. `[extraction] shared-cache = true` leaves
+//! the tenant out of the id and the checks (one extraction per inputs across tenants).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +45,7 @@ use super::model::{
 };
 use super::ontology::Ontologies;
 use super::{jsonld, metrics, sse};
+use crate::notifications::Tenant;
 
 /// What the routes need.
 #[derive(Debug, Clone)]
@@ -153,7 +163,7 @@ impl ExtractionView {
     responses(
         (status = 200, description = "Cached, finished, or finished while waiting", body = ExtractionView),
         (status = 202, description = "Accepted: follow status_url or events_url", body = Accepted),
-        (status = 400, description = "Bad text, unknown ontology or provider, bad option", body = ErrorBody),
+        (status = 400, description = "Bad text, unknown ontology or provider, bad option, bad X-Tenant-Id", body = ErrorBody),
         (status = 503, description = "Redis, storage or the owner is unavailable", body = ErrorBody),
     ),
     tag = "extractions"
@@ -166,7 +176,8 @@ async fn create(
     JsonBody(new): JsonBody<NewExtraction>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let request = validate(&api, new, &headers)?;
+    let caller = Tenant::of_caller(&headers)?;
+    let request = validate(&api, new, caller.as_ref())?;
     let id = request.id();
     if let Some(result) = cached(&api, &id).await? {
         return Ok(respond(
@@ -181,7 +192,14 @@ async fn create(
     }
     if query.wait == Some(true)
         && let Some(journal) = &api.journal
-        && sse::await_end(journal, &api.watch, id.as_str(), api.config.wait_timeout).await
+        && sse::await_end(
+            journal,
+            &api.watch,
+            &id,
+            caller.as_ref(),
+            api.config.wait_timeout,
+        )
+        .await
     {
         let state = extraction.ask(ExtractionMessage::Get {}).await?;
         return Ok(respond(&headers, ExtractionView::of(state)));
@@ -198,7 +216,7 @@ async fn create(
 fn validate(
     api: &ExtractionApi,
     new: NewExtraction,
-    headers: &HeaderMap,
+    tenant: Option<&Tenant>,
 ) -> Result<ExtractionRequest, ApiError> {
     if new.text.trim().is_empty() {
         return Err(ApiError::bad_request("bad_text", "field `text` is empty"));
@@ -257,10 +275,6 @@ fn validate(
         Some(model) => model,
         None => default_model.clone(),
     };
-    let tenant = headers
-        .get("x-tenant-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     Ok(ExtractionRequest {
         text: new.text,
         ontology_id: ontology.id.clone(),
@@ -269,7 +283,8 @@ fn validate(
         model,
         temperature,
         max_tokens,
-        tenant,
+        tenant: tenant.map(Tenant::to_string),
+        shared: api.config.shared_cache,
     })
 }
 
@@ -294,16 +309,18 @@ async fn cached(
         .result(id.as_str())
         .await
         .map_err(storage_unavailable)?;
+    // The id holds the caller's tenant (or none, with a shared cache): a row found under it
+    // is of the caller's scope.
     match stored {
-        Some(value) => {
+        Some(stored) => {
             if let Some(cache) = &api.cache {
                 cache
-                    .put(id.as_str(), &value)
+                    .put(id.as_str(), &stored.result)
                     .await
                     .map_err(redis_unavailable)?;
             }
             metrics::cache("hit_postgres");
-            Ok(serde_json::from_value(value).ok())
+            Ok(serde_json::from_value(stored.result).ok())
         }
         None => {
             metrics::cache("miss");
@@ -350,6 +367,13 @@ fn respond(headers: &HeaderMap, view: ExtractionView) -> Response {
     Json(view).into_response()
 }
 
+/// Whether `caller` may read an extraction of `owner`: one of its own tenant; any for a
+/// caller without a tenant (auth off, no `X-Tenant-Id`: as on the job routes) or with
+/// `[extraction] shared-cache`.
+pub(crate) fn may_read(api: &ExtractionApi, caller: Option<&Tenant>, owner: Option<&str>) -> bool {
+    api.config.shared_cache || caller.is_none_or(|caller| owner == Some(caller.as_str()))
+}
+
 /// Parses a path id.
 pub(crate) fn parse_id(id: &str) -> Result<ExtractionId, ApiError> {
     ExtractionId::parse(id).ok_or_else(|| {
@@ -369,7 +393,7 @@ pub(crate) fn parse_id(id: &str) -> Result<ExtractionId, ApiError> {
         (status = 200, description = "The extraction; with Accept: application/ld+json, its result as JSON-LD",
             content((ExtractionView = "application/json"), (Object = "application/ld+json"))),
         (status = 400, description = "Not an extraction id", body = ErrorBody),
-        (status = 404, description = "No such extraction", body = ErrorBody),
+        (status = 404, description = "No such extraction of the caller's tenant", body = ErrorBody),
         (status = 422, description = "JSON-LD asked for an extraction without a result", body = ErrorBody),
         (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
@@ -383,6 +407,9 @@ async fn show(
 ) -> Result<Response, ApiError> {
     let Path(id) = path?;
     let id = parse_id(&id)?;
+    let caller = Tenant::of_caller(&headers)?;
+    // Another tenant's extraction is answered exactly as an unknown one.
+    let unknown = || ApiError::unknown("unknown_extraction", "extraction", &id);
     let state = gateway
         .client()
         .entity::<Extraction>(id.as_str())
@@ -397,13 +424,16 @@ async fn show(
                 .map_err(storage_unavailable)?,
             None => None,
         };
-        match stored.and_then(|v| serde_json::from_value(v).ok()) {
+        let stored = stored.filter(|s| may_read(&api, caller.as_ref(), s.tenant.as_deref()));
+        match stored.and_then(|s| serde_json::from_value(s.result).ok()) {
             Some(result) => ExtractionView::cached(id.as_str(), result),
-            None => {
-                return Err(ApiError::unknown("unknown_extraction", "extraction", &id));
-            }
+            None => return Err(unknown()),
         }
     } else {
+        let owner = state.request.as_ref().and_then(|r| r.tenant.as_deref());
+        if !may_read(&api, caller.as_ref(), owner) {
+            return Err(unknown());
+        }
         ExtractionView::of(state)
     };
     if wants_jsonld(&headers) && view.result.is_none() {

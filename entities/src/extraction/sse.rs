@@ -7,7 +7,9 @@
 //! reads the journal after the seq it holds when the runner that appended wakes it over the
 //! notification carrier (module `watch`), with a fallback read every
 //! `notifications.sync-interval` (every 100 ms on a gateway without Redis); one small
-//! indexed query per read. Streams are capped per gateway (503 past the cap).
+//! indexed query per read. Streams count under the gateway's caps with every other stream
+//! (`notifications::slots`: 503 past the gateway's, 429 past the tenant's). Only the
+//! extraction's tenant reads its journal (another tenant's id is a 404, as on `GET`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,8 +24,10 @@ use futures::Stream;
 use shoal::gateway::{ApiError, ErrorBody};
 
 use super::journal::{Event, Journal};
-use super::routes::{ExtractionApi, parse_id};
+use super::model::ExtractionId;
+use super::routes::{ExtractionApi, may_read, parse_id};
 use super::watch::{JournalWatch, Reader};
+use crate::notifications::Tenant;
 
 /// The pause after a failed read of the journal.
 const ERROR_PAUSE: Duration = Duration::from_millis(500);
@@ -46,7 +50,8 @@ fn is_end(kind: &str) -> bool {
         (status = 200, description = "text/event-stream of started, progress {stage, percent}, complete {result} | failed {error}; ends after complete or failed",
             body = String, content_type = "text/event-stream"),
         (status = 400, description = "Not an extraction id, or a bad Last-Event-ID", body = ErrorBody),
-        (status = 404, description = "No such extraction", body = ErrorBody),
+        (status = 404, description = "No such extraction of the caller's tenant", body = ErrorBody),
+        (status = 429, description = "The caller's tenant holds its maximum of streams on this gateway (`max-subscribers-per-tenant`; `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Storage is unavailable, or this gateway holds its maximum of streams", body = ErrorBody),
     ),
     tag = "extractions"
@@ -58,6 +63,7 @@ pub(crate) async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let Path(id) = path?;
     let id = parse_id(&id)?;
+    let caller = Tenant::of_caller(&headers)?;
     let journal = api.journal.clone().ok_or_else(|| ApiError::Unavailable {
         code: "storage_unavailable",
         message: "this gateway has no database".to_owned(),
@@ -72,6 +78,7 @@ pub(crate) async fn events(
         .latest_run_start(id.as_str())
         .await
         .map_err(unavailable)?
+        .filter(|start| may_read(&api, caller.as_ref(), start.tenant.as_deref()))
         .ok_or_else(|| ApiError::unknown("unknown_extraction", "extraction", &id))?;
     let after = match headers.get("last-event-id") {
         Some(value) => value
@@ -85,16 +92,11 @@ pub(crate) async fn events(
                     "`Last-Event-ID` must be an event's seq",
                 )
             })?,
-        None => start,
+        None => start.before,
     };
     let reader = api
         .watch
-        .follow(id.as_str())
-        .map_err(|full| ApiError::Unavailable {
-            code: "too_many_subscribers",
-            message: full.to_string(),
-            retry: shoal::retry::RetryClass::Safe,
-        })?;
+        .follow(id.as_str(), caller.as_ref().map(Tenant::as_str))?;
     Ok(Sse::new(follow(journal, reader, id.to_string(), after)).keep_alive(KeepAlive::default()))
 }
 
@@ -149,21 +151,25 @@ fn follow(
     })
 }
 
-/// Waits up to `timeout` for the latest run of `id` to end; whether it did. A gateway at
-/// its cap of readers does not wait (the caller answers 202).
+/// Waits up to `timeout` for the latest run of `id` to end; whether it did. The wait holds
+/// a stream's place for the `caller`'s tenant: a gateway at its cap, or a tenant at its
+/// own, does not wait (the caller answers 202 and follows `status_url`).
 pub(crate) async fn await_end(
     journal: &Journal,
     watch: &JournalWatch,
-    id: &str,
+    id: &ExtractionId,
+    caller: Option<&Tenant>,
     timeout: Duration,
 ) -> bool {
     let until = tokio::time::Instant::now() + timeout;
-    let Ok(mut reader) = watch.follow(id) else {
+    let id = id.as_str();
+    let Ok(mut reader) = watch.follow(id, caller.map(Tenant::as_str)) else {
         return false;
     };
-    let Ok(Some(mut after)) = journal.latest_run_start(id).await else {
+    let Ok(Some(start)) = journal.latest_run_start(id).await else {
         return false;
     };
+    let mut after = start.before;
     while tokio::time::Instant::now() < until {
         reader.seen();
         match journal.after(id, after, PAGE).await {

@@ -10,10 +10,10 @@
 //! the reader's fallback read every `notifications.sync-interval` (and every reader reads
 //! again after each (re)subscription); a gateway with no Redis reads every 100 ms.
 //!
-//! Bounded: each reader takes one of the gateway's [`StreamSlots`], the cap it shares with
-//! the tenant streams (`notifications.max-subscribers`; past it the stream is refused with
-//! a 503), and the map holds one entry per followed extraction, removed with its last
-//! reader.
+//! Bounded: each reader takes one of the gateway's [`StreamSlots`], the caps it shares with
+//! the tenant streams (`notifications.max-subscribers` per gateway, past it a 503, and
+//! `notifications.max-subscribers-per-tenant` per tenant, past it a 429), and the map holds
+//! one entry per followed extraction, removed with its last reader.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,7 +24,7 @@ use shoal::redis::RedisClient;
 use tokio::sync::watch;
 
 use crate::notifications::carrier::Side;
-use crate::notifications::hub::{Slot, StreamSlots};
+use crate::notifications::slots::{Refused, Slot, StreamSlots};
 
 /// How often a reader reads the journal when no wake-ups arrive (no Redis).
 pub const POLL: Duration = Duration::from_millis(100);
@@ -81,19 +81,11 @@ struct Followed {
     readers: usize,
 }
 
-/// Too many readers on this gateway.
-#[derive(Debug, thiserror::Error)]
-#[error("this gateway serves {0} streams, its limit")]
-pub struct TooManyReaders(pub usize);
-
 impl Default for JournalWatch {
     /// The notification defaults' cap and sync interval.
     fn default() -> Self {
         let defaults = crate::notifications::NotificationsConfig::default();
-        Self::new(
-            StreamSlots::new(defaults.max_subscribers),
-            defaults.sync_interval,
-        )
+        Self::new(StreamSlots::of(&defaults), defaults.sync_interval)
     }
 }
 
@@ -112,13 +104,10 @@ impl JournalWatch {
         }
     }
 
-    /// A reader of `id`'s journal, or `TooManyReaders`.
-    pub fn follow(&self, id: &str) -> Result<Reader, TooManyReaders> {
+    /// A reader of `id`'s journal for a caller of `tenant`, or why the caps refuse it.
+    pub fn follow(&self, id: &str, tenant: Option<&str>) -> Result<Reader, Refused> {
         let inner = &self.inner;
-        let slot = inner
-            .slots
-            .admit()
-            .ok_or(TooManyReaders(inner.slots.max()))?;
+        let slot = inner.slots.admit(tenant)?;
         inner.readers.fetch_add(1, Ordering::AcqRel);
         let mut followed = lock(&inner.followed);
         let entry = followed.entry(id.to_owned()).or_insert_with(|| Followed {
@@ -230,11 +219,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wake_up_ends_the_wait_and_the_map_forgets_the_last_reader() {
-        let watch = JournalWatch::new(StreamSlots::new(2), Duration::from_secs(60));
+        let watch = JournalWatch::new(StreamSlots::new(2, 2), Duration::from_secs(60));
         watch.on_subscribed();
-        let mut reader = watch.follow("x").expect("admitted");
-        let mut other = watch.follow("x").expect("admitted");
-        assert!(watch.follow("y").is_err(), "capped at two");
+        let mut reader = watch.follow("x", None).expect("admitted");
+        let mut other = watch.follow("x", None).expect("admitted");
+        assert!(watch.follow("y", None).is_err(), "capped at two");
         reader.seen();
         // A wake-up that arrives between `seen` and `wait` is not missed.
         watch.wake("x");
@@ -250,28 +239,39 @@ mod tests {
         drop(other);
         assert_eq!(watch.readers(), 0);
         assert!(lock(&watch.inner.followed).is_empty());
-        assert!(watch.follow("y").is_ok());
+        assert!(watch.follow("y", None).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_subscription_readers_poll() {
-        let watch = JournalWatch::new(StreamSlots::new(1), Duration::from_secs(60));
-        let mut reader = watch.follow("x").expect("admitted");
+        let watch = JournalWatch::new(StreamSlots::new(1, 1), Duration::from_secs(60));
+        let mut reader = watch.follow("x", None).expect("admitted");
         let started = tokio::time::Instant::now();
         reader.wait(None).await;
         assert_eq!(started.elapsed(), POLL);
     }
 
     #[test]
-    fn readers_share_the_gateways_stream_cap_with_tenant_streams() {
-        let slots = StreamSlots::new(2);
+    fn readers_share_the_gateways_stream_caps_with_tenant_streams() {
+        let slots = StreamSlots::new(3, 2);
         let watch = JournalWatch::new(slots.clone(), Duration::from_secs(60));
-        let tenant_stream = slots.admit().expect("a tenant stream");
-        let reader = watch.follow("x").expect("admitted");
-        assert!(watch.follow("y").is_err(), "one cap for both kinds");
+        let tenant_stream = slots.admit(Some("acme")).expect("a tenant stream");
+        let reader = watch.follow("x", Some("acme")).expect("admitted");
+        assert!(
+            matches!(watch.follow("y", Some("acme")), Err(Refused::Tenant { .. })),
+            "one per-tenant cap for both kinds"
+        );
+        let beta = watch.follow("y", Some("beta")).expect("another tenant's");
+        assert!(
+            matches!(
+                watch.follow("z", Some("gamma")),
+                Err(Refused::Gateway { .. })
+            ),
+            "one gateway cap for both kinds"
+        );
         drop(tenant_stream);
-        let other = watch.follow("y").expect("a place was freed");
-        drop((reader, other));
+        let other = watch.follow("y", Some("acme")).expect("a place was freed");
+        drop((reader, other, beta));
         assert_eq!(slots.taken(), 0);
     }
 }

@@ -165,21 +165,7 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
 /// The caller's tenant: `X-Tenant-Id` (written from the token when auth is on). A caller
 /// with a tenant sees and changes only its own tenant's jobs.
 fn tenant_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get("x-tenant-id")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|t| t.parse::<crate::notifications::Tenant>().ok())
-                .map(|t| t.to_string())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "bad_tenant",
-                        "header `X-Tenant-Id`: 1–64 letters, digits, `-`, `_` or `.`",
-                    )
-                })
-        })
-        .transpose()
+    Ok(crate::notifications::Tenant::of_caller(headers)?.map(|t| t.to_string()))
 }
 
 /// The job as `headers`' caller may see it: a job that does not exist, or belongs to

@@ -10,18 +10,19 @@
 //! Bounds: the command queue is bounded (pushes that find it full are dropped and force a
 //! catch-up of every feed); each subscriber's buffer holds `subscriber-buffer` events,
 //! and a subscriber whose buffer is full is dropped with its overflow flag set (its
-//! stream sends `event: reset` and ends); the number of subscribers is capped by
-//! [`HubHandle::admit`].
+//! stream sends `event: reset` and ends); the number of subscribers is capped, per
+//! gateway and per tenant, by [`HubHandle::admit`] ([`super::slots`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::history::{Event, History};
+use super::slots::{Refused, Slot, StreamSlots};
 use super::{NotificationsConfig, Tenant};
 
 /// Events read per catch-up query.
@@ -73,64 +74,9 @@ pub struct HubHandle {
     slots: StreamSlots,
 }
 
-/// The streams one gateway serves at once, of every kind — tenant streams here, extraction
-/// streams and waits (`extraction::watch`) — under one cap (`notifications.
-/// max-subscribers`; past it a stream is refused with a 503). Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct StreamSlots {
-    taken: Arc<AtomicUsize>,
-    max: usize,
-}
-
-impl StreamSlots {
-    /// At most `max` streams at once.
-    pub fn new(max: usize) -> Self {
-        Self {
-            taken: Arc::new(AtomicUsize::new(0)),
-            max,
-        }
-    }
-
-    /// A place for one more stream, or `None` at the cap.
-    pub fn admit(&self) -> Option<Slot> {
-        let before = self.taken.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max {
-            self.taken.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        super::metrics::subscribers(before + 1);
-        Some(Slot {
-            subscribers: self.taken.clone(),
-        })
-    }
-
-    /// Streams served now.
-    pub fn taken(&self) -> usize {
-        self.taken.load(Ordering::Acquire)
-    }
-
-    /// The cap.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-}
-
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Command")
-    }
-}
-
-/// A subscriber's place under the cap; released on drop.
-#[derive(Debug)]
-pub struct Slot {
-    subscribers: Arc<AtomicUsize>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let now = self.subscribers.fetch_sub(1, Ordering::AcqRel) - 1;
-        super::metrics::subscribers(now);
     }
 }
 
@@ -143,10 +89,10 @@ pub enum HubError {
 }
 
 impl HubHandle {
-    /// A place for one more subscriber, or `None` at the cap (shared with every other
-    /// stream of the gateway: [`StreamSlots`]).
-    pub fn admit(&self) -> Option<Slot> {
-        self.slots.admit()
+    /// A place for one more subscriber of `tenant`, or why not (the caps are shared with
+    /// every other stream of the gateway: [`StreamSlots`]).
+    pub fn admit(&self, tenant: &Tenant) -> Result<Slot, Refused> {
+        self.slots.admit(Some(tenant.as_str()))
     }
 
     /// Streams on this gateway now.

@@ -197,6 +197,7 @@ fn parse_request(
         (status = 400, description = "A bad tenant, topic or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "Auth is on and the token is missing or invalid", body = ErrorBody),
         (status = 403, description = "The token is for another tenant", body = ErrorBody),
+        (status = 429, description = "The tenant holds its maximum of streams on this gateway (`max-subscribers-per-tenant`; `Retry-After`)", body = ErrorBody),
         (status = 503, description = "This gateway holds its maximum of subscribers, or the history is unavailable", body = ErrorBody),
     ),
     tag = "notifications"
@@ -222,16 +223,7 @@ async fn subscribe(
         )
     })?;
     let request = parse_request(tenant, query, &headers, &subscriptions.config)?;
-    let slot = subscriptions.hub.admit().ok_or_else(|| {
-        super::metrics::rejected();
-        unavailable(
-            "too_many_subscribers",
-            format!(
-                "this gateway holds its maximum of {} subscribers",
-                subscriptions.config.max_subscribers
-            ),
-        )
-    })?;
+    let slot = subscriptions.hub.admit(&request.tenant)?;
     let bounds = subscriptions
         .history
         .bounds(&request.tenant)

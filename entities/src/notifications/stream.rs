@@ -20,7 +20,8 @@ use futures::Stream;
 use serde_json::json;
 
 use super::history::{Bounds, Event, History};
-use super::hub::{Joined, Slot};
+use super::hub::Joined;
+use super::slots::Slot;
 use super::{Tenant, metrics};
 
 /// The SSE event name of a reset frame.
