@@ -93,6 +93,7 @@ pub fn job_types_with(
     jobs_config: &jobs::JobsConfig,
 ) -> anyhow::Result<jobs::JobRegistry> {
     let mut types = jobs::job_types(pool)?;
+    types.set_limits(jobs_config.limits());
     webhook::job::register(&mut types, &jobs_config.webhook, redis)?;
     Ok(types)
 }
