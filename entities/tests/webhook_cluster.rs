@@ -266,8 +266,9 @@ async fn without_allowed_networks_internal_targets_framing_headers_and_excess_ar
     // The operator's limits.
     let noop = |extra: Value| {
         let mut body = json!({"type": "diag.noop", "payload": {}});
-        body.as_object_mut()
-            .map(|o| o.extend(extra.as_object().cloned().unwrap_or_default()));
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
         body
     };
     refused(
