@@ -34,7 +34,7 @@ pub use handler::{
     BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, LimitKeyFn, Progress, RateLimit,
 };
 pub use record::{Attempt, AttemptOutcome, JobStatus, JobView};
-pub use registry::{JobRegistry, JobRegistryError};
+pub use registry::{JobLimits, JobRegistry, JobRegistryError};
 
 use std::sync::Arc;
 
@@ -69,6 +69,12 @@ pub struct JobsConfig {
     /// rows of pruned jobs and released keys (see [`sweep`]). Default 5 min.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: std::time::Duration,
+    /// The most `max_attempts` a job may ask for (`POST /jobs` answers 400 beyond it).
+    /// Default 100.
+    pub max_attempts_limit: u32,
+    /// The shortest `backoff.first_ms` a job may ask for (400 below it). Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: std::time::Duration,
     /// `[jobs.webhook]`: the `webhook` type, offered when it has signing secrets.
     pub webhook: crate::webhook::job::WebhookConfig,
 }
@@ -79,7 +85,19 @@ impl Default for JobsConfig {
             retention: std::time::Duration::from_secs(7 * 24 * 3600),
             gauge_interval: std::time::Duration::from_secs(15),
             sweep_interval: std::time::Duration::from_secs(300),
+            max_attempts_limit: JobLimits::default().max_attempts,
+            min_backoff: JobLimits::default().min_backoff,
             webhook: crate::webhook::job::WebhookConfig::default(),
+        }
+    }
+}
+
+impl JobsConfig {
+    /// The limits on what one job may ask for.
+    pub fn limits(&self) -> JobLimits {
+        JobLimits {
+            max_attempts: self.max_attempts_limit.max(1),
+            min_backoff: self.min_backoff,
         }
     }
 }

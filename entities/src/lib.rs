@@ -120,6 +120,7 @@ pub fn job_types_with(
     } else {
         jobs::JobRegistry::new()
     };
+    types.set_limits(app.jobs.limits());
     webhook::job::register(&mut types, &app.jobs.webhook, redis)?;
     Ok(types)
 }

@@ -12,14 +12,24 @@
 //!   dead, and the endpoint should be disabled. Any other 4xx is dead at once (a resend gets
 //!   the same answer). Redirects are not followed: a 3xx is dead too (a signed body is not
 //!   re-sent to wherever a receiver points).
+//! - **Egress**: the client connects only where the [`egress`] policy allows (refused:
+//!   dead, without a connection), through no proxy (a proxy would be the address judged).
+//! - **Response**: at most [`BODY_CAP`] bytes of the body are read, the first
+//!   [`SNIPPET_BYTES`] kept; then the response is dropped (and its connection with it), so
+//!   a receiver streaming without end costs the runner one buffer, not the stream.
+//! - **Headers**: extra headers may not change the request's framing or routing
+//!   ([`FRAMING_HEADERS`], `proxy-*`, `x-shoal-*`) nor the signature's (`webhook-*`,
+//!   `content-type`).
 //!
 //! This module makes one attempt; retries, backoff, the per-endpoint breaker and disabled
 //! endpoints belong to the `webhook` job type ([`job`], [`endpoints`]).
 
+pub mod egress;
 pub mod endpoints;
 pub mod job;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -28,6 +38,22 @@ use serde::{Deserialize, Serialize};
 
 /// Most bytes of a response body kept in an attempt's record.
 pub const SNIPPET_BYTES: usize = 256;
+
+/// Most bytes of a response body read (64 KiB); the rest is never read.
+pub const BODY_CAP: usize = 64 * 1024;
+
+/// Extra headers refused because they change how the request is framed or routed (with
+/// every `proxy-*` and `x-shoal-*` header).
+pub const FRAMING_HEADERS: [&str; 8] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+];
 
 /// Why a webhook could not be signed or sent as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +80,12 @@ pub enum WebhookError {
     /// The payload asks to set a header the signature owns.
     #[error("header `{0}` is set by the signature and cannot be overridden")]
     ReservedHeader(String),
+    /// The payload asks to set a header that changes the request's framing or routing.
+    #[error("header `{0}` changes the request's framing or routing and cannot be set")]
+    FramingHeader(String),
+    /// The delivery's URL does not parse.
+    #[error("webhook URL `{0}` is not a URL")]
+    BadUrl(String),
     /// The HTTP client could not be built (a local problem; retrying does not help).
     #[error("webhook HTTP client: {0}")]
     Client(String),
@@ -161,6 +193,9 @@ pub enum Verdict {
     Dead,
     /// The endpoint is gone (410): dead, and the endpoint should be disabled.
     Gone,
+    /// The egress policy refused every address of the endpoint: nothing was sent, and
+    /// another attempt meets the same policy (dead).
+    Refused,
 }
 
 /// What one attempt did, for the job's history.
@@ -175,16 +210,45 @@ pub struct Attempt {
     pub latency_ms: u64,
     /// The start of the response body, or what went wrong.
     pub detail: String,
+    /// Bytes of the response body read (at most [`BODY_CAP`] and one chunk).
+    #[serde(default)]
+    pub body_bytes: u64,
 }
 
-/// Sends one signed attempt. `client` must not follow redirects and should carry the
-/// connect timeout; `timeout` bounds the whole attempt.
+/// The HTTP client of webhooks and the egress policy it connects under.
+#[derive(Debug, Clone)]
+pub struct WebhookClient {
+    http: reqwest::Client,
+    policy: Arc<egress::EgressPolicy>,
+}
+
+impl WebhookClient {
+    /// The underlying client (its resolver applies the policy; IP literals are checked by
+    /// [`attempt`]).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The egress policy.
+    pub fn policy(&self) -> &egress::EgressPolicy {
+        &self.policy
+    }
+}
+
+/// Sends one signed attempt through `client` ([`client`]); `timeout` bounds the whole
+/// attempt. An address the egress policy refuses ends it without a connection.
 pub async fn attempt(
-    client: &reqwest::Client,
+    client: &WebhookClient,
     signer: &Signer,
     delivery: &Delivery<'_>,
     timeout: Duration,
 ) -> Result<Attempt, WebhookError> {
+    let url = reqwest::Url::parse(delivery.url)
+        .map_err(|_| WebhookError::BadUrl(delivery.url.to_owned()))?;
+    // reqwest does not resolve an IP literal, so the resolver never sees it: judged here.
+    if let Err(refused) = client.policy.check_url(&url) {
+        return Ok(refused_attempt(refused.to_string(), 0));
+    }
     let mut headers = extra_headers(delivery.headers)?;
     headers.extend(signer.headers(delivery.id, Utc::now(), delivery.body)?);
     headers.insert(
@@ -193,40 +257,112 @@ pub async fn attempt(
     );
     let started = Instant::now();
     let sent = client
-        .post(delivery.url)
+        .http
+        .post(url)
         .headers(headers)
         .body(delivery.body.to_owned())
         .timeout(timeout)
         .send()
         .await;
-    let (verdict, status, detail) = match sent {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let retry_after = retry_after(response.headers());
-            // A body that never finishes is cut off by the attempt's timeout.
-            let detail = match response.bytes().await {
-                Ok(body) => snippet(&body),
-                Err(error) => format!("response body unreadable: {error}"),
-            };
-            (verdict_of(status, retry_after), Some(status), detail)
+    let latency = |started: Instant| u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
+    let response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(refused) = egress::name_refused(&error) {
+                return Ok(refused_attempt(refused.to_string(), latency(started)));
+            }
+            return Ok(Attempt {
+                verdict: Verdict::Retry { after: None },
+                status: None,
+                latency_ms: latency(started),
+                detail: describe(&error),
+                body_bytes: 0,
+            });
         }
-        Err(error) => (Verdict::Retry { after: None }, None, describe(&error)),
     };
+    let status = response.status().as_u16();
+    let retry_after = retry_after(response.headers());
+    // A body that never finishes is cut off by the attempt's timeout.
+    let body = read_capped(response, BODY_CAP).await;
     Ok(Attempt {
-        verdict,
-        status,
-        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        detail,
+        verdict: verdict_of(status, retry_after),
+        status: Some(status),
+        latency_ms: latency(started),
+        detail: body.detail(),
+        body_bytes: body.read as u64,
     })
 }
 
-/// A client fit for webhooks: no redirects, a connect timeout, our user agent.
-pub fn client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+fn refused_attempt(detail: String, latency_ms: u64) -> Attempt {
+    Attempt {
+        verdict: Verdict::Refused,
+        status: None,
+        latency_ms,
+        detail: format!("not sent: {detail}"),
+        body_bytes: 0,
+    }
+}
+
+/// The start of a response body read up to a cap.
+#[derive(Debug, Default)]
+struct CappedBody {
+    head: Vec<u8>,
+    read: usize,
+    cut: bool,
+    error: Option<String>,
+}
+
+impl CappedBody {
+    fn detail(&self) -> String {
+        let text = String::from_utf8_lossy(&self.head).into_owned();
+        match &self.error {
+            Some(error) => format!("response body unreadable: {error}"),
+            None if self.cut => format!("{text} (body not read past {} KiB)", BODY_CAP / 1024),
+            None => text,
+        }
+    }
+}
+
+/// Reads `response`'s body chunk by chunk until its end or `cap` bytes, keeping the first
+/// [`SNIPPET_BYTES`]; the response (and the rest of its body) is dropped unread.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> CappedBody {
+    let mut body = CappedBody::default();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = SNIPPET_BYTES.saturating_sub(body.head.len());
+                body.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                body.read += chunk.len();
+                if body.read >= cap {
+                    body.cut = true;
+                    return body;
+                }
+            }
+            Ok(None) => return body,
+            Err(error) => {
+                body.error = Some(error.to_string());
+                return body;
+            }
+        }
+    }
+}
+
+/// A client fit for webhooks: no redirects, no proxy, a connect timeout, our user agent,
+/// and a resolver that applies `policy`.
+pub fn client(
+    connect_timeout: Duration,
+    policy: egress::EgressPolicy,
+) -> Result<WebhookClient, WebhookError> {
+    let policy = Arc::new(policy);
+    let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(egress::EgressResolver::new(Arc::clone(&policy))))
         .connect_timeout(connect_timeout)
         .user_agent(concat!("shoal-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
+        .map_err(|e| WebhookError::Client(e.to_string()))?;
+    Ok(WebhookClient { http, policy })
 }
 
 /// The verdict a status (and its `Retry-After`) carries.
@@ -264,18 +400,21 @@ fn extra_headers(pairs: &[(String, String)]) -> Result<HeaderMap, WebhookError> 
             problem,
         };
         let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        if header.as_str().starts_with("webhook-") || header == reqwest::header::CONTENT_TYPE {
+        // `HeaderName` is lowercase, so these comparisons ignore the payload's case.
+        let lower = header.as_str();
+        if lower.starts_with("webhook-") || header == reqwest::header::CONTENT_TYPE {
             return Err(WebhookError::ReservedHeader(header.to_string()));
+        }
+        if FRAMING_HEADERS.contains(&lower)
+            || lower.starts_with("proxy-")
+            || lower.starts_with("x-shoal-")
+        {
+            return Err(WebhookError::FramingHeader(header.to_string()));
         }
         let value = HeaderValue::from_str(value).map_err(|e| bad(e.to_string()))?;
         headers.insert(header, value);
     }
     Ok(headers)
-}
-
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(SNIPPET_BYTES)]);
-    text.into_owned()
 }
 
 fn describe(error: &reqwest::Error) -> String {
@@ -363,5 +502,45 @@ mod tests {
             extra_headers(&[("Webhook-Signature".into(), "v1,forged".into())]),
             Err(WebhookError::ReservedHeader("webhook-signature".into()))
         );
+    }
+
+    #[test]
+    fn headers_that_change_framing_or_routing_are_refused_in_any_case() {
+        for name in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "CONNECTION",
+            "Upgrade",
+            "TE",
+            "Trailer",
+            "Keep-Alive",
+            "Proxy-Authorization",
+            "proxy-connection",
+            "X-Shoal-Secret",
+            "x-shoal-cluster-secret",
+        ] {
+            let refused = extra_headers(&[(name.into(), "x".into())]);
+            assert_eq!(
+                refused,
+                Err(WebhookError::FramingHeader(name.to_ascii_lowercase())),
+                "{name}"
+            );
+        }
+        for name in ["webhook-id", "Webhook-Timestamp", "WEBHOOK-SIGNATURE"] {
+            assert!(
+                matches!(
+                    extra_headers(&[(name.into(), "x".into())]),
+                    Err(WebhookError::ReservedHeader(_))
+                ),
+                "{name}"
+            );
+        }
+        let fine = extra_headers(&[
+            ("Authorization".into(), "Bearer t".into()),
+            ("X-Tenant".into(), "acme".into()),
+            ("x-shoalish".into(), "ok".into()),
+        ]);
+        assert_eq!(fine.map(|h| h.len()), Ok(3));
     }
 }

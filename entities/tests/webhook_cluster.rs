@@ -1,7 +1,10 @@
 //! The `webhook` job type through real processes: two runners and a gateway configured with
 //! `[jobs.webhook]` from the environment, jobs enqueued with `POST /jobs` and followed with
 //! `GET /jobs/{id}`, delivered to the testkit's receiver, which verifies every signature
-//! with the Standard Webhooks project's Python implementation.
+//! with the Standard Webhooks project's Python implementation. A cluster without
+//! `allowed-networks` refuses internal targets (400 at enqueue for a literal, a dead job
+//! with its reason for a name), framing headers, credentials in URLs and jobs beyond the
+//! operator's limits, and keeps a bounded attempt history.
 
 mod common;
 
@@ -16,7 +19,11 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 async fn enqueue(http: &Http, url: &str) -> anyhow::Result<String> {
     let body = json!({"type": "webhook", "payload": {"url": url, "body": {"event": "e"}}});
-    let response = http.post_json("/jobs", &body, &[]).await?;
+    enqueue_body(http, &body).await
+}
+
+async fn enqueue_body(http: &Http, body: &Value) -> anyhow::Result<String> {
+    let response = http.post_json("/jobs", body, &[]).await?;
     ensure!(
         response.status == StatusCode::ACCEPTED,
         "enqueue {body}: {} {}",
@@ -70,6 +77,11 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
         ("SHOAL__JOBS__WEBHOOK__SECRETS", format!("[\"{SECRET}\"]")),
         ("SHOAL__JOBS__WEBHOOK__RESPONSE_TIMEOUT", "1s".to_owned()),
         ("SHOAL__JOBS__WEBHOOK__BACKOFF_FIRST", "200ms".to_owned()),
+        // The receiver is on 127.0.0.1, which the egress policy refuses by default.
+        (
+            "SHOAL__JOBS__WEBHOOK__ALLOWED_NETWORKS",
+            "[\"127.0.0.0/8\"]".to_owned(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -157,5 +169,161 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
     let error = attempts(&job)[0]["error"].as_str().unwrap_or_default();
     ensure!(error.contains("timed out"), "{job}");
     ensure!(job["status"] != "dead", "a timeout is retried: {job}");
+    Ok(())
+}
+
+/// Asserts `body` is refused at `POST /jobs` with a 400 whose message names `field`.
+async fn refused(http: &Http, body: &Value, field: &str) -> anyhow::Result<String> {
+    let response = http.post_json("/jobs", body, &[]).await?;
+    let text = response.text();
+    ensure!(
+        response.status == StatusCode::BAD_REQUEST,
+        "{body}: {} {text}",
+        response.status
+    );
+    ensure!(text.contains(field), "{body}: {text} does not name {field}");
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_allowed_networks_internal_targets_framing_headers_and_excess_are_refused()
+-> anyhow::Result<()> {
+    let receiver = Receiver::start(SECRET)?;
+    let cluster = TestCluster::new(8).await?;
+    let env: Vec<(String, String)> = [
+        ("SHOAL__REDIS__URL", shoal_testkit::redis::redis_url()),
+        (
+            "SHOAL__REDIS__KEY_PREFIX",
+            format!("shoal-test:{}", cluster.db.name),
+        ),
+        ("SHOAL__JOBS__WEBHOOK__SECRETS", format!("[\"{SECRET}\"]")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let runner = cluster
+        .start_runner_with(RunnerOptions {
+            env: env.clone(),
+            ..Default::default()
+        })
+        .await?;
+    cluster.await_balanced(&[&runner]).await?;
+    let gateway = Gateway::start(
+        &cluster,
+        GatewayOptions {
+            env,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let http = &gateway.http;
+    let port = receiver
+        .url("")
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let hook = |url: String| json!({"type": "webhook", "payload": {"url": url, "body": {}}});
+
+    // IP literals in every spelling: 400 naming the URL field, at the gateway.
+    for host in [
+        "127.0.0.1",
+        "2130706433",
+        "0x7f.0.0.1",
+        "0.0.0.0",
+        "[::ffff:127.0.0.1]",
+        "[::1]",
+        "169.254.169.254",
+        "10.0.0.1",
+    ] {
+        let text = refused(http, &hook(format!("http://{host}:{port}/ok")), "`url`").await?;
+        ensure!(text.contains("egress policy"), "{host}: {text}");
+    }
+    // Credentials in the URL: refused, not stripped.
+    refused(
+        http,
+        &hook(format!("http://user:pass@example.com:{port}/ok")),
+        "credentials",
+    )
+    .await?;
+    // Headers that change framing or routing, in any case.
+    for name in [
+        "Host",
+        "content-length",
+        "Transfer-Encoding",
+        "Connection",
+        "Upgrade",
+        "TE",
+        "Trailer",
+        "Proxy-Authorization",
+        "X-Shoal-Secret",
+        "Webhook-Signature",
+    ] {
+        let body = json!({"type": "webhook", "payload": {
+            "url": "http://example.com/h", "body": {}, "headers": {name: "x"}}});
+        refused(http, &body, "`headers`").await?;
+    }
+    // The operator's limits.
+    let noop = |extra: Value| {
+        let mut body = json!({"type": "diag.noop", "payload": {}});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        body
+    };
+    refused(
+        http,
+        &noop(json!({"max_attempts": 4_000_000_000u64})),
+        "max_attempts",
+    )
+    .await?;
+    refused(
+        http,
+        &noop(json!({"max_attempts": 101})),
+        "max-attempts-limit",
+    )
+    .await?;
+    refused(
+        http,
+        &noop(json!({"backoff": {"first_ms": 1, "max_ms": 1}})),
+        "min-backoff",
+    )
+    .await?;
+    enqueue_body(
+        http,
+        &noop(json!({"max_attempts": 100, "backoff": {"first_ms": 100, "max_ms": 100}})),
+    )
+    .await?;
+
+    // A name that resolves to loopback only: the job is dead, its reason on the record,
+    // and nothing reached the receiver.
+    let named = enqueue(http, &format!("http://localhost:{port}/ok")).await?;
+    let job = await_job(http, &named, "dead", |j| j["status"] == "dead").await?;
+    ensure!(attempts(&job).len() == 1, "dead at once, no retry: {job}");
+    let error = attempts(&job)[0]["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("resolves only to refused addresses"),
+        "{job}"
+    );
+    ensure!(
+        attempts(&job)[0]["notes"][0]["outcome"] == "refused",
+        "{job}"
+    );
+    ensure!(receiver.log().await?.is_empty(), "no connection was made");
+
+    // A job's history keeps the last attempts and the count.
+    let flaky = enqueue_body(
+        http,
+        &json!({"type": "diag.flaky", "payload": {"fail_times": 25},
+        "max_attempts": 30, "backoff": {"first_ms": 100, "max_ms": 100}}),
+    )
+    .await?;
+    let job = await_job(http, &flaky, "succeeded", |j| j["status"] == "succeeded").await?;
+    ensure!(job["attempt_count"] == 26, "{job}");
+    ensure!(attempts(&job).len() == 20, "{job}");
+    ensure!(
+        attempts(&job)[0]["number"] == 7 && attempts(&job)[19]["number"] == 26,
+        "{job}"
+    );
     Ok(())
 }

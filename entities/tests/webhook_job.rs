@@ -2,7 +2,8 @@
 //! testkit's receiver, which verifies every signature with the Standard Webhooks project's
 //! Python implementation, and the shared Redis (a key prefix per test): the verdicts become
 //! the job's next step, `Retry-After` is a minimum delay, a 410 disables the endpoint for
-//! every runner until it is enabled again, and the per-endpoint breaker stops calls.
+//! every runner until it is enabled again (per tenant and exact URL), and the per-endpoint
+//! breaker stops calls.
 
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ fn config(secrets: &[&str]) -> WebhookConfig {
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(5),
         backoff_first: Duration::from_millis(100),
+        allowed_networks: vec!["127.0.0.0/8".parse().expect("a network")],
         ..WebhookConfig::default()
     }
 }
@@ -51,8 +53,19 @@ async fn run(
     attempt: u32,
     url: &str,
 ) -> Result<shoal_entities::webhook::job::WebhookDelivered, JobError> {
+    run_as(job, None, id, attempt, url).await
+}
+
+/// Runs attempt `attempt` of job `job` of `tenant`.
+async fn run_as(
+    job: &WebhookJob,
+    tenant: Option<&str>,
+    id: JobId,
+    attempt: u32,
+    url: &str,
+) -> Result<shoal_entities::webhook::job::WebhookDelivered, JobError> {
     let (ctx, _cancel) = JobContext::new_for_test(id, attempt);
-    job.run(&ctx, payload(url)).await
+    job.run(&ctx.with_tenant(tenant), payload(url)).await
 }
 
 fn after(result: &Result<impl std::fmt::Debug, JobError>) -> Option<Duration> {
@@ -203,7 +216,7 @@ async fn a_410_disables_the_endpoint_for_every_runner_until_enabled() -> anyhow:
     );
 
     // The operator's way back: `shoal webhooks list`, then `enable` with any URL of it.
-    let endpoint = Endpoint::of(&reqwest::Url::parse(&url)?);
+    let endpoint = Endpoint::of(None, &reqwest::Url::parse(&url)?);
     assert_eq!(job.endpoints().list().await?.len(), 1);
     let listed = shoal_cli(&redis, &["webhooks", "list"])?;
     assert_eq!(listed["disabled"][0]["endpoint"], endpoint.as_str());
@@ -268,6 +281,104 @@ async fn the_breaker_opens_after_the_threshold_and_stops_calling_the_endpoint() 
     tokio::time::sleep(wait).await;
     assert_eq!(run(&job, JobId::new(), 1, &url).await?.status, 204);
     assert_eq!(receiver.log_of("/sequence/down").await?.len(), 4);
+    delete_prefixed(&redis).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_410_disables_only_its_tenants_exact_url() -> anyhow::Result<()> {
+    let receiver = Receiver::start(SECRET)?;
+    let redis = redis()?;
+    let job = WebhookJob::new(&config(&[SECRET]), redis.clone())?;
+    // One receiver path, told apart by the query: 410 first, then 204 for every call.
+    let revoked = receiver.url("/sequence/shared?codes=410,204&token=revoked");
+    let good = receiver.url("/sequence/shared?codes=410,204&token=good");
+    let acme = Some("acme");
+    let gone = run_as(&job, acme, JobId::new(), 1, &revoked).await;
+    assert!(matches!(&gone, Err(JobError::Permanent { message }) if message.contains("410")));
+
+    // The same path with another query, and the same URL for another tenant: delivered.
+    assert_eq!(
+        run_as(&job, acme, JobId::new(), 1, &good).await?.status,
+        204
+    );
+    assert_eq!(
+        run_as(&job, Some("beta"), JobId::new(), 1, &revoked)
+            .await?
+            .status,
+        204
+    );
+    assert_eq!(
+        run_as(&job, None, JobId::new(), 1, &revoked).await?.status,
+        204
+    );
+    // acme's revoked URL stays disabled, and the way back names the tenant.
+    match run_as(&job, acme, JobId::new(), 1, &revoked).await {
+        Err(JobError::Permanent { message }) => {
+            assert!(message.contains("is disabled"), "{message}");
+            assert!(message.contains("--tenant acme"), "{message}");
+        }
+        other => panic!("acme's revoked URL is disabled: {other:?}"),
+    }
+    assert_eq!(receiver.log_of("/sequence/shared").await?.len(), 4);
+
+    let listed = shoal_cli(&redis, &["webhooks", "list"])?;
+    assert_eq!(
+        listed["disabled"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["disabled"][0]["endpoint"], revoked.as_str());
+    assert_eq!(listed["disabled"][0]["tenant"], "acme");
+    // Without the tenant it is another endpoint; with it, enabled again.
+    let untenanted = shoal_cli(&redis, &["webhooks", "enable", &revoked])?;
+    assert_eq!(untenanted["was_disabled"], false, "{untenanted}");
+    let enabled = shoal_cli(
+        &redis,
+        &["webhooks", "enable", "--tenant", "acme", &revoked],
+    )?;
+    assert_eq!(enabled["was_disabled"], true, "{enabled}");
+    assert_eq!(
+        run_as(&job, acme, JobId::new(), 1, &revoked).await?.status,
+        204
+    );
+    delete_prefixed(&redis).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_a_refused_address_is_dead_without_a_connection() -> anyhow::Result<()>
+{
+    let receiver = Receiver::start(SECRET)?;
+    let redis = redis()?;
+    let strict = WebhookJob::new(
+        &WebhookConfig {
+            allowed_networks: Vec::new(),
+            ..config(&[SECRET])
+        },
+        redis.clone(),
+    )?;
+    let named = receiver.url("/ok").replace("127.0.0.1", "localhost");
+    let (ctx, _cancel) = JobContext::new_for_test(JobId::new(), 1);
+    let refused = strict.run(&ctx, payload(&named)).await;
+    match &refused {
+        Err(JobError::Permanent { message }) => {
+            assert!(
+                message.contains("resolves only to refused addresses"),
+                "{message}"
+            );
+        }
+        other => panic!("refused at the resolver, permanently: {other:?}"),
+    }
+    assert_eq!(receiver.log().await?.len(), 0, "no connection was made");
+    // It says nothing of the endpoint: the breaker does not count it.
+    for _ in 0..6 {
+        let again = strict.run(&ctx, payload(&named)).await;
+        assert!(
+            matches!(again, Err(JobError::Permanent { .. })),
+            "{again:?}"
+        );
+    }
     delete_prefixed(&redis).await;
     Ok(())
 }

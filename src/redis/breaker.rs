@@ -114,6 +114,8 @@ pub struct CircuitBreaker {
     state_key: String,
     failures_key: String,
     config: BreakerConfig,
+    /// Whether the state gauge is set (labelled with the name).
+    gauge: bool,
 }
 
 impl CircuitBreaker {
@@ -125,6 +127,20 @@ impl CircuitBreaker {
             client,
             name: name.to_owned(),
             config: config.clone(),
+            gauge: true,
+        }
+    }
+
+    /// This breaker without its state gauge: for breakers named after input that has no
+    /// bound (one metric series per name would grow without end).
+    pub fn without_gauge(mut self) -> Self {
+        self.gauge = false;
+        self
+    }
+
+    fn report(&self, state: &BreakerState) {
+        if self.gauge {
+            crate::metrics::breaker_state(&self.name, state.gauge());
         }
     }
 
@@ -154,7 +170,7 @@ impl CircuitBreaker {
             return Err(unexpected("breaker_admit", &reply).into());
         };
         let state = BreakerState::from_code(state, retry_after);
-        crate::metrics::breaker_state(&self.name, state.gauge());
+        self.report(&state);
         if admitted == 1 {
             return Ok(Permit { trial: trial == 1 });
         }
@@ -205,7 +221,7 @@ impl CircuitBreaker {
         if changed == 1 {
             tracing::warn!(breaker = %self.name, state = state.name(), "circuit breaker changed state");
         }
-        crate::metrics::breaker_state(&self.name, state.gauge());
+        self.report(&state);
         Ok(state)
     }
 
@@ -220,7 +236,7 @@ impl CircuitBreaker {
             return Err(unexpected("breaker_state", &reply));
         };
         let state = BreakerState::from_code(state, retry_after);
-        crate::metrics::breaker_state(&self.name, state.gauge());
+        self.report(&state);
         Ok(state)
     }
 

@@ -1,5 +1,7 @@
 //! `shoal webhooks list|enable`: the webhook endpoints disabled after a `410 Gone`, read
-//! and re-enabled straight in the cluster's Redis (JSON output).
+//! and re-enabled straight in the cluster's Redis (JSON output). An endpoint is a tenant's
+//! exact URL (query included), so `enable` takes the URL as `list` shows it and, for a
+//! tenant's jobs, `--tenant`.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -13,10 +15,15 @@ use super::ClusterArgs;
 pub(crate) enum WebhooksCommand {
     /// The disabled endpoints, with when and why (JSON).
     List(RedisArgs),
-    /// Enables a disabled endpoint again (any URL of it: query and fragment are ignored).
+    /// Enables a disabled endpoint again: its URL as `list` shows it (query included; a
+    /// fragment is ignored) and its tenant, if it has one.
     Enable {
-        /// A URL of the endpoint.
+        /// The endpoint's URL.
         url: String,
+        /// The tenant whose jobs disabled it (as `list` shows it); none for jobs without
+        /// a tenant.
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -56,17 +63,26 @@ impl WebhooksCommand {
                 let rows: Vec<_> = disabled
                     .into_iter()
                     .map(|(endpoint, d)| {
-                        serde_json::json!({"endpoint": endpoint, "at": d.at, "reason": d.reason})
+                        serde_json::json!({
+                            "endpoint": endpoint.url,
+                            "tenant": endpoint.tenant,
+                            "at": d.at,
+                            "reason": d.reason,
+                        })
                     })
                     .collect();
                 serde_json::json!({ "disabled": rows })
             }
-            Self::Enable { url, .. } => {
+            Self::Enable { url, tenant, .. } => {
                 let url =
                     reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
-                let endpoint = Endpoint::of(&url);
+                let endpoint = Endpoint::of(tenant.as_deref(), &url);
                 let was_disabled = endpoints.enable(&endpoint).await?;
-                serde_json::json!({ "endpoint": endpoint, "was_disabled": was_disabled })
+                serde_json::json!({
+                    "endpoint": endpoint.url,
+                    "tenant": endpoint.tenant,
+                    "was_disabled": was_disabled,
+                })
             }
         };
         println!("{output}");

@@ -50,7 +50,8 @@ pub(crate) async fn run(
         number,
         cancel.clone(),
         Arc::new(Mutex::new(AttemptSink::default())),
-    );
+    )
+    .with_tenant(state.tenant.as_deref());
     let mut live = state.clone();
     live.status = JobStatus::Running;
     let started = Utc::now();

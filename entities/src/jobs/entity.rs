@@ -106,6 +106,18 @@ pub struct JobBackoff {
     pub max_ms: u64,
 }
 
+impl JobBackoff {
+    /// This backoff with waits of at least `min`.
+    pub fn at_least(self, min: Duration) -> Self {
+        let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
+        let first_ms = self.first_ms.max(min_ms);
+        Self {
+            first_ms,
+            max_ms: self.max_ms.max(first_ms),
+        }
+    }
+}
+
 /// A job's messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -165,7 +177,7 @@ impl Entity for Job {
         state: &mut JobView,
         message: JobMessage,
     ) -> Result<JobView, HandlerError> {
-        let before = (state.status, state.attempts.len(), state.generation);
+        let before = (state.status, state.attempts_made(), state.generation);
         match message {
             JobMessage::Enqueue(new) => self.enqueue(ctx, state, new).await?,
             JobMessage::Prune { generation } => prune(ctx, state, generation).await?,
@@ -177,7 +189,7 @@ impl Entity for Job {
             JobMessage::Cancel {} => cancel(state),
             JobMessage::Get {} => {}
         }
-        if (state.status, state.attempts.len(), state.generation) != before
+        if (state.status, state.attempts_made(), state.generation) != before
             && state.status != JobStatus::New
         {
             publish_change(ctx, state).await;
@@ -201,7 +213,7 @@ async fn publish_change(ctx: &EntityContext, state: &JobView) {
             "id": state.id,
             "type": state.job_type,
             "status": state.status,
-            "attempts": state.attempts.len(),
+            "attempts": state.attempts_made(),
             "outcome": last.map(|a| a.outcome),
             "error": last.and_then(|a| a.error.clone()),
         }),
@@ -232,6 +244,7 @@ impl Job {
             HandlerError::permanent("unknown_type", format!("no job type `{}`", new.job_type))
         })?;
         let options = handler.options();
+        let limits = self.registry.limits();
         let now = Utc::now();
         let run_at = new.run_at.unwrap_or(now).max(now);
         *state = JobView {
@@ -244,12 +257,16 @@ impl Job {
             } else {
                 JobStatus::Queued
             },
-            max_attempts: new.max_attempts.unwrap_or(options.max_attempts).max(1),
+            // `POST /jobs` refuses more; a job enqueued from Rust is held to the same.
+            max_attempts: new
+                .max_attempts
+                .map_or(options.max_attempts, |n| n.min(limits.max_attempts))
+                .max(1),
             timeout_ms: new
                 .timeout_ms
                 .unwrap_or(options.timeout.as_millis() as u64)
                 .max(1),
-            backoff: new.backoff,
+            backoff: new.backoff.map(|own| own.at_least(limits.min_backoff)),
             priority: new.priority.unwrap_or(0).min(LOWEST_PRIORITY),
             tenant: new.tenant,
             run_at: Some(run_at),
@@ -268,7 +285,7 @@ impl Job {
         attempt: u32,
         generation: u32,
     ) -> Result<(), HandlerError> {
-        let expected = state.attempts.len() as u32 + 1;
+        let expected = state.attempts_made() + 1;
         if state.status.is_finished() || generation != state.generation || attempt != expected {
             return Ok(());
         }
@@ -319,7 +336,7 @@ impl Job {
     ) -> Result<(), HandlerError> {
         state.updated_at = Some(ended_at);
         state.progress = end.progress.clone().or(state.progress.take());
-        state.attempts.push(Attempt {
+        state.push_attempt(Attempt {
             number,
             started_at,
             ended_at,
@@ -379,7 +396,7 @@ async fn retry(ctx: &EntityContext, state: &mut JobView) -> Result<(), HandlerEr
     }
     let now = Utc::now();
     state.generation += 1;
-    state.budget_start = state.attempts.len() as u32;
+    state.budget_start = state.attempts_made();
     state.status = JobStatus::Queued;
     state.finished_at = None;
     state.result = None;
@@ -433,7 +450,7 @@ async fn schedule_run(
 ) -> Result<(), HandlerError> {
     state.next_run_at = Some(at);
     let body = serde_json::json!({
-        "attempt": state.attempts.len() as u32 + 1,
+        "attempt": state.attempts_made() + 1,
         "generation": state.generation,
     });
     let request = Request::persisted(ctx.address.clone(), "run", body);

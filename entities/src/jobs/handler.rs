@@ -31,6 +31,13 @@ pub trait JobHandler: Send + Sync + 'static {
         JobOptions::default()
     }
 
+    /// Checks a decoded payload at enqueue beyond its decoding (for example against the
+    /// node's configuration); the error names the field. Default: nothing more.
+    fn check(&self, payload: &Self::Payload) -> Result<(), String> {
+        let _ = payload;
+        Ok(())
+    }
+
     /// Runs one attempt. It is cancelled (the future dropped) past the timeout; a handler
     /// that cleans up on cancellation awaits [`JobContext::cancelled`] in a `select!`.
     fn run(
@@ -183,6 +190,7 @@ pub(crate) const MAX_PROGRESS_MESSAGE: usize = 200;
 pub struct JobContext {
     job_id: JobId,
     attempt: u32,
+    tenant: Option<Arc<str>>,
     cancel: CancellationToken,
     sink: Arc<Mutex<AttemptSink>>,
 }
@@ -197,9 +205,21 @@ impl JobContext {
         Self {
             job_id,
             attempt,
+            tenant: None,
             cancel,
             sink,
         }
+    }
+
+    /// This context for a job of `tenant`.
+    pub fn with_tenant(mut self, tenant: Option<&str>) -> Self {
+        self.tenant = tenant.map(Arc::from);
+        self
+    }
+
+    /// The job's tenant, if it has one.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     /// A context outside any cluster, and the token that cancels it: for handler tests.

@@ -6,6 +6,10 @@ use utoipa::ToSchema;
 
 use super::handler::Progress;
 
+/// Attempts a job record keeps: the latest ones (older ones are dropped; the count stays in
+/// [`JobView::attempt_count`]), so a record cannot grow without bound.
+pub const ATTEMPT_HISTORY: usize = 20;
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -99,8 +103,11 @@ pub struct JobView {
     /// The tenant whose stream gets the job's changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Every attempt so far.
+    /// The latest attempts (at most [`ATTEMPT_HISTORY`], oldest first).
     pub attempts: Vec<Attempt>,
+    /// Attempts made so far, including those no longer in `attempts`.
+    #[serde(default)]
+    pub attempt_count: u32,
     /// Attempts made before the current budget (by earlier retries).
     pub budget_start: u32,
     /// The latest progress reported.
@@ -134,6 +141,20 @@ pub struct JobView {
 impl JobView {
     /// Attempts made in the current budget.
     pub fn budget_used(&self) -> u32 {
-        (self.attempts.len() as u32).saturating_sub(self.budget_start)
+        self.attempts_made().saturating_sub(self.budget_start)
+    }
+
+    /// Attempts made so far (a record written before `attempt_count` existed kept them all).
+    pub fn attempts_made(&self) -> u32 {
+        let last = self.attempts.last().map_or(0, |a| a.number);
+        self.attempt_count.max(last)
+    }
+
+    /// Records a finished attempt, dropping the oldest beyond [`ATTEMPT_HISTORY`].
+    pub(crate) fn push_attempt(&mut self, attempt: Attempt) {
+        self.attempt_count = self.attempts_made().max(attempt.number);
+        self.attempts.push(attempt);
+        let over = self.attempts.len().saturating_sub(ATTEMPT_HISTORY);
+        self.attempts.drain(..over);
     }
 }

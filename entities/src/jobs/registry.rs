@@ -55,9 +55,8 @@ impl<H: JobHandler> ErasedJob for Typed<H> {
     }
 
     fn check(&self, payload: &serde_json::Value) -> Result<(), String> {
-        H::Payload::deserialize(payload)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let payload = H::Payload::deserialize(payload).map_err(|e| e.to_string())?;
+        self.0.check(&payload)
     }
 
     fn run<'a>(
@@ -75,10 +74,31 @@ impl<H: JobHandler> ErasedJob for Typed<H> {
     }
 }
 
+/// What one job may ask for at most, whoever enqueues it (`[jobs] max-attempts-limit`,
+/// `min-backoff`): `POST /jobs` refuses more (400 naming the field), and the `job` entity
+/// clamps a job enqueued from Rust to the same bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// The most attempts one budget may allow.
+    pub max_attempts: u32,
+    /// The shortest wait between attempts a job's own backoff may ask for.
+    pub min_backoff: std::time::Duration,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            max_attempts: 100,
+            min_backoff: std::time::Duration::from_millis(100),
+        }
+    }
+}
+
 /// The job types of a node.
 #[derive(Clone, Default)]
 pub struct JobRegistry {
     handlers: HashMap<&'static str, Arc<dyn ErasedJob>>,
+    limits: JobLimits,
 }
 
 impl std::fmt::Debug for JobRegistry {
@@ -109,6 +129,17 @@ impl JobRegistry {
         check_options(name, &handler.options())?;
         self.handlers.insert(name, Arc::new(Typed(handler)));
         Ok(self)
+    }
+
+    /// Sets what one job may ask for at most.
+    pub fn set_limits(&mut self, limits: JobLimits) -> &mut Self {
+        self.limits = limits;
+        self
+    }
+
+    /// What one job may ask for at most.
+    pub fn limits(&self) -> JobLimits {
+        self.limits
     }
 
     /// The registered type names, sorted.

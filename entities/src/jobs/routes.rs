@@ -127,20 +127,7 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             format!("field `key`: 1–{MAX_KEY_LEN} printable characters"),
         ));
     }
-    if new.max_attempts == Some(0) {
-        return Err(ApiError::bad_request(
-            "bad_body",
-            "field `max_attempts`: at least 1",
-        ));
-    }
-    if let Some(backoff) = new.backoff
-        && (backoff.first_ms == 0 || backoff.first_ms > backoff.max_ms)
-    {
-        return Err(ApiError::bad_request(
-            "bad_body",
-            "field `backoff`: 0 < first_ms ≤ max_ms",
-        ));
-    }
+    check_limits(registry.limits(), new)?;
     if new
         .priority
         .is_some_and(|p| p > super::entity::LOWEST_PRIORITY)
@@ -157,6 +144,36 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         return Err(ApiError::bad_request(
             "bad_body",
             "field `timeout_ms`: at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// `max_attempts` and `backoff` within the operator's limits (`[jobs]`).
+fn check_limits(limits: super::JobLimits, new: &NewJob) -> Result<(), ApiError> {
+    if let Some(attempts) = new.max_attempts
+        && !(1..=limits.max_attempts).contains(&attempts)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `max_attempts`: 1–{} (`[jobs] max-attempts-limit`), got {attempts}",
+                limits.max_attempts
+            ),
+        ));
+    }
+    let min_ms = u64::try_from(limits.min_backoff.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    if let Some(backoff) = new.backoff
+        && (backoff.first_ms < min_ms || backoff.first_ms > backoff.max_ms)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `backoff`: {min_ms} ≤ first_ms ≤ max_ms (`[jobs] min-backoff` is \
+                 {min_ms} ms)"
+            ),
         ));
     }
     Ok(())

@@ -2,13 +2,20 @@
 //! turned into the job's next step.
 //!
 //! - **Payload** `{url, body, headers?}`: `body` is sent as JSON exactly as signed; `url`
-//!   must be `http` (checked when the job is enqueued; `https` waits for a TLS backend).
+//!   must be `http` without credentials (checked when the job is enqueued; `https` waits
+//!   for a TLS backend), and an IP literal must pass the egress policy
+//!   ([`super::egress`]; a 400 at enqueue, checked again before each attempt). A name is
+//!   judged by what it resolves to: refused addresses only → permanent, nothing sent (the
+//!   policy and the name's answer are the same on the next attempt; `POST
+//!   /jobs/{id}/retry` runs it again after DNS or the policy changed).
 //! - **Verdicts**: 2xx → succeeded. Timeouts, connection errors, 5xx, 408 and 429 →
 //!   [`JobError::Retryable`]; a `Retry-After` is the *minimum* next delay (the type's
 //!   backoff wins when it is longer). Any other status → [`JobError::Permanent`] (dead at
 //!   once); 410 also disables the endpoint for every runner ([`Endpoints`]), so a later job
 //!   to it is dead at once with an error naming the way back (`shoal webhooks enable`).
-//! - **Breaker**: one shared Redis circuit breaker per endpoint (`webhook:<endpoint>`).
+//! - **Endpoints** are per tenant and keep the query ([`Endpoint`]).
+//! - **Breaker**: one shared Redis circuit breaker per endpoint (`webhook:<digest>`, no
+//!   per-endpoint metric series: tenants choose URLs without bound).
 //!   Failures are timeouts, connection errors, 5xx and 408 (a 4xx or 429 shows the
 //!   endpoint alive). While it is open the endpoint is not called: the run fails as
 //!   retryable after the breaker's remaining open time, noted `skipped: circuit_open`.
@@ -28,8 +35,9 @@ use shoal::config::BreakerConfig;
 use shoal::redis::breaker::{BreakerError, CircuitBreaker, Outcome};
 use shoal::redis::{RedisClient, RedisError};
 
+use super::egress::EgressPolicy;
 use super::endpoints::{Endpoint, Endpoints};
-use super::{Attempt, Delivery, Signer, Verdict, WebhookError};
+use super::{Attempt, Delivery, Signer, Verdict, WebhookClient, WebhookError};
 use crate::jobs::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, JobRegistry};
 
 /// `[jobs.webhook]`.
@@ -56,6 +64,10 @@ pub struct WebhookConfig {
     /// The per-endpoint breaker (`[jobs.webhook.breaker]`, as `[redis.breaker]`). Default
     /// 5 failures within `60s` open it for `60s`.
     pub breaker: BreakerConfig,
+    /// Networks (CIDR, e.g. `["10.20.0.0/16"]`) a delivery may reach although the egress
+    /// policy refuses them (loopback, private, link-local, CGNAT, …; see
+    /// `webhook::egress`). Default none: only public addresses.
+    pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for WebhookConfig {
@@ -73,6 +85,7 @@ impl Default for WebhookConfig {
                 reset_timeout: Duration::from_secs(60),
                 half_open_max_calls: 1,
             },
+            allowed_networks: Vec::new(),
         }
     }
 }
@@ -87,6 +100,15 @@ impl WebhookUrl {
     /// at enqueue rather than a delivery that can never connect.
     pub fn parse(text: &str) -> Result<Self, String> {
         let url = reqwest::Url::parse(text).map_err(|e| format!("`url` is not a URL: {e}"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // Refused rather than stripped: credentials in a URL would reach the records,
+            // keys and logs that name it; a receiver's secret belongs in `headers`.
+            return Err(
+                "`url` must not carry credentials (`user:pass@`); send them in `headers` \
+                 (e.g. `Authorization`)"
+                    .to_owned(),
+            );
+        }
         match url.scheme() {
             "http" if url.host().is_some() => Ok(Self(url)),
             "https" => Err("`url`: https is not supported yet (this build has no TLS)".to_owned()),
@@ -144,7 +166,7 @@ pub struct WebhookDelivered {
 /// The `webhook` job type.
 #[derive(Debug)]
 pub struct WebhookJob {
-    client: reqwest::Client,
+    client: WebhookClient,
     signer: Signer,
     config: WebhookConfig,
     redis: RedisClient,
@@ -155,8 +177,8 @@ impl WebhookJob {
     /// The type for `config`, keeping its breakers and disabled endpoints in `redis`.
     pub fn new(config: &WebhookConfig, redis: RedisClient) -> Result<Self, WebhookError> {
         let signer = Signer::new(&config.secrets)?;
-        let client = super::client(config.connect_timeout)
-            .map_err(|e| WebhookError::Client(e.to_string()))?;
+        let policy = EgressPolicy::new(config.allowed_networks.clone());
+        let client = super::client(config.connect_timeout, policy)?;
         Ok(Self {
             client,
             signer,
@@ -172,8 +194,8 @@ impl WebhookJob {
     }
 
     fn breaker(&self, endpoint: &Endpoint) -> CircuitBreaker {
-        let name = format!("webhook:{endpoint}");
-        CircuitBreaker::new(self.redis.clone(), &name, &self.config.breaker)
+        let name = endpoint.breaker_name();
+        CircuitBreaker::new(self.redis.clone(), &name, &self.config.breaker).without_gauge()
     }
 
     /// Refuses a disabled endpoint before anything is sent.
@@ -182,13 +204,13 @@ impl WebhookJob {
             return Ok(());
         };
         ctx.note(
-            json!({"skipped": "endpoint_disabled", "endpoint": endpoint, "since": disabled.at}),
+            json!({"skipped": "endpoint_disabled", "endpoint": endpoint.url, "since": disabled.at}),
         );
         Err(JobError::permanent(format!(
-            "endpoint {endpoint} is disabled since {} ({}); re-enable it with \
-             `shoal webhooks enable {endpoint}`",
+            "endpoint {endpoint} is disabled since {} ({}); re-enable it with `{}`",
             disabled.at.to_rfc3339(),
-            disabled.reason
+            disabled.reason,
+            endpoint.enable_command()
         )))
     }
 
@@ -212,7 +234,7 @@ impl WebhookJob {
                 message: what,
                 after: after.map(|after| after.max(self.backoff().delay(ctx.attempt()))),
             }),
-            Verdict::Dead => Err(JobError::permanent(what)),
+            Verdict::Dead | Verdict::Refused => Err(JobError::permanent(what)),
             Verdict::Gone => {
                 self.endpoints
                     .disable(endpoint, &what)
@@ -251,15 +273,24 @@ impl JobHandler for WebhookJob {
         }
     }
 
+    /// At enqueue: the headers, and an IP literal against the egress policy.
+    fn check(&self, payload: &WebhookPayload) -> Result<(), String> {
+        self.client
+            .policy()
+            .check_url(&payload.url.0)
+            .map_err(|e| format!("`url`: {e}"))?;
+        super::check_headers(&header_pairs(payload)).map_err(|e| format!("`headers`: {e}"))
+    }
+
     async fn run(
         &self,
         ctx: &JobContext,
         payload: WebhookPayload,
     ) -> Result<WebhookDelivered, JobError> {
-        let endpoint = Endpoint::of(&payload.url.0);
+        let endpoint = Endpoint::of(ctx.tenant(), &payload.url.0);
         let body = serde_json::to_string(&payload.body)
             .map_err(|e| JobError::permanent(format!("`body` does not encode: {e}")))?;
-        let headers: Vec<(String, String)> = payload.headers.into_iter().collect();
+        let headers = header_pairs(&payload);
         super::check_headers(&headers).map_err(|e| JobError::permanent(e.to_string()))?;
         self.check_enabled(ctx, &endpoint).await?;
         let breaker = self.breaker(&endpoint);
@@ -269,7 +300,7 @@ impl JobHandler for WebhookJob {
                 let retry_after = retry_after.max(Duration::from_millis(100));
                 ctx.note(json!({
                     "skipped": "circuit_open",
-                    "endpoint": endpoint,
+                    "endpoint": endpoint.url,
                     "retry_after_ms": retry_after.as_millis() as u64,
                 }));
                 return Err(JobError::Retryable {
@@ -298,6 +329,7 @@ impl JobHandler for WebhookJob {
             _ => Outcome::Success,
         };
         if let Err(error) = breaker.record(permit, outcome).await {
+            let endpoint = endpoint.log_name();
             tracing::warn!(%endpoint, %error, "could not record a webhook attempt's outcome");
         }
         let attempt = sent.map_err(|e| JobError::permanent(e.to_string()))?;
@@ -323,8 +355,20 @@ pub fn register(
     Ok(())
 }
 
-/// Whether an attempt counts against the endpoint's breaker: no answer, 5xx or 408.
+fn header_pairs(payload: &WebhookPayload) -> Vec<(String, String)> {
+    payload
+        .headers
+        .iter()
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Whether an attempt counts against the endpoint's breaker: no answer, 5xx or 408 (an
+/// attempt the egress policy stopped reached nobody, so it says nothing of the endpoint).
 fn counts_against(attempt: &Attempt) -> bool {
+    if attempt.verdict == Verdict::Refused {
+        return false;
+    }
     match attempt.status {
         None => true,
         Some(status) => status == 408 || status >= 500,
@@ -350,6 +394,8 @@ mod tests {
             ("ftp://example.com/x", "must be http"),
             ("not a url", "not a URL"),
             ("https://example.com/x", "no TLS"),
+            ("http://user:pass@example.com/x", "credentials"),
+            ("http://token@example.com/x", "credentials"),
         ] {
             let error = serde_json::from_value::<WebhookPayload>(json!({"url": url, "body": {}}))
                 .expect_err("refused");
@@ -366,6 +412,7 @@ mod tests {
             status,
             latency_ms: 1,
             detail: String::new(),
+            body_bytes: 0,
         };
         assert!(counts_against(&attempt(None)));
         assert!(counts_against(&attempt(Some(503))));
@@ -373,5 +420,10 @@ mod tests {
         assert!(!counts_against(&attempt(Some(429))));
         assert!(!counts_against(&attempt(Some(400))));
         assert!(!counts_against(&attempt(Some(200))));
+        let refused = Attempt {
+            verdict: Verdict::Refused,
+            ..attempt(None)
+        };
+        assert!(!counts_against(&refused), "nothing was sent");
     }
 }
