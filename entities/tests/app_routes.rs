@@ -94,6 +94,10 @@ fn config(cluster: &TestCluster, listen: SocketAddr) -> anyhow::Result<ShoalConf
         .set("database.pool-max-connections", Some(4))
         .set("cluster.name", Some(cluster.name.clone()))
         .set("cluster.shards-per-group", Some(SHARDS))
+        .set(
+            "cluster.secret",
+            Some(shoal_testkit::process::CLUSTER_SECRET.to_owned()),
+        )
         .set("gateway.listen", Some(listen.to_string()))
         .set("redis.url", Some(shoal_testkit::redis::redis_url()))
         .set("redis.key-prefix", Some(prefix))

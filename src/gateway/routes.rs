@@ -552,17 +552,21 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
 pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
-    let mut check = |name: &str, result: Result<serde_json::Value, String>| {
+    // `gates`: whether a failure makes this gateway unready. Only what taking the gateway
+    // out of rotation or an operator's action fixes does; what one caller can cause (a
+    // backlog behind a long or failing handler) is reported, never a red /ready on every
+    // gateway at once.
+    let mut check = |name: &str, gates: bool, result: Result<serde_json::Value, String>| {
         match result {
             Ok(detail) => checks.insert(
                 name.to_owned(),
                 serde_json::json!({"ok": true, "detail": detail}),
             ),
             Err(error) => {
-                ok = false;
+                ok &= !gates;
                 checks.insert(
                     name.to_owned(),
-                    serde_json::json!({"ok": false, "error": error}),
+                    serde_json::json!({"ok": false, "affects_ready": gates, "error": error}),
                 )
             }
         };
@@ -574,6 +578,7 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     .await;
     check(
         "postgres",
+        true,
         match postgres {
             Ok(Ok(_)) => Ok(serde_json::json!("reachable")),
             Ok(Err(e)) => Err(e.to_string()),
@@ -584,11 +589,12 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
         let pong = redis.client.health().await;
         check(
             "redis",
+            true,
             pong.map(|rtt| serde_json::json!(format!("reachable ({rtt:?})")))
                 .map_err(|e| e.to_string()),
         );
         // An open breaker degrades the service but does not make the gateway unready.
-        check("breakers", redis.breaker_report().await);
+        check("breakers", false, redis.breaker_report().await);
     }
     let sharding = state.config.sharding();
     match state.runners.snapshot().await {
@@ -597,6 +603,7 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
                 - snapshot.owners.len().min(sharding.shard_count() as usize);
             check(
                 "shards_owned",
+                true,
                 if unowned == 0 {
                     Ok(serde_json::json!(format!(
                         "all {} shards owned",
@@ -617,6 +624,7 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
                 .await;
             check(
                 "backlog",
+                false,
                 match stalled {
                     Ok(stalled) if stalled.is_empty() => Ok(serde_json::json!(format!(
                         "no owned shard has a message older than {bound:?}"
@@ -630,7 +638,7 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
                 },
             );
         }
-        Err(error) => check("shards_owned", Err(error.to_string())),
+        Err(error) => check("shards_owned", true, Err(error.to_string())),
     }
     let status = if ok {
         StatusCode::OK

@@ -78,8 +78,10 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     let mut extraction = setup.api()?;
     extraction.watch = journal_watch;
     let extraction = std::sync::Arc::new(extraction);
+    // The gateway's registry decodes and documents; the types' Redis is for their limits.
+    let registry =
+        shoal_entities::registry_with(None, redis.clone(), config.cluster.name.as_str(), &app)?;
     let types = shoal_entities::job_types_with(None, redis, &app)?;
-    let registry = shoal_entities::registry_with(None, None, config.cluster.name.as_str(), &app)?;
     let params = GatewayParams::new(config, registry)
         .with_metrics(metrics)
         .with_routes(shoal_entities::http::routes_for(

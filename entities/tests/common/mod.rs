@@ -214,11 +214,21 @@ impl TestCluster {
             .envs(options.env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join(format!("{name}.log"));
         let process = ChildProcess::spawn(format!("{name} ({addr})"), &mut command, log)?;
+        let secret = options
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "SHOAL__CLUSTER__SECRET")
+            .map_or(
+                shoal_testkit::process::CLUSTER_SECRET.to_owned(),
+                |(_, v)| v.clone(),
+            );
         Ok(Runner {
             name,
             process,
             addr,
             http: self.http.clone(),
+            secret,
         })
     }
 
@@ -505,12 +515,14 @@ pub struct Runner {
     pub addr: SocketAddr,
     process: ChildProcess,
     http: reqwest::Client,
+    /// The cluster secret it was given (its `/status` needs it).
+    secret: String,
 }
 
 impl Runner {
     /// `GET /status`.
     pub async fn status(&self) -> anyhow::Result<RunnerView> {
-        runner_status(&self.http, self.addr).await
+        runner_status(&self.http, self.addr, &self.secret).await
     }
 
     /// The current incarnation's id (fails before registration).
@@ -522,10 +534,10 @@ impl Runner {
     }
 
     async fn await_registered(&mut self) -> anyhow::Result<()> {
-        let (http, addr) = (&self.http, self.addr);
+        let (http, addr, secret) = (&self.http, self.addr, self.secret.as_str());
         self.process
             .await_ready(DEADLINE, "registered", || async move {
-                Ok(runner_status(http, addr).await?.runner_id.is_some())
+                Ok(runner_status(http, addr, secret).await?.runner_id.is_some())
             })
             .await
     }
@@ -584,11 +596,15 @@ impl Runner {
     }
 }
 
-async fn runner_status(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<RunnerView> {
+async fn runner_status(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    secret: &str,
+) -> anyhow::Result<RunnerView> {
     let url = format!("http://{addr}/status");
     let response = http
         .get(&url)
-        .header("x-shoal-secret", shoal_testkit::process::CLUSTER_SECRET)
+        .header("x-shoal-secret", secret)
         .send()
         .await?
         .error_for_status()?;
