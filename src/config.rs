@@ -123,6 +123,14 @@ pub struct GatewayConfig {
     /// Time in-flight requests get to finish on shutdown. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Connections open at once; accepting pauses at the cap. Default 4096.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; more are closed. Default 256.
+    pub max_connections_per_client: usize,
+    /// How long a new connection may take to send its first request's head; then it is
+    /// closed (slowloris). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
     /// `[gateway.auth]`: bearer-token (JWT) auth for every route. Off by default.
     pub auth: AuthConfig,
 }
@@ -189,6 +197,9 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             ready_max_backlog_age: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            header_read_timeout: Duration::from_secs(10),
             auth: AuthConfig::default(),
         }
     }
@@ -589,6 +600,24 @@ impl ShoalConfig {
                 key: "database.pool-max-connections",
                 problem: "must be at least 1".to_owned(),
             });
+        }
+        for (key, zero) in [
+            ("gateway.max-connections", self.gateway.max_connections == 0),
+            (
+                "gateway.max-connections-per-client",
+                self.gateway.max_connections_per_client == 0,
+            ),
+            (
+                "gateway.header-read-timeout",
+                self.gateway.header_read_timeout.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be above zero".to_owned(),
+                });
+            }
         }
         self.retention.validate()?;
         let mut names = std::collections::BTreeSet::new();

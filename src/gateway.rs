@@ -12,6 +12,7 @@
 
 mod app;
 mod auth;
+mod connections;
 mod error;
 pub mod openapi;
 mod rate_limit;
@@ -204,6 +205,18 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     // Connection info: the API rate limits key on the client's IP.
     let app =
         router(state, app_routes).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // `tap_io` (a no-op here) gives the listener axum's `ConnectInfo<SocketAddr>`.
+    let listener = axum::serve::ListenerExt::tap_io(
+        connections::GuardedListener::new(
+            listener,
+            connections::ConnectionLimits {
+                total: config.gateway.max_connections,
+                per_client: config.gateway.max_connections_per_client,
+                header_read_timeout: config.gateway.header_read_timeout,
+            },
+        ),
+        |_: &mut connections::GuardedStream| {},
+    );
     let serve =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = config.gateway.shutdown_timeout;

@@ -45,6 +45,9 @@ pub const ENTITY_RESTARTS: &str = "shoal_entity_restarts_total";
 /// Envelopes per batch delivery request this node sent to a runner.
 pub const TRANSPORT_BATCH_SIZE: &str = "shoal_transport_batch_size";
 
+/// Gateway connections closed by a cap, by `reason` (`per_client`, `header_read_timeout`).
+pub const GATEWAY_CONNECTIONS_REFUSED: &str = "shoal_gateway_connections_refused_total";
+
 /// HTTP requests served, by route and status.
 pub const HTTP_REQUESTS: &str = "shoal_http_requests_total";
 /// HTTP request latency, by route.
@@ -165,6 +168,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         TRANSPORT_BATCH_SIZE,
         "Envelopes per batch delivery request sent to a runner."
     );
+    describe_counter!(
+        GATEWAY_CONNECTIONS_REFUSED,
+        "Gateway connections closed by a cap: per_client, header_read_timeout."
+    );
     Ok(handle)
 }
 
@@ -203,6 +210,10 @@ pub(crate) fn http_request(route: &str, status: u16, elapsed: std::time::Duratio
     counter!(HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!(HTTP_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn gateway_connection_refused(reason: &'static str) {
+    counter!(GATEWAY_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
 pub(crate) fn transport_batch(envelopes: usize) {

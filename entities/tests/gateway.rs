@@ -1058,3 +1058,113 @@ async fn a_type_its_owner_lacks_waits_is_explained_and_ends_with_the_stored_erro
     await_readiness(&gateway, "ready with nothing waiting", 200, &[]).await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Connection caps
+// ---------------------------------------------------------------------------------------
+
+/// Sends `head` on a new connection from 127.0.0.2 (a client of its own: the harness's
+/// pooled connections come from 127.0.0.1) and reads what comes back until the server
+/// closes it or a response head has arrived (whichever first), under [`DEADLINE`].
+async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))?;
+    let mut stream = socket.connect(addr).await?;
+    stream.write_all(head).await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    read.context("the gateway neither answered nor closed the connection")?;
+    Ok((stream, answer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_one_clients_excess_connections_are_closed() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(SHARDS).await?;
+    let gateway = Gateway::start(
+        &cluster,
+        GatewayOptions {
+            env: vec![
+                (
+                    "SHOAL__GATEWAY__HEADER_READ_TIMEOUT".to_owned(),
+                    "1s".to_owned(),
+                ),
+                (
+                    "SHOAL__GATEWAY__MAX_CONNECTIONS_PER_CLIENT".to_owned(),
+                    "3".to_owned(),
+                ),
+            ],
+            redis_url: None,
+            listen: None,
+        },
+    )
+    .await?;
+    let addr = gateway.addr;
+    const GET: &[u8] = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n";
+
+    // Headers without end: closed without an answer once the head's time is up.
+    let (_, answer) =
+        raw_exchange(addr, b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-A: 1\r\n").await?;
+    ensure!(
+        answer.is_empty(),
+        "a slow head got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Three kept-alive connections answered; the client's fourth is closed unanswered.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (stream, answer) = raw_exchange(addr, GET).await?;
+        ensure!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "connection {i}: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        held.push(stream);
+    }
+    let (_, answer) = raw_exchange(addr, GET).await?;
+    ensure!(
+        answer.is_empty(),
+        "a fourth connection got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A place freed is a place for the next connection.
+    drop(held.pop());
+    wait_until(
+        DEADLINE,
+        "a new connection is answered after one closed",
+        || async {
+            let (_, answer) = raw_exchange(addr, GET).await?;
+            Ok(answer.starts_with(b"HTTP/1.1 200"))
+        },
+    )
+    .await?;
+    let metrics = gateway.http.get("/metrics").await;
+    drop(held);
+    let text = metrics?.text();
+    ensure!(
+        text.contains("shoal_gateway_connections_refused_total{reason=\"per_client\"}")
+            && text.contains(
+                "shoal_gateway_connections_refused_total{reason=\"header_read_timeout\"}"
+            ),
+        "both refusals counted"
+    );
+    Ok(())
+}
