@@ -5,6 +5,9 @@ set -euo pipefail
 # Runners and gateways refuse the built-in cluster secret; this cluster gets its own.
 export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
 export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
+# Every load driver connects from 127.0.0.1: lift the gateway's per-client connection cap.
+export SHOAL__GATEWAY__MAX_CONNECTIONS="${SHOAL__GATEWAY__MAX_CONNECTIONS:-100000}"
+export SHOAL__GATEWAY__MAX_CONNECTIONS_PER_CLIENT="${SHOAL__GATEWAY__MAX_CONNECTIONS_PER_CLIENT:-100000}"
 cd "$(dirname "$0")/.."
 out="${1:-bench.json}"
 base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"

@@ -16,6 +16,9 @@ py=python3
 export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
 # The load drivers use the diagnostic types (probe, diag.*).
 export SHOAL__DIAGNOSTICS__ENABLED="${SHOAL__DIAGNOSTICS__ENABLED:-true}"
+# Every load driver connects from 127.0.0.1: lift the gateway's per-client connection cap.
+export SHOAL__GATEWAY__MAX_CONNECTIONS="${SHOAL__GATEWAY__MAX_CONNECTIONS:-100000}"
+export SHOAL__GATEWAY__MAX_CONNECTIONS_PER_CLIENT="${SHOAL__GATEWAY__MAX_CONNECTIONS_PER_CLIENT:-100000}"
 
 # Processes and databases the exit trap removes.
 pids=()

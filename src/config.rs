@@ -125,7 +125,8 @@ pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
     /// Connections open at once; accepting pauses at the cap. Default 4096.
     pub max_connections: usize,
-    /// Connections open at once from one IP address; more are closed. Default 256.
+    /// Connections open at once from one IP address; more are closed. Default 1024 (behind
+    /// a load balancer every client has its address: raise it to `max-connections`).
     pub max_connections_per_client: usize,
     /// How long a new connection may take to send its first request's head; then it is
     /// closed (slowloris). Default `10s`.
@@ -198,7 +199,7 @@ impl Default for GatewayConfig {
             ready_max_backlog_age: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             max_connections: 4096,
-            max_connections_per_client: 256,
+            max_connections_per_client: 1024,
             header_read_timeout: Duration::from_secs(10),
             auth: AuthConfig::default(),
         }
