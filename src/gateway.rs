@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use app::{AppRouter, GatewayContext, JsonBody};
-pub use auth::Principal;
+pub use auth::{OPERATOR_SCOPE, Principal};
 pub use error::ApiError;
 pub use routes::{ErrorBody, ErrorDetail};
 
