@@ -217,12 +217,7 @@ async fn without_allowed_networks_internal_targets_framing_headers_and_excess_ar
     )
     .await?;
     let http = &gateway.http;
-    let port = receiver
-        .url("")
-        .rsplit(':')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let port = receiver.port();
     let hook = |url: String| json!({"type": "webhook", "payload": {"url": url, "body": {}}});
 
     // IP literals in every spelling: 400 naming the URL field, at the gateway.

@@ -25,6 +25,7 @@ pub fn python() -> anyhow::Result<PathBuf> {
 #[derive(Debug)]
 pub struct Receiver {
     child: Child,
+    port: u16,
     base: String,
 }
 
@@ -47,8 +48,14 @@ impl Receiver {
             .context("receiver did not print its port")?;
         Ok(Self {
             child,
+            port,
             base: format!("http://127.0.0.1:{port}"),
         })
+    }
+
+    /// The port it listens on (127.0.0.1), for URLs that spell the host otherwise.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `path` (with its query) on this receiver.
