@@ -1,9 +1,12 @@
 //! The runner transport over HTTP/2, authenticated by the cluster's shared secret
 //! (`x-shoal-secret`). Each peer gets one multiplexed HTTP/2 connection (prior knowledge).
 //! A connection that fails mid-request is retired before its callers hear of the failure,
-//! so what is sent afterwards opens a new one: against a dead peer that connect is refused,
-//! which proves the delivery never reached a runner (`Unreachable`, safe to resend), where a
-//! write into the dead connection could only be called `Lost`.
+//! so what is sent afterwards opens a new one. Nothing that could run is written into a new
+//! connection before the peer has answered a `hello` on it: a dying runner's kernel still
+//! accepts connections for a moment after SIGKILL (and a frozen one's for as long as it is
+//! frozen), and a delivery written into such a connection could only be called `Lost`. A
+//! refused connect, or a `hello` that fails, proves the delivery never reached a runner
+//! (`Unreachable`, safe to resend).
 //!
 //! Deliveries to one peer are batched (`peer`): `POST /_shoal/v1/deliver-batch` carries
 //! many envelopes as JSON, and the runner streams the answers back as NDJSON lines in the
@@ -34,6 +37,8 @@ use crate::transport::{DeliveryError, EntityStatus};
 pub const SECRET_HEADER: &str = "x-shoal-secret";
 /// The header that carries the sender's deadline for a single delivery, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-shoal-timeout-ms";
+/// The route a sender calls first on each new connection (204: a live runner reads it).
+pub const HELLO_PATH: &str = "/_shoal/v1/hello";
 /// The single-delivery route.
 pub const DELIVER_PATH: &str = "/_shoal/v1/deliver";
 /// The batch-delivery route.
@@ -162,8 +167,11 @@ impl HttpTransport {
         peer::Link::new(
             self.secret.clone(),
             address,
-            url(DELIVER_BATCH_PATH)?,
-            url(DELIVER_PATH)?,
+            peer::Urls {
+                hello: url(HELLO_PATH)?,
+                batch: url(DELIVER_BATCH_PATH)?,
+                single: url(DELIVER_PATH)?,
+            },
         )
         .map_err(|reason| TransportError::Unreachable {
             address: address.to_owned(),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{BatchAnswer, GRACE, SECRET_HEADER, TIMEOUT_HEADER, single_answer};
@@ -83,40 +83,79 @@ impl std::fmt::Debug for Pending {
 pub(super) struct Connection {
     generation: u64,
     client: reqwest::Client,
+    /// Set once the peer has answered a `hello` on this connection.
+    answered: Arc<OnceCell<()>>,
+}
+
+impl Connection {
+    fn new(generation: u64) -> Result<Self, String> {
+        Ok(Self {
+            generation,
+            client: super::peer_client()?,
+            answered: Arc::default(),
+        })
+    }
+}
+
+/// The peer's routes.
+#[derive(Debug)]
+pub(super) struct Urls {
+    pub(super) hello: reqwest::Url,
+    pub(super) batch: reqwest::Url,
+    pub(super) single: reqwest::Url,
 }
 
 /// How to reach one peer.
 #[derive(Debug)]
 pub(super) struct Link {
-    pub(super) connection: Mutex<Connection>,
-    pub(super) secret: Arc<str>,
-    pub(super) address: String,
-    pub(super) batch_url: reqwest::Url,
-    pub(super) single_url: reqwest::Url,
+    connection: Mutex<Connection>,
+    secret: Arc<str>,
+    address: String,
+    urls: Urls,
     /// Until when the peer is sent one request per envelope (it answered the batch route
     /// with 404).
-    pub(super) singles_until: Mutex<Option<Instant>>,
+    singles_until: Mutex<Option<Instant>>,
 }
 
 impl Link {
     /// A link to `address` whose first connection is made on first use.
-    pub(super) fn new(
-        secret: Arc<str>,
-        address: &str,
-        batch_url: reqwest::Url,
-        single_url: reqwest::Url,
-    ) -> Result<Self, String> {
+    pub(super) fn new(secret: Arc<str>, address: &str, urls: Urls) -> Result<Self, String> {
         Ok(Self {
-            connection: Mutex::new(Connection {
-                generation: 0,
-                client: super::peer_client()?,
-            }),
+            connection: Mutex::new(Connection::new(0)?),
             secret,
             address: address.to_owned(),
-            batch_url,
-            single_url,
+            urls,
             singles_until: Mutex::new(None),
         })
+    }
+
+    /// The connection to send on now, once the peer has answered on it (at most `wait`
+    /// for that). Until a live runner answers, nothing that could run is written into a
+    /// connection: a dying runner's kernel still completes connects for a moment after
+    /// SIGKILL, a frozen one's for as long as it is frozen, and a delivery written there
+    /// could only be called lost. A peer that does not answer reached no handler.
+    async fn establish(&self, wait: Duration) -> Result<Connection, TransportError> {
+        let connection = self.connection();
+        let hello = connection.answered.get_or_try_init(|| async {
+            connection
+                .client
+                .get(self.urls.hello.clone())
+                .header(SECRET_HEADER, &*self.secret)
+                .timeout(wait)
+                .send()
+                .await
+                .map(drop) // Any answer, even a 401 or a 404, is a live peer's.
+        });
+        match hello.await {
+            Ok(()) => Ok(connection),
+            Err(error) => {
+                self.retire(&connection);
+                Err(TransportError::Unreachable {
+                    address: self.address.clone(),
+                    reason: format!("the runner did not answer on a new connection: {error}"),
+                })
+            }
+        }
     }
 
     /// The connection to send on now.
@@ -135,13 +174,8 @@ impl Link {
         if current.generation != used.generation {
             return; // Already replaced by another failure.
         }
-        match super::peer_client() {
-            Ok(client) => {
-                *current = Connection {
-                    generation: used.generation + 1,
-                    client,
-                };
-            }
+        match Connection::new(used.generation + 1) {
+            Ok(connection) => *current = connection,
             Err(error) => tracing::warn!(%error, address = %self.address, "cannot reconnect"),
         }
     }
@@ -238,19 +272,32 @@ fn batch_body(items: &[(u64, &[u8])]) -> Vec<u8> {
 
 /// Sends one batch and hands each answer to its caller.
 async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+    // The caller gave up: nothing to deliver.
+    let batch: Vec<Pending> = batch
+        .into_iter()
+        .filter(|p| !p.respond.is_closed())
+        .collect();
+    let Some(last) = batch.iter().map(|p| p.deadline).max() else {
+        return;
+    };
+    // Usually at once: only a new connection waits for the peer's first answer.
+    let connection = match link
+        .establish(last.saturating_duration_since(Instant::now()))
+        .await
+    {
+        Ok(connection) => connection,
+        Err(error) => return fail_all(batch.into_iter().map(|p| p.respond), error),
+    };
     let now = Instant::now();
     let linger_until = now + LINGER;
     let mut live = Vec::with_capacity(batch.len());
     for pending in batch {
-        if pending.respond.is_closed() {
-            continue; // The caller gave up: nothing to deliver.
-        }
         match pending.deadline.checked_duration_since(now) {
             Some(left) if !left.is_zero() => live.push((pending, left)),
             _ => {
                 let _ = pending.respond.send(Err(TransportError::Unreachable {
                     address: link.address.clone(),
-                    reason: "the deadline passed before a sending slot was free".to_owned(),
+                    reason: "the deadline passed before the delivery was sent".to_owned(),
                 }));
             }
         }
@@ -271,10 +318,9 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
             .map(|(p, left)| (millis(*left), p.encoded.as_slice()))
             .collect::<Vec<_>>(),
     );
-    let connection = link.connection();
     let sent = connection
         .client
-        .post(link.batch_url.clone())
+        .post(link.urls.batch.clone())
         .header(SECRET_HEADER, &*link.secret)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .timeout(longest + GRACE)
@@ -388,10 +434,10 @@ async fn deliver_singly(link: &Link, live: Vec<(Pending, Duration)>) {
 
 /// Delivers one encoded envelope with one request (`/deliver`).
 async fn deliver_one(link: &Link, encoded: Vec<u8>, timeout: Duration) -> Answer {
-    let connection = link.connection();
+    let connection = link.establish(timeout).await?;
     let response = connection
         .client
-        .post(link.single_url.clone())
+        .post(link.urls.single.clone())
         .header(SECRET_HEADER, &*link.secret)
         .header(TIMEOUT_HEADER, timeout.as_millis().to_string())
         .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -17,8 +17,8 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
 use super::{
-    BatchAnswer, BatchItem, DELIVER_BATCH_PATH, DELIVER_PATH, ENTITY_PATH, NDJSON, SECRET_HEADER,
-    TIMEOUT_HEADER,
+    BatchAnswer, BatchItem, DELIVER_BATCH_PATH, DELIVER_PATH, ENTITY_PATH, HELLO_PATH, NDJSON,
+    SECRET_HEADER, TIMEOUT_HEADER,
 };
 use crate::entity_runtime::EntityRuntime;
 use crate::ids::{EntityAddress, EntityId, EntityType};
@@ -55,6 +55,7 @@ struct RawBatch {
 /// The runner side: the delivery routes, for mounting on the runner's HTTP server.
 pub fn router(runtime: EntityRuntime, secret: String) -> Router {
     Router::new()
+        .route(HELLO_PATH, get(hello))
         .route(DELIVER_PATH, post(deliver))
         .route(
             DELIVER_BATCH_PATH,
@@ -88,6 +89,15 @@ pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// Answers a sender's first request on a new connection: proof that a live runner reads it
+/// (see `peer::Link::establish`).
+async fn hello(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &state.secret) {
+        return unauthorized();
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 fn unauthorized() -> Response {

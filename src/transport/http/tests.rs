@@ -465,3 +465,49 @@ async fn an_unreachable_runner_is_reported_as_such() {
         "{failed:?}"
     );
 }
+
+/// Accepts connections and reads what arrives, answering nothing; after `hold` each
+/// connection is dropped. So behaves a runner's port between SIGKILL and the kernel closing
+/// it (the backlog still completes connects), or a frozen runner's.
+async fn mute_listener(hold: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let read = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink);
+                let _ = tokio::time::timeout(hold, read).await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_delivery_to_a_peer_that_never_answers_was_never_sent() {
+    // Reset soon after the connect, as by a dying runner's kernel.
+    let dying = mute_listener(Duration::from_millis(50)).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    for round in 0..5 {
+        let failed = transport
+            .deliver(&dying, sleep_envelope("a", 0), Duration::from_secs(2))
+            .await;
+        assert!(
+            matches!(failed, Err(TransportError::Unreachable { .. })),
+            "round {round}: nothing was written that a runner could run: {failed:?}"
+        );
+    }
+    // Holds the connection without a word, as a frozen runner's kernel does: the delivery
+    // is never written, so even a runner that wakes up later cannot run it.
+    let frozen = mute_listener(Duration::from_secs(60)).await;
+    let failed = transport
+        .deliver(&frozen, sleep_envelope("a", 0), Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(failed, Err(TransportError::Unreachable { .. })),
+        "{failed:?}"
+    );
+}
