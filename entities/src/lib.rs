@@ -76,16 +76,19 @@ pub fn registry_with(
         cluster,
         app,
         &extraction::ExtractionSetup::offline(),
+        &webhook::egress::ClusterAddresses::default(),
     )
 }
 
-/// Every built-in entity type, the extraction pipeline built from `extraction`.
+/// Every built-in entity type, the extraction pipeline built from `extraction`; webhook
+/// deliveries never reach `nodes` (the cluster's own addresses).
 pub fn registry_for(
     pool: Option<sqlx::PgPool>,
     redis: Option<shoal::redis::RedisClient>,
     cluster: &str,
     app: &AppConfig,
     extraction: &extraction::ExtractionSetup,
+    nodes: &webhook::egress::ClusterAddresses,
 ) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
     registry.register(extraction::Extraction::new(std::sync::Arc::new(
@@ -102,7 +105,7 @@ pub fn registry_for(
             redis.clone(),
             &app.notifications,
         ))?;
-    let types = job_types_with(pool, redis.clone(), app)?;
+    let types = job_types_with(pool, redis.clone(), app, nodes)?;
     jobs::register(&mut registry, std::sync::Arc::new(types), redis)?;
     Ok(registry)
 }
@@ -114,6 +117,7 @@ pub fn job_types_with(
     pool: Option<sqlx::PgPool>,
     redis: Option<shoal::redis::RedisClient>,
     app: &AppConfig,
+    nodes: &webhook::egress::ClusterAddresses,
 ) -> anyhow::Result<jobs::JobRegistry> {
     let mut types = if app.diagnostics.enabled {
         jobs::job_types(pool)?
@@ -121,6 +125,6 @@ pub fn job_types_with(
         jobs::JobRegistry::new()
     };
     types.set_limits(app.jobs.limits());
-    webhook::job::register(&mut types, &app.jobs.webhook, redis)?;
+    webhook::job::register(&mut types, &app.jobs.webhook, redis, nodes.clone())?;
     Ok(types)
 }

@@ -271,6 +271,9 @@ pub async fn attempt(
             if let Some(refused) = egress::name_refused(&error) {
                 return Ok(refused_attempt(refused.to_string(), latency(started)));
             }
+            if let Some(refused) = egress::connection_refused(&error) {
+                return Ok(refused_attempt(refused.to_string(), latency(started)));
+            }
             return Ok(Attempt {
                 verdict: Verdict::Retry { after: None },
                 status: None,
@@ -358,6 +361,7 @@ pub fn client(
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .dns_resolver(Arc::new(egress::EgressResolver::new(Arc::clone(&policy))))
+        .connector_layer(egress::guard::GuardLayer::new(Arc::clone(&policy)))
         .connect_timeout(connect_timeout)
         .user_agent(concat!("shoal-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -68,6 +68,9 @@ fn at(value: &Value) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
 async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> anyhow::Result<()> {
     let receiver = Receiver::start(SECRET)?;
     let cluster = TestCluster::new(16).await?;
+    // A service in the allowed network that the operator lists as refused.
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let internal_addr = internal.local_addr()?;
     let env: Vec<(String, String)> = [
         ("SHOAL__REDIS__URL", shoal_testkit::redis::redis_url()),
         (
@@ -81,6 +84,10 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
         (
             "SHOAL__JOBS__WEBHOOK__ALLOWED_NETWORKS",
             "[\"127.0.0.0/8\"]".to_owned(),
+        ),
+        (
+            "SHOAL__JOBS__WEBHOOK__REFUSED_ADDRESSES",
+            format!("[\"{internal_addr}\"]"),
         ),
     ]
     .into_iter()
@@ -169,6 +176,48 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
     let error = attempts(&job)[0]["error"].as_str().unwrap_or_default();
     ensure!(error.contains("timed out"), "{job}");
     ensure!(job["status"] != "dead", "a timeout is retried: {job}");
+
+    // The cluster's own addresses, inside the allowed network: each runner's transport
+    // (whichever runner attempts the job, the other is refused too), Postgres, Redis, and
+    // what `refused-addresses` lists. Each attempt is refused before a byte is written.
+    let postgres = reqwest::Url::parse(&cluster.db.url)?;
+    let mut targets = vec![
+        format!("http://{}/_shoal/v1/deliver", runners[0].addr),
+        format!("http://{}/_shoal/v1/deliver", runners[1].addr),
+        format!(
+            "http://{}:{}/",
+            postgres.host_str().context("a host")?,
+            postgres.port().unwrap_or(5432)
+        ),
+        format!("http://{internal_addr}/"),
+    ];
+    if let Some(redis) = reqwest::Url::parse(&shoal_testkit::redis::redis_url())?.port() {
+        targets.push(format!("http://127.0.0.1:{redis}/"));
+    }
+    let listened = tokio::spawn(async move {
+        let (mut stream, _) = internal.accept().await?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut bytes).await?;
+        anyhow::Ok(bytes.len())
+    });
+    for target in &targets {
+        let id = enqueue(http, target).await?;
+        let job = await_job(http, &id, "dead", |j| j["status"] == "dead").await?;
+        ensure!(attempts(&job).len() == 1, "{target}: dead at once: {job}");
+        let attempt = &attempts(&job)[0];
+        ensure!(
+            attempt["notes"][0]["outcome"] == "refused",
+            "{target}: {job}"
+        );
+        ensure!(
+            attempt["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("this cluster's own addresses")),
+            "{target}: {job}"
+        );
+    }
+    let written = tokio::time::timeout(DEADLINE, listened).await???;
+    ensure!(written == 0, "{written} bytes reached a refused address");
     Ok(())
 }
 

@@ -81,7 +81,12 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
     // The gateway's registry decodes and documents; the types' Redis is for their limits.
     let registry =
         shoal_entities::registry_with(None, redis.clone(), config.cluster.name.as_str(), &app)?;
-    let types = shoal_entities::job_types_with(None, redis, &app)?;
+    let types = shoal_entities::job_types_with(
+        None,
+        redis,
+        &app,
+        &shoal_entities::webhook::egress::ClusterAddresses::default(),
+    )?;
     let params = GatewayParams::new(config, registry)
         .with_metrics(metrics)
         .with_routes(shoal_entities::http::routes_for(

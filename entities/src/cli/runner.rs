@@ -1,8 +1,12 @@
 //! `shoal runner`.
 
+use std::sync::Arc;
+
 use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::runner::RunnerParams;
+use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
+use shoal_entities::webhook::egress::{ClusterAddresses, nodes};
 
 use super::{ClusterArgs, DatabaseArgs};
 
@@ -67,14 +71,48 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_entities::AppConfig) -> 
         redis: redis.clone(),
         redis_config: config.redis.clone(),
     };
+    let nodes = cluster_addresses(&config, &app, pool.clone())?;
+    if let Err(error) = nodes.refresh().await {
+        tracing::warn!(%error, "cannot read the runners the egress policy refuses yet");
+    }
     let params = RunnerParams {
-        registry: shoal_entities::registry_for(Some(pool), redis, &cluster, &app, &setup)?,
+        registry: shoal_entities::registry_for(Some(pool), redis, &cluster, &app, &setup, &nodes)?,
         config,
         singletons: vec![gauges, sweeper, pruner],
         metrics: Some(metrics),
     };
     shoal::runner::run(params, shutdown).await?;
     Ok(())
+}
+
+/// The cluster's own addresses, which webhook deliveries never reach: this runner, the
+/// registered runners, the gateway, Postgres, Redis, and `[jobs.webhook] refused-addresses`.
+fn cluster_addresses(
+    config: &ShoalConfig,
+    app: &shoal_entities::AppConfig,
+    pool: sqlx::PgPool,
+) -> anyhow::Result<ClusterAddresses> {
+    let mut fixed = vec![
+        config.runner.listen.to_string(),
+        config.gateway.listen.to_string(),
+    ];
+    fixed.extend(config.runner.advertise_address.clone());
+    fixed.extend(nodes::url_address(&config.database.url, 5432));
+    fixed.extend(
+        config
+            .redis
+            .url
+            .as_deref()
+            .and_then(|u| nodes::url_address(u, 6379)),
+    );
+    fixed.extend(app.jobs.webhook.refused_addresses.iter().cloned());
+    let runners = PgRunnerStorage::new(
+        pool,
+        &config.database.url,
+        config.cluster.name.clone(),
+        LockSessionSettings::default(),
+    )?;
+    Ok(ClusterAddresses::new(fixed, Some(Arc::new(runners))))
 }
 
 /// A small lazy pool for the extraction journal (checkpoints, events, results).

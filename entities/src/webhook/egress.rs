@@ -19,6 +19,14 @@
 //!   IPv4 address it carries. Decimal, octal and hex IPv4 forms (`http://2130706433/`,
 //!   `http://0x7f.1/`) never reach the policy as names: the URL parser normalises them to
 //!   dotted quads for `http` URLs (a test holds it to that).
+//! - Last, [`guard`] judges the address each connection was made to, before a byte is
+//!   written: the network policy again, and the cluster's own addresses ([`nodes`]), which
+//!   are refused even inside an allowed network.
+
+pub mod guard;
+pub mod nodes;
+
+pub use nodes::ClusterAddresses;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -29,14 +37,40 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 /// An address the policy refuses, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{addr} is {reason}: refused by the egress policy (an operator allows a network with \
-     `[jobs.webhook] allowed-networks`)"
+    "{addr}{} is {reason}: refused by the egress policy (an operator allows a network with \
+     `[jobs.webhook] allowed-networks`)",
+    port.map(|p| format!(" port {p}")).unwrap_or_default()
 )]
 pub struct Refused {
     /// The address.
     pub addr: IpAddr,
+    /// The port, where the refusal is of one port of the address.
+    pub port: Option<u16>,
     /// The kind of network it is in (`loopback`, `private`, …).
     pub reason: &'static str,
+}
+
+/// Why one of the cluster's own addresses is refused.
+pub const CLUSTER_ADDRESS: &str =
+    "one of this cluster's own addresses (a runner, the gateway, Postgres or Redis)";
+
+impl Refused {
+    fn cluster(addr: SocketAddr) -> Self {
+        Self {
+            addr: addr.ip(),
+            port: Some(addr.port()),
+            reason: CLUSTER_ADDRESS,
+        }
+    }
+
+    /// A connection whose peer address is unknown (never made by the stock connector).
+    fn unknown_peer() -> Self {
+        Self {
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: None,
+            reason: "a connection whose peer address is unknown",
+        }
+    }
 }
 
 /// A name that resolved to refused addresses only; the attempt made no connection.
@@ -49,16 +83,40 @@ pub struct NameRefused {
     pub refused: Refused,
 }
 
-/// The networks a delivery may reach although they are refused by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The networks a delivery may reach although they are refused by default, and the
+/// cluster's own addresses, which it never may.
+#[derive(Debug, Clone, Default)]
 pub struct EgressPolicy {
     allowed: Vec<IpNet>,
+    cluster: ClusterAddresses,
 }
 
 impl EgressPolicy {
     /// A policy that allows `allowed` beyond the public internet.
     pub fn new(allowed: Vec<IpNet>) -> Self {
-        Self { allowed }
+        Self {
+            allowed,
+            cluster: ClusterAddresses::default(),
+        }
+    }
+
+    /// The policy refusing `cluster` as well.
+    pub fn with_cluster(mut self, cluster: ClusterAddresses) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Whether a connection made to `remote` may carry a request: the network policy, then
+    /// the cluster's own addresses (read afresh for an address only an allowed network lets
+    /// through).
+    pub async fn check_connection(&self, remote: SocketAddr) -> Result<(), Refused> {
+        let addr = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        self.check(addr.ip())?;
+        let inside = refusal(addr.ip()).is_some();
+        if self.cluster.contains(addr, inside).await {
+            return Err(Refused::cluster(addr));
+        }
+        Ok(())
     }
 
     /// Whether a connection to `addr` is allowed.
@@ -74,7 +132,11 @@ impl EgressPolicy {
         if allowed {
             Ok(())
         } else {
-            Err(Refused { addr, reason })
+            Err(Refused {
+                addr,
+                port: None,
+                reason,
+            })
         }
     }
 
@@ -228,10 +290,21 @@ impl Resolve for EgressResolver {
 
 /// The [`NameRefused`] somewhere in `error`'s sources, if a refusal caused it.
 pub fn name_refused<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a NameRefused> {
+    cause(error)
+}
+
+/// The [`Refused`] connection somewhere in `error`'s sources, if the guard refused it.
+pub fn connection_refused<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
+    cause(error)
+}
+
+fn cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        if let Some(refused) = error.downcast_ref::<NameRefused>() {
-            return Some(refused);
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
         }
         cause = error.source();
     }

@@ -35,7 +35,7 @@ use shoal::config::BreakerConfig;
 use shoal::redis::breaker::{BreakerError, CircuitBreaker, Outcome};
 use shoal::redis::{RedisClient, RedisError};
 
-use super::egress::EgressPolicy;
+use super::egress::{ClusterAddresses, EgressPolicy};
 use super::endpoints::{Endpoint, Endpoints};
 use super::{Attempt, Delivery, Signer, Verdict, WebhookClient, WebhookError};
 use crate::jobs::{BackoffPolicy, JobContext, JobError, JobHandler, JobOptions, JobRegistry};
@@ -68,6 +68,10 @@ pub struct WebhookConfig {
     /// policy refuses them (loopback, private, link-local, CGNAT, …; see
     /// `webhook::egress`). Default none: only public addresses.
     pub allowed_networks: Vec<ipnet::IpNet>,
+    /// `host:port` addresses no delivery may reach, beyond those a runner knows itself
+    /// (the runners, `[gateway] listen`, Postgres, Redis): a load balancer in front of
+    /// the gateways, other internal services in an allowed network. Default none.
+    pub refused_addresses: Vec<String>,
 }
 
 impl Default for WebhookConfig {
@@ -86,6 +90,7 @@ impl Default for WebhookConfig {
                 half_open_max_calls: 1,
             },
             allowed_networks: Vec::new(),
+            refused_addresses: Vec::new(),
         }
     }
 }
@@ -176,8 +181,17 @@ pub struct WebhookJob {
 impl WebhookJob {
     /// The type for `config`, keeping its breakers and disabled endpoints in `redis`.
     pub fn new(config: &WebhookConfig, redis: RedisClient) -> Result<Self, WebhookError> {
+        Self::refusing(config, redis, ClusterAddresses::default())
+    }
+
+    /// The type for `config` that also refuses the cluster's own addresses `cluster`.
+    pub fn refusing(
+        config: &WebhookConfig,
+        redis: RedisClient,
+        cluster: ClusterAddresses,
+    ) -> Result<Self, WebhookError> {
         let signer = Signer::new(&config.secrets)?;
-        let policy = EgressPolicy::new(config.allowed_networks.clone());
+        let policy = EgressPolicy::new(config.allowed_networks.clone()).with_cluster(cluster);
         let client = super::client(config.connect_timeout, policy)?;
         Ok(Self {
             client,
@@ -339,11 +353,13 @@ impl JobHandler for WebhookJob {
 }
 
 /// Registers `webhook` in `types` when `config` has secrets (without them a node does not
-/// offer the type, and `POST /jobs` answers 400 for it); it then needs `redis`.
+/// offer the type, and `POST /jobs` answers 400 for it); it then needs `redis`. Its
+/// deliveries never reach `cluster`.
 pub fn register(
     types: &mut JobRegistry,
     config: &WebhookConfig,
     redis: Option<RedisClient>,
+    cluster: ClusterAddresses,
 ) -> anyhow::Result<()> {
     if config.secrets.is_empty() {
         return Ok(());
@@ -351,7 +367,7 @@ pub fn register(
     let redis = redis.ok_or_else(|| {
         anyhow::anyhow!("`[jobs.webhook]` has secrets but no Redis is configured (`redis.url`)")
     })?;
-    types.register(WebhookJob::new(config, redis)?)?;
+    types.register(WebhookJob::refusing(config, redis, cluster)?)?;
     Ok(())
 }
 
