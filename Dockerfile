@@ -2,7 +2,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p shoal-entities
+RUN cargo build --release -p shoal-cli
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -16,7 +16,7 @@ requests="${SHOAL_BENCH_REQUESTS:-20000}"
 entities="${SHOAL_BENCH_ENTITIES:-1000}"
 concurrency="${SHOAL_BENCH_CONCURRENCY:-64}"
 
-cargo build --release -q -p shoal-entities
+cargo build --release -q -p shoal-cli
 bin=target/release/shoal
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 url="$base/$db"

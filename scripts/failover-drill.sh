@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 base="${SHOAL_DRILL_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
 db="shoal_drill_$$"
-cargo build --release -q -p shoal-entities
+cargo build --release -q -p shoal-cli
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 trap 'psql "$base/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true' EXIT
 target/release/shoal migrate --database-url "$base/$db" >/dev/null

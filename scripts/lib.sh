@@ -48,8 +48,8 @@ bench_venv() {
 # bench_build: builds the `shoal` binary in PROFILE, unless SKIP_BUILD is set.
 bench_build() {
   if [ -n "${SKIP_BUILD:-}" ]; then return; fi
-  if [ "$profile" = release ]; then cargo build --release -q -p shoal-entities
-  else cargo build -q -p shoal-entities; fi
+  if [ "$profile" = release ]; then cargo build --release -q -p shoal-cli
+  else cargo build -q -p shoal-cli; fi
 }
 
 # free_port: a TCP port free on 127.0.0.1 now.

@@ -14,7 +14,7 @@ base="${SHOAL_DRILL_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
 seconds="${SECONDS_TOTAL:-60}"
 runners="${RUNNERS:-2}"
 db="shoal_gap_$$"
-cargo build --release -q -p shoal-entities
+cargo build --release -q -p shoal-cli
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 pids=()
 cleanup() {

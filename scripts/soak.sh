@@ -23,7 +23,7 @@ concurrency="${SOAK_CONCURRENCY:-64}"
 # Requests per bench run: a few seconds of load, so the loop stops close to the deadline.
 chunk="${SOAK_CHUNK:-5000}"
 
-cargo build --release -q -p shoal-entities
+cargo build --release -q -p shoal-cli
 bin="${CARGO_TARGET_DIR:-target}/release/shoal"
 work="$(mktemp -d)"
 psql "$base/postgres" -qc "CREATE DATABASE $db"

@@ -1,5 +1,5 @@
 //! Shoal's test harness, shared by the runtime's integration tests and benches (`tests/`,
-//! `benches/`) and the application's (`entities/tests/`). Dev-only: nothing ships with it.
+//! `benches/`) and the application's (`entities/cli/tests/`). Dev-only: nothing ships with it.
 //!
 //! - [`db`] — a fresh PostgreSQL database per test ([`TestDb`]), dropped even when the test
 //!   panics.

@@ -1,0 +1,389 @@
+//! The job routes (an application router on the gateway; entities reached only through
+//! the typed client):
+//!
+//! - `POST /jobs` → 202 `{id, status_url}`. The type must be registered and the payload
+//!   must decode as its payload (400 naming the field otherwise). A `key` (or the
+//!   `Idempotency-Key` header) names the same job every time: `job-key` keeps the first
+//!   claimant's id.
+//! - `GET /jobs/{id}`: the record, or the live view (status `running`, progress) while an
+//!   attempt runs.
+//! - `POST /jobs/{id}/retry`: a dead or cancelled job runs again with a fresh budget (422
+//!   `not_retryable` otherwise).
+//! - `POST /jobs/{id}/cancel`: cancels the job (a running attempt cooperatively).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use shoal::client::{ClientError, ShoalClient};
+use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::JobId;
+use super::control::{JobControl, JobControlMessage};
+use super::enqueue::Enqueued;
+use super::entity::{Job, JobMessage, NewJob};
+use super::listing::{self, JobPage, ListQuery, MAX_LIMIT};
+use super::record::{JobStatus, JobView};
+use super::registry::JobRegistry;
+
+/// Longest unique key.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Where the listing reads: the cluster's database.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    /// A pool on the cluster's database.
+    pub pool: sqlx::PgPool,
+    /// The cluster's name.
+    pub cluster: String,
+}
+
+/// The job routes over `registry`'s types; without a `store`, `GET /jobs` answers 503.
+pub fn routes(registry: Arc<JobRegistry>, store: Option<JobStore>) -> AppRouter {
+    OpenApiRouter::new()
+        .routes(routes!(enqueue, list))
+        .routes(routes!(show))
+        .routes(routes!(retry))
+        .routes(routes!(cancel))
+        .layer(Extension(registry))
+        .layer(Extension(store))
+}
+
+/// A cancel request's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CancelRequested {
+    /// The job.
+    pub id: String,
+    /// Whether an attempt was running (it stops cooperatively).
+    pub running: bool,
+}
+
+/// Enqueues a job.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    request_body = NewJob,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The job's unique key (as `key`)")),
+    responses(
+        (status = 202, description = "Enqueued (or the existing job of the key)", body = Enqueued),
+        (status = 400, description = "Unknown type, a payload that does not decode, a bad field", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn enqueue(
+    State(gateway): State<GatewayContext>,
+    Extension(registry): Extension<Arc<JobRegistry>>,
+    headers: HeaderMap,
+    JsonBody(mut new): JsonBody<NewJob>,
+) -> Result<(StatusCode, Json<Enqueued>), ApiError> {
+    validate(&registry, &mut new, &headers)?;
+    let enqueued = super::enqueue::enqueue(gateway.client(), new).await?;
+    Ok((StatusCode::ACCEPTED, Json(enqueued)))
+}
+
+fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Result<(), ApiError> {
+    let handler = registry.get(&new.job_type).ok_or_else(|| {
+        let known = registry.types().join(", ");
+        ApiError::bad_request(
+            "unknown_type",
+            format!(
+                "field `type`: no job type `{}` (known: {known})",
+                new.job_type
+            ),
+        )
+    })?;
+    handler
+        .check(&new.payload)
+        .map_err(|e| ApiError::bad_request("bad_payload", format!("field `payload`: {e}")))?;
+    if new.tenant.is_some() {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `tenant`: set by the gateway from `X-Tenant-Id` (or the token), not the body",
+        ));
+    }
+    new.tenant = tenant_of(headers)?;
+    if new.key.is_none() {
+        new.key = headers
+            .get("idempotency-key")
+            .map(|v| v.to_str().map(str::to_owned))
+            .transpose()
+            .map_err(|_| {
+                ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text")
+            })?;
+    }
+    if let Some(key) = &new.key
+        && (key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(
+            "bad_key",
+            format!("field `key`: 1–{MAX_KEY_LEN} printable characters"),
+        ));
+    }
+    check_limits(registry.limits(), new)?;
+    if new
+        .priority
+        .is_some_and(|p| p > super::entity::LOWEST_PRIORITY)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `priority`: 0 (first) to {}",
+                super::entity::LOWEST_PRIORITY
+            ),
+        ));
+    }
+    if new.timeout_ms == Some(0) {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "field `timeout_ms`: at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// `max_attempts` and `backoff` within the operator's limits (`[jobs]`).
+fn check_limits(limits: super::JobLimits, new: &NewJob) -> Result<(), ApiError> {
+    if let Some(attempts) = new.max_attempts
+        && !(1..=limits.max_attempts).contains(&attempts)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `max_attempts`: 1–{} (`[jobs] max-attempts-limit`), got {attempts}",
+                limits.max_attempts
+            ),
+        ));
+    }
+    let min_ms = u64::try_from(limits.min_backoff.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    if let Some(backoff) = new.backoff
+        && (backoff.first_ms < min_ms || backoff.first_ms > backoff.max_ms)
+    {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            format!(
+                "field `backoff`: {min_ms} ≤ first_ms ≤ max_ms (`[jobs] min-backoff` is \
+                 {min_ms} ms)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The caller's tenant: `X-Tenant-Id` (written from the token when auth is on). A caller
+/// with a tenant sees and changes only its own tenant's jobs.
+fn tenant_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(shoal_notifications::Tenant::of_caller(headers)?.map(|t| t.to_string()))
+}
+
+/// The job as `headers`' caller may see it: a job that does not exist, or belongs to
+/// another tenant than the caller's, is a 404 alike (a tenant learns nothing of others').
+async fn visible(client: &ShoalClient, headers: &HeaderMap, id: &str) -> Result<JobView, ApiError> {
+    let caller = tenant_of(headers)?;
+    let view = read(client, id).await?;
+    if view.status == JobStatus::New || (caller.is_some() && view.tenant != caller) {
+        return Err(not_found(id));
+    }
+    Ok(view)
+}
+
+fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = path?;
+    id.parse::<JobId>()
+        .map(|id| id.to_string())
+        .map_err(|e| ApiError::bad_path_id("id", e))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::unknown("unknown_job", "job", id)
+}
+
+/// A job's record, or its live view while an attempt runs.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn show(
+    State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = job_id(path)?;
+    Ok(Json(visible(gateway.client(), &headers, &id).await?))
+}
+
+/// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
+/// attempt again (a `get` queued behind an attempt that just started waits for all of it).
+const READ_WAIT: Duration = Duration::from_millis(500);
+/// Rounds of (live view, stored record) before giving up.
+const READ_ROUNDS: usize = 20;
+
+/// The live view of a running attempt, else the stored record.
+async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
+    let control = client.entity::<JobControl>(id);
+    let job = client.entity::<Job>(id).with_timeout(READ_WAIT);
+    let mut last = None;
+    for _ in 0..READ_ROUNDS {
+        if let Some(live) = control.ask(JobControlMessage::Status {}).await?.live {
+            return Ok(live);
+        }
+        match job.ask(JobMessage::Get {}).await {
+            Ok(view) => return Ok(view),
+            Err(error @ ClientError::Timeout { .. }) => last = Some(error),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(last.map_or_else(|| ApiError::Internal("no read".to_owned()), ApiError::from))
+}
+
+/// Runs a dead or cancelled job again with a fresh attempt budget.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/retry",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 202, description = "Queued again", body = JobView),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 422, description = "The job is not dead or cancelled", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn retry(
+    State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = job_id(path)?;
+    let client = gateway.client();
+    visible(client, &headers, &id).await?;
+    let view = client
+        .entity::<Job>(id.as_str())
+        .ask(JobMessage::Retry {})
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Cancels a job; a running attempt is cancelled cooperatively, then stops.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/cancel",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 202, description = "Cancel requested", body = CancelRequested),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 404, description = "A caller with a tenant: no such job of its tenant", body = ErrorBody),
+        (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn cancel(
+    State(gateway): State<GatewayContext>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<CancelRequested>), ApiError> {
+    let id = job_id(path)?;
+    if tenant_of(&headers)?.is_some() {
+        // Only the caller's own job; without a tenant, cancel stays one call (no read).
+        visible(gateway.client(), &headers, &id).await?;
+    }
+    let reply = gateway
+        .client()
+        .entity::<JobControl>(id.as_str())
+        .ask(JobControlMessage::Cancel {})
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CancelRequested {
+            id,
+            running: reply.running,
+        }),
+    ))
+}
+
+const STATES: [&str; 6] = [
+    "scheduled",
+    "queued",
+    "retrying",
+    "succeeded",
+    "dead",
+    "cancelled",
+];
+
+/// Lists jobs, newest first, by state and type, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = JobPage),
+        (status = 400, description = "A bad state, limit or cursor", body = ErrorBody),
+        (status = 503, description = "The database is unavailable", body = ErrorBody),
+    ),
+    tag = "jobs"
+)]
+async fn list(
+    Extension(store): Extension<Option<JobStore>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    let Query(query) = query?;
+    check_list(&query)?;
+    let tenant = tenant_of(&headers)?;
+    let unavailable = |message: String| ApiError::Unavailable {
+        code: "database_unavailable",
+        message,
+        retry: shoal::retry::RetryClass::Safe,
+    };
+    let store = store.ok_or_else(|| unavailable("this gateway lists no jobs".to_owned()))?;
+    let page = listing::list(&store.pool, &store.cluster, tenant.as_deref(), &query)
+        .await
+        .map_err(|e| unavailable(format!("listing jobs: {e}")))?;
+    Ok(Json(page))
+}
+
+fn check_list(query: &ListQuery) -> Result<(), ApiError> {
+    if let Some(state) = &query.state
+        && !STATES.contains(&state.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!(
+                "query `state`: `{state}` is not one of {}",
+                STATES.join(", ")
+            ),
+        ));
+    }
+    if let Some(limit) = query.limit
+        && !(1..=MAX_LIMIT).contains(&limit)
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("query `limit`: 1–{MAX_LIMIT}, got {limit}"),
+        ));
+    }
+    if let Some(cursor) = &query.cursor {
+        cursor
+            .parse::<JobId>()
+            .map_err(|e| ApiError::bad_request("bad_query", format!("query `cursor`: {e}")))?;
+    }
+    Ok(())
+}
