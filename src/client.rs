@@ -17,14 +17,14 @@
 //! messages and decodes its replies (module `typed`); underneath it builds the same JSON
 //! [`Request`] the gateway does.
 
-mod error;
+pub(crate) mod error;
 mod lanes;
+pub(crate) mod request;
 mod typed;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -47,72 +47,8 @@ const ATTEMPT_BACKOFF_FIRST: Duration = Duration::from_millis(20);
 const ATTEMPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 pub use error::ClientError;
+pub use request::Request;
 pub use typed::EntityRef;
-
-/// One request to an entity.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
-    /// The entity.
-    pub address: EntityAddress,
-    /// Message name.
-    pub tag: String,
-    /// Message body.
-    pub payload: serde_json::Value,
-    /// Store before delivery (at-least-once) or deliver directly (volatile).
-    pub persisted: bool,
-    /// Deduplication key (persisted only).
-    pub idempotency_key: Option<String>,
-    /// Deliver no earlier than this (persisted only).
-    pub deliver_at: Option<DateTime<Utc>>,
-    /// Deadline for the reply; the client's default when None.
-    pub timeout: Option<Duration>,
-    /// The id of the outside request this one serves (logged by the runner).
-    pub request_id: Option<String>,
-}
-
-impl Request {
-    /// A volatile request.
-    pub fn volatile(
-        address: EntityAddress,
-        tag: impl Into<String>,
-        payload: serde_json::Value,
-    ) -> Self {
-        Self {
-            address,
-            tag: tag.into(),
-            payload,
-            persisted: false,
-            idempotency_key: None,
-            deliver_at: None,
-            timeout: None,
-            request_id: None,
-        }
-    }
-
-    /// A persisted request.
-    pub fn persisted(
-        address: EntityAddress,
-        tag: impl Into<String>,
-        payload: serde_json::Value,
-    ) -> Self {
-        Self {
-            persisted: true,
-            ..Self::volatile(address, tag, payload)
-        }
-    }
-
-    /// With an idempotency key.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.idempotency_key = Some(key.into());
-        self
-    }
-
-    /// With a deadline.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-}
 
 /// Client timings.
 #[derive(Debug, Clone)]
@@ -607,5 +543,24 @@ async fn refresh_routing(
             _ = tokio::time::sleep(interval) => {}
             _ = refresh_now.notified() => {}
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::entity::Outbound for ShoalClient {
+    async fn ask(&self, request: Request) -> Result<Reply, ClientError> {
+        ShoalClient::ask(self, request).await
+    }
+
+    fn new_message(&self, request: &Request) -> NewMessage {
+        ShoalClient::new_message(self, request)
+    }
+
+    async fn send_from(
+        &self,
+        sender: &EntityAddress,
+        request: Request,
+    ) -> Result<MessageId, ClientError> {
+        ShoalClient::send_from(self, sender, request).await
     }
 }

@@ -37,10 +37,12 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::client::error::ClientError;
 use crate::ids::{EntityAddress, EntityType, Epoch, MessageId, RunnerId, ShardId};
 
 mod schemas;
 
+pub(crate) use context::Outbound;
 pub(crate) use erased::{AnyMessage, AnyState, ErasedEntity};
 pub use registry::{EntityRegistry, RegistryError};
 pub use schemas::EntitySchemas;
@@ -101,6 +103,23 @@ impl HandlerError {
             code: code.into(),
             message: message.into(),
             retryable: true,
+        }
+    }
+}
+
+impl From<ClientError> for HandlerError {
+    /// A failed call fails the handler: retryably when a resend may succeed (the message
+    /// is delivered again, and its calls, keyed by message id and ordinal, are deduplicated).
+    fn from(error: ClientError) -> Self {
+        let code = match &error {
+            ClientError::SelfAsk(_) => "self_ask",
+            ClientError::Timeout { .. } => "call_timeout",
+            _ => "call_failed",
+        };
+        Self {
+            code: code.to_owned(),
+            message: error.to_string(),
+            retryable: error.is_retryable(),
         }
     }
 }

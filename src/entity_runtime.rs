@@ -27,6 +27,7 @@
 
 mod bounded;
 mod entity_actor;
+mod mailbox;
 mod recent;
 mod shard;
 
@@ -40,7 +41,7 @@ use ractor::ActorRef;
 use tokio::sync::{oneshot, watch};
 
 use crate::client::ShoalClient;
-use crate::entity::EntityRegistry;
+use crate::entity::{EntityRegistry, Outbound};
 use crate::ids::{EntityAddress, Epoch, MessageId, RunnerId, ShardId};
 use crate::message_storage::{MessageStorage, Reply};
 use crate::ownership::ShardLifecycle;
@@ -106,6 +107,8 @@ pub(crate) struct Shared {
     recent: RecentReplies,
     /// How handlers reach other entities; set once, by [`EntityRuntime::connect`].
     client: OnceLock<ShoalClient>,
+    /// The same client as handlers' contexts see it.
+    outbound: OnceLock<Arc<dyn Outbound>>,
 }
 
 impl Shared {
@@ -113,8 +116,8 @@ impl Shared {
         *self.runner_id.borrow()
     }
 
-    fn client(&self) -> Option<ShoalClient> {
-        self.client.get().cloned()
+    fn outbound(&self) -> Option<Arc<dyn Outbound>> {
+        self.outbound.get().cloned()
     }
 }
 
@@ -156,6 +159,7 @@ impl EntityRuntime {
                 resident: AtomicUsize::new(0),
                 recent,
                 client: OnceLock::new(),
+                outbound: OnceLock::new(),
             }),
             shards: Arc::new(Mutex::new(HashMap::new())),
             acquired: Arc::new(Mutex::new(Vec::new())),
@@ -194,7 +198,12 @@ impl EntityRuntime {
     /// [`crate::client::ClientError::NotConnected`]. Returns false (and
     /// changes nothing) if a client was connected before.
     pub fn connect(&self, client: ShoalClient) -> bool {
-        self.shared.client.set(client).is_ok()
+        let outbound: Arc<dyn Outbound> = Arc::new(client.clone());
+        if self.shared.client.set(client).is_err() {
+            return false;
+        }
+        let _ = self.shared.outbound.set(outbound);
+        true
     }
 
     /// Entities resident on this runner.

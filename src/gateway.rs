@@ -14,6 +14,7 @@ mod app;
 mod auth;
 mod connections;
 mod error;
+mod health;
 pub mod openapi;
 mod rate_limit;
 mod routes;

@@ -14,8 +14,6 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::transport::DeliveryError;
-
 /// What sending the same request again can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -68,28 +66,6 @@ impl std::fmt::Display for RetryClass {
     }
 }
 
-impl DeliveryError {
-    /// What resending this (volatile) delivery can do. See the module docs for persisted.
-    pub fn retry_class(&self) -> RetryClass {
-        match self {
-            // Refused before the shard admitted it: nothing ran.
-            Self::NotOwner(_) | Self::ShardMoving(_) => RetryClass::Safe,
-            // Refused at admission (mailbox counted full, resident cap): nothing ran.
-            Self::MailboxFull(_) | Self::Overloaded => RetryClass::Safe,
-            Self::UnknownEntityType(_) | Self::BadMessage(_) => RetryClass::Never,
-            // Mostly a handler that panicked or a shard stopped with the message in the
-            // entity's mailbox; "restarting after a failure" (nothing ran) shares the
-            // variant, so the class is the cautious one.
-            Self::HandlerFailed(_) => RetryClass::MayRunTwice,
-            // The runner gave up waiting; the admitted message may still run.
-            Self::Timeout => RetryClass::MayRunTwice,
-            // Only persisted messages wait for their type: the message is stored and runs
-            // once the type is deployed (or ends with `unknown_entity_type`).
-            Self::TypeNotDeployed(_) => RetryClass::SafeWithSameKey,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -98,6 +74,7 @@ mod tests {
     use crate::client::ClientError;
     use crate::ids::{MessageId, ShardId};
     use crate::message_storage::MessageStorageError;
+    use crate::transport::DeliveryError;
     use crate::transport::TransportError;
 
     #[test]

@@ -170,3 +170,25 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
         entity: &EntityAddress,
     ) -> Result<EntityStatus, TransportError>;
 }
+
+impl DeliveryError {
+    /// What resending this (volatile) delivery can do. See the module docs for persisted.
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            // Refused before the shard admitted it: nothing ran.
+            Self::NotOwner(_) | Self::ShardMoving(_) => RetryClass::Safe,
+            // Refused at admission (mailbox counted full, resident cap): nothing ran.
+            Self::MailboxFull(_) | Self::Overloaded => RetryClass::Safe,
+            Self::UnknownEntityType(_) | Self::BadMessage(_) => RetryClass::Never,
+            // Mostly a handler that panicked or a shard stopped with the message in the
+            // entity's mailbox; "restarting after a failure" (nothing ran) shares the
+            // variant, so the class is the cautious one.
+            Self::HandlerFailed(_) => RetryClass::MayRunTwice,
+            // The runner gave up waiting; the admitted message may still run.
+            Self::Timeout => RetryClass::MayRunTwice,
+            // Only persisted messages wait for their type: the message is stored and runs
+            // once the type is deployed (or ends with `unknown_entity_type`).
+            Self::TypeNotDeployed(_) => RetryClass::SafeWithSameKey,
+        }
+    }
+}

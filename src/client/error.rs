@@ -48,7 +48,7 @@ pub enum ClientError {
     #[error("this entity runtime has no client to reach other entities with")]
     NotConnected,
     /// A handler made more calls through its context than one message may
-    /// ([`crate::entity::MAX_CALLS_PER_MESSAGE`]); nothing more was sent.
+    /// (`entity::MAX_CALLS_PER_MESSAGE`); nothing more was sent.
     #[error("a handler may make at most {0} calls per message")]
     TooManyCalls(u32),
     /// The handler answered with an error reply (final; for a persisted message it is the
@@ -121,23 +121,6 @@ impl ClientError {
             Self::BadReply { .. } => RetryClass::Never,
             // Nothing was sent, and the same request is refused again.
             Self::InvalidRequest(_) => RetryClass::Never,
-        }
-    }
-}
-
-impl From<ClientError> for crate::entity::HandlerError {
-    /// A failed call fails the handler: retryably when a resend may succeed (the message
-    /// is delivered again, and its calls, keyed by message id and ordinal, are deduplicated).
-    fn from(error: ClientError) -> Self {
-        let code = match &error {
-            ClientError::SelfAsk(_) => "self_ask",
-            ClientError::Timeout { .. } => "call_timeout",
-            _ => "call_failed",
-        };
-        Self {
-            code: code.to_owned(),
-            message: error.to_string(),
-            retryable: error.is_retryable(),
         }
     }
 }

@@ -37,7 +37,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::EntityContext;
-use crate::client::{ClientError, Request, ShoalClient};
+use crate::client::error::ClientError;
+use crate::client::request::Request;
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::storable::check_message;
 use crate::message_storage::{NewMessage, Reply};
@@ -54,13 +55,30 @@ pub(crate) struct Outgoing {
     pub(crate) derived_key: bool,
 }
 
+/// What a handler's calls go out through. The runtime's client implements it
+/// (`client.rs`); the context knows the client only through this trait, so `entity` does
+/// not depend on the client that depends on it.
+#[async_trait::async_trait]
+pub(crate) trait Outbound: Send + Sync + 'static {
+    /// Sends `request` and waits for its reply.
+    async fn ask(&self, request: Request) -> Result<Reply, ClientError>;
+    /// `request` as the message storage holds it, under a fresh id (for the outbox).
+    fn new_message(&self, request: &Request) -> NewMessage;
+    /// Stores `request` and tells its owner, behind what `sender` sent it before.
+    async fn send_from(
+        &self,
+        sender: &EntityAddress,
+        request: Request,
+    ) -> Result<MessageId, ClientError>;
+}
+
 /// What one handling of one message calls out with. Shared by the clones of its context.
 #[derive(Clone, Default)]
 pub(crate) struct Calls(Arc<Scope>);
 
 #[derive(Default)]
 struct Scope {
-    client: Option<ShoalClient>,
+    client: Option<Arc<dyn Outbound>>,
     next: AtomicU32,
     /// `Some` while persisted sends wait for the completion; `None` inside once taken (or
     /// never opened: such sends go out at once).
@@ -69,7 +87,7 @@ struct Scope {
 
 impl Calls {
     /// Calls through `client`; with `outbox`, persisted sends wait for the completion.
-    pub(crate) fn new(client: Option<ShoalClient>, outbox: bool) -> Self {
+    pub(crate) fn new(client: Option<Arc<dyn Outbound>>, outbox: bool) -> Self {
         Self(Arc::new(Scope {
             client,
             next: AtomicU32::new(0),
@@ -189,9 +207,9 @@ impl EntityContext {
     }
 
     /// Takes the call's ordinal and derives its key; says whether the key was derived.
-    fn prepare(&self, mut request: Request) -> Result<(&ShoalClient, Request, bool), ClientError> {
+    fn prepare(&self, mut request: Request) -> Result<(&dyn Outbound, Request, bool), ClientError> {
         let scope = &self.calls.0;
-        let client = scope.client.as_ref().ok_or(ClientError::NotConnected)?;
+        let client = scope.client.as_deref().ok_or(ClientError::NotConnected)?;
         let ordinal = scope.next.fetch_add(1, Ordering::Relaxed);
         if ordinal >= MAX_CALLS_PER_MESSAGE {
             return Err(ClientError::TooManyCalls(MAX_CALLS_PER_MESSAGE));

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::Shared;
-use super::shard::{ShardMsg, WorkOutcome};
+use super::mailbox::{ShardMsg, WorkOutcome};
 use crate::entity::context::{Calls, Outgoing};
 use crate::entity::{
     ActivationContext, AnyMessage, AnyState, EntityContext, ErasedEntity, HandlerError,
@@ -229,7 +229,7 @@ impl EntityState {
             runner_id: self.args.shared.runner_id(),
             message_id: work.id,
             attempts: work.attempts,
-            calls: Calls::new(self.args.shared.client(), outbox),
+            calls: Calls::new(self.args.shared.outbound(), outbox),
         }
     }
 

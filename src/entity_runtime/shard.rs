@@ -31,54 +31,12 @@ use super::Shared;
 use super::bounded::BoundedMap;
 use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
-use crate::message_storage::{Reply, StoredMessage};
+use crate::message_storage::StoredMessage;
 use crate::transport::{Delivery, DeliveryError, EntityStatus};
 
+pub(crate) use super::mailbox::{ReplyTx, ScanKind, ShardMsg, WorkOutcome};
 use answers::Waiting;
-pub(crate) use scan::ScanKind;
 use scan::ScanState;
-
-type ReplyTx = oneshot::Sender<Result<Reply, DeliveryError>>;
-
-/// What became of one piece of work.
-#[derive(Debug)]
-pub(crate) enum WorkOutcome {
-    /// A persisted message's final reply (committed now or earlier).
-    Replied(Reply),
-    /// A volatile message's reply.
-    Volatile(Reply),
-    /// The shard's epoch moved on: this runner no longer owns it.
-    Fenced,
-    /// Completion could not be written; the message stays in storage.
-    StorageFailed(String),
-}
-
-pub(crate) enum ShardMsg {
-    Deliver(Delivery, ReplyTx),
-    Done {
-        address: EntityAddress,
-        seq: u64,
-        id: Option<MessageId>,
-        outcome: WorkOutcome,
-    },
-    Scan(ScanKind),
-    Scanned {
-        messages: Vec<StoredMessage>,
-        next_due: Option<chrono::DateTime<Utc>>,
-    },
-    ScanFailed(String),
-    /// What storage holds for a message callers wait on (`None`: not processed yet).
-    StoredReply {
-        id: MessageId,
-        reply: Option<Reply>,
-    },
-    /// A message waiting for its type was postponed in storage (or could not be).
-    Postponed(MessageId),
-    Tick,
-    Status(EntityAddress, oneshot::Sender<EntityStatus>),
-    Drain(oneshot::Sender<()>),
-    Fence,
-}
 
 pub(crate) struct ShardActor;
 

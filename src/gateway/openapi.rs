@@ -10,6 +10,7 @@ mod entities;
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 
+use super::health::{Health, Readiness, ReadinessCheck};
 use super::routes;
 use crate::entity::EntityRegistry;
 
@@ -45,38 +46,6 @@ use crate::entity::EntityRegistry;
     ))
 )]
 struct ApiDoc;
-
-/// `/health`'s answer.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // Describes the JSON the handler writes.
-pub(crate) struct Health {
-    /// Always `ok`.
-    #[schema(pattern = "^ok$")]
-    status: String,
-}
-
-/// `/ready`'s answer.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // Describes the JSON the handler writes.
-pub(crate) struct Readiness {
-    /// Whether every check passed.
-    ready: bool,
-    /// Each check by name (`postgres`, `redis`, `breakers`, `shards_owned`, `backlog`).
-    checks: std::collections::BTreeMap<String, ReadinessCheck>,
-}
-
-/// One readiness check.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // Describes the JSON the handler writes.
-pub(crate) struct ReadinessCheck {
-    /// Whether it passed.
-    ok: bool,
-    /// What it found, when it passed.
-    #[schema(value_type = Option<Value>)]
-    detail: Option<Value>,
-    /// Why it failed.
-    error: Option<String>,
-}
 
 /// The document of a gateway that knows `registry`'s types and serves the application
 /// routes described by `fragments`.

@@ -534,7 +534,7 @@ pub(crate) async fn cron(
 }
 
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "Up", body = super::openapi::Health)), tag = "operations")]
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Up", body = super::health::Health)), tag = "operations")]
 pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -544,8 +544,8 @@ pub(crate) async fn health() -> Json<serde_json::Value> {
     get,
     path = "/ready",
     responses(
-        (status = 200, description = "Ready; every check passed", body = super::openapi::Readiness),
-        (status = 503, description = "Not ready; the failing checks are named", body = super::openapi::Readiness),
+        (status = 200, description = "Ready; every check passed", body = super::health::Readiness),
+        (status = 503, description = "Not ready; the failing checks are named", body = super::health::Readiness),
     ),
     tag = "operations"
 )]

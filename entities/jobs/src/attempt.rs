@@ -2,7 +2,7 @@
 //! token registered in [`RunningAttempts`], so a cancel request reaches it.
 //!
 //! Past the timeout, or when cancelled, the token trips first and the handler gets
-//! [`GRACE`] to observe it and return; then its future is dropped, so nothing of it runs
+//! [`crate::handler::GRACE`] to observe it and return; then its future is dropped, so nothing of it runs
 //! on. A timed-out attempt fails as retryable; a cancelled one cancels the job.
 
 use std::sync::{Arc, Mutex};
@@ -13,23 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::JobId;
 use super::control::RunningAttempts;
-use super::handler::{AttemptSink, JobContext, JobError, Progress};
-use super::record::{AttemptOutcome, JobStatus, JobView};
+use super::handler::{AttemptSink, GRACE, JobContext, JobError};
+use super::record::{AttemptEnd, AttemptOutcome, JobStatus, JobView};
 use super::registry::ErasedJob;
-
-/// How long a handler has to return once its token trips.
-pub const GRACE: Duration = Duration::from_secs(2);
-
-/// How an attempt ended, with what it reported.
-#[derive(Debug)]
-pub(crate) struct AttemptEnd {
-    pub(crate) outcome: AttemptOutcome,
-    pub(crate) output: Option<serde_json::Value>,
-    pub(crate) error: Option<String>,
-    pub(crate) retry_after: Option<Duration>,
-    pub(crate) notes: Vec<serde_json::Value>,
-    pub(crate) progress: Option<Progress>,
-}
 
 enum Stop {
     Timeout,

@@ -163,7 +163,7 @@ impl ConcurrentEntity for JobControl {
             JobControlMessage::Cancel {} => {
                 let running = self.running.cancel(id);
                 let job = EntityAddress {
-                    entity_type: EntityType::new(super::entity::Job::NAME)
+                    entity_type: EntityType::new(super::record::JOB_ENTITY)
                         .map_err(|e| HandlerError::permanent("bad_type", e.to_string()))?,
                     entity_id: ctx.address.entity_id.clone(),
                 };

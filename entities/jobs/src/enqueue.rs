@@ -18,9 +18,10 @@ use shoal::entity::{EntityContext, EntityProtocol};
 use utoipa::ToSchema;
 
 use super::JobId;
-use super::entity::{Job, JobBackoff, JobMessage, NewJob};
+use super::entity::{Job, JobMessage, NewJob};
 use super::handler::JobHandler;
 use super::key::{JobKey, JobKeyMessage, key_entity_id};
+use super::record::JobBackoff;
 
 /// Who enqueues: a client, or a handler through its context.
 pub trait JobCaller {

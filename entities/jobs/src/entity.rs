@@ -27,10 +27,12 @@ use utoipa::ToSchema;
 
 use shoal_notifications::entity::{NewEvent, Notification, NotificationMessage};
 
-use super::attempt::{self, AttemptEnd};
+use super::attempt;
 use super::control::RunningAttempts;
 use super::limit::{self, Gate};
-use super::record::{Attempt, AttemptOutcome, JobStatus, JobView};
+use super::record::AttemptEnd;
+pub use super::record::JobBackoff;
+use super::record::{Attempt, AttemptOutcome, JOB_ENTITY, JobStatus, JobView};
 use super::registry::JobRegistry;
 
 /// The job entity type.
@@ -96,28 +98,6 @@ pub struct NewJob {
 /// The lowest priority.
 pub const LOWEST_PRIORITY: u8 = 9;
 
-/// A job's own waits between attempts: `first_ms` doubling up to `max_ms`, with jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JobBackoff {
-    /// The wait after the first failed attempt, milliseconds.
-    pub first_ms: u64,
-    /// The longest wait, milliseconds.
-    pub max_ms: u64,
-}
-
-impl JobBackoff {
-    /// This backoff with waits of at least `min`.
-    pub fn at_least(self, min: Duration) -> Self {
-        let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
-        let first_ms = self.first_ms.max(min_ms);
-        Self {
-            first_ms,
-            max_ms: self.max_ms.max(first_ms),
-        }
-    }
-}
-
 /// A job's messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -147,7 +127,7 @@ pub enum JobMessage {
 }
 
 impl EntityProtocol for Job {
-    const NAME: &'static str = "job";
+    const NAME: &'static str = JOB_ENTITY;
     type Message = JobMessage;
     type Reply = JobView;
 

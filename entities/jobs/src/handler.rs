@@ -17,6 +17,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::JobId;
 
+/// How long a handler has to return once its token trips.
+pub const GRACE: Duration = Duration::from_secs(2);
+
 /// A job type: its name, its payload, its output and how one attempt runs.
 pub trait JobHandler: Send + Sync + 'static {
     /// The type's name (letters, digits, `-`, `_`, `.`; validated at registration).

@@ -89,7 +89,7 @@ async fn lease(
         redis.clone(),
         &format!("job:{job_type}"),
         limit,
-        timeout + super::attempt::GRACE + LEASE_MARGIN,
+        timeout + super::handler::GRACE + LEASE_MARGIN,
     );
     match leases.try_acquire(key).await {
         Ok((_, Some(lease))) => Ok(lease),

@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::attempt::AttemptEnd;
+use super::record::AttemptEnd;
 use super::record::JobStatus;
 
 /// An attempt ended.

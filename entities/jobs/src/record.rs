@@ -1,5 +1,7 @@
 //! The job record: the `job` entity's persisted state, and the view of it callers get.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -96,7 +98,7 @@ pub struct JobView {
     pub timeout_ms: u64,
     /// The job's own backoff, if it has one (else the type's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<super::entity::JobBackoff>,
+    pub backoff: Option<JobBackoff>,
     /// 0 (first) to 9 (last) when the type's limits make jobs wait.
     #[serde(default)]
     pub priority: u8,
@@ -158,3 +160,39 @@ impl JobView {
         self.attempts.drain(..over);
     }
 }
+
+/// A job's own waits between attempts: `first_ms` doubling up to `max_ms`, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobBackoff {
+    /// The wait after the first failed attempt, milliseconds.
+    pub first_ms: u64,
+    /// The longest wait, milliseconds.
+    pub max_ms: u64,
+}
+
+impl JobBackoff {
+    /// This backoff with waits of at least `min`.
+    pub fn at_least(self, min: Duration) -> Self {
+        let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
+        let first_ms = self.first_ms.max(min_ms);
+        Self {
+            first_ms,
+            max_ms: self.max_ms.max(first_ms),
+        }
+    }
+}
+
+/// How an attempt ended, with what it reported.
+#[derive(Debug)]
+pub(crate) struct AttemptEnd {
+    pub(crate) outcome: AttemptOutcome,
+    pub(crate) output: Option<serde_json::Value>,
+    pub(crate) error: Option<String>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) notes: Vec<serde_json::Value>,
+    pub(crate) progress: Option<Progress>,
+}
+
+/// The name of the `job` entity type (also [`crate::entity::Job`]'s `NAME`).
+pub const JOB_ENTITY: &str = "job";

@@ -14,19 +14,10 @@ use std::collections::HashSet;
 use chrono::Utc;
 use ractor::ActorRef;
 
-use super::{Dispatch, ShardMsg, ShardState, Source};
+use super::{Dispatch, ScanKind, ShardMsg, ShardState, Source};
 use crate::entity_runtime::older_than;
 use crate::ids::{EntityAddress, MessageId};
 use crate::message_storage::StoredMessage;
-
-/// Why a shard scans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum ScanKind {
-    /// Periodic, after a restart, when room frees: young rows are left to their pushes.
-    Settled,
-    /// On acquisition: everything due, young or not (nobody else will push it here).
-    Acquired,
-}
 
 /// Where the shard's scanning stands.
 #[derive(Debug, Default)]
