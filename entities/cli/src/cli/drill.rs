@@ -6,25 +6,27 @@
 //! (`--gateway URL`) or one it starts itself (`--runners N`). Progress on stderr, one JSON
 //! object on stdout.
 
+mod cluster;
 mod load;
+mod observe;
+mod report;
 
-use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use clap::{Args, Subcommand};
 use nix::sys::signal::Signal;
-use serde::Serialize;
 use shoal::config::{ConfigLoader, ShoalConfig};
 use shoal::ids::{RunnerId, ShardId};
-use shoal::runner_storage::postgres::{LockNamespaces, LockSessionSettings, PgRunnerStorage};
-use shoal::runner_storage::{ClusterSnapshot, RunnerStorage};
+use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
 use shoal::sharding::assign;
-use sqlx::Row;
 
-use super::children::{self, ShoalChild, free_port};
 use super::{ClusterArgs, DatabaseArgs};
+
+use cluster::{Cluster, wait_ready};
+use observe::{await_takeover, counts, first_processed, lock_session_pid, settle, wait_for};
+use report::{DrillRun, report};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DrillCommand {
@@ -81,43 +83,6 @@ impl DrillCommand {
     }
 }
 
-/// One drill's result.
-#[derive(Debug, Clone, Serialize)]
-struct DrillRun {
-    runners: usize,
-    /// `kill` (SIGKILL) or `freeze` (SIGSTOP, then SIGCONT).
-    mode: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frozen_s: Option<f64>,
-    killed_runner: RunnerId,
-    shards_moved: usize,
-    ownership_ms: f64,
-    first_processed_ms: Option<f64>,
-    sent: usize,
-    acknowledged: usize,
-    processed: usize,
-    lost: usize,
-    duplicated: usize,
-    reexecuted: i64,
-    failed_requests: usize,
-}
-
-#[derive(Debug, Serialize)]
-struct DrillReport {
-    #[serde(flatten)]
-    last: DrillRun,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    runs: Vec<DrillRun>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ownership_ms_p50: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ownership_ms_p99: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_processed_ms_p50: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_processed_ms_p99: Option<f64>,
-}
-
 async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()> {
     if args.gateway.is_none() && args.runners < 2 {
         bail!("--runners must be at least 2 (one to kill, one to take over)");
@@ -164,137 +129,6 @@ async fn failover(args: &FailoverArgs, config: ShoalConfig) -> anyhow::Result<()
     pool.close().await;
     println!("{}", serde_json::to_string(&report(runs)?)?);
     Ok(())
-}
-
-fn report(mut runs: Vec<DrillRun>) -> anyhow::Result<DrillReport> {
-    let last = runs.last().cloned().context("at least one run")?;
-    if runs.len() == 1 {
-        runs.clear();
-        return Ok(DrillReport {
-            last,
-            runs,
-            ownership_ms_p50: None,
-            ownership_ms_p99: None,
-            first_processed_ms_p50: None,
-            first_processed_ms_p99: None,
-        });
-    }
-    let sorted = |values: Vec<f64>| {
-        let mut values = values;
-        values.sort_by(f64::total_cmp);
-        values
-    };
-    let ownership = sorted(runs.iter().map(|r| r.ownership_ms).collect());
-    let first = sorted(runs.iter().filter_map(|r| r.first_processed_ms).collect());
-    Ok(DrillReport {
-        last,
-        ownership_ms_p50: Some(percentile(&ownership, 0.50)),
-        ownership_ms_p99: Some(percentile(&ownership, 0.99)),
-        first_processed_ms_p50: (!first.is_empty()).then(|| percentile(&first, 0.50)),
-        first_processed_ms_p99: (!first.is_empty()).then(|| percentile(&first, 0.99)),
-        runs,
-    })
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// The cluster under drill: one the drill started (children it can kill) or a running one.
-enum Cluster {
-    Own {
-        config: ShoalConfig,
-        runners: Vec<ShoalChild>,
-        gateway: Box<ShoalChild>,
-        url: String,
-    },
-    Existing {
-        config: ShoalConfig,
-        url: String,
-    },
-}
-
-impl Cluster {
-    async fn start(args: &FailoverArgs, config: &ShoalConfig) -> anyhow::Result<Self> {
-        let mut config = config.clone();
-        config.cluster.name =
-            shoal::ClusterName::new(format!("drill-{}", uuid::Uuid::now_v7().simple()))?;
-        // Runners bind a port of their own choosing and register the address they got, so
-        // no other process can take it between picking and binding.
-        let mut runners = Vec::new();
-        for n in 1..=args.runners {
-            let name = format!("runner {n}");
-            runners.push(spawn(
-                name,
-                &config,
-                &["runner", "--listen", "127.0.0.1:0"],
-            )?);
-        }
-        let (gateway, gateway_listen) = spawn_gateway(&config).await?;
-        Ok(Self::Own {
-            config,
-            runners,
-            gateway: Box::new(gateway),
-            url: format!("http://{gateway_listen}"),
-        })
-    }
-
-    fn config(&self) -> &ShoalConfig {
-        match self {
-            Self::Own { config, .. } | Self::Existing { config, .. } => config,
-        }
-    }
-
-    fn url(&self) -> &str {
-        match self {
-            Self::Own { url, .. } | Self::Existing { url, .. } => url,
-        }
-    }
-
-    /// The pid of the runner at `address`, as its `/status` reports it (so it must run on
-    /// this machine).
-    async fn pid_of(&self, address: &str) -> anyhow::Result<nix::unistd::Pid> {
-        let (Self::Own { config, .. } | Self::Existing { config, .. }) = self;
-        let status: serde_json::Value = reqwest::Client::new()
-            .get(format!("http://{address}/status"))
-            .header(
-                shoal::transport::http::SECRET_HEADER,
-                &config.cluster.secret,
-            )
-            .send()
-            .await?
-            .error_for_status()
-            .context("the runner's /status (is cluster.secret the cluster's?)")?
-            .json()
-            .await?;
-        let pid = status["pid"]
-            .as_i64()
-            .context("the runner did not report its pid")?;
-        if let Self::Own { runners, .. } = self {
-            runners
-                .iter()
-                .find(|child| child.id().map(i64::from) == Some(pid))
-                .context("the victim is not one of the drill's runners")?;
-        }
-        Ok(nix::unistd::Pid::from_raw(i32::try_from(pid)?))
-    }
-
-    async fn stop(&mut self) {
-        if let Self::Own {
-            runners, gateway, ..
-        } = self
-        {
-            gateway.stop().await;
-            for child in runners.iter_mut() {
-                child.stop().await;
-            }
-        }
-    }
 }
 
 async fn drill_once(
@@ -414,219 +248,4 @@ async fn drill_once(
         reexecuted: settled.attempts,
         failed_requests: outcome.failed,
     })
-}
-
-async fn wait_ready(url: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = reqwest::get(format!("{url}/ready")).await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the gateway at {url} was not ready within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-struct Settled {
-    processed_keys: BTreeSet<String>,
-    attempts: i64,
-}
-
-/// Waits until every message of the drill is processed (or `limit`), then reads them.
-async fn settle(
-    pool: &sqlx::PgPool,
-    config: &ShoalConfig,
-    tag: &str,
-    limit: Duration,
-) -> anyhow::Result<Settled> {
-    let like = format!("{tag}-%");
-    let deadline = Instant::now() + limit;
-    loop {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM shoal_messages
-              WHERE cluster = $1 AND idempotency_key LIKE $2 AND NOT processed",
-        )
-        .bind(config.cluster.name.as_str())
-        .bind(&like)
-        .fetch_one(pool)
-        .await?;
-        if pending == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let rows = sqlx::query(
-        "SELECT idempotency_key, attempts FROM shoal_messages
-          WHERE cluster = $1 AND idempotency_key LIKE $2 AND processed",
-    )
-    .bind(config.cluster.name.as_str())
-    .bind(&like)
-    .fetch_all(pool)
-    .await?;
-    let mut settled = Settled {
-        processed_keys: BTreeSet::new(),
-        attempts: 0,
-    };
-    for row in rows {
-        settled
-            .processed_keys
-            .insert(row.try_get("idempotency_key")?);
-        settled.attempts += i64::from(row.try_get::<i32, _>("attempts")?);
-    }
-    Ok(settled)
-}
-
-/// Each drill counter's committed count.
-async fn counts(
-    pool: &sqlx::PgPool,
-    config: &ShoalConfig,
-    tag: &str,
-) -> anyhow::Result<HashMap<String, usize>> {
-    let rows = sqlx::query(
-        "SELECT entity_id, (state->>'count')::int8 AS count FROM shoal_entity_state
-          WHERE cluster = $1 AND entity_type = 'counter' AND entity_id LIKE $2",
-    )
-    .bind(config.cluster.name.as_str())
-    .bind(format!("{tag}-%"))
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let count: i64 = row.try_get("count")?;
-            Ok((row.try_get("entity_id")?, count.max(0) as usize))
-        })
-        .collect()
-}
-
-/// Milliseconds from the kill to the first message processed on a shard that moved.
-async fn first_processed(
-    pool: &sqlx::PgPool,
-    config: &ShoalConfig,
-    moved: &[ShardId],
-    killed: DateTime<Utc>,
-) -> anyhow::Result<Option<f64>> {
-    let first: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT min(processed_at) FROM shoal_messages
-          WHERE cluster = $1 AND shard = ANY($2) AND processed AND processed_at > $3",
-    )
-    .bind(config.cluster.name.as_str())
-    .bind(moved.iter().map(|s| s.get() as i32).collect::<Vec<_>>())
-    .bind(killed)
-    .fetch_one(pool)
-    .await?;
-    Ok(first.map(|t| (t - killed).num_microseconds().unwrap_or(0) as f64 / 1000.0))
-}
-
-/// The backend pid of `runner`'s lock session (the holder of its liveness lock).
-async fn lock_session_pid(
-    pool: &sqlx::PgPool,
-    namespaces: LockNamespaces,
-    runner: RunnerId,
-) -> anyhow::Result<i32> {
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_locks
-          WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND mode = 'ExclusiveLock'
-            AND classid::int8 = $1 AND objid::int8 = $2",
-    )
-    .bind(i64::from(namespaces.runners))
-    .bind(i64::from(runner.get()))
-    .fetch_optional(pool)
-    .await?
-    .context("the victim holds no liveness lock")
-}
-
-/// Waits until every shard lock is held by a session other than the victim's. One light
-/// `pg_locks` count every 2 ms: the measurement must cost far less than what it measures
-/// (the full snapshot query takes tens of milliseconds on a loaded machine).
-async fn await_takeover(
-    pool: &sqlx::PgPool,
-    namespaces: LockNamespaces,
-    victim_session: i32,
-    shards: usize,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let held: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks
-              WHERE locktype = 'advisory' AND objsubid = 2 AND granted
-                AND classid::int8 = $1 AND pid <> $2
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .bind(i64::from(namespaces.shards))
-        .bind(victim_session)
-        .fetch_one(pool)
-        .await?;
-        if held as usize >= shards {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("gave up after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-async fn wait_for(
-    storage: &PgRunnerStorage,
-    limit: Duration,
-    done: impl Fn(&ClusterSnapshot) -> bool,
-) -> anyhow::Result<ClusterSnapshot> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let snapshot = storage.snapshot().await?;
-        if done(&snapshot) {
-            return Ok(snapshot);
-        }
-        if Instant::now() > deadline {
-            bail!("gave up after {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn spawn(name: String, config: &ShoalConfig, args: &[&str]) -> anyhow::Result<ShoalChild> {
-    let mut command = children::shoal_command(args)?;
-    command
-        .args(["--database-url", &config.database.url])
-        .args(["--cluster", config.cluster.name.as_str()])
-        .env(
-            "SHOAL__CLUSTER__SHARDS_PER_GROUP",
-            config.cluster.shards_per_group.to_string(),
-        )
-        .env("SHOAL__CLUSTER__SECRET", &config.cluster.secret)
-        // The drill's own output is the JSON; its children log errors only, unless asked.
-        .env(
-            "SHOAL__LOG__FILTER",
-            std::env::var("SHOAL_DRILL_LOG_FILTER").unwrap_or_else(|_| "error".to_owned()),
-        );
-    ShoalChild::spawn(name, &mut command)
-}
-
-/// Starts the drill's gateway on a free port; another process can take the port between
-/// picking and binding, so a gateway that exits at once is started again on another.
-async fn spawn_gateway(config: &ShoalConfig) -> anyhow::Result<(ShoalChild, String)> {
-    for _ in 0..5 {
-        let listen = format!("127.0.0.1:{}", free_port()?);
-        let name = format!("gateway ({listen})");
-        let mut gateway = spawn(name, config, &["gateway", "--listen", &listen])?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::time::Instant::now() < deadline {
-            if gateway.exited()?.is_some() {
-                break;
-            }
-            if reqwest::get(format!("http://{listen}/health"))
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return Ok((gateway, listen));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        gateway.stop().await;
-    }
-    anyhow::bail!("the drill's gateway did not start (5 attempts)")
 }

@@ -1,0 +1,109 @@
+//! `[gateway]` and `[gateway.auth]`: the HTTP front door and its token checks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// `[gateway]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address the gateway listens on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Deadline of a request without `X-Request-Timeout`. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest request body accepted, in bytes. Default 1048576.
+    pub max_body_bytes: usize,
+    /// `/ready` turns red while an owned shard has an unprocessed message older than this.
+    /// Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub ready_max_backlog_age: Duration,
+    /// Time in-flight requests get to finish on shutdown. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Connections open at once; accepting pauses at the cap. Default 4096.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; more are closed. Default 1024 (behind
+    /// a load balancer every client has its address: raise it to `max-connections`).
+    pub max_connections_per_client: usize,
+    /// How long a new connection may take to send its first request's head; then it is
+    /// closed (slowloris). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// `[gateway.auth]`: bearer-token (JWT) auth for every route. Off by default.
+    pub auth: AuthConfig,
+}
+
+/// `[gateway.auth]`: every route but `/health`, `/ready`, `/metrics` and `/openapi.json`
+/// needs `Authorization: Bearer <JWT>`, verified with the configured keys; the request's
+/// tenant is then the token's (`tenant-claim`), and an `X-Tenant-Id` naming another
+/// tenant is refused (403). Off by default (local clusters, `shoal dev`); turn it on in
+/// production.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether tokens are required. Default `false`.
+    pub enabled: bool,
+    /// An HS256 secret (tokens signed with it are accepted). Default none.
+    pub hs256_secret: Option<String>,
+    /// A JWKS file of public keys: RSA keys accept RS256, Ed25519 (OKP) keys EdDSA; a
+    /// token's `kid` picks its key. Default none.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// The required `iss`. Default none (not checked).
+    pub issuer: Option<String>,
+    /// The required `aud`. Default none (not checked).
+    pub audience: Option<String>,
+    /// The claim that names the tenant. Default `tenant`.
+    pub tenant_claim: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default `30s`.
+    #[serde(with = "humantime_serde::option")]
+    pub leeway: Option<Duration>,
+}
+
+impl AuthConfig {
+    /// The claim that names the tenant.
+    pub fn tenant_claim(&self) -> &str {
+        self.tenant_claim.as_deref().unwrap_or("tenant")
+    }
+
+    /// The clock skew allowed.
+    pub fn leeway(&self) -> Duration {
+        self.leeway.unwrap_or(Duration::from_secs(30))
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled && self.hs256_secret.is_none() && self.jwks_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "gateway.auth",
+                problem: "is enabled but has neither hs256-secret nor jwks-file".to_owned(),
+            });
+        }
+        if self.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::Invalid {
+                key: "gateway.auth.hs256-secret",
+                problem: "must be at least 32 bytes".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            ready_max_backlog_age: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_client: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            auth: AuthConfig::default(),
+        }
+    }
+}
