@@ -18,6 +18,7 @@
 //! - [`routes`]: the HTTP API; [`jsonld`]: results as JSON-LD.
 //! - [`prune`]: the singleton that removes old journals, chunk outputs and results.
 
+mod api;
 pub mod config;
 pub mod entity;
 pub mod journal;
@@ -170,7 +171,7 @@ impl ExtractionSetup {
     }
 
     /// What the routes need (gateways).
-    pub fn api(&self) -> Result<routes::ExtractionApi, ExtractionSetupError> {
+    pub fn api(&self) -> Result<api::ExtractionApi, ExtractionSetupError> {
         self.config.validate()?;
         let http = reqwest::Client::new();
         let models = self
@@ -179,7 +180,7 @@ impl ExtractionSetup {
             .into_iter()
             .map(|(name, provider)| (name, provider.default_model().to_owned()))
             .collect();
-        Ok(routes::ExtractionApi {
+        Ok(api::ExtractionApi {
             ontologies: self.ontologies()?,
             config: self.config.clone(),
             models,
