@@ -10,14 +10,21 @@
 //! GET /extractions/{id}/events ◀── sse (the journal)
 //! ```
 //!
-//! - [`model`]: ids (content addresses), requests, stages, results, failures.
-//! - [`ontology`]: Turtle ontologies, versioned by content hash.
+//! - [`model`]: ids (content addresses over the normalised text), requests, stages,
+//!   results, failures.
+//! - [`ontology`]: Turtle ontologies, versioned by content hash: the registry
+//!   (`ontology.rs`), what an ontology is reduced to (`ontology/vocabulary.rs`), the Turtle
+//!   reader (`ontology/turtle.rs`).
 //! - [`provider`]: the `Provider` trait, the built-in extractor, the HTTP clients, the gate.
-//! - [`pipeline`]: the stages' pure logic; [`entity`]: the entity that runs them.
+//! - [`pipeline`]: the stages' pure logic; [`entity`]: the entity that runs them (its
+//!   handler in `entity.rs`, its state and messages in `entity/state.rs`, the stage runner
+//!   in `entity/runner.rs`, what a completion sends in `entity/outbox.rs`).
 //! - [`journal`]: events, checkpoints and results in Postgres; `sse`: the events as SSE.
-//! - [`routes`]: the HTTP API; [`jsonld`]: results as JSON-LD.
+//! - [`routes`]: the HTTP API; `api`: what the routes and `sse` share (the API state, the
+//!   tenant read check, path-id parsing), below both; [`jsonld`]: results as JSON-LD.
 //! - [`prune`]: the singleton that removes old journals, chunk outputs and results.
 
+mod api;
 pub mod config;
 pub mod entity;
 pub mod journal;
@@ -170,7 +177,7 @@ impl ExtractionSetup {
     }
 
     /// What the routes need (gateways).
-    pub fn api(&self) -> Result<routes::ExtractionApi, ExtractionSetupError> {
+    pub fn api(&self) -> Result<api::ExtractionApi, ExtractionSetupError> {
         self.config.validate()?;
         let http = reqwest::Client::new();
         let models = self
@@ -179,7 +186,7 @@ impl ExtractionSetup {
             .into_iter()
             .map(|(name, provider)| (name, provider.default_model().to_owned()))
             .collect();
-        Ok(routes::ExtractionApi {
+        Ok(api::ExtractionApi {
             ontologies: self.ontologies()?,
             config: self.config.clone(),
             models,

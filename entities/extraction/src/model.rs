@@ -1,5 +1,6 @@
-//! What an extraction is made of: its request, its content-addressed id, its stages, the
-//! stages' outputs and the final result, and the typed failure.
+//! What an extraction is made of: its request, its content-addressed id (over the
+//! normalised text: [`normalise`]), its stages, the stages' outputs and the final result,
+//! and the typed failure.
 
 use std::fmt;
 
@@ -11,7 +12,7 @@ use utoipa::ToSchema;
 pub const MAX_TEXT_BYTES: usize = 200_000;
 
 /// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the
-/// normalised text (NFC, whitespace runs one space: `pipeline::normalise`, what the stages
+/// normalised text (NFC, whitespace runs one space: [`normalise`], what the stages
 /// read), provider, model, ontology version and temperature (each length-prefixed), and,
 /// for a tenant's extraction, the tenant: so the same inputs of one tenant are the same
 /// entity, and another tenant's, another model or ontology version another one.
@@ -40,7 +41,7 @@ impl ExtractionId {
             hash.update(tenant.as_bytes());
         }
         let temperature = format!("{temperature:.3}");
-        let text = super::pipeline::normalise(text);
+        let text = normalise(text);
         for part in [
             text.as_str(),
             provider,
@@ -68,6 +69,14 @@ impl ExtractionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// `text` in Unicode Normalization Form C (a composed `é` and `e` + combining acute are
+/// one text), with runs of whitespace made one space, trimmed.
+pub fn normalise(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let composed: String = text.nfc().collect();
+    composed.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// What an extraction's id is computed over, besides its scope.

@@ -9,232 +9,26 @@
 //! the compact names results use, e.g. `foaf:Person`). A file that does not parse, or
 //! declares no class, is refused at start-up naming the file; on a reload it is reported
 //! and its last good version stays ([`Ontologies`]).
+//!
+//! - `ontology/vocabulary.rs`: what an ontology is reduced to ([`Ontology`], its classes
+//!   and properties, the lookups by name and through `rdfs:subClassOf`) and
+//!   [`OntologyError`].
+//! - `ontology/turtle.rs`: reading one: the Turtle parser ([`Ontology::parse`]), the
+//!   directory's files, the compiled-in `foaf` ([`DEFAULT_FOAF`]).
+//! - this file: the registry of every ontology a node knows ([`Ontologies`]): the versions
+//!   of each id, reloads, and the adoption of versions other nodes stored.
+
+mod turtle;
+mod vocabulary;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use oxrdf::{NamedOrBlankNode, Term};
-use oxttl::TurtleParser;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
+use turtle::read_dir;
 
-const RDF_TYPE: &str = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type";
-const RDF_PROPERTY: &str = "http://www.w3.org/1999/02/22-rdf-syntax-ns#Property";
-const RDFS: &str = "http://www.w3.org/2000/01/rdf-schema#";
-const OWL_CLASS: &str = "http://www.w3.org/2002/07/owl#Class";
-const OWL_OBJECT_PROPERTY: &str = "http://www.w3.org/2002/07/owl#ObjectProperty";
-const SKOS_ALT_LABEL: &str = "http://www.w3.org/2004/02/skos/core#altLabel";
-
-/// Why an ontology could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum OntologyError {
-    /// The directory or a file could not be read.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The Turtle does not parse.
-    #[error("ontology `{id}`: {message}")]
-    Syntax {
-        /// The ontology.
-        id: String,
-        /// The parser's message (with the position).
-        message: String,
-    },
-    /// It declares no class.
-    #[error("ontology `{id}` declares no class (owl:Class or rdfs:Class)")]
-    NoClasses {
-        /// The ontology.
-        id: String,
-    },
-    /// The file name is not a usable id.
-    #[error("`{0}` is not an ontology id (letters, digits, `-`, `_`, at most 64)")]
-    BadId(String),
-}
-
-/// A class of an ontology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct OntologyClass {
-    /// Its IRI.
-    pub iri: String,
-    /// Its compact name (`foaf:Person`), or the IRI without a known prefix.
-    pub name: String,
-    /// `rdfs:label` and `skos:altLabel`s.
-    pub labels: Vec<String>,
-    /// Direct `rdfs:subClassOf` parents (IRIs).
-    pub parents: Vec<String>,
-}
-
-/// An object property of an ontology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct OntologyProperty {
-    /// Its IRI.
-    pub iri: String,
-    /// Its compact name (`foaf:knows`).
-    pub name: String,
-    /// `rdfs:label` and `skos:altLabel`s (the phrases that state it).
-    pub labels: Vec<String>,
-    /// `rdfs:domain` (IRI), if declared.
-    pub domain: Option<String>,
-    /// `rdfs:range` (IRI), if declared.
-    pub range: Option<String>,
-}
-
-/// A loaded ontology.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ontology {
-    /// Its id (the file's stem).
-    pub id: String,
-    /// The first 16 hex digits of the SHA-256 of the file's bytes.
-    pub version: String,
-    /// Prefix → namespace, as the file declares them.
-    pub prefixes: BTreeMap<String, String>,
-    /// Its classes, by IRI order.
-    pub classes: Vec<OntologyClass>,
-    /// Its object properties, by IRI order.
-    pub properties: Vec<OntologyProperty>,
-    /// The Turtle it was parsed from (what is stored so other nodes can load this version
-    /// after the file changed).
-    pub source: Arc<[u8]>,
-}
-
-#[derive(Default)]
-struct Described {
-    types: BTreeSet<String>,
-    labels: Vec<String>,
-    parents: Vec<String>,
-    domain: Option<String>,
-    range: Option<String>,
-}
-
-impl Ontology {
-    /// Parses Turtle `bytes` as ontology `id`.
-    pub fn parse(id: &str, bytes: &[u8]) -> Result<Self, OntologyError> {
-        let version = hex::encode(&Sha256::digest(bytes)[..8]);
-        let mut parser = TurtleParser::new().for_slice(bytes);
-        let mut described: BTreeMap<String, Described> = BTreeMap::new();
-        for triple in parser.by_ref() {
-            let triple = triple.map_err(|e| OntologyError::Syntax {
-                id: id.to_owned(),
-                message: e.to_string(),
-            })?;
-            let NamedOrBlankNode::NamedNode(subject) = triple.subject else {
-                continue;
-            };
-            let entry = described.entry(subject.into_string()).or_default();
-            let predicate = triple.predicate.as_str();
-            match (&triple.object, predicate) {
-                (Term::NamedNode(object), RDF_TYPE) => {
-                    entry.types.insert(object.as_str().to_owned());
-                }
-                (Term::NamedNode(object), p) if p == format!("{RDFS}subClassOf") => {
-                    entry.parents.push(object.as_str().to_owned());
-                }
-                (Term::NamedNode(object), p) if p == format!("{RDFS}domain") => {
-                    entry.domain = Some(object.as_str().to_owned());
-                }
-                (Term::NamedNode(object), p) if p == format!("{RDFS}range") => {
-                    entry.range = Some(object.as_str().to_owned());
-                }
-                (Term::Literal(label), p) if p == format!("{RDFS}label") => {
-                    entry.labels.insert(0, label.value().to_owned());
-                }
-                (Term::Literal(label), SKOS_ALT_LABEL) => {
-                    entry.labels.push(label.value().to_owned());
-                }
-                _ => {}
-            }
-        }
-        let prefixes: BTreeMap<String, String> = parser
-            .prefixes()
-            .map(|(prefix, namespace)| (prefix.to_owned(), namespace.to_owned()))
-            .collect();
-        let mut ontology = Self {
-            id: id.to_owned(),
-            version,
-            prefixes,
-            classes: Vec::new(),
-            properties: Vec::new(),
-            source: Arc::from(bytes),
-        };
-        for (iri, entry) in described {
-            let name = ontology.compact(&iri);
-            if entry.types.contains(OWL_CLASS) || entry.types.contains(&format!("{RDFS}Class")) {
-                ontology.classes.push(OntologyClass {
-                    iri,
-                    name,
-                    labels: entry.labels,
-                    parents: entry.parents,
-                });
-            } else if entry.types.contains(OWL_OBJECT_PROPERTY)
-                || entry.types.contains(RDF_PROPERTY)
-            {
-                ontology.properties.push(OntologyProperty {
-                    iri,
-                    name,
-                    labels: entry.labels,
-                    domain: entry.domain,
-                    range: entry.range,
-                });
-            }
-        }
-        if ontology.classes.is_empty() {
-            return Err(OntologyError::NoClasses { id: id.to_owned() });
-        }
-        Ok(ontology)
-    }
-
-    /// `iri` as `prefix:local` with the longest declared namespace it starts with.
-    pub fn compact(&self, iri: &str) -> String {
-        self.prefixes
-            .iter()
-            .filter(|(_, namespace)| {
-                iri.starts_with(namespace.as_str()) && iri.len() > namespace.len()
-            })
-            .max_by_key(|(_, namespace)| namespace.len())
-            .map_or_else(
-                || iri.to_owned(),
-                |(prefix, namespace)| format!("{prefix}:{}", &iri[namespace.len()..]),
-            )
-    }
-
-    /// The class named `name` (compact name, IRI, or label, case-insensitively).
-    pub fn class(&self, name: &str) -> Option<&OntologyClass> {
-        self.classes.iter().find(|c| {
-            c.name == name || c.iri == name || c.labels.iter().any(|l| l.eq_ignore_ascii_case(name))
-        })
-    }
-
-    /// The property named `name` (compact name, IRI, or label).
-    pub fn property(&self, name: &str) -> Option<&OntologyProperty> {
-        self.properties.iter().find(|p| {
-            p.name == name || p.iri == name || p.labels.iter().any(|l| l.eq_ignore_ascii_case(name))
-        })
-    }
-
-    /// Whether class `iri` is `ancestor` or one of its subclasses (through `rdfs:subClassOf`).
-    pub fn is_a(&self, iri: &str, ancestor: &str) -> bool {
-        let mut seen = BTreeSet::new();
-        let mut todo = vec![iri.to_owned()];
-        while let Some(current) = todo.pop() {
-            if current == ancestor {
-                return true;
-            }
-            if !seen.insert(current.clone()) {
-                continue;
-            }
-            if let Some(class) = self.classes.iter().find(|c| c.iri == current) {
-                todo.extend(class.parents.iter().cloned());
-            }
-        }
-        false
-    }
-}
+pub use turtle::DEFAULT_FOAF;
+pub use vocabulary::{Ontology, OntologyClass, OntologyError, OntologyProperty};
 
 /// Every ontology a node knows, by id: a handle shared by the node's routes and entities,
 /// re-read from the directory without a restart ([`Ontologies::reload`], every
@@ -339,9 +133,6 @@ pub struct Reloaded {
     /// Files that did not load (their last good version stays current).
     pub failed: Vec<String>,
 }
-
-/// The default ontology, compiled in so `shoal dev` and tests work without the directory.
-pub const DEFAULT_FOAF: &str = include_str!("../../../cluster-config/ontologies/foaf.ttl");
 
 impl Ontologies {
     /// The compiled-in `foaf` ontology only.
@@ -500,59 +291,6 @@ impl Ontologies {
     }
 }
 
-/// Every `<id>.ttl` in `dir` by id, parsed (in name order); a missing directory holds none.
-type Files = Vec<(String, Result<Ontology, OntologyError>)>;
-
-fn read_dir(dir: &Path) -> Result<Files, OntologyError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(OntologyError::Io {
-                path: dir.display().to_string(),
-                source,
-            });
-        }
-    };
-    let mut paths: Vec<_> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "ttl"))
-        .collect();
-    paths.sort();
-    Ok(paths
-        .iter()
-        .map(|path| {
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            let file = read_file(&id, path);
-            (id, file)
-        })
-        .collect())
-}
-
-fn read_file(id: &str, path: &Path) -> Result<Ontology, OntologyError> {
-    if !valid_id(id) {
-        return Err(OntologyError::BadId(id.to_owned()));
-    }
-    let bytes = std::fs::read(path).map_err(|source| OntologyError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ontology::parse(id, &bytes)
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,31 +310,6 @@ mod tests {
         );
         assert!(member.labels.iter().any(|l| l == "worked at"));
         assert_eq!(foaf.version.len(), 16);
-    }
-
-    #[test]
-    fn the_version_is_the_content_hash() {
-        let a = Ontology::parse("x", DEFAULT_FOAF.as_bytes()).expect("parses");
-        let changed = format!("{DEFAULT_FOAF}\n# a comment changes the bytes\n");
-        let b = Ontology::parse("x", changed.as_bytes()).expect("parses");
-        assert_ne!(a.version, b.version);
-        assert_eq!(
-            a.version,
-            Ontology::parse("y", DEFAULT_FOAF.as_bytes())
-                .expect("p")
-                .version
-        );
-    }
-
-    #[test]
-    fn bad_turtle_and_empty_ontologies_are_refused() {
-        let bad = Ontology::parse("bad", b"@prefix x: <http://x/> .\nx:a x:b");
-        assert!(matches!(bad, Err(OntologyError::Syntax { .. })), "{bad:?}");
-        let empty = Ontology::parse("empty", b"<http://x/a> <http://x/b> \"c\" .");
-        assert!(
-            matches!(empty, Err(OntologyError::NoClasses { .. })),
-            "{empty:?}"
-        );
     }
 
     /// A fresh directory under the system's temp dir.

@@ -6,13 +6,9 @@ use std::collections::BTreeMap;
 use super::model::{Chunk, ExtractedEntity, ExtractedRelation, Mention, StatedRelation};
 use super::ontology::Ontology;
 
-/// `text` in Unicode Normalization Form C (a composed `é` and `e` + combining acute are
-/// one text), with runs of whitespace made one space, trimmed.
-pub fn normalise(text: &str) -> String {
-    use unicode_normalization::UnicodeNormalization;
-    let composed: String = text.nfc().collect();
-    composed.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+// Defined with the ids, which are computed over the normalised text; the preprocess stage
+// runs it from here.
+pub use super::model::normalise;
 
 /// Splits normalised `text` into chunks of at most `tokens` (about 4 bytes a token),
 /// at sentence ends where it can, else at a space.

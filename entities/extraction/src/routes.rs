@@ -10,6 +10,9 @@
 //!   with `Accept: application/ld+json` the result as JSON-LD.
 //! - `GET /extractions/{id}/events`: the journal as SSE (`sse.rs`).
 //!
+//! The API's state, the read check and the id parsing, which `sse` uses too, are in
+//! `api.rs` (so `routes` → `sse` → `api`, and `routes` → `api`).
+//!
 //! Tenancy: the caller's tenant (`X-Tenant-Id`, from the verified token when
 //! `[gateway.auth]` is on) is part of the id ([`ExtractionId::of`]), so the same text from
 //! two tenants is two extractions, each with its own dedup, cached result and events, and
@@ -19,7 +22,6 @@
 //! no header) reads any, as on the job routes. `[extraction] shared-cache = true` leaves
 //! the tenant out of the id and the checks (one extraction per inputs across tenants).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -29,40 +31,21 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody};
-use shoal::redis::cache::Cache;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::config::ExtractionConfig;
+use super::api::{may_read, parse_id};
 use super::entity::{Extraction, ExtractionMessage, ExtractionState, ExtractionStatus, StageRun};
-use super::journal::Journal;
 use super::model::{
     ExtractionFailure, ExtractionId, ExtractionRequest, ExtractionResult, MAX_TEXT_BYTES,
     NewExtraction, Stage,
 };
-use super::ontology::Ontologies;
 use super::{jsonld, metrics, sse};
 use shoal_notifications::Tenant;
 
-/// What the routes need.
-#[derive(Debug, Clone)]
-pub struct ExtractionApi {
-    /// The ontologies (to validate `ontology_id` and pin its version).
-    pub ontologies: Ontologies,
-    /// `[extraction]`.
-    pub config: ExtractionConfig,
-    /// Each provider's default model.
-    pub models: BTreeMap<String, String>,
-    /// The journal and result store.
-    pub journal: Option<Journal>,
-    /// The Redis result cache (none without Redis).
-    pub cache: Option<Cache<Value>>,
-    /// When the journal's readers on this gateway look again.
-    pub watch: super::watch::JournalWatch,
-}
+pub use super::api::ExtractionApi;
 
 /// The extraction routes.
 pub fn routes(api: Arc<ExtractionApi>) -> AppRouter {
@@ -365,23 +348,6 @@ fn respond(headers: &HeaderMap, view: ExtractionView) -> Response {
             .into_response();
     }
     Json(view).into_response()
-}
-
-/// Whether `caller` may read an extraction of `owner`: one of its own tenant; any for a
-/// caller without a tenant (auth off, no `X-Tenant-Id`: as on the job routes) or with
-/// `[extraction] shared-cache`.
-pub(crate) fn may_read(api: &ExtractionApi, caller: Option<&Tenant>, owner: Option<&str>) -> bool {
-    api.config.shared_cache || caller.is_none_or(|caller| owner == Some(caller.as_str()))
-}
-
-/// Parses a path id.
-pub(crate) fn parse_id(id: &str) -> Result<ExtractionId, ApiError> {
-    ExtractionId::parse(id).ok_or_else(|| {
-        ApiError::bad_path_id(
-            "id",
-            format!("`{id}` is not an extraction id (`ex-` and 32 hex digits)"),
-        )
-    })
 }
 
 /// An extraction's state (or its result as JSON-LD with `Accept: application/ld+json`).

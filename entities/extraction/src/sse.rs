@@ -23,9 +23,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::Stream;
 use shoal::gateway::{ApiError, ErrorBody};
 
+use super::api::{ExtractionApi, may_read, parse_id};
 use super::journal::{Event, Journal};
 use super::model::ExtractionId;
-use super::routes::{ExtractionApi, may_read, parse_id};
 use super::watch::{JournalWatch, Reader};
 use shoal_notifications::Tenant;
 
