@@ -1,5 +1,5 @@
 //! The application's HTTP routes, served by the gateway beside its own: the binary hands
-//! [`routes`] to `GatewayParams::with_routes`, so they share the gateway's request ids,
+//! [`routes()`] to `GatewayParams::with_routes`, so they share the gateway's request ids,
 //! rate limits (`redis.api-limits.applications`), JSON errors and OpenAPI document. Each
 //! handler reaches entities only through the gateway's typed client.
 //!

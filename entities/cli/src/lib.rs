@@ -1,17 +1,18 @@
-//! Shoal's built-in entity types, built on the runtime's public API only.
+//! The `shoal` binary's application: the three workload crates registered with the demo
+//! and diagnostic types. An application of its own composes the crates it wants the same
+//! way (`examples/reminders` takes `shoal-jobs` alone).
 //!
 //! - [`counter::Counter`]: a counter kept in Postgres, used by drills and benchmarks.
 //! - [`probe::Probe`]: a diagnostic entity for drills and tests (echo, slow work, panics).
-//! - [`jobs`]: the job system (`job`, `job-control`, `job-key` entities, job types, routes).
-//! - [`webhook`]: one Standard Webhooks delivery attempt (signing, outcome), for the
-//!   webhook job type.
-//! - [`notifications`]: per-tenant event streams (`notification` entity, the gateway's
-//!   subscriber hub, SSE routes).
-//! - [`extraction`]: the durable knowledge-graph extraction (`extraction` entity, stages,
-//!   providers, ontologies, routes).
+//! - [`shoal_jobs`]: the job system (`job`, `job-control`, `job-key`, `job-cron`, job
+//!   types, routes) with the Standard Webhooks job type ([`shoal_jobs::webhook`]).
+//! - [`shoal_notifications`]: per-tenant event streams (`notification` entity, the
+//!   gateway's subscriber hub, SSE routes).
+//! - [`shoal_extraction`]: the durable knowledge-graph extraction (`extraction` entity,
+//!   stages, providers, ontologies, routes).
 //!
-//! [`http::routes`] are the application's HTTP routes, which the gateway serves beside its
-//! own.
+//! [`registry_for`] registers them on a runner; [`http::routes`] are the application's
+//! HTTP routes, which the gateway serves beside its own.
 
 pub mod counter;
 pub mod http;
@@ -87,20 +88,18 @@ pub fn registry_for(
     nodes: &shoal_jobs::webhook::egress::ClusterAddresses,
 ) -> anyhow::Result<EntityRegistry> {
     let mut registry = EntityRegistry::new();
-    registry.register(shoal_extraction::Extraction::new(std::sync::Arc::new(
-        extraction.pipeline()?,
-    )))?;
+    shoal_extraction::register(&mut registry, extraction)?;
     if app.diagnostics.enabled {
         registry.register(probe::Probe)?;
     }
-    registry
-        .register(counter::Counter)?
-        .register(shoal_notifications::entity(
-            pool.clone(),
-            cluster,
-            redis.clone(),
-            &app.notifications,
-        ))?;
+    registry.register(counter::Counter)?;
+    shoal_notifications::register(
+        &mut registry,
+        pool.clone(),
+        cluster,
+        redis.clone(),
+        &app.notifications,
+    )?;
     let types = job_types_with(pool, redis.clone(), app, nodes)?;
     shoal_jobs::register(&mut registry, std::sync::Arc::new(types), redis)?;
     Ok(registry)

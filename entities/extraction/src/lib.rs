@@ -91,6 +91,28 @@ pub enum ExtractionSetupError {
     },
 }
 
+/// Registers the `extraction` entity type in `registry`, its pipeline built from `setup`
+/// (`[extraction]`, its database, Redis for the shared provider limits). The routes are
+/// [`routes::routes`] over [`ExtractionSetup::api`], for the gateway.
+pub fn register(
+    registry: &mut shoal::entity::EntityRegistry,
+    setup: &ExtractionSetup,
+) -> Result<(), RegisterError> {
+    registry.register(Extraction::new(std::sync::Arc::new(setup.pipeline()?)))?;
+    Ok(())
+}
+
+/// Why [`register`] failed (at start-up: nothing to retry).
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The pipeline could not be built from the configuration.
+    #[error(transparent)]
+    Setup(#[from] ExtractionSetupError),
+    /// The type clashes with one registered before.
+    #[error(transparent)]
+    Registry(#[from] shoal::entity::RegistryError),
+}
+
 impl ExtractionSetup {
     /// A setup with the defaults and no database or Redis (schemas, tests).
     pub fn offline() -> Self {

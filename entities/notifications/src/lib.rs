@@ -232,6 +232,21 @@ pub fn entity(
     )
 }
 
+/// Registers the `notification` entity type in `registry`, configured by `[notifications]`
+/// (`config`): its history in `pool` (the database of cluster `cluster`), its events pushed
+/// to the gateways through `redis`. The routes that serve the streams are
+/// [`routes::routes`], for the gateway.
+pub fn register(
+    registry: &mut shoal::entity::EntityRegistry,
+    pool: Option<sqlx::PgPool>,
+    cluster: &str,
+    redis: Option<shoal::redis::RedisClient>,
+    config: &NotificationsConfig,
+) -> Result<(), shoal::entity::RegistryError> {
+    registry.register(entity(pool, cluster, redis, config))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,11 @@ async fn main() -> anyhow::Result<()> {
         .file_or_default(config_file.as_deref())
         .env(std::env::vars())
         .load()?;
+    // Anyone can read the built-in secret in the source, and with it deliver into a runner.
+    anyhow::ensure!(
+        config.cluster.secret != shoal::config::DEFAULT_SECRET,
+        "set cluster.secret (SHOAL__CLUSTER__SECRET) to a secret of your own"
+    );
     let pool = shoal::runner_storage::postgres::connect_pool(
         &config.database.url,
         2,
