@@ -2,11 +2,11 @@
 //!
 //! "May succeed later" is not enough for a caller: a resend that runs the work a second time
 //! is a different risk from one that cannot. Every client-facing error
-//! ([`DeliveryError`], [`crate::transport::TransportError`], [`crate::client::ClientError`],
+//! ([`DeliveryError`](crate::transport::DeliveryError), [`crate::transport::TransportError`], [`crate::client::ClientError`],
 //! the gateway's `ApiError`) answers [`RetryClass`] through one exhaustive `match`, so a new
 //! variant cannot compile until someone decides what a resend of it does.
 //!
-//! A [`DeliveryError`] is classified as seen by a *volatile* delivery (the message lives
+//! A [`DeliveryError`](crate::transport::DeliveryError) is classified as seen by a *volatile* delivery (the message lives
 //! only in the request). A persisted ask surfaces delivery errors only when they are
 //! [`RetryClass::Never`]; every other delivery failure of a stored message is retried by
 //! the client until the deadline and then reported as a timeout naming the stored message.
