@@ -1,8 +1,9 @@
 //! The runner transport over HTTP/2, authenticated by the cluster's shared secret
 //! (`x-shoal-secret`). Each peer gets one multiplexed HTTP/2 connection (prior knowledge).
 //! A connection that fails mid-request is retired before its callers hear of the failure,
-//! so what is sent afterwards opens a new one. Nothing that could run is written into a new
-//! connection before the peer has answered a `hello` on it: a dying runner's kernel still
+//! so what is sent afterwards opens a new one; a client makes one TCP connection and no
+//! other (`one_connection`), so hyper cannot reconnect behind the link's back. Nothing that
+//! could run is written into a new connection before the peer has answered a `hello` on it: a dying runner's kernel still
 //! accepts connections for a moment after SIGKILL (and a frozen one's for as long as it is
 //! frozen), and a delivery written into such a connection could only be called `Lost`. A
 //! refused connect, or a `hello` that fails, proves the delivery never reached a runner
@@ -14,6 +15,7 @@
 //! delivery costs on both sides. `POST /_shoal/v1/deliver` (one envelope, one answer) stays
 //! for runners and tools that send one at a time.
 
+mod one_connection;
 mod peer;
 mod server;
 
@@ -130,9 +132,20 @@ pub struct HttpTransport {
     peers: Arc<Mutex<HashMap<String, tokio::sync::mpsc::Sender<peer::Pending>>>>,
 }
 
-/// An HTTP/2 client with its own connection pool. Each peer's deliveries have one (see
-/// `peer::Link::retire`); status lookups share another.
+/// An HTTP/2 client of one connection: each peer's deliveries have one at a time (see
+/// `peer::Link::retire` and `one_connection`); status lookups share a pooled client.
 fn peer_client() -> Result<reqwest::Client, String> {
+    client_builder()
+        // Kept until the peer's queue ends (`peer::IDLE`) or a failure retires it: an
+        // idle close would make the next delivery fail its one connect.
+        .pool_idle_timeout(None)
+        .connector_layer(one_connection::OneConnection::default())
+        .build()
+        .map_err(|e| format!("cannot build the transport client: {e}"))
+}
+
+/// The HTTP/2 client settings of the transport.
+fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .http2_prior_knowledge()
         .connect_timeout(Duration::from_secs(1))
@@ -140,14 +153,14 @@ fn peer_client() -> Result<reqwest::Client, String> {
         .http2_keep_alive_interval(Duration::from_secs(5))
         .http2_keep_alive_timeout(Duration::from_secs(5))
         .http2_keep_alive_while_idle(true)
-        .build()
-        .map_err(|e| format!("cannot build the transport client: {e}"))
 }
 
 impl HttpTransport {
     /// A client presenting `secret`.
     pub fn new(secret: impl Into<String>) -> Result<Self, String> {
-        let client = peer_client()?;
+        let client = client_builder()
+            .build()
+            .map_err(|e| format!("cannot build the transport client: {e}"))?;
         Ok(Self {
             client,
             secret: Arc::from(secret.into()),
@@ -309,9 +322,10 @@ impl Transport for HttpTransport {
                 reason: format!("cannot encode the envelope: {e}"),
             })?;
         self.enqueue(address, pending, deadline).await?;
-        // The request itself times out at `deadline + GRACE` and its failure retires the
-        // connection before it is reported; this later timer only guards a peer queue
-        // that never answers at all, so it never overtakes that retirement.
+        // The peer queue answers by `deadline + GRACE` at the latest (an answer not in by
+        // then fails the connection, which is retired before it is reported); this later
+        // timer only guards a queue that never answers at all, so it never overtakes that
+        // retirement.
         match tokio::time::timeout_at(deadline + 2 * GRACE, answer).await {
             Ok(Ok(answer)) => answer,
             // Queued, so it may have gone out: the caller cannot know whether it ran.

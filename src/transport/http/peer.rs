@@ -26,6 +26,8 @@ const MAX_BATCH: usize = 256;
 /// A batch stops growing past this many bytes of envelopes (well under the runner's body
 /// limit); a larger envelope goes alone.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Longest a new connection waits for the peer's answer to its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a batch holds its sending slot while answers are outstanding.
 const LINGER: Duration = Duration::from_millis(2);
 /// Envelopes waiting for a slot, per peer (senders wait beyond that).
@@ -136,6 +138,21 @@ impl Link {
     /// could only be called lost. A peer that does not answer reached no handler.
     async fn establish(&self, wait: Duration) -> Result<Connection, TransportError> {
         let connection = self.connection();
+        if connection.answered.initialized() {
+            return Ok(connection);
+        }
+        let unreachable = |reason: String| TransportError::Unreachable {
+            address: self.address.clone(),
+            reason,
+        };
+        // A live runner answers at once; the cap keeps a frozen one from holding callers
+        // (and the sending slots) past their own deadlines.
+        let wait = wait.min(HELLO_TIMEOUT);
+        if wait.is_zero() {
+            return Err(unreachable(
+                "the deadline passed before the delivery was sent".into(),
+            ));
+        }
         let hello = connection.answered.get_or_try_init(|| async {
             connection
                 .client
@@ -145,15 +162,22 @@ impl Link {
                 .send()
                 .await
                 .map(drop) // Any answer, even a 401 or a 404, is a live peer's.
+                .map_err(|e| e.to_string())
         });
-        match hello.await {
-            Ok(()) => Ok(connection),
-            Err(error) => {
+        // Callers queued behind a failed hello try their own; none waits past `wait`.
+        match tokio::time::timeout(wait, hello).await {
+            Ok(Ok(())) => Ok(connection),
+            Ok(Err(error)) => {
                 self.retire(&connection);
-                Err(TransportError::Unreachable {
-                    address: self.address.clone(),
-                    reason: format!("the runner did not answer on a new connection: {error}"),
-                })
+                Err(unreachable(format!(
+                    "the runner did not answer on a new connection: {error}"
+                )))
+            }
+            Err(_) => {
+                self.retire(&connection);
+                Err(unreachable(format!(
+                    "the runner did not answer on a new connection within {wait:?}"
+                )))
             }
         }
     }
@@ -277,12 +301,13 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
         .into_iter()
         .filter(|p| !p.respond.is_closed())
         .collect();
-    let Some(last) = batch.iter().map(|p| p.deadline).max() else {
+    let Some(first) = batch.iter().map(|p| p.deadline).min() else {
         return;
     };
-    // Usually at once: only a new connection waits for the peer's first answer.
+    // Usually at once: only a new connection waits for the peer's first answer, and no
+    // longer than the earliest deadline here, so nobody's timer overtakes it.
     let connection = match link
-        .establish(last.saturating_duration_since(Instant::now()))
+        .establish(first.saturating_duration_since(Instant::now()))
         .await
     {
         Ok(connection) => connection,
@@ -363,21 +388,48 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Pending>, slot: OwnedSemaphorePe
             return fail_all(live.into_iter().map(|(p, _)| p.respond), error);
         }
     }
+    // Each answer is due by its envelope's deadline + GRACE (the runner answers a timeout
+    // at the deadline). One that is not is the connection's failure: retired before its
+    // caller's own timer (deadline + 2×GRACE) reports it, like any other failure.
+    let due: Vec<Instant> = live.iter().map(|(p, _)| p.deadline + GRACE).collect();
     let mut respond: Vec<Option<oneshot::Sender<Answer>>> =
         live.into_iter().map(|(p, _)| Some(p.respond)).collect();
     let mut slot = Some(slot);
     let mut lines = Lines::default();
     loop {
-        let chunk = if slot.is_some() {
-            match tokio::time::timeout_at(linger_until, response.chunk()).await {
-                Ok(chunk) => chunk,
-                Err(_) => {
-                    slot = None;
-                    continue;
-                }
-            }
+        let overdue_at = respond
+            .iter()
+            .zip(&due)
+            .filter(|(r, _)| r.is_some())
+            .map(|(_, due)| *due)
+            .min()
+            .unwrap_or(linger_until);
+        let wake = if slot.is_some() {
+            overdue_at.min(linger_until)
         } else {
-            response.chunk().await
+            overdue_at
+        };
+        let chunk = match tokio::time::timeout_at(wake, response.chunk()).await {
+            Ok(chunk) => chunk,
+            Err(_) if Instant::now() >= overdue_at => {
+                link.retire(&connection);
+                let now = Instant::now();
+                for (respond, due) in respond.iter_mut().zip(&due) {
+                    if *due <= now
+                        && let Some(respond) = respond.take()
+                    {
+                        let _ = respond.send(Err(link.lost("no answer by the deadline")));
+                    }
+                }
+                if respond.iter().all(Option::is_none) {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => {
+                slot = None;
+                continue;
+            }
         };
         let chunk = match chunk {
             Ok(Some(chunk)) => chunk,
@@ -424,17 +476,27 @@ fn fail_all(respond: impl IntoIterator<Item = oneshot::Sender<Answer>>, error: T
 
 /// One request per envelope (a peer without the batch route).
 async fn deliver_singly(link: &Link, live: Vec<(Pending, Duration)>) {
-    let sends = live.into_iter().map(|(pending, left)| async move {
+    let sends = live.into_iter().map(|(pending, _)| async move {
         let _ = pending
             .respond
-            .send(deliver_one(link, pending.encoded, left).await);
+            .send(deliver_one(link, pending.encoded, pending.deadline).await);
     });
     futures::future::join_all(sends).await;
 }
 
-/// Delivers one encoded envelope with one request (`/deliver`).
-async fn deliver_one(link: &Link, encoded: Vec<u8>, timeout: Duration) -> Answer {
-    let connection = link.establish(timeout).await?;
+/// Delivers one encoded envelope with one request (`/deliver`) before `deadline`.
+async fn deliver_one(link: &Link, encoded: Vec<u8>, deadline: Instant) -> Answer {
+    let connection = link
+        .establish(deadline.saturating_duration_since(Instant::now()))
+        .await?;
+    // What is left once the connection is known to reach a runner.
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    if timeout.is_zero() {
+        return Err(TransportError::Unreachable {
+            address: link.address.clone(),
+            reason: "the deadline passed before the delivery was sent".to_owned(),
+        });
+    }
     let response = connection
         .client
         .post(link.urls.single.clone())

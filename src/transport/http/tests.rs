@@ -510,4 +510,133 @@ async fn a_delivery_to_a_peer_that_never_answers_was_never_sent() {
         matches!(failed, Err(TransportError::Unreachable { .. })),
         "{failed:?}"
     );
+    // A short and a long deadline waiting on the same new connection: the hello waits no
+    // longer than the shortest, so neither caller's timer overtakes it.
+    let frozen = mute_listener(Duration::from_secs(60)).await;
+    let (short, long) = tokio::join!(
+        transport.deliver(&frozen, sleep_envelope("a", 0), Duration::from_millis(300)),
+        transport.deliver(&frozen, sleep_envelope("b", 0), Duration::from_secs(30)),
+    );
+    for (what, result) in [("short", short), ("long", long)] {
+        assert!(
+            matches!(result, Err(TransportError::Unreachable { .. })),
+            "{what}: {result:?}"
+        );
+    }
+}
+
+/// A runtime served at the returned address that records, per TCP connection (by the
+/// client's address), the paths of the requests it carried, in order.
+async fn serve_recording_connections() -> (
+    String,
+    Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Vec<String>>>>,
+) {
+    let mut registry = EntityRegistry::new();
+    registry.register(Sleepy).expect("registers");
+    let config = RuntimeConfig {
+        sharding: Sharding::new(NonZeroU32::new(4).expect("non-zero")),
+        ..RuntimeConfig::default()
+    };
+    let (runtime, _) = EntityRuntime::standalone(registry, config).await;
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        std::net::SocketAddr,
+        Vec<String>,
+    >::new()));
+    let record = seen.clone();
+    let app = router(runtime, SECRET.to_owned()).layer(axum::middleware::from_fn(
+        move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+            std::net::SocketAddr,
+        >,
+              request: Request,
+              next: Next| {
+            let record = record.clone();
+            async move {
+                record
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(peer)
+                    .or_default()
+                    .push(request.uri().path().to_owned());
+                next.run(request).await
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+    (address, seen)
+}
+
+/// Forwards every connection to `upstream`; `cut` drops the ones open now (both sockets),
+/// as a keep-alive timeout or a GOAWAY would, while the proxy goes on listening.
+async fn cuttable_proxy(upstream: String) -> (String, Arc<tokio::sync::Notify>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound").to_string();
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let cutting = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let cutting = cutting.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cutting.notified() => {}
+                }
+            });
+        }
+    });
+    (address, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_carries_a_hello_before_any_delivery() {
+    let (address, seen) = serve_recording_connections().await;
+    let (via, cut) = cuttable_proxy(address).await;
+    let transport = HttpTransport::new(SECRET).expect("client");
+    for round in 0..5 {
+        // Whatever the cut did to the delivery in flight, one that reaches the runner
+        // again is answered.
+        let mut answered = false;
+        for _ in 0..5 {
+            let sent = transport
+                .deliver(&via, sleep_envelope("a", 0), Duration::from_secs(2))
+                .await;
+            if sent.is_ok() {
+                answered = true;
+                break;
+            }
+            assert!(
+                matches!(sent, Err(TransportError::Unreachable { .. })),
+                "round {round}: a connection that closed carried nothing: {sent:?}"
+            );
+        }
+        assert!(answered, "round {round}: the runner is reached again");
+        cut.notify_waiters();
+        // Time for the client to see the close, so that the next delivery finds a closed
+        // connection in its pool (which hyper would replace without a hello).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(seen.len() >= 5, "a new connection per round: {seen:?}");
+    for (connection, paths) in seen.iter() {
+        assert_eq!(
+            paths.first().map(String::as_str),
+            Some(HELLO_PATH),
+            "connection {connection} carried {paths:?}"
+        );
+    }
 }

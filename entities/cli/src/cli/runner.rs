@@ -100,6 +100,9 @@ fn cluster_addresses(
             .as_deref()
             .and_then(|u| nodes::url_address(u, 6379)),
     );
+    for entry in &app.jobs.webhook.refused_addresses {
+        nodes::check_entry(entry).map_err(anyhow::Error::msg)?;
+    }
     fixed.extend(app.jobs.webhook.refused_addresses.iter().cloned());
     let runners = PgRunnerStorage::new(
         pool,

@@ -54,12 +54,16 @@ pub struct Refused {
 pub const CLUSTER_ADDRESS: &str =
     "one of this cluster's own addresses (a runner, the gateway, Postgres or Redis)";
 
+/// Why an address inside an allowed network is refused before the runner list was read.
+pub const UNKNOWN_MEMBERSHIP: &str = "inside an allowed network while this runner cannot yet \
+     read the cluster's runner list (it may be a runner's)";
+
 impl Refused {
-    fn cluster(addr: SocketAddr) -> Self {
+    fn cluster(addr: SocketAddr, reason: &'static str) -> Self {
         Self {
             addr: addr.ip(),
             port: Some(addr.port()),
-            reason: CLUSTER_ADDRESS,
+            reason,
         }
     }
 
@@ -109,14 +113,19 @@ impl EgressPolicy {
     /// Whether a connection made to `remote` may carry a request: the network policy, then
     /// the cluster's own addresses (read afresh for an address only an allowed network lets
     /// through).
-    pub async fn check_connection(&self, remote: SocketAddr) -> Result<(), Refused> {
+    pub async fn check_connection(
+        &self,
+        remote: SocketAddr,
+        local: Option<SocketAddr>,
+    ) -> Result<(), Refused> {
         let addr = SocketAddr::new(remote.ip().to_canonical(), remote.port());
         self.check(addr.ip())?;
         let inside = refusal(addr.ip()).is_some();
-        if self.cluster.contains(addr, inside).await {
-            return Err(Refused::cluster(addr));
+        match self.cluster.membership(addr, local, inside).await {
+            nodes::Membership::Outside => Ok(()),
+            nodes::Membership::Cluster => Err(Refused::cluster(addr, CLUSTER_ADDRESS)),
+            nodes::Membership::Unknown => Err(Refused::cluster(addr, UNKNOWN_MEMBERSHIP)),
         }
-        Ok(())
     }
 
     /// Whether a connection to `addr` is allowed.
@@ -227,7 +236,7 @@ fn refusal_v6(addr: Ipv6Addr) -> Option<&'static str> {
 
 /// The IPv4 address an IPv6 address carries and that a connection to it may reach:
 /// IPv4-mapped, IPv4-compatible, NAT64 (well-known prefix) or 6to4.
-fn embedded_v4(addr: IpAddr) -> Option<Ipv4Addr> {
+pub(crate) fn embedded_v4(addr: IpAddr) -> Option<Ipv4Addr> {
     let IpAddr::V6(v6) = addr else {
         return None;
     };

@@ -65,16 +65,18 @@ where
         let policy = Arc::clone(&self.policy);
         Box::pin(async move {
             let connection = connecting.await?;
-            let remote = remote_addr(&connection).ok_or_else(Refused::unknown_peer)?;
-            policy.check_connection(remote).await?;
+            let (remote, local) = addresses(&connection).ok_or_else(Refused::unknown_peer)?;
+            policy.check_connection(remote, Some(local)).await?;
             Ok(connection)
         })
     }
 }
 
-/// The address a connection reached, as its connector recorded it.
-fn remote_addr(connection: &impl Connection) -> Option<SocketAddr> {
+/// The addresses a connection reached and came from, as its connector recorded them.
+fn addresses(connection: &impl Connection) -> Option<(SocketAddr, SocketAddr)> {
     let mut extensions = Extensions::new();
     connection.connected().get_extras(&mut extensions);
-    extensions.get::<HttpInfo>().map(HttpInfo::remote_addr)
+    extensions
+        .get::<HttpInfo>()
+        .map(|info| (info.remote_addr(), info.local_addr()))
 }
