@@ -43,11 +43,13 @@ def modules(src):
                 path = tuple(rel)
             if path == () and rel == ["main"] and () in out:
                 continue
+            if path and (path[-1] == "tests" or path[-1].endswith("_tests")):
+                continue  # Test modules.
             out[path] = os.path.join(dirpath, f)
     return out
 
 
-COMMENT = re.compile(r"//[^\n]*")
+COMMENT = re.compile(r"(?<![:\"])//[^\n]*")
 PATH = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 USE_GROUP = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{([^;]*?)\}", re.S)
 

@@ -48,7 +48,7 @@ pub enum ClientError {
     #[error("this entity runtime has no client to reach other entities with")]
     NotConnected,
     /// A handler made more calls through its context than one message may
-    /// (`entity::MAX_CALLS_PER_MESSAGE`); nothing more was sent.
+    /// ([`crate::entity::MAX_CALLS_PER_MESSAGE`]); nothing more was sent.
     #[error("a handler may make at most {0} calls per message")]
     TooManyCalls(u32),
     /// The handler answered with an error reply (final; for a persisted message it is the
