@@ -15,6 +15,7 @@ mod auth;
 mod connections;
 mod error;
 mod health;
+mod idempotency;
 pub mod openapi;
 mod rate_limit;
 mod routes;
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use app::{AppRouter, GatewayContext, JsonBody};
 pub use auth::{OPERATOR_SCOPE, Principal};
 pub use error::ApiError;
+pub use idempotency::IdempotencyKey;
 pub use routes::{ErrorBody, ErrorDetail};
 
 use crate::client::{ClientConfig, ClientParts, ShoalClient};

@@ -10,6 +10,7 @@ mod entities;
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 
+use super::IdempotencyKey;
 use super::health::{Health, Readiness, ReadinessCheck};
 use super::routes;
 use crate::entity::EntityRegistry;
@@ -112,7 +113,9 @@ fn declare_enforced(doc: &mut Value) {
                         "description": "At most 512 bytes of UTF-8, no control characters",
                     }),
                     (Some("Idempotency-Key"), Some("header")) => json!({
-                        "type": "string", "minLength": 1, "maxLength": 255,
+                        "type": "string", "minLength": 1,
+                        "maxLength": IdempotencyKey::MAX_CHARS,
+                        "pattern": IdempotencyKey::HEADER_PATTERN,
                     }),
                     _ => continue,
                 };

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, Principal, RequestId};
+use super::{ApiError, AppState, IdempotencyKey, Principal, RequestId};
 use crate::client::Request;
 use crate::entity::{AccessDenied, Caller, DecodeError, ErasedEntity};
 use crate::ids::{EntityAddress, EntityId, EntityType, RunnerId};
@@ -27,6 +27,9 @@ use crate::status::ClusterStatus;
 
 /// Longest deadline a request may ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The space of the keys callers give this route (see [`IdempotencyKey::in_space`]).
+const KEY_SPACE: &str = "entities";
 
 /// A message's reply.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -165,25 +168,9 @@ fn request_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, A
     Ok(timeout)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("bad_idempotency_key", "Idempotency-Key is not text"))?;
-    if key.is_empty() || key.len() > 255 {
-        return Err(ApiError::bad_request(
-            "bad_idempotency_key",
-            "Idempotency-Key must be 1 to 255 characters",
-        ));
-    }
-    Ok(Some(key.to_owned()))
-}
-
 /// Refuses a persisted message storage cannot hold (a NUL character: Postgres' `jsonb` and
 /// `text` refuse it), naming where it is, before it can share a batch with other requests.
-fn check_storable(payload: &serde_json::Value, key: Option<&str>) -> Result<(), ApiError> {
+fn check_storable(payload: &serde_json::Value) -> Result<(), ApiError> {
     if let Some(pointer) = nul_pointer(payload) {
         return Err(ApiError::bad_request(
             "unstorable_body",
@@ -191,12 +178,6 @@ fn check_storable(payload: &serde_json::Value, key: Option<&str>) -> Result<(), 
                 "the string at `{pointer}` in the body holds a NUL character (\\u0000), \
                  which a persisted message cannot hold"
             ),
-        ));
-    }
-    if key.is_some_and(|k| k.contains('\0')) {
-        return Err(ApiError::bad_request(
-            "bad_idempotency_key",
-            "Idempotency-Key holds a NUL character, which a persisted message cannot hold",
         ));
     }
     Ok(())
@@ -289,7 +270,11 @@ pub(crate) async fn send_message(
             ),
         ));
     }
-    let key = idempotency_key(&headers)?.or_else(|| def.idempotency_key(&decoded));
+    // The caller's key lives in this route's space; a key the message itself derives is
+    // the same whoever sends it.
+    let key = IdempotencyKey::from_headers(&headers)?
+        .map(|key| key.in_space(KEY_SPACE))
+        .or_else(|| def.idempotency_key(&decoded));
     if key.is_some() && !persisted {
         return Err(ApiError::bad_request(
             "not_persisted",
@@ -299,7 +284,7 @@ pub(crate) async fn send_message(
         ));
     }
     if persisted {
-        check_storable(&payload, key.as_deref())?;
+        check_storable(&payload)?;
     }
     let timeout = request_timeout(&headers, state.config.gateway.request_timeout)?;
     let mut request = if persisted {

@@ -987,3 +987,142 @@ async fn an_operator_may_opt_into_one_shared_extraction_cache() -> anyhow::Resul
     ensure!(answer.status == StatusCode::OK, "{}", answer.text());
     Ok(())
 }
+
+/// Posts `body` as `token` with `key` as the `Idempotency-Key`.
+async fn post_keyed(
+    http: &Http,
+    token: &str,
+    path: &str,
+    body: &Value,
+    key: &str,
+) -> anyhow::Result<(StatusCode, String, Value)> {
+    let auth = format!("Bearer {token}");
+    let response = http
+        .post_json(
+            path,
+            body,
+            &[("authorization", auth.as_str()), ("idempotency-key", key)],
+        )
+        .await?;
+    let json = response.json().unwrap_or(Value::Null);
+    let code = json["error"]["code"].as_str().unwrap_or("").to_owned();
+    Ok((response.status, code, json))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_takes_keys_by_one_rule_each_in_a_space_of_its_own() -> anyhow::Result<()> {
+    let (_cluster, _runner, gateway) = setup().await?;
+    let http = &gateway.http;
+    let acme = hs256(&claims("acme", 300), SECRET)?;
+    let mut operator_claims = claims("ops", 300);
+    operator_claims["scope"] = json!("shoal:operator");
+    let operator = hs256(&operator_claims, SECRET)?;
+
+    // The rule: 1–255 printable characters, an empty key refused (not taken as no key).
+    let run_at = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let job =
+        |n: usize| json!({"type": "diag.noop", "payload": {}, "run_at": run_at, "priority": n});
+    let routes: [(&str, Value, StatusCode); 3] = [
+        (
+            "/entities/counter/acme:keyed/increment",
+            json!({}),
+            StatusCode::OK,
+        ),
+        (
+            "/tenants/acme/events",
+            json!({"topic": "t", "data": 1}),
+            StatusCode::CREATED,
+        ),
+        ("/jobs", job(1), StatusCode::ACCEPTED),
+    ];
+    for (path, body, ok) in &routes {
+        for bad in [String::new(), "k".repeat(256)] {
+            let (status, code, json) = post_keyed(http, &acme, path, body, &bad).await?;
+            ensure!(
+                status == StatusCode::BAD_REQUEST && code == "bad_idempotency_key",
+                "{path} with a key of {} characters: {status} {json}",
+                bad.len()
+            );
+        }
+        let longest = "k".repeat(255);
+        let (status, _, json) = post_keyed(http, &acme, path, body, &longest).await?;
+        ensure!(status == *ok, "{path} with 255 characters: {status} {json}");
+    }
+    // A job's key in the body follows the same rule.
+    for (key, ok) in [
+        ("", false),
+        (&*"j".repeat(256), false),
+        (&*"j".repeat(255), true),
+    ] {
+        let mut body = job(2);
+        body["key"] = json!(key);
+        let (status, code, json) = post_as(http, &acme, "/jobs", &body).await?;
+        ensure!(
+            (status == StatusCode::ACCEPTED) == ok && (ok || code == "bad_idempotency_key"),
+            "body key of {} characters: {status} {json}",
+            key.len()
+        );
+    }
+
+    // Spaces: a key first used on the entity route (a publish its handler refuses) does not
+    // answer a later events-route publish with that refusal…
+    let (status, _, json) = post_keyed(
+        http,
+        &operator,
+        "/entities/notification/acme/publish",
+        &json!({"topic": "no spaces allowed", "data": 1}),
+        "shared-1",
+    )
+    .await?;
+    ensure!(
+        status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{status} {json}"
+    );
+    let (status, _, published) = post_keyed(
+        http,
+        &acme,
+        "/tenants/acme/events",
+        &json!({"topic": "t", "data": 2}),
+        "shared-1",
+    )
+    .await?;
+    ensure!(
+        status == StatusCode::CREATED,
+        "events route: {status} {published}"
+    );
+    // …and an events-route key does not answer the entity route with that event.
+    let (status, _, first) = post_keyed(
+        http,
+        &acme,
+        "/tenants/acme/events",
+        &json!({"topic": "t", "data": 3}),
+        "shared-2",
+    )
+    .await?;
+    ensure!(status == StatusCode::CREATED, "{status} {first}");
+    let (status, _, second) = post_keyed(
+        http,
+        &operator,
+        "/entities/notification/acme/publish",
+        &json!({"topic": "t", "data": 4}),
+        "shared-2",
+    )
+    .await?;
+    ensure!(status == StatusCode::OK, "{status} {second}");
+    let first_seq = first["seq"].as_u64().context("seq")?;
+    ensure!(
+        second["reply"]["seq"].as_u64() == Some(first_seq + 1),
+        "a new event after {first_seq}: {second}"
+    );
+    // Within one route a key still names one send.
+    let (_, _, again) = post_keyed(
+        http,
+        &acme,
+        "/tenants/acme/events",
+        &json!({"topic": "t", "data": 3}),
+        "shared-2",
+    )
+    .await?;
+    ensure!(again["seq"] == first["seq"], "{again} vs {first}");
+    Ok(())
+}

@@ -69,8 +69,14 @@ pub struct NewJob {
     pub job_type: String,
     /// Its payload (decoded against the type's payload at the gateway).
     pub payload: serde_json::Value,
-    /// The unique key, if any.
+    /// The unique key, if any: 1–255 characters, none a control character (the
+    /// `Idempotency-Key` header's rule).
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub key: Option<String>,
     /// Not before this.
     #[serde(default)]

@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use shoal::client::{ClientError, ShoalClient};
-use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody};
+use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, IdempotencyKey, JsonBody};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -32,9 +32,6 @@ use super::entity::{Job, JobMessage, NewJob};
 use super::listing::{self, JobPage, ListQuery, MAX_LIMIT};
 use super::record::{JobStatus, JobView};
 use super::registry::JobRegistry;
-
-/// Longest unique key.
-pub const MAX_KEY_LEN: usize = 256;
 
 /// Where the listing reads: the cluster's database.
 #[derive(Debug, Clone)]
@@ -110,23 +107,12 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
         ));
     }
     new.tenant = tenant_of(headers)?;
-    if new.key.is_none() {
-        new.key = headers
-            .get("idempotency-key")
-            .map(|v| v.to_str().map(str::to_owned))
-            .transpose()
-            .map_err(|_| {
-                ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text")
-            })?;
-    }
-    if let Some(key) = &new.key
-        && (key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control))
-    {
-        return Err(ApiError::bad_request(
-            "bad_key",
-            format!("field `key`: 1–{MAX_KEY_LEN} printable characters"),
-        ));
-    }
+    // One rule for the key, in the body or the header; job keys are a space of their own
+    // (`job-key` entities, not message keys).
+    new.key = match new.key.take() {
+        Some(key) => Some(IdempotencyKey::parse(&key, "field `key`")?.into_inner()),
+        None => IdempotencyKey::from_headers(headers)?.map(IdempotencyKey::into_inner),
+    };
     check_limits(registry.limits(), new)?;
     if new
         .priority
@@ -386,4 +372,21 @@ fn check_list(query: &ListQuery) -> Result<(), ApiError> {
             .map_err(|e| ApiError::bad_request("bad_query", format!("query `cursor`: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal::gateway::IdempotencyKey;
+    use utoipa::PartialSchema;
+
+    use super::NewJob;
+
+    #[test]
+    fn the_documented_key_is_the_key_rule() {
+        let schema = serde_json::to_value(NewJob::schema()).expect("a schema");
+        let key = &schema["properties"]["key"];
+        assert_eq!(key["minLength"], 1, "{key}");
+        assert_eq!(key["maxLength"], IdempotencyKey::MAX_CHARS, "{key}");
+        assert_eq!(key["pattern"], IdempotencyKey::PATTERN, "{key}");
+    }
 }

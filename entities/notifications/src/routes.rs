@@ -18,7 +18,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::response::sse::{KeepAlive, Sse};
 use serde::{Deserialize, Serialize};
-use shoal::gateway::{ApiError, AppRouter, ErrorBody, GatewayContext, JsonBody, Principal};
+use shoal::gateway::{
+    ApiError, AppRouter, ErrorBody, GatewayContext, IdempotencyKey, JsonBody, Principal,
+};
 use shoal::retry::RetryClass;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -32,6 +34,10 @@ use super::{NotificationsConfig, Tenant, Topic};
 
 /// Most topics one subscription may name.
 pub const MAX_TOPICS: usize = 32;
+
+/// The space of the keys callers give `POST /tenants/{t}/events` (see
+/// [`IdempotencyKey::in_space`]).
+const KEY_SPACE: &str = "events";
 
 /// What the subscribe route needs on this gateway.
 #[derive(Debug, Clone)]
@@ -100,11 +106,7 @@ async fn publish(
     new.topic
         .parse::<Topic>()
         .map_err(|e| ApiError::bad_request("bad_topic", format!("field `topic`: {e}")))?;
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(str::to_owned))
-        .transpose()
-        .map_err(|_| ApiError::bad_request("bad_key", "header `Idempotency-Key` is not text"))?;
+    let key = IdempotencyKey::from_headers(&headers)?.map(|key| key.in_space(KEY_SPACE));
     let mut entity = gateway.client().entity::<Notification>(tenant.as_str());
     let keyed = key.is_some();
     if let Some(key) = key {
