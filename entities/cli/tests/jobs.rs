@@ -326,6 +326,35 @@ async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<
         job["status"] == "cancelled" && outcomes(&job).is_empty(),
         "{job}"
     );
+    // A cancel that changes nothing says so: of a cancelled job, of one that succeeded.
+    let again = http
+        .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
+        .await?;
+    ensure!(
+        again.status == StatusCode::UNPROCESSABLE_ENTITY
+            && again.error()?.0 == "not_cancellable"
+            && again.text().contains("already cancelled"),
+        "{} {}",
+        again.status,
+        again.text()
+    );
+    let done = enqueue(http, json!({"type": "diag.noop", "payload": {}})).await?;
+    await_status(http, &done, "succeeded").await?;
+    let late = http
+        .post_json(&format!("/jobs/{done}/cancel"), &json!({}), &[])
+        .await?;
+    ensure!(
+        late.status == StatusCode::UNPROCESSABLE_ENTITY
+            && late.error()?.0 == "not_cancellable"
+            && late.text().contains("already succeeded"),
+        "{} {}",
+        late.status,
+        late.text()
+    );
+    ensure!(
+        show(http, &done).await?["status"] == "succeeded",
+        "unchanged"
+    );
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 //!   attempt runs.
 //! - `POST /jobs/{id}/retry`: a dead or cancelled job runs again with a fresh budget (422
 //!   `not_retryable` otherwise).
-//! - `POST /jobs/{id}/cancel`: cancels the job (a running attempt cooperatively).
+//! - `POST /jobs/{id}/cancel`: cancels the job (a running attempt cooperatively); 422
+//!   `not_cancellable` for a job that is already over.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -276,7 +277,8 @@ async fn retry(
     responses(
         (status = 202, description = "Cancel requested", body = CancelRequested),
         (status = 400, description = "Bad id", body = ErrorBody),
-        (status = 404, description = "A caller with a tenant: no such job of its tenant", body = ErrorBody),
+        (status = 404, description = "No such job (of the caller's tenant)", body = ErrorBody),
+        (status = 422, description = "`not_cancellable`: the job already succeeded, died or was cancelled; nothing changed", body = ErrorBody),
         (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
@@ -287,9 +289,21 @@ async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<CancelRequested>), ApiError> {
     let id = job_id(path)?;
-    if tenant_of(&headers)?.is_some() {
-        // Only the caller's own job; without a tenant, cancel stays one call (no read).
-        visible(gateway.client(), &headers, &id).await?;
+    // Only the caller's own job, and one that is not over: a cancel that would change
+    // nothing says so (a job that finishes between this read and the cancel stays as it
+    // finished; `GET /jobs/{id}` tells).
+    let view = visible(gateway.client(), &headers, &id).await?;
+    if view.status.is_finished() {
+        return Err(ApiError::HandlerError {
+            code: "not_cancellable".to_owned(),
+            message: format!(
+                "job {id} is already {}; cancel changes nothing",
+                serde_json::to_value(view.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        });
     }
     let reply = gateway
         .client()
