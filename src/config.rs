@@ -16,7 +16,7 @@ mod redis;
 mod runner;
 
 pub use self::cluster::{ClusterConfig, DatabaseConfig, LogConfig, LogFormat, RetentionConfig};
-pub use self::gateway::{AuthConfig, GatewayConfig};
+pub use self::gateway::{AuthConfig, CorsConfig, GatewayConfig};
 pub use self::loader::{ApplicationConfig, ConfigLoader};
 pub use self::redis::{
     ApiLimitsConfig, BreakerConfig, CacheConfig, ProviderLimitsConfig, RatePreset, RedisConfig,
@@ -166,6 +166,7 @@ impl ShoalConfig {
         }
         self.redis.validate()?;
         self.gateway.auth.validate()?;
+        self.gateway.cors.validate()?;
         self.runner.validate()
     }
 

@@ -13,6 +13,7 @@
 mod app;
 mod auth;
 mod connections;
+mod cors;
 mod error;
 mod health;
 mod idempotency;
@@ -121,7 +122,7 @@ pub(crate) struct AppState {
     /// `/openapi.json`: the gateway's operations, the registry's and the application's.
     pub(crate) openapi: axum::body::Bytes,
     /// `[gateway.auth]`'s verifier (`None`: auth is off).
-    pub(crate) auth: Option<Arc<auth::Verifier>>,
+    pub(crate) auth: auth::Gate,
 }
 
 /// The request id of the request being handled.
@@ -140,9 +141,15 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         .map(|r| r.get_openapi().clone())
         .collect();
     let openapi = openapi::render(&params.registry, fragments).map_err(GatewayError::Setup)?;
+    let document: serde_json::Value =
+        serde_json::from_slice(&openapi).map_err(|e| GatewayError::Setup(e.to_string()))?;
     let auth = auth::Verifier::new(&params.config.gateway.auth)
         .map_err(GatewayError::Setup)?
         .map(Arc::new);
+    let auth = auth::Gate {
+        verifier: auth,
+        streams: auth::streams_in(&document).into(),
+    };
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -245,8 +252,11 @@ pub(crate) fn router(state: AppState, app: Router) -> Router {
     let max_body = state.config.gateway.max_body_bytes;
     // Shared, not cloned: axum hands every handler and middleware its own copy of the state.
     let auth = state.auth.clone();
+    let cors = serde_json::from_slice(&state.openapi)
+        .ok()
+        .and_then(|doc| cors::layer(&state.config.gateway.cors, cors::methods_in(&doc)));
     let state = Arc::new(state);
-    own_routes()
+    let router = own_routes()
         .into_iter()
         .fold(Router::new(), |router, (_, path, route)| {
             router.route(path, route)
@@ -261,7 +271,13 @@ pub(crate) fn router(state: AppState, app: Router) -> Router {
             rate_limit::enforce,
         ))
         .layer(middleware::from_fn_with_state(auth, auth::enforce))
-        .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn(request_context));
+    // Outermost: a preflight is answered before auth and rate limits, and every answer to
+    // an allowed origin (errors too) carries its grant.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// The gateway's own routes as (method, path, handler): the router is built from this

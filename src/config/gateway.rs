@@ -1,4 +1,5 @@
-//! `[gateway]` and `[gateway.auth]`: the HTTP front door and its token checks.
+//! `[gateway]`, `[gateway.auth]` and `[gateway.cors]`: the HTTP front door, its token
+//! checks and the browser origins it serves.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -36,6 +37,77 @@ pub struct GatewayConfig {
     pub header_read_timeout: Duration,
     /// `[gateway.auth]`: bearer-token (JWT) auth for every route. Off by default.
     pub auth: AuthConfig,
+    /// `[gateway.cors]`: the browser origins granted cross-origin access. None by default.
+    pub cors: CorsConfig,
+}
+
+/// `[gateway.cors]`: web apps served from these origins may call every route and open
+/// the event streams from the browser (preflights answered, `Retry-After`, `Location`,
+/// `X-Request-Id` and `WWW-Authenticate` readable). No credentials mode: a browser sends
+/// its token as `Authorization`, or an `EventSource` as `?access_token=` (see
+/// `[gateway.auth] query-token-max-lifetime`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Exact origins, `scheme://host[:port]` (e.g. `https://app.example`). Default none:
+    /// no cross-origin grants.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight's answer. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl CorsConfig {
+    /// Most origins listed.
+    pub const MAX_ORIGINS: usize = 64;
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid {
+            key: "gateway.cors.allowed-origins",
+            problem,
+        };
+        if self.allowed_origins.len() > Self::MAX_ORIGINS {
+            return Err(invalid(format!("at most {} origins", Self::MAX_ORIGINS)));
+        }
+        for origin in &self.allowed_origins {
+            check_origin(origin).map_err(|why| invalid(format!("`{origin}`: {why}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `origin` is what a browser sends as `Origin`: `http` or `https`, a host, an
+/// optional port, nothing else (no path, no trailing `/`, no `*`).
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    if origin.contains('*') {
+        return Err("wildcards are not allowed; list each origin");
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or("must start with `https://` or `http://`")?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err("must be `scheme://host[:port]` with no path, query or user");
+    }
+    if !rest.is_ascii() || rest.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err("must be lowercase ASCII, as browsers send it (punycode for IDNs)");
+    }
+    if let Some((_, port)) = rest.rsplit_once(':')
+        && !rest.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err("the port must be a number up to 65535");
+    }
+    Ok(())
 }
 
 /// `[gateway.auth]`: every route but `/health`, `/ready`, `/metrics` and `/openapi.json`
@@ -43,7 +115,7 @@ pub struct GatewayConfig {
 /// tenant is then the token's (`tenant-claim`), and an `X-Tenant-Id` naming another
 /// tenant is refused (403). Off by default (local clusters, `shoal dev`); turn it on in
 /// production.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Whether tokens are required. Default `false`.
@@ -62,6 +134,27 @@ pub struct AuthConfig {
     /// Clock skew allowed on `exp` and `nbf`. Default `30s`.
     #[serde(with = "humantime_serde::option")]
     pub leeway: Option<Duration>,
+    /// Longest lifetime left (`exp` minus now) of a token passed as `?access_token=`,
+    /// which only the event-stream routes take (a browser's `EventSource` cannot set
+    /// `Authorization`; a URL is seen by more than a header, so such tokens must be
+    /// short-lived). Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub query_token_max_lifetime: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            hs256_secret: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            tenant_claim: None,
+            leeway: None,
+            query_token_max_lifetime: Duration::from_secs(300),
+        }
+    }
 }
 
 impl AuthConfig {
@@ -104,6 +197,37 @@ impl Default for GatewayConfig {
             max_connections_per_client: 1024,
             header_read_timeout: Duration::from_secs(10),
             auth: AuthConfig::default(),
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_exact_and_as_browsers_send_them() {
+        for good in [
+            "https://app.example",
+            "http://localhost:5173",
+            "http://127.0.0.1:8080",
+            "http://[::1]:3000",
+        ] {
+            assert_eq!(check_origin(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "*",
+            "https://*.example",
+            "app.example",
+            "https://app.example/",
+            "https://app.example/path",
+            "https://App.Example",
+            "https://app.example:99999",
+            "ftp://app.example",
+            "https://",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
         }
     }
 }

@@ -51,6 +51,14 @@ pub(crate) struct Verifier {
     config: AuthConfig,
 }
 
+/// The middleware's state: the verifier (`None`: auth is off) and the event-stream routes
+/// (matched paths), the only ones that take `?access_token=`.
+#[derive(Debug, Clone)]
+pub(crate) struct Gate {
+    pub(crate) verifier: Option<Arc<Verifier>>,
+    pub(crate) streams: Arc<[String]>,
+}
+
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
@@ -113,6 +121,16 @@ impl Verifier {
 
     /// The principal of a bearer token, or why it is refused.
     pub(crate) fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        self.verify_within(token, None)
+    }
+
+    /// [`Self::verify`], and, given `max_lifetime`, a token whose `exp` is further than
+    /// that from now is refused too.
+    fn verify_within(
+        &self,
+        token: &str,
+        max_lifetime: Option<std::time::Duration>,
+    ) -> Result<Principal, ApiError> {
         // The answer never says which check failed (that would guide a forger); the log
         // does, at debug.
         let invalid = |reason: String| {
@@ -157,6 +175,23 @@ impl Verifier {
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|e| invalid(format!("the token: {e}")))?
             .claims;
+        if let Some(max) = max_lifetime {
+            let left = claims
+                .get("exp")
+                .and_then(serde_json::Value::as_i64)
+                .map(|exp| exp - chrono::Utc::now().timestamp());
+            let max = i64::try_from(max.as_secs()).unwrap_or(i64::MAX);
+            if left.is_none_or(|left| left > max) {
+                return Err(ApiError::Unauthorized {
+                    code: "long_lived_query_token",
+                    message: format!(
+                        "a token in `?access_token=` must expire within {max} s \
+                         (`[gateway.auth] query-token-max-lifetime`); send a longer-lived \
+                         one as `Authorization: Bearer`"
+                    ),
+                });
+            }
+        }
         let claim = self.config.tenant_claim();
         let tenant = claims
             .get(claim)
@@ -178,19 +213,25 @@ impl Verifier {
     }
 }
 
-/// The middleware: passes requests through when auth is off.
+/// The middleware: passes requests through when auth is off (an event stream's
+/// `?access_token=` is taken out all the same, so a web app works either way).
 pub(crate) async fn enforce(
-    State(verifier): State<Option<Arc<Verifier>>>,
+    State(gate): State<Gate>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(verifier) = verifier else {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let token = query_token(&gate.streams, route.as_deref(), &mut request);
+    let Some(verifier) = gate.verifier else {
         return next.run(request).await;
     };
     if OPEN.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let principal = match authenticate(&verifier, &request) {
+    let principal = match authenticate(&verifier, &request, token) {
         Ok(principal) => principal,
         Err(error) => return error.into_response(),
     };
@@ -203,7 +244,73 @@ pub(crate) async fn enforce(
     next.run(request).await
 }
 
-fn authenticate(verifier: &Verifier, request: &Request) -> Result<Principal, ApiError> {
+/// The paths of OpenAPI document `doc` whose `GET` answers `text/event-stream`.
+pub(crate) fn streams_in(doc: &serde_json::Value) -> Vec<String> {
+    doc["paths"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, operations)| {
+            operations["get"]["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some()
+        })
+        .map(|(path, _)| path.clone())
+        .collect()
+}
+
+/// The query parameter an `EventSource` passes its token in.
+const QUERY_TOKEN: &str = "access_token";
+
+/// A short-lived token in the query of a `GET` to an event-stream route, taken out of the
+/// URI (so no handler or log sees it), when the request has no `Authorization`.
+fn query_token(streams: &[String], route: Option<&str>, request: &mut Request) -> Option<String> {
+    if request.method() != axum::http::Method::GET
+        || request
+            .headers()
+            .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return None;
+    }
+    let route = route?;
+    if !streams.iter().any(|s| s == route) {
+        return None;
+    }
+    let query = request.uri().query()?;
+    let mut token = None;
+    let mut rest = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name == QUERY_TOKEN {
+            token = Some(value.into_owned());
+        } else {
+            rest.append_pair(&name, &value);
+        }
+    }
+    let token = token?;
+    let rest = rest.finish();
+    let path_and_query = if rest.is_empty() {
+        request.uri().path().to_owned()
+    } else {
+        format!("{}?{rest}", request.uri().path())
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    Some(token)
+}
+
+fn authenticate(
+    verifier: &Verifier,
+    request: &Request,
+    query_token: Option<String>,
+) -> Result<Principal, ApiError> {
+    if let Some(token) = query_token {
+        let max = verifier.config.query_token_max_lifetime;
+        let principal = verifier.verify_within(&token, Some(max))?;
+        return check_tenant_header(request, principal);
+    }
     let header = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -225,6 +332,11 @@ fn authenticate(verifier: &Verifier, request: &Request) -> Result<Principal, Api
             message: "`Authorization` must be `Bearer <token>`".to_owned(),
         })?;
     let principal = verifier.verify(token)?;
+    check_tenant_header(request, principal)
+}
+
+/// Refuses an `X-Tenant-Id` naming another tenant than the token's.
+fn check_tenant_header(request: &Request, principal: Principal) -> Result<Principal, ApiError> {
     if let Some(asked) = request.headers().get(TENANT)
         && asked.as_bytes() != principal.tenant.as_bytes()
     {
@@ -271,6 +383,53 @@ mod tests {
             "iss": "https://issuer.example", "aud": "shoal", "tenant": "acme",
             "sub": "u1", "exp": now + exp_offset,
         })
+    }
+
+    #[test]
+    fn a_query_token_must_be_short_lived_and_is_taken_out_of_the_uri() {
+        let verifier = verifier();
+        let five_minutes = Some(std::time::Duration::from_secs(300));
+        assert!(
+            verifier
+                .verify_within(&token(claims(60), SECRET), five_minutes)
+                .is_ok()
+        );
+        let long = verifier.verify_within(&token(claims(3600), SECRET), five_minutes);
+        assert!(
+            matches!(
+                long,
+                Err(ApiError::Unauthorized {
+                    code: "long_lived_query_token",
+                    ..
+                })
+            ),
+            "{long:?}"
+        );
+        // Only on a stream route, only for GET, only without `Authorization`.
+        let streams: Vec<String> = vec!["/tenants/{tenant}/events".to_owned()];
+        let request = |method: &str, uri: &str| {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .expect("a request")
+        };
+        let stream = Some(streams[0].as_str());
+        let mut get = request("GET", "/tenants/a/events?topics=x&access_token=t1");
+        assert_eq!(
+            query_token(&streams, stream, &mut get).as_deref(),
+            Some("t1")
+        );
+        assert_eq!(get.uri().to_string(), "/tenants/a/events?topics=x");
+        let mut other = request("GET", "/jobs?access_token=t1");
+        assert_eq!(query_token(&streams, Some("/jobs"), &mut other), None);
+        let mut post = request("POST", "/tenants/a/events?access_token=t1");
+        assert_eq!(query_token(&streams, stream, &mut post), None);
+        let mut bearer = request("GET", "/tenants/a/events?access_token=t1");
+        bearer
+            .headers_mut()
+            .insert("authorization", HeaderValue::from_static("Bearer x"));
+        assert_eq!(query_token(&streams, stream, &mut bearer), None);
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn document(
     }
     let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
     declare_enforced(&mut doc);
+    declare_query_tokens(&mut doc);
     let generic = doc["paths"][entities::GENERIC]["post"].clone();
     let typed = entities::typed_paths(registry, &generic)?;
     let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
@@ -87,6 +88,29 @@ pub(crate) fn render(
 const ENTITY_TYPE_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
 /// `EntityId`: no control character (Unicode category Cc).
 const ENTITY_ID_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
+
+/// Declares `?access_token=` on the event-stream routes, the only ones that take it (see
+/// `gateway::auth`).
+fn declare_query_tokens(doc: &mut Value) {
+    let streams = super::auth::streams_in(doc);
+    for path in streams {
+        let Some(parameters) = doc["paths"][&path]["get"]
+            .as_object_mut()
+            .map(|operation| operation.entry("parameters").or_insert_with(|| json!([])))
+            .and_then(Value::as_array_mut)
+        else {
+            continue;
+        };
+        parameters.push(json!({
+            "name": "access_token", "in": "query", "required": false,
+            "description": "With auth on, for a browser's `EventSource` (which cannot set \
+                `Authorization`): the bearer token, expiring within \
+                `[gateway.auth] query-token-max-lifetime` (default 5 minutes). Taken out \
+                of the URI before the route sees it.",
+            "schema": {"type": "string", "minLength": 1},
+        }));
+    }
+}
 
 /// Declares in `doc` the rules the server enforces that the annotations cannot say.
 fn declare_enforced(doc: &mut Value) {

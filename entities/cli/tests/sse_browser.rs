@@ -5,6 +5,12 @@
 //! gateway is killed (SIGKILL) and started again at the same address, the browser
 //! reconnects by itself after the stream's `retry:` and sends `Last-Event-ID`, and gets
 //! exactly the events published while it was away, then live ones.
+//!
+//! Cross-origin (`[gateway.cors]`): a page on an allowed origin (`http://localhost:<port>`
+//! against the gateway at `http://127.0.0.1:<port>`) reads a plain `fetch`, a preflighted
+//! `POST` with `Idempotency-Key`, the exposed `X-Request-Id`, and an `EventSource` (with an
+//! `?access_token=` the gateway takes out of the URI); a page on an origin not listed
+//! gets neither the fetch nor the stream.
 
 mod common;
 
@@ -166,5 +172,170 @@ async fn chromiums_event_source_reads_resumes_and_reconnects_by_itself() -> anyh
             "{event}"
         );
     }
+    Ok(())
+}
+
+/// Runs `script` (which sets `window.done` when it is over) and waits for `window.done`.
+async fn run_async(browser: &Browser, what: &str, script: &str) -> anyhow::Result<Value> {
+    browser
+        .execute(&format!("window.done = undefined; {script}; return true;"))
+        .await?;
+    wait_until(DEADLINE, what, || async {
+        Ok(!browser.execute("return window.done;").await?.is_null())
+    })
+    .await?;
+    browser.execute("return window.done;").await
+}
+
+const CROSS_ORIGIN_CALLS: &str = r#"
+    const api = '{api}';
+    (async () => {
+        const out = {};
+        try {
+            const health = await fetch(api + '/cluster');
+            out.get = health.status;
+            out.request_id = health.headers.get('x-request-id');
+            const posted = await fetch(api + '/tenants/web/events', {
+                method: 'POST',
+                headers: {'Content-Type': 'application/json', 'Idempotency-Key': 'web-1'},
+                body: JSON.stringify({topic: 'tick', data: {from: 'browser'}}),
+            });
+            out.post = posted.status;
+            out.seq = (await posted.json()).seq;
+        } catch (e) {
+            out.blocked = String(e);
+        }
+        window.done = out;
+    })()
+"#;
+
+const CROSS_ORIGIN_STREAM: &str = r#"
+    window.streamed = []; window.stream_errors = 0; window.stream_open = 0;
+    const stream = new EventSource('{api}/tenants/web/events?topics=tick&access_token=unused-with-auth-off');
+    stream.addEventListener('tick', e => window.streamed.push(e.lastEventId));
+    stream.onopen = () => { window.stream_open += 1; };
+    stream.onerror = () => { window.stream_errors += 1; };
+    window.stream = stream;
+    return true;
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_an_allowed_origin_calls_and_streams_and_another_is_blocked() -> anyhow::Result<()>
+{
+    let browser = Browser::start().await?;
+    let cluster = TestCluster::new(16).await?;
+    let runner = cluster
+        .start_runner_with(RunnerOptions {
+            env: redis_env(&cluster),
+            ..RunnerOptions::default()
+        })
+        .await?;
+    cluster.await_balanced(&[&runner]).await?;
+    let port = shoal_testkit::free_port()?;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut env = redis_env(&cluster);
+    env.push((
+        "SHOAL__GATEWAY__CORS__ALLOWED_ORIGINS".to_owned(),
+        format!("[\"http://localhost:{port}\"]"),
+    ));
+    let _allowing = Gateway::start(
+        &cluster,
+        GatewayOptions {
+            env,
+            redis_url: Some(shoal_testkit::redis::redis_url()),
+            listen: Some(addr),
+        },
+    )
+    .await?;
+    let other = gateway(&cluster, None).await?;
+    let api = format!("http://127.0.0.1:{port}");
+
+    // The allowed origin: same host, other name, so every call is cross-origin.
+    browser
+        .goto(&format!("http://localhost:{port}/health"))
+        .await?;
+    let calls = run_async(
+        &browser,
+        "the allowed page's calls",
+        &CROSS_ORIGIN_CALLS.replace("{api}", &api),
+    )
+    .await?;
+    ensure!(
+        calls["get"] == 200 && calls["post"] == 201 && calls["seq"] == 1,
+        "{calls}"
+    );
+    ensure!(
+        calls["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "X-Request-Id is exposed: {calls}"
+    );
+    browser
+        .execute(&CROSS_ORIGIN_STREAM.replace("{api}", &api))
+        .await?;
+    wait_until(DEADLINE, "the cross-origin EventSource is open", || async {
+        Ok(browser.execute("return window.stream_open;").await? == json!(1))
+    })
+    .await?;
+    publish_to(&other.http, "web", 2).await?;
+    wait_until(DEADLINE, "the event in the cross-origin stream", || async {
+        Ok(browser.execute("return window.streamed;").await? == json!(["2"]))
+    })
+    .await?;
+
+    // An origin not listed (the other gateway's): the browser withholds both.
+    browser
+        .goto(&format!("http://{}/health", other.addr))
+        .await?;
+    let calls = run_async(
+        &browser,
+        "the other page's calls",
+        &CROSS_ORIGIN_CALLS.replace("{api}", &api),
+    )
+    .await?;
+    ensure!(
+        calls["blocked"]
+            .as_str()
+            .is_some_and(|e| e.contains("TypeError"))
+            && calls.get("get").is_none(),
+        "{calls}"
+    );
+    browser
+        .execute(&CROSS_ORIGIN_STREAM.replace("{api}", &api))
+        .await?;
+    wait_until(DEADLINE, "the blocked EventSource fails", || async {
+        Ok(browser
+            .execute("return window.stream_errors;")
+            .await?
+            .as_u64()
+            .unwrap_or(0)
+            >= 1)
+    })
+    .await?;
+    publish_to(&other.http, "web", 3).await?;
+    ensure!(
+        browser
+            .execute("return [window.stream_open, window.streamed];")
+            .await?
+            == json!([0, []]),
+        "the blocked page read nothing"
+    );
+    Ok(())
+}
+
+async fn publish_to(http: &common::gateway::Http, tenant: &str, seq: u64) -> anyhow::Result<()> {
+    let answer = http
+        .post_json(
+            &format!("/tenants/{tenant}/events"),
+            &json!({"topic": "tick", "data": {}}),
+            &[],
+        )
+        .await?;
+    ensure!(
+        answer.status == 201 && answer.json()?["seq"] == seq,
+        "publish: {} {}",
+        answer.status,
+        answer.text()
+    );
     Ok(())
 }
