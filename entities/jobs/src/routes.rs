@@ -71,7 +71,10 @@ pub struct CancelRequested {
     params(("Idempotency-Key" = Option<String>, Header, description = "The job's unique key (as `key`)")),
     responses(
         (status = 202, description = "Enqueued (or the existing job of the key)", body = Enqueued),
-        (status = 400, description = "Unknown type, a payload that does not decode, a bad field", body = ErrorBody),
+        (status = 400, description = "Unknown type, a payload that does not decode, a bad field or key", body = ErrorBody),
+        (status = 401, description = "Auth is on and the token is missing or invalid", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "The caller's rate limit; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
