@@ -28,9 +28,6 @@ use crate::status::ClusterStatus;
 /// Longest deadline a request may ask for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The space of the keys callers give this route (see [`IdempotencyKey::in_space`]).
-const KEY_SPACE: &str = "entities";
-
 /// A message's reply.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SendResponse {
@@ -270,10 +267,10 @@ pub(crate) async fn send_message(
             ),
         ));
     }
-    // The caller's key lives in this route's space; a key the message itself derives is
-    // the same whoever sends it.
+    // The caller's key as given (the routes that front an entity put theirs in a space of
+    // their own); a key the message itself derives is the same whoever sends it.
     let key = IdempotencyKey::from_headers(&headers)?
-        .map(|key| key.in_space(KEY_SPACE))
+        .map(IdempotencyKey::into_inner)
         .or_else(|| def.idempotency_key(&decoded));
     if key.is_some() && !persisted {
         return Err(ApiError::bad_request(
