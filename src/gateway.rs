@@ -123,6 +123,8 @@ pub(crate) struct AppState {
     pub(crate) openapi: axum::body::Bytes,
     /// `[gateway.auth]`'s verifier (`None`: auth is off).
     pub(crate) auth: auth::Gate,
+    /// `[gateway.cors]`'s layer (`None`: no origin is listed).
+    pub(crate) cors: Option<tower_http::cors::CorsLayer>,
 }
 
 /// The request id of the request being handled.
@@ -150,6 +152,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         verifier: auth,
         streams: auth::streams_in(&document).into(),
     };
+    let cors = cors::layer(&params.config.gateway.cors, cors::methods_in(&document));
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -206,6 +209,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         metrics: params.metrics,
         openapi,
         auth,
+        cors,
     };
     let address = listener.local_addr().map_err(|source| GatewayError::Bind {
         address: config.gateway.listen.to_string(),
@@ -252,9 +256,7 @@ pub(crate) fn router(state: AppState, app: Router) -> Router {
     let max_body = state.config.gateway.max_body_bytes;
     // Shared, not cloned: axum hands every handler and middleware its own copy of the state.
     let auth = state.auth.clone();
-    let cors = serde_json::from_slice(&state.openapi)
-        .ok()
-        .and_then(|doc| cors::layer(&state.config.gateway.cors, cors::methods_in(&doc)));
+    let cors = state.cors.clone();
     let state = Arc::new(state);
     let router = own_routes()
         .into_iter()

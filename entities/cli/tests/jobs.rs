@@ -327,33 +327,29 @@ async fn a_running_job_is_cancelled_and_shows_live_progress() -> anyhow::Result<
         "{job}"
     );
     // A cancel that changes nothing says so: of a cancelled job, of one that succeeded.
-    let again = http
-        .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
-        .await?;
-    ensure!(
-        again.status == StatusCode::UNPROCESSABLE_ENTITY
-            && again.error()?.0 == "not_cancellable"
-            && again.text().contains("already cancelled"),
-        "{} {}",
-        again.status,
-        again.text()
-    );
+    cancel_changes_nothing(http, &id, "cancelled").await?;
     let done = enqueue(http, json!({"type": "diag.noop", "payload": {}})).await?;
     await_status(http, &done, "succeeded").await?;
-    let late = http
-        .post_json(&format!("/jobs/{done}/cancel"), &json!({}), &[])
-        .await?;
-    ensure!(
-        late.status == StatusCode::UNPROCESSABLE_ENTITY
-            && late.error()?.0 == "not_cancellable"
-            && late.text().contains("already succeeded"),
-        "{} {}",
-        late.status,
-        late.text()
-    );
+    cancel_changes_nothing(http, &done, "succeeded").await?;
     ensure!(
         show(http, &done).await?["status"] == "succeeded",
         "unchanged"
+    );
+    Ok(())
+}
+
+/// A cancel of job `id`, already `state`, is refused as changing nothing.
+async fn cancel_changes_nothing(http: &Http, id: &str, state: &str) -> anyhow::Result<()> {
+    let answer = http
+        .post_json(&format!("/jobs/{id}/cancel"), &json!({}), &[])
+        .await?;
+    ensure!(
+        answer.status == StatusCode::UNPROCESSABLE_ENTITY
+            && answer.error()?.0 == "not_cancellable"
+            && answer.text().contains(&format!("already {state}")),
+        "{} {}",
+        answer.status,
+        answer.text()
     );
     Ok(())
 }

@@ -72,10 +72,22 @@ async fn seen(browser: &Browser) -> anyhow::Result<Vec<Value>> {
 }
 
 async fn publish(http: &common::gateway::Http, topic: &str, i: u64) -> anyhow::Result<()> {
+    publish_on(http, "browser", topic, json!({"i": i}))
+        .await
+        .map(drop)
+}
+
+/// Publishes on `tenant`'s stream; the event's seq.
+async fn publish_on(
+    http: &common::gateway::Http,
+    tenant: &str,
+    topic: &str,
+    data: Value,
+) -> anyhow::Result<Value> {
     let answer = http
         .post_json(
-            "/tenants/browser/events",
-            &json!({"topic": topic, "data": {"i": i}}),
+            &format!("/tenants/{tenant}/events"),
+            &json!({"topic": topic, "data": data}),
             &[],
         )
         .await?;
@@ -85,7 +97,7 @@ async fn publish(http: &common::gateway::Http, topic: &str, i: u64) -> anyhow::R
         answer.status,
         answer.text()
     );
-    Ok(())
+    Ok(answer.json()?["seq"].clone())
 }
 
 fn ids(seen: &[Value]) -> Vec<String> {
@@ -277,7 +289,7 @@ async fn a_page_on_an_allowed_origin_calls_and_streams_and_another_is_blocked() 
         Ok(browser.execute("return window.stream_open;").await? == json!(1))
     })
     .await?;
-    publish_to(&other.http, "web", 2).await?;
+    ensure!(publish_on(&other.http, "web", "tick", json!({})).await? == 2);
     wait_until(DEADLINE, "the event in the cross-origin stream", || async {
         Ok(browser.execute("return window.streamed;").await? == json!(["2"]))
     })
@@ -312,30 +324,13 @@ async fn a_page_on_an_allowed_origin_calls_and_streams_and_another_is_blocked() 
             >= 1)
     })
     .await?;
-    publish_to(&other.http, "web", 3).await?;
+    ensure!(publish_on(&other.http, "web", "tick", json!({})).await? == 3);
     ensure!(
         browser
             .execute("return [window.stream_open, window.streamed];")
             .await?
             == json!([0, []]),
         "the blocked page read nothing"
-    );
-    Ok(())
-}
-
-async fn publish_to(http: &common::gateway::Http, tenant: &str, seq: u64) -> anyhow::Result<()> {
-    let answer = http
-        .post_json(
-            &format!("/tenants/{tenant}/events"),
-            &json!({"topic": "tick", "data": {}}),
-            &[],
-        )
-        .await?;
-    ensure!(
-        answer.status == 201 && answer.json()?["seq"] == seq,
-        "publish: {} {}",
-        answer.status,
-        answer.text()
     );
     Ok(())
 }
