@@ -278,10 +278,21 @@ async fn post_as(
     path: &str,
     body: &Value,
 ) -> anyhow::Result<(StatusCode, String, Value)> {
+    post_with(http, token, path, body, &[]).await
+}
+
+/// Posts `body` as `token` with `extra` headers: the status, the error code, the body.
+async fn post_with(
+    http: &Http,
+    token: &str,
+    path: &str,
+    body: &Value,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, String, Value)> {
     let auth = format!("Bearer {token}");
-    let response = http
-        .post_json(path, body, &[("authorization", auth.as_str())])
-        .await?;
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend_from_slice(extra);
+    let response = http.post_json(path, body, &headers).await?;
     let json = response.json().unwrap_or(Value::Null);
     let code = json["error"]["code"].as_str().unwrap_or("").to_owned();
     Ok((response.status, code, json))
@@ -996,17 +1007,7 @@ async fn post_keyed(
     body: &Value,
     key: &str,
 ) -> anyhow::Result<(StatusCode, String, Value)> {
-    let auth = format!("Bearer {token}");
-    let response = http
-        .post_json(
-            path,
-            body,
-            &[("authorization", auth.as_str()), ("idempotency-key", key)],
-        )
-        .await?;
-    let json = response.json().unwrap_or(Value::Null);
-    let code = json["error"]["code"].as_str().unwrap_or("").to_owned();
-    Ok((response.status, code, json))
+    post_with(http, token, path, body, &[("idempotency-key", key)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1124,5 +1125,67 @@ async fn every_route_takes_keys_by_one_rule_each_in_a_space_of_its_own() -> anyh
     )
     .await?;
     ensure!(again["seq"] == first["seq"], "{again} vs {first}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_token_opens_only_its_tenants_stream_and_only_if_short_lived() -> anyhow::Result<()>
+{
+    let (_cluster, _runner, gateway) = setup().await?;
+    let http = &gateway.http;
+    let short = hs256(&claims("acme", 60), SECRET)?;
+    let long = hs256(&claims("acme", 3600), SECRET)?;
+    let get = |path: String| async move {
+        let response = http.client.get(http.url(&path)).send().await?;
+        let status = response.status();
+        // A stream's body never ends: only its head is read.
+        let code = if status == StatusCode::OK {
+            String::new()
+        } else {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            body["error"]["code"].as_str().unwrap_or("").to_owned()
+        };
+        anyhow::Ok((status, code))
+    };
+    let cases = [
+        // Its own stream, with topics kept after the token is taken out.
+        (
+            format!("/tenants/acme/events?topics=a&access_token={short}"),
+            StatusCode::OK,
+            "",
+        ),
+        // Another tenant's stream: the token's tenant decides.
+        (
+            format!("/tenants/beta/events?access_token={short}"),
+            StatusCode::FORBIDDEN,
+            "wrong_tenant",
+        ),
+        // A token that outlives `query-token-max-lifetime`.
+        (
+            format!("/tenants/acme/events?access_token={long}"),
+            StatusCode::UNAUTHORIZED,
+            "long_lived_query_token",
+        ),
+        // Not a stream route: the query is no place for a token there.
+        (
+            format!("/jobs?access_token={short}"),
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+        ),
+        // A forged or huge value is one more invalid token.
+        (
+            format!("/tenants/acme/events?access_token={}", "x".repeat(16_000)),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+        ),
+    ];
+    for (path, status, code) in cases {
+        let (got, got_code) = get(path.clone()).await?;
+        ensure!(
+            got == status && got_code == code,
+            "{}…: {got} {got_code}",
+            &path[..path.len().min(60)]
+        );
+    }
     Ok(())
 }
