@@ -220,11 +220,11 @@ pub(crate) async fn enforce(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let route = request
+    let on_stream = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let token = query_token(&gate.streams, route.as_deref(), &mut request);
+        .is_some_and(|route| gate.streams.iter().any(|s| s == route.as_str()));
+    let token = on_stream.then(|| query_token(&mut request)).flatten();
     let Some(verifier) = gate.verifier else {
         return next.run(request).await;
     };
@@ -262,18 +262,15 @@ pub(crate) fn streams_in(doc: &serde_json::Value) -> Vec<String> {
 /// The query parameter an `EventSource` passes its token in.
 const QUERY_TOKEN: &str = "access_token";
 
-/// A short-lived token in the query of a `GET` to an event-stream route, taken out of the
-/// URI (so no handler or log sees it), when the request has no `Authorization`.
-fn query_token(streams: &[String], route: Option<&str>, request: &mut Request) -> Option<String> {
+/// The token in the query of a `GET` to an event-stream route (the caller checks the
+/// route), taken out of the URI (so no handler or log sees it), when the request has no
+/// `Authorization`.
+fn query_token(request: &mut Request) -> Option<String> {
     if request.method() != axum::http::Method::GET
         || request
             .headers()
             .contains_key(axum::http::header::AUTHORIZATION)
     {
-        return None;
-    }
-    let route = route?;
-    if !streams.iter().any(|s| s == route) {
         return None;
     }
     let query = request.uri().query()?;
@@ -405,8 +402,7 @@ mod tests {
             ),
             "{long:?}"
         );
-        // Only on a stream route, only for GET, only without `Authorization`.
-        let streams: Vec<String> = vec!["/tenants/{tenant}/events".to_owned()];
+        // Only for GET, only without `Authorization` (the route is checked by `enforce`).
         let request = |method: &str, uri: &str| {
             Request::builder()
                 .method(method)
@@ -414,22 +410,16 @@ mod tests {
                 .body(axum::body::Body::empty())
                 .expect("a request")
         };
-        let stream = Some(streams[0].as_str());
         let mut get = request("GET", "/tenants/a/events?topics=x&access_token=t1");
-        assert_eq!(
-            query_token(&streams, stream, &mut get).as_deref(),
-            Some("t1")
-        );
+        assert_eq!(query_token(&mut get).as_deref(), Some("t1"));
         assert_eq!(get.uri().to_string(), "/tenants/a/events?topics=x");
-        let mut other = request("GET", "/jobs?access_token=t1");
-        assert_eq!(query_token(&streams, Some("/jobs"), &mut other), None);
         let mut post = request("POST", "/tenants/a/events?access_token=t1");
-        assert_eq!(query_token(&streams, stream, &mut post), None);
+        assert_eq!(query_token(&mut post), None);
         let mut bearer = request("GET", "/tenants/a/events?access_token=t1");
         bearer
             .headers_mut()
             .insert("authorization", HeaderValue::from_static("Bearer x"));
-        assert_eq!(query_token(&streams, stream, &mut bearer), None);
+        assert_eq!(query_token(&mut bearer), None);
     }
 
     #[test]
