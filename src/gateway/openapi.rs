@@ -84,6 +84,43 @@ pub(crate) fn render(
         .map_err(|e| e.to_string())
 }
 
+/// For an application's routes: sets the schema of every `location` parameter named `name`
+/// in `api` to `schema`, so the document declares the rule its handlers enforce (write
+/// `schema` from the validator's own constants).
+pub fn declare_parameter(
+    api: &mut utoipa::openapi::OpenApi,
+    location: utoipa::openapi::path::ParameterIn,
+    name: &str,
+    schema: Value,
+) {
+    let schema = object_schema(schema);
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if parameter.name == name && parameter.parameter_in == location {
+                    parameter.schema = Some(schema.clone());
+                }
+            }
+        }
+    }
+}
+
+/// `schema` (JSON Schema as OpenAPI 3.1 takes it) as utoipa's type, for
+/// [`declare_parameter`] and `#[schema(schema_with = …)]` functions. A value that is not a
+/// schema object is the schema that allows anything.
+pub fn object_schema(schema: Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    serde_json::from_value(schema).unwrap_or_else(|_| {
+        utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(Default::default()))
+    })
+}
+
 /// `EntityType`: ASCII letters, digits, `-`, `_`; 1 to 63.
 const ENTITY_TYPE_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
 /// `EntityId`: no control character (Unicode category Cc).
@@ -135,6 +172,9 @@ fn declare_enforced(doc: &mut Value) {
                         "type": "string", "pattern": ENTITY_ID_PATTERN, "minLength": 1,
                         "maxLength": 512,
                         "description": "At most 512 bytes of UTF-8, no control characters",
+                    }),
+                    (Some("X-Request-Timeout"), Some("header")) => json!({
+                        "type": "string", "pattern": routes::REQUEST_TIMEOUT_PATTERN,
                     }),
                     (Some("Idempotency-Key"), Some("header")) => json!({
                         "type": "string", "minLength": 1,

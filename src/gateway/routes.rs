@@ -142,27 +142,40 @@ fn parse_address(
     ))
 }
 
-/// `X-Request-Timeout`: milliseconds, or a duration such as `5s`.
+/// `X-Request-Timeout`'s grammar: a positive whole number of milliseconds, or of `ms`, `s`
+/// or `m`. A longer deadline than [`MAX_REQUEST_TIMEOUT`] is that maximum.
+pub(crate) const REQUEST_TIMEOUT_PATTERN: &str = "^[1-9][0-9]{0,11}(ms|s|m)?$";
+
+/// `X-Request-Timeout` (see [`REQUEST_TIMEOUT_PATTERN`]).
 fn request_timeout(headers: &HeaderMap, default: Duration) -> Result<Duration, ApiError> {
     let Some(value) = headers.get("x-request-timeout") else {
         return Ok(default);
     };
-    let text = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("bad_timeout", "X-Request-Timeout is not text"))?;
-    let timeout = match text.parse::<u64>() {
-        Ok(ms) => Duration::from_millis(ms),
-        Err(_) => humantime_serde::re::humantime::parse_duration(text).map_err(|e| {
-            ApiError::bad_request("bad_timeout", format!("X-Request-Timeout `{text}`: {e}"))
-        })?,
-    };
-    if timeout.is_zero() || timeout > MAX_REQUEST_TIMEOUT {
-        return Err(ApiError::bad_request(
+    let refused = || {
+        let shown = String::from_utf8_lossy(value.as_bytes());
+        ApiError::bad_request(
             "bad_timeout",
-            format!("X-Request-Timeout must be between 1ms and {MAX_REQUEST_TIMEOUT:?}"),
-        ));
+            format!(
+                "X-Request-Timeout `{}`: a positive whole number of milliseconds, or of \
+                 `ms`, `s` or `m` (e.g. `5s`)",
+                shown.chars().take(40).collect::<String>()
+            ),
+        )
+    };
+    let text = value.to_str().map_err(|_| refused())?;
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if number.is_empty() || number.starts_with('0') || number.len() > 12 {
+        return Err(refused());
     }
-    Ok(timeout)
+    let number: u64 = number.parse().map_err(|_| refused())?;
+    let timeout = match unit {
+        "" | "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        _ => return Err(refused()),
+    };
+    Ok(timeout.min(MAX_REQUEST_TIMEOUT))
 }
 
 /// Refuses a persisted message storage cannot hold (a NUL character: Postgres' `jsonb` and
@@ -190,7 +203,7 @@ fn check_storable(payload: &serde_json::Value) -> Result<(), ApiError> {
         ("message" = String, Path, description = "Message name, e.g. `increment`"),
         ("persisted" = Option<bool>, Query, description = "Must match the message's kind when given"),
         ("Idempotency-Key" = Option<String>, Header, description = "Deduplicates persisted sends to this entity"),
-        ("X-Request-Timeout" = Option<String>, Header, description = "Deadline: milliseconds or a duration like `5s`"),
+        ("X-Request-Timeout" = Option<String>, Header, description = "Deadline: milliseconds, or a number of `ms`, `s` or `m` like `5s`; at most 5 minutes (a longer one is 5 minutes)"),
     ),
     request_body(content = Object, description = "The message body (JSON object)", content_type = "application/json"),
     responses(
@@ -670,4 +683,34 @@ pub(crate) async fn not_found() -> ApiError {
 
 pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_timeout_grammar_is_what_the_parser_takes() {
+        let declared = jsonschema::validator_for(
+            &serde_json::json!({"type": "string", "pattern": REQUEST_TIMEOUT_PATTERN}),
+        )
+        .expect("the pattern compiles");
+        let default = Duration::from_secs(30);
+        for text in [
+            "1", "5s", "300000", "999999999999", "10m", "1ms", "0", "01", "0s", "5 s", "1h",
+            "", "-5", "5S", "1000000000000", "1.5s", "5sec", "5ms ", "soon",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-request-timeout", text.parse().expect("a header value"));
+            let parsed = request_timeout(&headers, default);
+            assert_eq!(
+                parsed.is_ok(),
+                declared.is_valid(&serde_json::json!(text)),
+                "`{text}`: {parsed:?}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-timeout", "90m".parse().expect("a header value"));
+        assert_eq!(request_timeout(&headers, default).ok(), Some(MAX_REQUEST_TIMEOUT));
+    }
 }

@@ -334,7 +334,7 @@ async fn bad_input_is_a_4xx_with_a_json_error() -> anyhow::Result<()> {
         .header("x-request-timeout", "soon"),
         case("zero X-Request-Timeout", inc, "{}", 400, "bad_timeout")
             .header("x-request-timeout", "0"),
-        case("huge X-Request-Timeout", inc, "{}", 400, "bad_timeout")
+        case("X-Request-Timeout in hours", inc, "{}", 400, "bad_timeout")
             .header("x-request-timeout", "1000h"),
         case("negative X-Request-Timeout", inc, "{}", 400, "bad_timeout")
             .header("x-request-timeout", "-5"),

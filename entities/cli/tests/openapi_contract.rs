@@ -342,3 +342,60 @@ async fn what_the_document_forbids_the_server_refuses() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// schemathesis (a property-based OpenAPI tester nobody here wrote, installed by the test
+/// set-up) against a real gateway and cluster, with every check it has: the server must
+/// accept what the document allows, refuse what it forbids, answer only the statuses,
+/// headers and bodies it declares, and never fail. A fixed seed and a bounded example count
+/// keep the run short and repeatable; its report is kept under the target's `tmp/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_failure_of_any_class() -> anyhow::Result<()> {
+    let python = tokio::task::spawn_blocking(|| {
+        shoal_testkit::python::venv("schemathesis-venv", &[SCHEMATHESIS])
+    })
+    .await??;
+    let st = python.with_file_name("st");
+    let (cluster, _runners) = TestCluster::balanced(SHARDS, 1).await?;
+    let options = GatewayOptions {
+        // The fuzzer sends thousands of requests from one client: the limits are tested by
+        // `rate_limit.rs`, here they would only answer 429.
+        env: vec![(
+            "SHOAL__REDIS__API_LIMITS__ENABLED".to_owned(),
+            "false".to_owned(),
+        )],
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&cluster, options).await?;
+    let reports = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("schemathesis")
+        .join(&cluster.db.name);
+    std::fs::create_dir_all(&reports)?;
+    let output = tokio::process::Command::new(&st)
+        .arg("--no-color")
+        .arg("run")
+        .arg(format!("http://{}/openapi.json", gateway.addr))
+        .args(["--checks", "all", "--seed", "20261207", "--max-examples", "25"])
+        .args(["--workers", "2", "--generation-database", "none"])
+        .args(["--suppress-health-check", "too_slow,filter_too_much"])
+        .arg("--report")
+        .arg("junit")
+        .arg("--report-dir")
+        .arg(&reports)
+        .current_dir(&reports)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {st:?}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "schemathesis failed ({}); report in {reports:?}:\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    Ok(())
+}
+
+/// The schemathesis release the test runs.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";

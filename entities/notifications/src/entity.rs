@@ -57,11 +57,16 @@ pub enum NotificationMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEvent {
-    /// The topic: 1–64 of `A-Z a-z 0-9 . _ - :` (the SSE `event:` field).
+    /// The topic: 1–64 of `A-Z a-z 0-9 . _ - :`, not `reset` (the SSE `event:` field).
+    #[schema(schema_with = topic_schema)]
     pub topic: String,
     /// Any JSON value (the SSE `data:` field).
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
+}
+
+fn topic_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    shoal::gateway::openapi::object_schema(super::Topic::schema())
 }
 
 /// What a publish answers.

@@ -144,6 +144,14 @@ fn check_name(
 pub struct Tenant(String);
 
 impl Tenant {
+    /// What a tenant is, as a JSON Schema pattern.
+    pub const PATTERN: &'static str = "^[A-Za-z0-9_.-]{1,64}$";
+
+    /// The tenant's schema in the OpenAPI document.
+    pub fn schema() -> serde_json::Value {
+        serde_json::json!({"type": "string", "pattern": Self::PATTERN, "minLength": 1, "maxLength": 64})
+    }
+
     /// The tenant's name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -193,6 +201,19 @@ impl fmt::Display for Tenant {
 /// is the stream's own).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Topic(String);
+
+impl Topic {
+    /// What a topic is, as a JSON Schema pattern (and not `reset`, see [`Topic::schema`]).
+    pub const PATTERN: &'static str = "^[A-Za-z0-9_.:-]{1,64}$";
+
+    /// The topic's schema in the OpenAPI document.
+    pub fn schema() -> serde_json::Value {
+        serde_json::json!({
+            "type": "string", "pattern": Self::PATTERN, "minLength": 1, "maxLength": 64,
+            "not": {"const": stream::RESET},
+        })
+    }
+}
 
 impl FromStr for Topic {
     type Err = BadName;

@@ -23,6 +23,8 @@ use shoal::gateway::{
 };
 use shoal::retry::RetryClass;
 use utoipa::IntoParams;
+use shoal::gateway::openapi::declare_parameter;
+use utoipa::openapi::path::ParameterIn;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -52,9 +54,14 @@ pub struct Subscriptions {
 
 /// The notification routes; without `subscriptions`, `GET` answers 503.
 pub fn routes(subscriptions: Option<Subscriptions>) -> AppRouter {
-    OpenApiRouter::new()
-        .routes(routes!(publish, subscribe))
-        .layer(Extension(subscriptions))
+    let mut router = OpenApiRouter::new().routes(routes!(publish, subscribe));
+    let api = router.get_openapi_mut();
+    let event_id = serde_json::json!({"type": "string", "pattern": EVENT_ID_PATTERN});
+    declare_parameter(api, ParameterIn::Path, "tenant", Tenant::schema());
+    declare_parameter(api, ParameterIn::Header, "Last-Event-ID", event_id.clone());
+    declare_parameter(api, ParameterIn::Query, "last_event_id", event_id);
+    declare_parameter(api, ParameterIn::Query, "topics", topics_schema());
+    router.layer(Extension(subscriptions))
 }
 
 fn tenant_of(
@@ -125,6 +132,26 @@ async fn publish(
     Ok((StatusCode::CREATED, Json(published)))
 }
 
+/// An event id as `Last-Event-ID` carries it: 1 to 19 decimal digits
+/// ([`EVENT_ID_PATTERN`]).
+fn parse_event_id(text: &str) -> Option<u64> {
+    let digits = !text.is_empty() && text.len() <= 19 && text.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| text.parse().ok()).flatten()
+}
+
+/// [`parse_event_id`]'s grammar.
+pub const EVENT_ID_PATTERN: &str = "^[0-9]{1,19}$";
+
+/// `?topics=`'s grammar: 1 to [`MAX_TOPICS`] topics, comma-separated (none of them `reset`).
+fn topics_schema() -> serde_json::Value {
+    let topic = Topic::PATTERN.trim_start_matches('^').trim_end_matches('$');
+    serde_json::json!({
+        "type": "string",
+        "pattern": format!("^{topic}(,{topic}){{0,{}}}$", MAX_TOPICS - 1),
+        "not": {"pattern": format!("(^|,){}(,|$)", super::stream::RESET)},
+    })
+}
+
 /// The query of a subscription.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -144,12 +171,7 @@ fn parse_request(
     config: &NotificationsConfig,
 ) -> Result<Request, ApiError> {
     let mut topics = HashSet::new();
-    for topic in query
-        .topics
-        .iter()
-        .flat_map(|t| t.split(','))
-        .filter(|t| !t.is_empty())
-    {
+    for topic in query.topics.iter().flat_map(|t| t.split(',')) {
         let topic: Topic = topic
             .parse()
             .map_err(|e| ApiError::bad_request("bad_query", format!("query `topics`: {e}")))?;
@@ -168,18 +190,20 @@ fn parse_request(
         .map_err(|_| {
             ApiError::bad_request("bad_last_event_id", "header `Last-Event-ID` is not text")
         })?;
-    let last_event_id = match header.filter(|h| !h.is_empty()).or(query.last_event_id) {
-        Some(id) => Some(id.trim().parse::<u64>().map_err(|_| {
-            ApiError::bad_request(
-                "bad_last_event_id",
-                format!(
-                    "`Last-Event-ID`: `{}` is not an event id (a number)",
-                    id.chars().take(40).collect::<String>()
-                ),
-            )
-        })?),
-        None => None,
-    };
+    let last_event_id = header
+        .or(query.last_event_id)
+        .map(|id| {
+            parse_event_id(&id).ok_or_else(|| {
+                ApiError::bad_request(
+                    "bad_last_event_id",
+                    format!(
+                        "`Last-Event-ID`: `{}` is not an event id (1 to 19 decimal digits)",
+                        id.chars().take(40).collect::<String>()
+                    ),
+                )
+            })
+        })
+        .transpose()?;
     Ok(Request {
         tenant,
         topics,
@@ -242,4 +266,41 @@ async fn subscribe(
     let heartbeat = subscriptions.config.heartbeat;
     let events = stream::events(request, subscriptions.history, bounds, joined, slot);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")))
+}
+
+#[cfg(test)]
+mod contract_tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn declared(schema: &Value) -> impl Fn(&str) -> bool + use<> {
+        let validator = jsonschema::validator_for(schema).expect("the schema compiles");
+        move |text| validator.is_valid(&json!(text))
+    }
+
+    /// Each declared schema takes exactly what its parser takes.
+    #[test]
+    fn the_declared_names_and_ids_are_what_the_parsers_take() {
+        let long = "a".repeat(65);
+        let samples = [
+            "", "a", "acme", "a.b-c_d", "a:b", "reset", "resets", "a,b", "a b", "é", "0",
+            "007", "+5", " 5", "5 ", "-1", "18446744073709551615", "1234567890123456789",
+            "a,reset", ",a", "a,,b", &long,
+        ];
+        let tenant = declared(&Tenant::schema());
+        let topic = declared(&Topic::schema());
+        let event_id = declared(&json!({"type": "string", "pattern": EVENT_ID_PATTERN}));
+        let topics = declared(&topics_schema());
+        for text in samples {
+            assert_eq!(tenant(text), text.parse::<Tenant>().is_ok(), "tenant `{text}`");
+            assert_eq!(topic(text), text.parse::<Topic>().is_ok(), "topic `{text}`");
+            assert_eq!(event_id(text), parse_event_id(text).is_some(), "id `{text}`");
+            let parsed = text.split(',').all(|t| t.parse::<Topic>().is_ok())
+                && text.split(',').count() <= MAX_TOPICS;
+            assert_eq!(topics(text), parsed, "topics `{text}`");
+        }
+        let most = vec!["t"; MAX_TOPICS].join(",");
+        assert!(topics(&most) && !topics(&format!("{most},t")));
+    }
 }

@@ -117,11 +117,87 @@ pub(crate) fn typed_paths(
                 message.schema["additionalProperties"] = json!(false);
             }
             let path = format!("/entities/{entity_type}/{{entity_id}}/{}", message.name);
-            let operation = typed_operation(generic, entity_type.as_str(), &message, &reply);
+            let mut operation = typed_operation(generic, entity_type.as_str(), &message, &reply);
+            let example = example(&message.schema, &components, 0);
+            if let Some(persisted) = example
+                .and_then(|body| def.decode(&message.name, body).ok())
+                .map(|decoded| def.is_persisted(&decoded))
+            {
+                declare_kind(&mut operation, persisted);
+            }
             paths.insert(path, json!({ "post": operation }));
         }
     }
     Ok(TypedPaths { paths, components })
+}
+
+/// A body `schema` allows, to ask the type's decoder what kind of message it is: required
+/// properties only, the first of every choice, the least of every bound. `None` where the
+/// schema is beyond that.
+fn example(schema: &Value, components: &Map<String, Value>, depth: usize) -> Option<Value> {
+    if depth > 16 {
+        return None;
+    }
+    if let Some(name) = schema
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+    {
+        return example(components.get(name)?, components, depth + 1);
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return Some(first.clone());
+    }
+    for choice in ["oneOf", "anyOf", "allOf"] {
+        if let Some(first) = schema.get(choice).and_then(|c| c.get(0)) {
+            return example(first, components, depth + 1);
+        }
+    }
+    let kind = match &schema["type"] {
+        Value::String(kind) => kind.as_str(),
+        Value::Array(kinds) => kinds.iter().filter_map(Value::as_str).next()?,
+        _ => "null",
+    };
+    Some(match kind {
+        "object" => {
+            let mut object = Map::new();
+            for name in schema["required"].as_array().into_iter().flatten() {
+                let name = name.as_str()?;
+                let property = example(&schema["properties"][name], components, depth + 1)?;
+                object.insert(name.to_owned(), property);
+            }
+            Value::Object(object)
+        }
+        "integer" | "number" => schema.get("minimum").cloned().unwrap_or(json!(0)),
+        "string" => json!("x".repeat(schema["minLength"].as_u64().unwrap_or(1) as usize)),
+        "boolean" => json!(false),
+        "array" => json!([]),
+        _ => Value::Null,
+    })
+}
+
+/// Narrows `?persisted=` to the message's kind and, for a volatile message, drops
+/// `Idempotency-Key` (the server refuses both otherwise, with 400 `not_persisted`).
+fn declare_kind(operation: &mut Value, persisted: bool) {
+    let Some(parameters) = operation
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    if !persisted {
+        parameters.retain(|p| !(p["in"] == "header" && p["name"] == "Idempotency-Key"));
+    }
+    for parameter in parameters {
+        if parameter["in"] == "query" && parameter["name"] == "persisted" {
+            parameter["schema"] = json!({"type": "boolean", "enum": [persisted]});
+            parameter["description"] = json!(if persisted {
+                "This message is always persisted: `true` when given"
+            } else {
+                "This message is volatile: `false` when given"
+            });
+        }
+    }
 }
 
 /// The generic operation narrowed to one type and message.
