@@ -112,9 +112,11 @@ pub(crate) fn compose(routers: Vec<AppRouter>, context: &GatewayContext) -> Rout
     })
 }
 
-/// A JSON request body of type `T`. Its rejections are [`ApiError`]s: 413 over the body
-/// limit, 400 `malformed_json` for text that is not JSON, 400 `bad_body` naming the field
-/// that does not match `T`.
+/// A JSON request body of type `T`: a JSON object. Its rejections are [`ApiError`]s: 413
+/// over the body limit, 400 `malformed_json` for text that is not JSON, 400 `bad_body` for
+/// a body that is not an object or names the field that does not match `T`. Numbers
+/// without a fraction are integers (`2.0` is 2). A nested struct field of `T` should
+/// use [`object`] so it is not read from an array.
 #[derive(Debug, Clone)]
 pub struct JsonBody<T>(pub T);
 
@@ -125,23 +127,71 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(body_rejection)?;
-        let mut json = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut json)
+        let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|error| {
+            ApiError::bad_request(
+                "malformed_json",
+                format!("the body is not valid JSON: {error}"),
+            )
+        })?;
+        // A body is an object: serde would also read a struct from an array of its fields.
+        if !value.is_object() {
+            return Err(ApiError::bad_request(
+                "bad_body",
+                "the body must be a JSON object",
+            ));
+        }
+        integral_numbers(&mut value);
+        serde_path_to_error::deserialize(value)
             .map(JsonBody)
             .map_err(|error| {
                 let field = error.path().to_string();
                 let error = error.into_inner();
-                if error.is_syntax() || error.is_eof() {
-                    ApiError::bad_request(
-                        "malformed_json",
-                        format!("the body is not valid JSON: {error}"),
-                    )
-                } else if field == "." {
+                if field == "." {
                     ApiError::bad_request("bad_body", error.to_string())
                 } else {
                     ApiError::bad_request("bad_body", format!("field `{field}`: {error}"))
                 }
             })
+    }
+}
+
+/// `#[serde(deserialize_with = "shoal::gateway::object")]` for a struct field (or an
+/// `Option` of one, with `default`) of a request body: only a JSON object (or `null`) is
+/// taken, not the array of its fields serde would also read.
+pub fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::Deserialize;
+    use serde::de::Error;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    if value.is_array() {
+        return Err(D::Error::custom("expected an object, not an array"));
+    }
+    serde_json::from_value(value).map_err(D::Error::custom)
+}
+
+/// Writes every number of `value` that has no fraction as an integer: in JSON (and JSON
+/// Schema's `integer`) `2.0` is the integer 2, which a Rust integer field should take.
+/// (serde_json's parser bounds the nesting, so the recursion is bounded.)
+pub(crate) fn integral_numbers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    /// 2^53: up to here every integer is exactly a float, so the float is the integer the
+    /// text wrote (past it, `-9223372036854775809` would round into `i64`'s range).
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) => {
+            let Some(float) = number.as_f64().filter(|_| number.is_f64()) else {
+                return;
+            };
+            if float.fract() == 0.0 && float.abs() <= EXACT {
+                *value = Value::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
     }
 }
 
@@ -168,6 +218,21 @@ impl From<QueryRejection> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_without_a_fraction_are_integers() {
+        let mut value: serde_json::Value = serde_json::from_str(
+            r#"{"a": 2.0, "b": [-3.0, 1.5, 1e300, -9223372036854775809], "c": 7, "d": -0.0}"#,
+        )
+        .expect("JSON");
+        integral_numbers(&mut value);
+        assert_eq!(
+            value,
+            serde_json::json!({"a": 2, "b": [-3, 1.5, 1e300, -9.223372036854776e18], "c": 7, "d": 0})
+        );
+        let by: i64 = serde_json::from_value(value["b"][0].clone()).expect("an i64");
+        assert_eq!(by, -3);
+    }
 
     #[test]
     fn the_gateways_own_paths_are_reserved() {

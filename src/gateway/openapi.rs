@@ -61,6 +61,7 @@ pub fn document(
     let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
     declare_enforced(&mut doc);
     declare_query_tokens(&mut doc);
+    declare_event_streams(&mut doc);
     let generic = doc["paths"][entities::GENERIC]["post"].clone();
     let typed = entities::typed_paths(registry, &generic)?;
     let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
@@ -112,6 +113,73 @@ pub fn declare_parameter(
     }
 }
 
+/// For an application's routes: sets the schema of `property` of the component schema
+/// `component` in `api` (a rule that depends on configuration, such as the names a
+/// registry knows), keeping the property's description. Nothing happens if `api` has no
+/// such component.
+pub fn declare_property(
+    api: &mut utoipa::openapi::OpenApi,
+    component: &str,
+    property: &str,
+    mut schema: Value,
+) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+
+    let target = api
+        .components
+        .as_mut()
+        .and_then(|components| components.schemas.get_mut(component));
+    let Some(RefOr::T(Schema::Object(object))) = target else {
+        tracing::warn!(
+            component,
+            property,
+            "no such object schema to declare a rule on"
+        );
+        return;
+    };
+    let Some(slot) = object.properties.get_mut(property) else {
+        tracing::warn!(component, property, "no such property to declare a rule on");
+        return;
+    };
+    let description = serde_json::to_value(&*slot)
+        .ok()
+        .and_then(|old| old.get("description").cloned());
+    if let (Some(description), Some(new)) = (description, schema.as_object_mut()) {
+        new.entry("description").or_insert(description);
+    }
+    match serde_json::from_value(schema) {
+        Ok(declared) => *slot = declared,
+        Err(e) => tracing::warn!(component, property, "the declared schema is not one: {e}"),
+    }
+}
+
+/// The name of [`storable_json`]'s component.
+pub const STORABLE_JSON: &str = "StorableJson";
+
+/// Adds to `api` the component of any JSON value storage can hold (no string, and no
+/// object key, holding a NUL character: Postgres' `jsonb` refuses it), and answers the
+/// `$ref` to it, for the schema of a persisted value that is otherwise any JSON.
+pub fn storable_json(api: &mut utoipa::openapi::OpenApi) -> Value {
+    let reference = format!("#/components/schemas/{STORABLE_JSON}");
+    let no_nul = json!({"type": "string", "pattern": "^[^\\u0000]*$"});
+    let schema = json!({
+        "description": "Any JSON value whose strings and keys hold no NUL character",
+        "anyOf": [
+            {"type": ["null", "boolean", "number"]},
+            no_nul,
+            {"type": "array", "items": {"$ref": reference}},
+            {"type": "object", "propertyNames": no_nul,
+             "additionalProperties": {"$ref": reference}},
+        ],
+    });
+    api.components
+        .get_or_insert_with(Default::default)
+        .schemas
+        .insert(STORABLE_JSON.to_owned(), object_schema(schema));
+    json!({"$ref": reference})
+}
+
 /// `schema` (JSON Schema as OpenAPI 3.1 takes it) as utoipa's type, for
 /// [`declare_parameter`] and `#[schema(schema_with = …)]` functions. A value that is not a
 /// schema object is the schema that allows anything.
@@ -144,8 +212,51 @@ fn declare_query_tokens(doc: &mut Value) {
                 `Authorization`): the bearer token, expiring within \
                 `[gateway.auth] query-token-max-lifetime` (default 5 minutes). Taken out \
                 of the URI before the route sees it.",
-            "schema": {"type": "string", "minLength": 1},
+            "schema": {"type": "string"},
         }));
+    }
+}
+
+/// One Server-Sent Event as a client reads it off a `text/event-stream` answer (the
+/// fields of the HTML standard's event stream; a comment line is no event).
+fn event_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "One event of the stream",
+        "properties": {
+            "id": {"type": "string", "description": "The event's id (`Last-Event-ID` resumes after it)"},
+            "event": {"type": "string", "description": "The event's type"},
+            "data": {"type": "string", "description": "The event's data: JSON text"},
+            "retry": {"type": "integer", "minimum": 0, "description": "Reconnection time, milliseconds"},
+        },
+    })
+}
+
+/// Gives every `text/event-stream` answer the schema of one event (OpenAPI 3.2's
+/// `itemSchema`, as `schema` for 3.1 readers).
+fn declare_event_streams(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    let operations = paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|item| item.values_mut());
+    for operation in operations {
+        let Some(responses) = operation
+            .get_mut("responses")
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        for response in responses.values_mut() {
+            if let Some(stream) = response
+                .pointer_mut("/content/text~1event-stream")
+                .and_then(Value::as_object_mut)
+            {
+                stream.insert("schema".into(), event_schema());
+            }
+        }
     }
 }
 
@@ -393,5 +504,72 @@ mod tests {
             classes,
             BTreeSet::from(["safe", "safe_with_same_key", "may_run_twice", "never"])
         );
+    }
+}
+
+#[cfg(test)]
+mod declare_tests {
+    use serde_json::json;
+    use utoipa::openapi::path::ParameterIn;
+
+    use super::*;
+
+    #[derive(serde::Deserialize, utoipa::ToSchema)]
+    #[allow(dead_code)]
+    struct Body {
+        /// The kind.
+        kind: String,
+        count: Option<u32>,
+    }
+
+    /// A route of an application, to declare rules on.
+    #[utoipa::path(post, path = "/things/{id}", request_body = Body,
+        params(("id" = String, Path, description = "The thing")),
+        responses((status = 200, description = "Done")))]
+    #[allow(dead_code)]
+    async fn thing() {}
+
+    #[test]
+    fn declared_rules_land_on_the_parameter_and_the_property() {
+        let (_, mut api) = utoipa_axum::router::OpenApiRouter::<()>::new()
+            .routes(utoipa_axum::routes!(thing))
+            .split_for_parts();
+        declare_parameter(
+            &mut api,
+            ParameterIn::Path,
+            "id",
+            json!({"type": "string", "pattern": "^t-[0-9]+$"}),
+        );
+        declare_property(
+            &mut api,
+            "Body",
+            "kind",
+            json!({"type": "string", "enum": ["a", "b"]}),
+        );
+        declare_property(
+            &mut api,
+            "Body",
+            "count",
+            json!({"type": ["integer", "null"], "minimum": 1, "maximum": u64::MAX}),
+        );
+        let doc = serde_json::to_value(&api).expect("serializes");
+        let id = &doc["paths"]["/things/{id}"]["post"]["parameters"][0]["schema"];
+        assert_eq!(id["pattern"], "^t-[0-9]+$", "{doc}");
+        let body = &doc["components"]["schemas"]["Body"];
+        assert_eq!(
+            body["properties"]["kind"]["enum"],
+            json!(["a", "b"]),
+            "{body}"
+        );
+        assert_eq!(
+            body["properties"]["kind"]["description"], "The kind.",
+            "{body}"
+        );
+        assert_eq!(
+            body["properties"]["count"]["maximum"],
+            json!(u64::MAX),
+            "{body}"
+        );
+        assert_eq!(body["required"], json!(["kind"]), "{body}");
     }
 }

@@ -247,9 +247,11 @@ pub(crate) async fn send_message(
     let payload: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::json!({})
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
+        let mut payload = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
-        })?
+        })?;
+        super::app::integral_numbers(&mut payload);
+        payload
     };
     if !payload.is_object() {
         return Err(ApiError::bad_request(
@@ -697,8 +699,25 @@ mod tests {
         .expect("the pattern compiles");
         let default = Duration::from_secs(30);
         for text in [
-            "1", "5s", "300000", "999999999999", "10m", "1ms", "0", "01", "0s", "5 s", "1h",
-            "", "-5", "5S", "1000000000000", "1.5s", "5sec", "5ms ", "soon",
+            "1",
+            "5s",
+            "300000",
+            "999999999999",
+            "10m",
+            "1ms",
+            "0",
+            "01",
+            "0s",
+            "5 s",
+            "1h",
+            "",
+            "-5",
+            "5S",
+            "1000000000000",
+            "1.5s",
+            "5sec",
+            "5ms ",
+            "soon",
         ] {
             let mut headers = HeaderMap::new();
             headers.insert("x-request-timeout", text.parse().expect("a header value"));
@@ -711,6 +730,9 @@ mod tests {
         }
         let mut headers = HeaderMap::new();
         headers.insert("x-request-timeout", "90m".parse().expect("a header value"));
-        assert_eq!(request_timeout(&headers, default).ok(), Some(MAX_REQUEST_TIMEOUT));
+        assert_eq!(
+            request_timeout(&headers, default).ok(),
+            Some(MAX_REQUEST_TIMEOUT)
+        );
     }
 }

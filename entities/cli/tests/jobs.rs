@@ -381,31 +381,49 @@ async fn one_key_enqueued_ten_times_at_once_is_one_job() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_enqueues_are_400s_naming_the_field() -> anyhow::Result<()> {
+async fn bad_enqueues_are_400s_or_422s_naming_the_field() -> anyhow::Result<()> {
     let (_cluster, _runners, gateway) = cluster(1).await?;
     let http = &gateway.http;
+    // 400: what the document forbids; 422: what it cannot say (a payload its type refuses,
+    // a backoff whose first wait is above its longest).
     let cases = [
         (
             json!({"type": "nope", "payload": {}}),
+            400,
             "unknown_type",
             "field `type`",
         ),
         (
             json!({"type": "diag.flaky", "payload": {"fail_times": "x"}}),
+            422,
             "bad_payload",
             "field `payload`",
         ),
         (
             json!({"type": "diag.noop", "payload": {}, "max_attempts": 0}),
+            400,
             "bad_body",
             "max_attempts",
         ),
-        (json!({"payload": {}}), "bad_body", "type"),
+        (
+            json!({"type": "diag.noop", "payload": {}, "timeout_ms": 604_800_001_u64}),
+            400,
+            "bad_body",
+            "timeout_ms",
+        ),
+        (
+            json!({"type": "diag.noop", "payload": {},
+                   "backoff": {"first_ms": 5000, "max_ms": 1000}}),
+            422,
+            "bad_backoff",
+            "first_ms ≤ max_ms",
+        ),
+        (json!({"payload": {}}), 400, "bad_body", "type"),
     ];
-    for (body, code, names) in cases {
+    for (body, status, code, names) in cases {
         let response = http.post_json("/jobs", &body, &[]).await?;
         ensure!(
-            response.status == StatusCode::BAD_REQUEST,
+            response.status.as_u16() == status,
             "{body}: {}",
             response.status
         );
@@ -422,8 +440,10 @@ async fn bad_enqueues_are_400s_naming_the_field() -> anyhow::Result<()> {
         "{}",
         missing.text()
     );
-    let bad = http.get("/jobs/not-a-uuid").await?;
-    ensure!(bad.status == StatusCode::BAD_REQUEST, "{}", bad.text());
+    for bad in ["not-a-uuid", &uuid::Uuid::now_v7().simple().to_string()] {
+        let bad = http.get(&format!("/jobs/{bad}")).await?;
+        ensure!(bad.status == StatusCode::BAD_REQUEST, "{}", bad.text());
+    }
     Ok(())
 }
 

@@ -9,7 +9,11 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 /// Longest text accepted, in bytes.
-pub const MAX_TEXT_BYTES: usize = 200_000;
+pub const MAX_TEXT_CHARS: usize = 200_000;
+
+/// A text that is not blank and that storage can hold: some character that is not
+/// whitespace (Rust's `char::is_whitespace`, spelled out for JSON Schema), and no NUL.
+pub const TEXT_PATTERN: &str = "^[^\\u0000]*[^\\u0000\\t\\n\\u000B\\f\\r \\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000]*$";
 
 /// An extraction's id: `ex-` and the first 32 hex digits of the SHA-256 over the
 /// normalised text (NFC, whitespace runs one space: [`normalise`], what the stages
@@ -54,6 +58,9 @@ impl ExtractionId {
         }
         Self(format!("ex-{}", &hex::encode(hash.finalize())[..32]))
     }
+
+    /// What [`ExtractionId::parse`] takes, as a JSON Schema pattern.
+    pub const PATTERN: &'static str = "^ex-[0-9a-f]{32}$";
 
     /// Parses an id (`ex-` and 32 lowercase hex digits).
     pub fn parse(text: &str) -> Option<Self> {
@@ -104,13 +111,23 @@ impl fmt::Display for ExtractionId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewExtraction {
-    /// The text (UTF-8, at most 200,000 bytes).
+    /// The text: at most 200,000 characters, not blank.
+    #[schema(schema_with = text_schema)]
     pub text: String,
     /// The ontology's id (a file in `cluster-config/ontologies/`; `foaf` is built in).
     pub ontology_id: String,
     /// Provider options.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shoal::gateway::object")]
     pub options: ExtractionOptions,
+}
+
+fn text_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    // The length under `allOf`: schemathesis 4 cannot draw a string for a pattern and a
+    // `maxLength` this long side by side (it sends a body that is not an object).
+    shoal::gateway::openapi::object_schema(serde_json::json!({
+        "type": "string", "minLength": 1, "pattern": TEXT_PATTERN,
+        "allOf": [{"maxLength": MAX_TEXT_CHARS}],
+    }))
 }
 
 /// Provider options of an extraction.
@@ -120,14 +137,17 @@ pub struct ExtractionOptions {
     /// A configured provider (default `[extraction] default-provider`, `builtin`).
     #[serde(default)]
     pub provider: Option<String>,
-    /// The model (default: the provider's).
+    /// The model (default: the provider's): 1–128 characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
     pub model: Option<String>,
     /// Sampling temperature, 0–2 (default 0).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
     /// Largest completion per provider call, tokens (default 1024).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32768)]
     pub max_tokens: Option<u32>,
 }
 
@@ -345,6 +365,56 @@ pub struct ExtractionFailure {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_declared_text_and_id_are_what_the_parsers_take() {
+        let text = jsonschema::validator_for(&serde_json::json!({
+            "type": "string", "minLength": 1, "pattern": super::TEXT_PATTERN,
+        }))
+        .expect("compiles");
+        for sample in [
+            "",
+            " ",
+            "\t\n",
+            "\u{85}",
+            "\u{a0}x",
+            "\u{3000}",
+            "\u{feff}",
+            "\u{200b}",
+            "x",
+            " x ",
+            "\u{2028}\u{2029}",
+            "\u{180e}",
+            "x\0",
+            "\0",
+        ] {
+            let taken = !sample.chars().all(char::is_whitespace) && !sample.contains('\0');
+            assert_eq!(
+                text.is_valid(&serde_json::json!(sample)),
+                taken,
+                "{sample:?}"
+            );
+        }
+        let id = jsonschema::validator_for(
+            &serde_json::json!({"type": "string", "pattern": super::ExtractionId::PATTERN}),
+        )
+        .expect("compiles");
+        let hex = "0123456789abcdef0123456789abcdef";
+        for sample in [
+            format!("ex-{hex}"),
+            format!("ex-{}", hex.to_uppercase()),
+            format!("ex-{hex}0"),
+            format!("ex-{}", &hex[1..]),
+            hex.to_owned(),
+            format!("ex-{hex}\n"),
+        ] {
+            assert_eq!(
+                id.is_valid(&serde_json::json!(sample)),
+                super::ExtractionId::parse(&sample).is_some(),
+                "{sample:?}"
+            );
+        }
+    }
+
     use super::*;
 
     fn id(

@@ -39,7 +39,7 @@ use utoipa_axum::routes;
 use super::api::{may_read, parse_id};
 use super::entity::{Extraction, ExtractionMessage, ExtractionState, ExtractionStatus, StageRun};
 use super::model::{
-    ExtractionFailure, ExtractionId, ExtractionRequest, ExtractionResult, MAX_TEXT_BYTES,
+    ExtractionFailure, ExtractionId, ExtractionRequest, ExtractionResult, MAX_TEXT_CHARS,
     NewExtraction, Stage,
 };
 use super::{jsonld, metrics, sse};
@@ -49,11 +49,44 @@ pub use super::api::ExtractionApi;
 
 /// The extraction routes.
 pub fn routes(api: Arc<ExtractionApi>) -> AppRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(create))
         .routes(routes!(show))
-        .routes(routes!(sse::events))
-        .layer(Extension(api))
+        .routes(routes!(sse::events));
+    declare(router.get_openapi_mut(), &api);
+    router.layer(Extension(api))
+}
+
+/// Declares what `validate` and the id parser enforce, from `api`'s ontologies and
+/// providers.
+fn declare(doc: &mut utoipa::openapi::OpenApi, api: &ExtractionApi) {
+    use serde_json::json;
+    use shoal::gateway::openapi::{declare_parameter, declare_property};
+    use utoipa::openapi::path::ParameterIn;
+
+    let id = json!({"type": "string", "pattern": ExtractionId::PATTERN});
+    declare_parameter(doc, ParameterIn::Path, "id", id);
+    let event_id = shoal_notifications::routes::EVENT_ID_PATTERN;
+    declare_parameter(
+        doc,
+        ParameterIn::Header,
+        "Last-Event-ID",
+        json!({"type": "string", "pattern": event_id}),
+    );
+    let ontologies = api.ontologies.ids();
+    declare_property(
+        doc,
+        "NewExtraction",
+        "ontology_id",
+        json!({"type": "string", "enum": ontologies}),
+    );
+    let providers: Vec<&String> = api.models.keys().collect();
+    declare_property(
+        doc,
+        "ExtractionOptions",
+        "provider",
+        json!({"type": ["string", "null"], "enum": providers.iter().map(|p| json!(p)).chain([json!(null)]).collect::<Vec<_>>()}),
+    );
 }
 
 /// `?wait=`.
@@ -204,13 +237,19 @@ fn validate(
     new: NewExtraction,
     tenant: Option<&Tenant>,
 ) -> Result<ExtractionRequest, ApiError> {
-    if new.text.trim().is_empty() {
-        return Err(ApiError::bad_request("bad_text", "field `text` is empty"));
+    if new.text.chars().all(char::is_whitespace) {
+        return Err(ApiError::bad_request("bad_text", "field `text` is blank"));
     }
-    if new.text.len() > MAX_TEXT_BYTES {
+    if new.text.contains('\0') {
         return Err(ApiError::bad_request(
             "bad_text",
-            format!("field `text` is over {MAX_TEXT_BYTES} bytes"),
+            "field `text` holds a NUL character (\\u0000), which storage cannot hold",
+        ));
+    }
+    if new.text.chars().count() > MAX_TEXT_CHARS {
+        return Err(ApiError::bad_request(
+            "bad_text",
+            format!("field `text` is over {MAX_TEXT_CHARS} characters"),
         ));
     }
     let ontology = api.ontologies.get(&new.ontology_id).ok_or_else(|| {
@@ -252,7 +291,7 @@ fn validate(
         ));
     }
     let model = match new.options.model {
-        Some(model) if model.is_empty() || model.len() > 128 => {
+        Some(model) if model.is_empty() || model.chars().count() > 128 => {
             return Err(ApiError::bad_request(
                 "bad_option",
                 "field `options.model`: 1–128 characters",

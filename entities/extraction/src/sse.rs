@@ -84,12 +84,12 @@ pub(crate) async fn events(
         Some(value) => value
             .to_str()
             .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .filter(|seq| *seq >= 0)
+            .and_then(shoal_notifications::routes::parse_event_id)
+            .and_then(|seq| i64::try_from(seq).ok())
             .ok_or_else(|| {
                 ApiError::bad_request(
                     "bad_last_event_id",
-                    "`Last-Event-ID` must be an event's seq",
+                    "`Last-Event-ID` must be an event's seq (1 to 18 decimal digits)",
                 )
             })?,
         None => start.before,

@@ -88,11 +88,12 @@ pub struct NewJob {
     #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// The waits between attempts (default: the type's).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shoal::gateway::object")]
     pub backoff: Option<JobBackoff>,
     /// 0 (first, the default) to 9 (last): how soon a job its type's limits made wait asks
     /// again, so under contention higher-priority jobs take the freed slots first.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 9)]
     pub priority: Option<u8>,
     /// The tenant whose notification stream gets the job's changes (topic `job`). `POST
     /// /jobs` sets it from `X-Tenant-Id` (from the token when auth is on); a body that

@@ -126,6 +126,10 @@ pub fn register(
 pub struct JobId(uuid::Uuid);
 
 impl JobId {
+    /// What a job id is: a uuid in its hyphenated form.
+    pub const PATTERN: &'static str =
+        "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
+
     /// A fresh id (uuid v7).
     pub fn new() -> Self {
         Self(uuid::Uuid::now_v7())
@@ -158,8 +162,12 @@ impl FromStr for JobId {
     type Err = BadJobId;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        uuid::Uuid::parse_str(s)
+        // 36 characters: only the hyphenated form (not braced, simple or urn).
+        (s.len() == 36)
+            .then(|| uuid::Uuid::parse_str(s).ok())
+            .flatten()
             .map(Self)
+            .ok_or(())
             .map_err(|_| BadJobId(s.to_owned()))
     }
 }

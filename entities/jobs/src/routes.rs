@@ -45,13 +45,84 @@ pub struct JobStore {
 
 /// The job routes over `registry`'s types; without a `store`, `GET /jobs` answers 503.
 pub fn routes(registry: Arc<JobRegistry>, store: Option<JobStore>) -> AppRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(enqueue, list))
         .routes(routes!(show))
         .routes(routes!(retry))
-        .routes(routes!(cancel))
-        .layer(Extension(registry))
-        .layer(Extension(store))
+        .routes(routes!(cancel));
+    declare(router.get_openapi_mut(), &registry);
+    router.layer(Extension(registry)).layer(Extension(store))
+}
+
+/// Declares what the handlers below enforce that depends on `registry` (its types, the
+/// operator's limits) or on a parser (job ids, states).
+fn declare(api: &mut utoipa::openapi::OpenApi, registry: &JobRegistry) {
+    use serde_json::json;
+    use shoal::gateway::openapi::{declare_parameter, declare_property};
+    use utoipa::openapi::path::ParameterIn;
+
+    let id = json!({"type": "string", "pattern": JobId::PATTERN});
+    declare_parameter(api, ParameterIn::Path, "id", id.clone());
+    declare_parameter(api, ParameterIn::Query, "cursor", id);
+    declare_parameter(
+        api,
+        ParameterIn::Query,
+        "state",
+        json!({"type": "string", "enum": STATES}),
+    );
+    declare_parameter(
+        api,
+        ParameterIn::Query,
+        "limit",
+        json!({"type": "integer", "minimum": 1, "maximum": super::listing::MAX_LIMIT}),
+    );
+    let types = registry.types();
+    declare_parameter(
+        api,
+        ParameterIn::Query,
+        "type",
+        json!({"type": "string", "enum": types}),
+    );
+    declare_property(
+        api,
+        "NewJob",
+        "type",
+        json!({"type": "string", "enum": types}),
+    );
+    let limits = registry.limits();
+    declare_property(
+        api,
+        "NewJob",
+        "max_attempts",
+        json!({"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_attempts}),
+    );
+    declare_property(
+        api,
+        "NewJob",
+        "timeout_ms",
+        json!({"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TIMEOUT_MS}),
+    );
+    // Set from `X-Tenant-Id` (or the token); a body naming one is refused.
+    declare_property(api, "NewJob", "tenant", json!({"type": "null"}));
+    let min_ms = min_backoff_ms(limits);
+    declare_property(
+        api,
+        "NewJob",
+        "backoff",
+        json!({
+            "type": ["object", "null"],
+            "description": "The waits between attempts (default: the type's); first_ms ≤ \
+                max_ms, else 422 `bad_backoff`",
+            "required": ["first_ms", "max_ms"],
+            "additionalProperties": false,
+            "properties": {
+                "first_ms": {"type": "integer", "minimum": min_ms, "maximum": u64::MAX,
+                    "description": "The wait after the first failed attempt, milliseconds"},
+                "max_ms": {"type": "integer", "minimum": min_ms, "maximum": u64::MAX,
+                    "description": "The longest wait, milliseconds"},
+            },
+        }),
+    );
 }
 
 /// A cancel request's answer.
@@ -71,9 +142,10 @@ pub struct CancelRequested {
     params(("Idempotency-Key" = Option<String>, Header, description = "The job's unique key (as `key`)")),
     responses(
         (status = 202, description = "Enqueued (or the existing job of the key)", body = Enqueued),
-        (status = 400, description = "Unknown type, a payload that does not decode, a bad field or key", body = ErrorBody),
+        (status = 400, description = "Unknown type, a bad field or key (what the document forbids)", body = ErrorBody),
         (status = 401, description = "Auth is on and the token is missing or invalid", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "`bad_payload`: the payload does not fit its type; `bad_backoff`: first_ms above max_ms", body = ErrorBody),
         (status = 429, description = "The caller's rate limit; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "The owner or storage is unavailable", body = ErrorBody),
     ),
@@ -101,9 +173,14 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             ),
         )
     })?;
+    // The document declares a payload as any JSON value: one its type refuses is a 422
+    // (400 is for what the document itself forbids).
     handler
         .check(&new.payload)
-        .map_err(|e| ApiError::bad_request("bad_payload", format!("field `payload`: {e}")))?;
+        .map_err(|e| ApiError::HandlerError {
+            code: "bad_payload".to_owned(),
+            message: format!("field `payload`: {e}"),
+        })?;
     if new.tenant.is_some() {
         return Err(ApiError::bad_request(
             "bad_body",
@@ -130,10 +207,13 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             ),
         ));
     }
-    if new.timeout_ms == Some(0) {
+    if new
+        .timeout_ms
+        .is_some_and(|ms| !(1..=MAX_TIMEOUT_MS).contains(&ms))
+    {
         return Err(ApiError::bad_request(
             "bad_body",
-            "field `timeout_ms`: at least 1",
+            format!("field `timeout_ms`: 1–{MAX_TIMEOUT_MS}"),
         ));
     }
     Ok(())
@@ -152,22 +232,36 @@ fn check_limits(limits: super::JobLimits, new: &NewJob) -> Result<(), ApiError> 
             ),
         ));
     }
-    let min_ms = u64::try_from(limits.min_backoff.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    if let Some(backoff) = new.backoff
-        && (backoff.first_ms < min_ms || backoff.first_ms > backoff.max_ms)
-    {
-        return Err(ApiError::bad_request(
-            "bad_body",
-            format!(
-                "field `backoff`: {min_ms} ≤ first_ms ≤ max_ms (`[jobs] min-backoff` is \
-                 {min_ms} ms)"
-            ),
-        ));
+    let min_ms = min_backoff_ms(limits);
+    if let Some(backoff) = new.backoff {
+        if backoff.first_ms < min_ms || backoff.max_ms < min_ms {
+            return Err(ApiError::bad_request(
+                "bad_body",
+                format!(
+                    "field `backoff`: first_ms and max_ms at least {min_ms} (`[jobs] \
+                     min-backoff`)"
+                ),
+            ));
+        }
+        if backoff.first_ms > backoff.max_ms {
+            return Err(ApiError::HandlerError {
+                code: "bad_backoff".to_owned(),
+                message: "field `backoff`: first_ms ≤ max_ms".to_owned(),
+            });
+        }
     }
     Ok(())
 }
+
+/// `[jobs] min-backoff` in milliseconds (at least 1).
+fn min_backoff_ms(limits: super::JobLimits) -> u64 {
+    u64::try_from(limits.min_backoff.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The longest attempt timeout a job may ask for (`timeout_ms`): a week.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// The caller's tenant: `X-Tenant-Id` (written from the token when auth is on). A caller
 /// with a tenant sees and changes only its own tenant's jobs.
@@ -338,18 +432,19 @@ const STATES: [&str; 6] = [
     params(ListQuery),
     responses(
         (status = 200, description = "One page", body = JobPage),
-        (status = 400, description = "A bad state, limit or cursor", body = ErrorBody),
+        (status = 400, description = "A bad state, type, limit or cursor", body = ErrorBody),
         (status = 503, description = "The database is unavailable", body = ErrorBody),
     ),
     tag = "jobs"
 )]
 async fn list(
     Extension(store): Extension<Option<JobStore>>,
+    Extension(registry): Extension<Arc<JobRegistry>>,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
     let Query(query) = query?;
-    check_list(&query)?;
+    check_list(&query, &registry)?;
     let tenant = tenant_of(&headers)?;
     let unavailable = |message: String| ApiError::Unavailable {
         code: "database_unavailable",
@@ -363,7 +458,18 @@ async fn list(
     Ok(Json(page))
 }
 
-fn check_list(query: &ListQuery) -> Result<(), ApiError> {
+fn check_list(query: &ListQuery, registry: &JobRegistry) -> Result<(), ApiError> {
+    if let Some(job_type) = &query.job_type
+        && registry.get(job_type).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!(
+                "query `type`: no job type `{job_type}` (known: {})",
+                registry.types().join(", ")
+            ),
+        ));
+    }
     if let Some(state) = &query.state
         && !STATES.contains(&state.as_str())
     {
@@ -405,5 +511,36 @@ mod tests {
         assert_eq!(key["minLength"], 1, "{key}");
         assert_eq!(key["maxLength"], IdempotencyKey::MAX_CHARS, "{key}");
         assert_eq!(key["pattern"], IdempotencyKey::PATTERN, "{key}");
+        let priority = &schema["properties"]["priority"];
+        assert_eq!(
+            priority["maximum"],
+            super::super::entity::LOWEST_PRIORITY,
+            "{priority}"
+        );
+    }
+
+    #[test]
+    fn the_declared_job_id_is_what_the_parser_takes() {
+        let declared = jsonschema::validator_for(
+            &serde_json::json!({"type": "string", "pattern": super::JobId::PATTERN}),
+        )
+        .expect("the pattern compiles");
+        let id = uuid::Uuid::now_v7();
+        for text in [
+            id.hyphenated().to_string(),
+            id.hyphenated().to_string().to_uppercase(),
+            id.simple().to_string(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+            "0".to_owned(),
+            String::new(),
+            format!("{id}\n"),
+        ] {
+            assert_eq!(
+                declared.is_valid(&serde_json::json!(text)),
+                text.parse::<super::JobId>().is_ok(),
+                "`{text}`"
+            );
+        }
     }
 }

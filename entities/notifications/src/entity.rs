@@ -61,7 +61,6 @@ pub struct NewEvent {
     #[schema(schema_with = topic_schema)]
     pub topic: String,
     /// Any JSON value (the SSE `data:` field).
-    #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
 

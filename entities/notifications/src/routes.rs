@@ -18,12 +18,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::response::sse::{KeepAlive, Sse};
 use serde::{Deserialize, Serialize};
+use shoal::gateway::openapi::declare_parameter;
 use shoal::gateway::{
     ApiError, AppRouter, ErrorBody, GatewayContext, IdempotencyKey, JsonBody, Principal,
 };
 use shoal::retry::RetryClass;
 use utoipa::IntoParams;
-use shoal::gateway::openapi::declare_parameter;
 use utoipa::openapi::path::ParameterIn;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -61,6 +61,8 @@ pub fn routes(subscriptions: Option<Subscriptions>) -> AppRouter {
     declare_parameter(api, ParameterIn::Header, "Last-Event-ID", event_id.clone());
     declare_parameter(api, ParameterIn::Query, "last_event_id", event_id);
     declare_parameter(api, ParameterIn::Query, "topics", topics_schema());
+    let data = shoal::gateway::openapi::storable_json(api);
+    shoal::gateway::openapi::declare_property(api, "NewEvent", "data", data);
     router.layer(Extension(subscriptions))
 }
 
@@ -132,15 +134,15 @@ async fn publish(
     Ok((StatusCode::CREATED, Json(published)))
 }
 
-/// An event id as `Last-Event-ID` carries it: 1 to 19 decimal digits
-/// ([`EVENT_ID_PATTERN`]).
-fn parse_event_id(text: &str) -> Option<u64> {
-    let digits = !text.is_empty() && text.len() <= 19 && text.bytes().all(|b| b.is_ascii_digit());
+/// An event id as `Last-Event-ID` carries it (on every stream of the cluster): 1 to 18
+/// decimal digits ([`EVENT_ID_PATTERN`]), so it fits an `i64` as well.
+pub fn parse_event_id(text: &str) -> Option<u64> {
+    let digits = !text.is_empty() && text.len() <= 18 && text.bytes().all(|b| b.is_ascii_digit());
     digits.then(|| text.parse().ok()).flatten()
 }
 
 /// [`parse_event_id`]'s grammar.
-pub const EVENT_ID_PATTERN: &str = "^[0-9]{1,19}$";
+pub const EVENT_ID_PATTERN: &str = "^[0-9]{1,18}$";
 
 /// `?topics=`'s grammar: 1 to [`MAX_TOPICS`] topics, comma-separated (none of them `reset`).
 fn topics_schema() -> serde_json::Value {
@@ -170,18 +172,19 @@ fn parse_request(
     headers: &HeaderMap,
     config: &NotificationsConfig,
 ) -> Result<Request, ApiError> {
-    let mut topics = HashSet::new();
-    for topic in query.topics.iter().flat_map(|t| t.split(',')) {
-        let topic: Topic = topic
-            .parse()
-            .map_err(|e| ApiError::bad_request("bad_query", format!("query `topics`: {e}")))?;
-        topics.insert(topic.to_string());
-    }
-    if topics.len() > MAX_TOPICS {
+    let asked = query.topics.iter().flat_map(|t| t.split(','));
+    if asked.clone().count() > MAX_TOPICS {
         return Err(ApiError::bad_request(
             "bad_query",
             format!("query `topics`: at most {MAX_TOPICS}"),
         ));
+    }
+    let mut topics = HashSet::new();
+    for topic in asked {
+        let topic: Topic = topic
+            .parse()
+            .map_err(|e| ApiError::bad_request("bad_query", format!("query `topics`: {e}")))?;
+        topics.insert(topic.to_string());
     }
     let header = headers
         .get("last-event-id")
@@ -190,20 +193,23 @@ fn parse_request(
         .map_err(|_| {
             ApiError::bad_request("bad_last_event_id", "header `Last-Event-ID` is not text")
         })?;
-    let last_event_id = header
-        .or(query.last_event_id)
-        .map(|id| {
+    // Both are checked when both are given; the header wins.
+    let parsed = [header, query.last_event_id].map(|id| {
+        id.map(|id| {
             parse_event_id(&id).ok_or_else(|| {
                 ApiError::bad_request(
                     "bad_last_event_id",
                     format!(
-                        "`Last-Event-ID`: `{}` is not an event id (1 to 19 decimal digits)",
+                        "`Last-Event-ID`: `{}` is not an event id (1 to 18 decimal digits)",
                         id.chars().take(40).collect::<String>()
                     ),
                 )
             })
         })
-        .transpose()?;
+        .transpose()
+    });
+    let [header, query_id] = parsed;
+    let last_event_id = header?.or(query_id?);
     Ok(Request {
         tenant,
         topics,
@@ -284,18 +290,45 @@ mod contract_tests {
     fn the_declared_names_and_ids_are_what_the_parsers_take() {
         let long = "a".repeat(65);
         let samples = [
-            "", "a", "acme", "a.b-c_d", "a:b", "reset", "resets", "a,b", "a b", "é", "0",
-            "007", "+5", " 5", "5 ", "-1", "18446744073709551615", "1234567890123456789",
-            "a,reset", ",a", "a,,b", &long,
+            "",
+            "a",
+            "acme",
+            "a.b-c_d",
+            "a:b",
+            "reset",
+            "resets",
+            "a,b",
+            "a b",
+            "é",
+            "0",
+            "007",
+            "+5",
+            " 5",
+            "5 ",
+            "-1",
+            "18446744073709551615",
+            "1234567890123456789",
+            "a,reset",
+            ",a",
+            "a,,b",
+            &long,
         ];
         let tenant = declared(&Tenant::schema());
         let topic = declared(&Topic::schema());
         let event_id = declared(&json!({"type": "string", "pattern": EVENT_ID_PATTERN}));
         let topics = declared(&topics_schema());
         for text in samples {
-            assert_eq!(tenant(text), text.parse::<Tenant>().is_ok(), "tenant `{text}`");
+            assert_eq!(
+                tenant(text),
+                text.parse::<Tenant>().is_ok(),
+                "tenant `{text}`"
+            );
             assert_eq!(topic(text), text.parse::<Topic>().is_ok(), "topic `{text}`");
-            assert_eq!(event_id(text), parse_event_id(text).is_some(), "id `{text}`");
+            assert_eq!(
+                event_id(text),
+                parse_event_id(text).is_some(),
+                "id `{text}`"
+            );
             let parsed = text.split(',').all(|t| t.parse::<Topic>().is_ok())
                 && text.split(',').count() <= MAX_TOPICS;
             assert_eq!(topics(text), parsed, "topics `{text}`");
