@@ -124,7 +124,7 @@ pub(crate) struct AppState {
     /// `[gateway.auth]`'s verifier (`None`: auth is off).
     pub(crate) auth: auth::Gate,
     /// `[gateway.cors]`'s layer (`None`: no origin is listed).
-    pub(crate) cors: Option<tower_http::cors::CorsLayer>,
+    pub(crate) cors: Option<cors::Cors>,
 }
 
 /// The request id of the request being handled.
@@ -152,7 +152,7 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
         verifier: auth,
         streams: auth::streams_in(&document).into(),
     };
-    let cors = cors::layer(&params.config.gateway.cors, cors::methods_in(&document));
+    let cors = cors::Cors::new(&params.config.gateway.cors, &document);
     let config = Arc::new(params.config);
     let db = &config.database;
     let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
@@ -277,7 +277,9 @@ pub(crate) fn router(state: AppState, app: Router) -> Router {
     // Outermost: a preflight is answered before auth and rate limits, and every answer to
     // an allowed origin (errors too) carries its grant.
     match cors {
-        Some(cors) => router.layer(cors),
+        Some(cors) => router
+            .layer(cors.layer)
+            .layer(middleware::from_fn_with_state(cors.paths, cors::per_path)),
         None => router,
     }
 }

@@ -2,7 +2,7 @@
 //! `[jobs.webhook]` from the environment, jobs enqueued with `POST /jobs` and followed with
 //! `GET /jobs/{id}`, delivered to the testkit's receiver, which verifies every signature
 //! with the Standard Webhooks project's Python implementation. A cluster without
-//! `allowed-networks` refuses internal targets (400 at enqueue for a literal, a dead job
+//! `allowed-networks` refuses internal targets (422 at enqueue for a literal, a dead job
 //! with its reason for a name), framing headers, credentials in URLs and jobs beyond the
 //! operator's limits, and keeps a bounded attempt history.
 
@@ -118,7 +118,7 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
     let https = json!({"type": "webhook", "payload": {"url": "https://x.test/h", "body": {}}});
     let refused = http.post_json("/jobs", &https, &[]).await?;
     ensure!(
-        refused.status == StatusCode::BAD_REQUEST,
+        refused.status == StatusCode::UNPROCESSABLE_ENTITY,
         "{}",
         refused.text()
     );
@@ -221,12 +221,30 @@ async fn webhook_jobs_are_delivered_retried_and_dead_through_the_cluster() -> an
     Ok(())
 }
 
-/// Asserts `body` is refused at `POST /jobs` with a 400 whose message names `field`.
+/// Asserts `body` is refused at `POST /jobs` with a 400 (what the document forbids) whose
+/// message names `field`.
 async fn refused(http: &Http, body: &Value, field: &str) -> anyhow::Result<String> {
+    refused_as(http, body, field, StatusCode::BAD_REQUEST).await
+}
+
+/// Asserts `body`'s payload is refused at `POST /jobs` with a 422 `bad_payload` (a rule of
+/// the job type the document cannot state) whose message names `field`.
+async fn unfit(http: &Http, body: &Value, field: &str) -> anyhow::Result<String> {
+    let text = refused_as(http, body, field, StatusCode::UNPROCESSABLE_ENTITY).await?;
+    ensure!(text.contains("bad_payload"), "{body}: {text}");
+    Ok(text)
+}
+
+async fn refused_as(
+    http: &Http,
+    body: &Value,
+    field: &str,
+    status: StatusCode,
+) -> anyhow::Result<String> {
     let response = http.post_json("/jobs", body, &[]).await?;
     let text = response.text();
     ensure!(
-        response.status == StatusCode::BAD_REQUEST,
+        response.status == status,
         "{body}: {} {text}",
         response.status
     );
@@ -280,11 +298,11 @@ async fn without_allowed_networks_internal_targets_framing_headers_and_excess_ar
         "169.254.169.254",
         "10.0.0.1",
     ] {
-        let text = refused(http, &hook(format!("http://{host}:{port}/ok")), "`url`").await?;
+        let text = unfit(http, &hook(format!("http://{host}:{port}/ok")), "`url`").await?;
         ensure!(text.contains("egress policy"), "{host}: {text}");
     }
     // Credentials in the URL: refused, not stripped.
-    refused(
+    unfit(
         http,
         &hook(format!("http://user:pass@example.com:{port}/ok")),
         "credentials",
@@ -305,7 +323,7 @@ async fn without_allowed_networks_internal_targets_framing_headers_and_excess_ar
     ] {
         let body = json!({"type": "webhook", "payload": {
             "url": "http://example.com/h", "body": {}, "headers": {name: "x"}}});
-        refused(http, &body, "`headers`").await?;
+        unfit(http, &body, "`headers`").await?;
     }
     // The operator's limits.
     let noop = |extra: Value| {
