@@ -68,6 +68,11 @@ impl std::fmt::Debug for Verifier {
 }
 
 const OPEN: &[&str] = &["/health", "/ready", "/metrics", "/openapi.json"];
+
+/// Whether `path` is an operational route, open without a token.
+pub(crate) fn is_open(path: &str) -> bool {
+    OPEN.contains(&path)
+}
 const TENANT: &str = "x-tenant-id";
 
 impl Verifier {

@@ -62,6 +62,7 @@ pub fn document(
     declare_enforced(&mut doc);
     declare_query_tokens(&mut doc);
     declare_event_streams(&mut doc);
+    declare_gateway_answers(&mut doc);
     let generic = doc["paths"][entities::GENERIC]["post"].clone();
     let typed = entities::typed_paths(registry, &generic)?;
     let into = |target: &mut Value, entries: serde_json::Map<String, Value>| {
@@ -214,6 +215,60 @@ fn declare_query_tokens(doc: &mut Value) {
                 of the URI before the route sees it.",
             "schema": {"type": "string"},
         }));
+    }
+}
+
+/// Declares on every operation the answers the gateway's middleware gives before (or
+/// instead of) its handler: 401 and 403 from the auth gate (when `[gateway.auth]` is on;
+/// not on the operational routes), 429 and 503 from the rate limits (with `Retry-After`),
+/// 413 from the body limit on an operation with a body. `Retry-After` is declared on every
+/// 429 and 503.
+fn declare_gateway_answers(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    let error = json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
+    let retry_after = json!({"Retry-After": {
+        "description": "Seconds to wait before sending again",
+        "schema": {"type": "integer", "minimum": 0},
+    }});
+    for (path, item) in paths.iter_mut() {
+        let open = super::auth::is_open(path);
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in item.values_mut() {
+            let has_body = operation.get("requestBody").is_some();
+            let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(Value::as_object_mut)
+            else {
+                continue;
+            };
+            let mut answers = vec![];
+            if !open {
+                answers.push(("401", "Auth is on and the token is missing or invalid"));
+                answers.push(("403", "The token may not use this tenant or entity"));
+                answers.push(("429", "The caller's rate limit; see `Retry-After`"));
+                answers.push((
+                    "503",
+                    "Unavailable (rate limits without Redis, owner or storage); see `Retry-After`",
+                ));
+            }
+            if has_body {
+                answers.push(("413", "Body over `gateway.max-body-bytes`"));
+            }
+            for (status, description) in answers {
+                responses
+                    .entry(status)
+                    .or_insert_with(|| json!({"description": description, "content": error}));
+            }
+            for status in ["429", "503"].into_iter().filter(|_| !open) {
+                if let Some(response) = responses.get_mut(status).and_then(Value::as_object_mut) {
+                    response.insert("headers".into(), retry_after.clone());
+                }
+            }
+        }
     }
 }
 
@@ -476,6 +531,33 @@ mod tests {
             .filter(|path| path.contains("hidden"))
             .collect();
         assert!(listed.is_empty(), "{listed:?}");
+    }
+
+    #[test]
+    fn every_operation_declares_the_middlewares_answers() {
+        let doc = bare();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("operations") {
+                let responses = &operation["responses"];
+                let what = format!("{method} {path}");
+                if operation.get("requestBody").is_some() {
+                    assert!(responses.get("413").is_some(), "{what}");
+                }
+                if super::super::auth::is_open(path) {
+                    assert!(responses.get("401").is_none(), "{what}");
+                    continue;
+                }
+                for status in ["401", "403", "429", "503"] {
+                    assert!(responses.get(status).is_some(), "{what}: {status}");
+                }
+                for status in ["429", "503"] {
+                    assert!(
+                        responses[status]["headers"].get("Retry-After").is_some(),
+                        "{what}: {status}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
