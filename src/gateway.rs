@@ -35,7 +35,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use app::{AppRouter, GatewayContext, JsonBody, object};
+pub use app::{AppRouter, GatewayContext, JsonBody, object_only};
 pub use auth::{OPERATOR_SCOPE, Principal};
 pub use error::ApiError;
 pub use idempotency::IdempotencyKey;

@@ -116,7 +116,7 @@ pub(crate) fn compose(routers: Vec<AppRouter>, context: &GatewayContext) -> Rout
 /// over the body limit, 400 `malformed_json` for text that is not JSON, 400 `bad_body` for
 /// a body that is not an object or names the field that does not match `T`. Numbers
 /// without a fraction are integers (`2.0` is 2). A nested struct field of `T` should
-/// use [`object`] so it is not read from an array.
+/// use [`object_only`] so it is not read from an array.
 #[derive(Debug, Clone)]
 pub struct JsonBody<T>(pub T);
 
@@ -155,10 +155,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// `#[serde(deserialize_with = "shoal::gateway::object")]` for a struct field (or an
+/// `#[serde(deserialize_with = "shoal::gateway::object_only")]` for a struct field (or an
 /// `Option` of one, with `default`) of a request body: only a JSON object (or `null`) is
 /// taken, not the array of its fields serde would also read.
-pub fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub fn object_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: DeserializeOwned,

@@ -45,9 +45,10 @@ impl Cors {
     /// The CORS of a gateway serving OpenAPI document `doc`, or `None` when `config`
     /// lists no origin.
     pub(crate) fn new(config: &CorsConfig, doc: &serde_json::Value) -> Option<Self> {
+        let paths = PathMethods::of(doc);
         Some(Self {
-            layer: layer(config, methods_in(doc))?,
-            paths: Arc::new(PathMethods::of(doc)),
+            layer: layer(config, paths.all())?,
+            paths: Arc::new(paths),
         })
     }
 }
@@ -76,6 +77,18 @@ impl PathMethods {
             })
             .collect();
         Self { templates }
+    }
+
+    /// Every method some path takes.
+    fn all(&self) -> Vec<Method> {
+        let mut methods: Vec<Method> = self
+            .templates
+            .iter()
+            .flat_map(|(_, methods)| methods.iter().cloned())
+            .collect();
+        methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        methods.dedup();
+        methods
     }
 
     /// The methods of every template `path` matches, as `Access-Control-Allow-Methods`;
@@ -149,21 +162,6 @@ fn layer(config: &CorsConfig, methods: Vec<Method>) -> Option<CorsLayer> {
             .expose_headers(EXPOSED_HEADERS)
             .max_age(config.max_age),
     )
-}
-
-/// The methods the operations of OpenAPI document `doc` use.
-fn methods_in(doc: &serde_json::Value) -> Vec<Method> {
-    let mut methods: Vec<Method> = doc["paths"]
-        .as_object()
-        .into_iter()
-        .flat_map(|paths| paths.values())
-        .filter_map(serde_json::Value::as_object)
-        .flat_map(|operations| operations.keys())
-        .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
-        .collect();
-    methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    methods.dedup();
-    methods
 }
 
 #[cfg(test)]

@@ -116,7 +116,17 @@ struct Detail<'a> {
 }
 
 impl ApiError {
-    /// A 400 with a code and message.
+    /// A 422: the request fits the OpenAPI document, but a rule the document cannot state
+    /// (one that depends on state, or on more than one field) refuses it.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::HandlerError {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A 400: what the OpenAPI document forbids (`code` names the kind, `message` the
+    /// field).
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest {
             code,

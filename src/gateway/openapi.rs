@@ -59,6 +59,7 @@ pub fn document(
         api.merge(fragment);
     }
     let mut doc = serde_json::to_value(api).map_err(|e| e.to_string())?;
+    unwrap_declared(&mut doc);
     declare_enforced(&mut doc);
     declare_query_tokens(&mut doc);
     declare_event_streams(&mut doc);
@@ -149,10 +150,7 @@ pub fn declare_property(
     if let (Some(description), Some(new)) = (description, schema.as_object_mut()) {
         new.entry("description").or_insert(description);
     }
-    match serde_json::from_value(schema) {
-        Ok(declared) => *slot = declared,
-        Err(e) => tracing::warn!(component, property, "the declared schema is not one: {e}"),
-    }
+    *slot = object_schema(schema);
 }
 
 /// The name of [`storable_json`]'s component.
@@ -185,9 +183,32 @@ pub fn storable_json(api: &mut utoipa::openapi::OpenApi) -> Value {
 /// [`declare_parameter`] and `#[schema(schema_with = …)]` functions. A value that is not a
 /// schema object is the schema that allows anything.
 pub fn object_schema(schema: Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-    serde_json::from_value(schema).unwrap_or_else(|_| {
-        utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(Default::default()))
-    })
+    // utoipa's schema types keep only the keywords they model (no `not`, `allOf` on an
+    // object, `const` …): the JSON rides in an extension and `document` puts it back whole.
+    let mut object = utoipa::openapi::schema::Object::new();
+    let mut extensions = utoipa::openapi::extensions::Extensions::default();
+    extensions.insert(DECLARED.to_owned(), schema);
+    object.extensions = Some(extensions);
+    utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(object))
+}
+
+/// The extension [`object_schema`] carries its JSON in.
+const DECLARED: &str = "x-shoal-declared";
+
+/// Replaces every schema [`object_schema`] made with the JSON it carries.
+fn unwrap_declared(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            if let Some(declared) = object.remove(DECLARED) {
+                *value = declared;
+                unwrap_declared(value);
+            } else {
+                object.values_mut().for_each(unwrap_declared);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(unwrap_declared),
+        _ => {}
+    }
 }
 
 /// `EntityType`: ASCII letters, digits, `-`, `_`; 1 to 63.
@@ -264,8 +285,13 @@ fn declare_gateway_answers(doc: &mut Value) {
                     .or_insert_with(|| json!({"description": description, "content": error}));
             }
             for status in ["429", "503"].into_iter().filter(|_| !open) {
-                if let Some(response) = responses.get_mut(status).and_then(Value::as_object_mut) {
-                    response.insert("headers".into(), retry_after.clone());
+                if let Some(headers) = responses
+                    .get_mut(status)
+                    .and_then(Value::as_object_mut)
+                    .map(|response| response.entry("headers").or_insert_with(|| json!({})))
+                    .and_then(Value::as_object_mut)
+                {
+                    headers.extend(retry_after.as_object().cloned().unwrap_or_default());
                 }
             }
         }
@@ -634,7 +660,8 @@ mod declare_tests {
             "count",
             json!({"type": ["integer", "null"], "minimum": 1, "maximum": u64::MAX}),
         );
-        let doc = serde_json::to_value(&api).expect("serializes");
+        let mut doc = serde_json::to_value(&api).expect("serializes");
+        unwrap_declared(&mut doc);
         let id = &doc["paths"]["/things/{id}"]["post"]["parameters"][0]["schema"];
         assert_eq!(id["pattern"], "^t-[0-9]+$", "{doc}");
         let body = &doc["components"]["schemas"]["Body"];

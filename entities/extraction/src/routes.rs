@@ -179,9 +179,10 @@ impl ExtractionView {
     responses(
         (status = 200, description = "Cached, finished, or finished while waiting", body = ExtractionView),
         (status = 202, description = "Accepted: follow status_url or events_url", body = Accepted),
-        (status = 400, description = "Bad text, unknown ontology or provider, bad option, bad X-Tenant-Id", body = ErrorBody),
+        (status = 400, description = "Bad text, unknown provider, bad option, bad X-Tenant-Id", body = ErrorBody),
         (status = 401, description = "Auth is on and the token is missing or invalid", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "`unknown_ontology`: no such ontology on this gateway (ontologies reload, so the document does not list them)", body = ErrorBody),
         (status = 429, description = "The caller's rate limit; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "Redis, storage or the owner is unavailable", body = ErrorBody),
     ),
@@ -253,7 +254,7 @@ fn validate(
         ));
     }
     let ontology = api.ontologies.get(&new.ontology_id).ok_or_else(|| {
-        ApiError::bad_request(
+        ApiError::unprocessable(
             "unknown_ontology",
             format!(
                 "field `ontology_id`: no ontology `{}` (known: {})",

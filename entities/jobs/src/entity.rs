@@ -88,7 +88,7 @@ pub struct NewJob {
     #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// The waits between attempts (default: the type's).
-    #[serde(default, deserialize_with = "shoal::gateway::object")]
+    #[serde(default, deserialize_with = "shoal::gateway::object_only")]
     pub backoff: Option<JobBackoff>,
     /// 0 (first, the default) to 9 (last): how soon a job its type's limits made wait asks
     /// again, so under contention higher-priority jobs take the freed slots first.

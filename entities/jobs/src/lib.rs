@@ -167,7 +167,6 @@ impl FromStr for JobId {
             .then(|| uuid::Uuid::parse_str(s).ok())
             .flatten()
             .map(Self)
-            .ok_or(())
-            .map_err(|_| BadJobId(s.to_owned()))
+            .ok_or_else(|| BadJobId(s.to_owned()))
     }
 }

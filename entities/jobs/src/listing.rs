@@ -91,7 +91,9 @@ pub fn query(
             .push_bind(tenant.to_owned());
     }
     if let Some(cursor) = &query.cursor {
-        sql.push(" AND entity_id < ").push_bind(cursor.clone());
+        // Ids are stored lowercase; a cursor may be written in either case.
+        sql.push(" AND entity_id < ")
+            .push_bind(cursor.to_ascii_lowercase());
     }
     sql.push(" ORDER BY entity_id DESC LIMIT ")
         .push_bind(i64::from(limit) + 1);

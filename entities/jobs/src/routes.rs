@@ -173,14 +173,6 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             ),
         )
     })?;
-    // The document declares a payload as any JSON value: one its type refuses is a 422
-    // (400 is for what the document itself forbids).
-    handler
-        .check(&new.payload)
-        .map_err(|e| ApiError::HandlerError {
-            code: "bad_payload".to_owned(),
-            message: format!("field `payload`: {e}"),
-        })?;
     if new.tenant.is_some() {
         return Err(ApiError::bad_request(
             "bad_body",
@@ -216,6 +208,11 @@ fn validate(registry: &JobRegistry, new: &mut NewJob, headers: &HeaderMap) -> Re
             format!("field `timeout_ms`: 1–{MAX_TIMEOUT_MS}"),
         ));
     }
+    // Last, so whatever the document forbids is a 400 first: the document declares a
+    // payload as any JSON value, so one its type refuses is a 422.
+    handler
+        .check(&new.payload)
+        .map_err(|e| ApiError::unprocessable("bad_payload", format!("field `payload`: {e}")))?;
     Ok(())
 }
 
@@ -244,10 +241,10 @@ fn check_limits(limits: super::JobLimits, new: &NewJob) -> Result<(), ApiError> 
             ));
         }
         if backoff.first_ms > backoff.max_ms {
-            return Err(ApiError::HandlerError {
-                code: "bad_backoff".to_owned(),
-                message: "field `backoff`: first_ms ≤ max_ms".to_owned(),
-            });
+            return Err(ApiError::unprocessable(
+                "bad_backoff",
+                "field `backoff`: first_ms ≤ max_ms",
+            ));
         }
     }
     Ok(())
@@ -391,16 +388,16 @@ async fn cancel(
     // finished; `GET /jobs/{id}` tells).
     let view = visible(gateway.client(), &headers, &id).await?;
     if view.status.is_finished() {
-        return Err(ApiError::HandlerError {
-            code: "not_cancellable".to_owned(),
-            message: format!(
+        return Err(ApiError::unprocessable(
+            "not_cancellable",
+            format!(
                 "job {id} is already {}; cancel changes nothing",
                 serde_json::to_value(view.status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default()
             ),
-        });
+        ));
     }
     let reply = gateway
         .client()

@@ -169,7 +169,10 @@ fn example(schema: &Value, components: &Map<String, Value>, depth: usize) -> Opt
             Value::Object(object)
         }
         "integer" | "number" => schema.get("minimum").cloned().unwrap_or(json!(0)),
-        "string" => json!("x".repeat(schema["minLength"].as_u64().unwrap_or(1) as usize)),
+        "string" => {
+            let length = schema["minLength"].as_u64().unwrap_or(1).min(64);
+            json!("x".repeat(length as usize))
+        }
         "boolean" => json!(false),
         "array" => json!([]),
         _ => Value::Null,
