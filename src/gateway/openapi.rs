@@ -7,6 +7,8 @@
 
 mod entities;
 
+pub use entities::example;
+
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 

@@ -118,7 +118,7 @@ pub(crate) fn typed_paths(
             }
             let path = format!("/entities/{entity_type}/{{entity_id}}/{}", message.name);
             let mut operation = typed_operation(generic, entity_type.as_str(), &message, &reply);
-            let example = example(&message.schema, &components, 0);
+            let example = example(&message.schema, &components);
             if let Some(persisted) = example
                 .and_then(|body| def.decode(&message.name, body).ok())
                 .map(|decoded| def.is_persisted(&decoded))
@@ -131,10 +131,15 @@ pub(crate) fn typed_paths(
     Ok(TypedPaths { paths, components })
 }
 
-/// A body `schema` allows, to ask the type's decoder what kind of message it is: required
-/// properties only, the first of every choice, the least of every bound. `None` where the
-/// schema is beyond that.
-fn example(schema: &Value, components: &Map<String, Value>, depth: usize) -> Option<Value> {
+/// A value `schema` allows (its `$ref`s into `components`, the document's
+/// `components.schemas`): required properties only, the first of every choice, the least
+/// of every bound. `None` where the schema is beyond that. The document asks the type's
+/// decoder what kind of message such a body is; tests build requests with it.
+pub fn example(schema: &Value, components: &Map<String, Value>) -> Option<Value> {
+    example_within(schema, components, 0)
+}
+
+fn example_within(schema: &Value, components: &Map<String, Value>, depth: usize) -> Option<Value> {
     if depth > 16 {
         return None;
     }
@@ -143,19 +148,23 @@ fn example(schema: &Value, components: &Map<String, Value>, depth: usize) -> Opt
         .and_then(Value::as_str)
         .and_then(|r| r.strip_prefix("#/components/schemas/"))
     {
-        return example(components.get(name)?, components, depth + 1);
+        return example_within(components.get(name)?, components, depth + 1);
     }
     if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
         return Some(first.clone());
     }
     for choice in ["oneOf", "anyOf", "allOf"] {
         if let Some(first) = schema.get(choice).and_then(|c| c.get(0)) {
-            return example(first, components, depth + 1);
+            return example_within(first, components, depth + 1);
         }
     }
     let kind = match &schema["type"] {
         Value::String(kind) => kind.as_str(),
-        Value::Array(kinds) => kinds.iter().filter_map(Value::as_str).next()?,
+        Value::Array(kinds) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null")
+            .unwrap_or("null"),
         _ => "null",
     };
     Some(match kind {
@@ -163,7 +172,7 @@ fn example(schema: &Value, components: &Map<String, Value>, depth: usize) -> Opt
             let mut object = Map::new();
             for name in schema["required"].as_array().into_iter().flatten() {
                 let name = name.as_str()?;
-                let property = example(&schema["properties"][name], components, depth + 1)?;
+                let property = example_within(&schema["properties"][name], components, depth + 1)?;
                 object.insert(name.to_owned(), property);
             }
             Value::Object(object)
