@@ -351,6 +351,23 @@ async fn cancel_changes_nothing(http: &Http, id: &str, state: &str) -> anyhow::R
         answer.status,
         answer.text()
     );
+    // Another tenant learns nothing from the 422s: its cancel or retry of this job is the
+    // 404 of no job at all.
+    for action in ["cancel", "retry"] {
+        let foreign = http
+            .post_json(
+                &format!("/jobs/{id}/{action}"),
+                &json!({}),
+                &[("X-Tenant-Id", "globex")],
+            )
+            .await?;
+        ensure!(
+            foreign.status == StatusCode::NOT_FOUND && foreign.error()?.0 == "unknown_job",
+            "{action} as another tenant: {} {}",
+            foreign.status,
+            foreign.text()
+        );
+    }
     Ok(())
 }
 
