@@ -31,7 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::ids::{EntityAddress, MessageId, RunnerId};
-use crate::message_storage::{MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome};
+use crate::message_storage::{
+    MessageStorage, MessageStorageError, NewMessage, Reply, SaveOutcome, StateCheckpoint,
+    StoredMessage,
+};
 use crate::retry::RetryClass;
 use crate::runner_storage::{RunnerInfo, RunnerStorage};
 use crate::sharding::{Assignment, Sharding, assign};
@@ -203,6 +206,24 @@ impl ShoalClient {
         Ok(id)
     }
 
+    /// [`Self::send`], then waits up to `wait` for the owner to have handled the message:
+    /// a sender that sends faster than the owners handle slows to their pace instead of
+    /// piling pushes up (a burst of sends activating thousands of entities at once), and
+    /// a message handled within `wait` has a stored reply when this returns. Past `wait`
+    /// the push goes on without the caller.
+    pub async fn send_paced(
+        &self,
+        request: Request,
+        wait: Duration,
+    ) -> Result<MessageId, ClientError> {
+        let (id, envelope) = self.store_for_push(&request).await?;
+        let client = self.clone();
+        let push = tokio::spawn(async move { client.deliver_pushed(envelope).await });
+        // Dropping the handle at the deadline leaves the push running.
+        let _ = tokio::time::timeout(wait, push).await;
+        Ok(id)
+    }
+
     /// Stores a persisted request; its id and the envelope that tells its owner.
     async fn store_for_push(
         &self,
@@ -299,6 +320,16 @@ impl ShoalClient {
         let routing = self.inner.routing.borrow();
         let runner = routing.assignment.owner(shard)?;
         Some((runner, routing.address_of(runner)?.to_owned()))
+    }
+
+    /// The unprocessed message of `address` stored under idempotency key `key`, if any
+    /// (a message [`ShoalClient::send`] stored that its entity has not run yet).
+    pub async fn pending_with_key(
+        &self,
+        address: &EntityAddress,
+        key: &str,
+    ) -> Result<Option<StoredMessage>, ClientError> {
+        Ok(self.inner.messages.pending_with_key(address, key).await?)
     }
 
     /// The stored reply of a persisted message, if it was processed.
@@ -554,6 +585,10 @@ impl crate::entity::Outbound for ShoalClient {
 
     fn new_message(&self, request: &Request) -> NewMessage {
         ShoalClient::new_message(self, request)
+    }
+
+    async fn checkpoint_state(&self, checkpoint: StateCheckpoint) -> Result<bool, ClientError> {
+        Ok(self.inner.messages.checkpoint_state(checkpoint).await?)
     }
 
     async fn send_from(

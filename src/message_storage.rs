@@ -216,6 +216,22 @@ pub struct StorageStats {
     pub oldest_kept: Option<DateTime<Utc>>,
 }
 
+/// An entity's state written before its message completes
+/// ([`MessageStorage::checkpoint_state`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateCheckpoint {
+    /// The entity.
+    pub address: EntityAddress,
+    /// Its shard, whose epoch fences the write.
+    pub shard: ShardId,
+    /// The epoch the writer owns the shard under.
+    pub epoch: Epoch,
+    /// The message being handled.
+    pub message_id: MessageId,
+    /// The state to show until the completion.
+    pub state: serde_json::Value,
+}
+
 /// Persisted message storage of one cluster.
 #[async_trait]
 pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
@@ -278,6 +294,24 @@ pub trait MessageStorage: Send + Sync + std::fmt::Debug + 'static {
         &self,
         address: &EntityAddress,
     ) -> Result<(u64, Option<DateTime<Utc>>), MessageStorageError>;
+
+    /// Writes an entity's state while its message `checkpoint.message_id` is still being
+    /// handled, under the shard's epoch: what the entity shows readers (and reloads on a
+    /// redelivery) until the message's completion writes the state after it. `false` when
+    /// the shard moved (nothing written).
+    async fn checkpoint_state(
+        &self,
+        checkpoint: StateCheckpoint,
+    ) -> Result<bool, MessageStorageError>;
+
+    /// The unprocessed message of one entity stored under idempotency key `key`, if any:
+    /// what a reader asks of a message whose sender returned once it was stored, before its
+    /// entity has run it.
+    async fn pending_with_key(
+        &self,
+        address: &EntityAddress,
+        key: &str,
+    ) -> Result<Option<StoredMessage>, MessageStorageError>;
 
     /// Counts one more delivery attempt of `ids`.
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError>;

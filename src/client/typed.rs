@@ -198,6 +198,25 @@ impl<E: EntityProtocol> EntityRef<E> {
         }
     }
 
+    /// [`Self::send`], then waits up to `wait` for the owner to have handled the message
+    /// ([`ShoalClient::send_paced`]); from a handler, the same as `send`.
+    pub async fn send_paced(
+        &self,
+        message: E::Message,
+        wait: Duration,
+    ) -> Result<MessageId, ClientError> {
+        match &self.route {
+            Route::Client(client) => {
+                let request = self.request(&message)?;
+                if !request.persisted {
+                    return self.send(message).await;
+                }
+                client.send_paced(request, wait).await
+            }
+            Route::Handler(_) => self.send(message).await,
+        }
+    }
+
     /// The untyped request for `message`, as the gateway would build it: the one encoding
     /// every typed caller shares.
     pub(crate) fn request(&self, message: &E::Message) -> Result<Request, ClientError> {

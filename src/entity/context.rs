@@ -41,7 +41,7 @@ use crate::client::error::ClientError;
 use crate::client::request::Request;
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::storable::check_message;
-use crate::message_storage::{NewMessage, Reply};
+use crate::message_storage::{NewMessage, Reply, StateCheckpoint};
 
 /// Calls one handling of one message may make through its context (bounds the outbox).
 pub const MAX_CALLS_PER_MESSAGE: u32 = 1024;
@@ -64,6 +64,8 @@ pub(crate) trait Outbound: Send + Sync + 'static {
     async fn ask(&self, request: Request) -> Result<Reply, ClientError>;
     /// `request` as the message storage holds it, under a fresh id (for the outbox).
     fn new_message(&self, request: &Request) -> NewMessage;
+    /// Writes a state checkpoint (`false`: the shard moved).
+    async fn checkpoint_state(&self, checkpoint: StateCheckpoint) -> Result<bool, ClientError>;
     /// Stores `request` and tells its owner, behind what `sender` sent it before.
     async fn send_from(
         &self,
@@ -195,6 +197,45 @@ impl EntityContext {
             .checked_add_signed(after)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         self.schedule(request, at).await
+    }
+
+    /// Writes `state` as the entity's stored state now, before this message completes:
+    /// for a handler of a `PERSIST_STATE` type that works long on a persisted message, so
+    /// readers of the stored state (listings, a reload after a crash) see where it is. The
+    /// completion still writes the state the handler ends with; a redelivery of this
+    /// message starts from the checkpoint, so a handler that checkpoints must take its
+    /// message again from there. `DeliveryError::ShardMoving` when the shard moved (nothing
+    /// was written); [`ClientError::InvalidRequest`] outside such a handling.
+    pub async fn checkpoint(&self, state: &impl serde::Serialize) -> Result<(), ClientError> {
+        let (Some(message_id), Some(_)) = (self.message_id, &self.calls.0.outbox) else {
+            return Err(ClientError::InvalidRequest(
+                "a checkpoint is written only while a PERSIST_STATE type handles a persisted \
+                 message"
+                    .to_owned(),
+            ));
+        };
+        let client = self
+            .calls
+            .0
+            .client
+            .as_deref()
+            .ok_or(ClientError::NotConnected)?;
+        let state = serde_json::to_value(state)
+            .map_err(|e| ClientError::InvalidRequest(format!("state does not encode: {e}")))?;
+        let checkpoint = StateCheckpoint {
+            address: self.address.clone(),
+            shard: self.shard,
+            epoch: self.epoch,
+            message_id,
+            state,
+        };
+        if client.checkpoint_state(checkpoint).await? {
+            Ok(())
+        } else {
+            Err(ClientError::Delivery(
+                crate::transport::DeliveryError::ShardMoving(self.shard),
+            ))
+        }
     }
 
     /// A key for one call this handling makes in more than one message (enqueuing a

@@ -710,6 +710,19 @@ impl MessageStorage for Lingering {
     ) -> Result<(u64, Option<chrono::DateTime<chrono::Utc>>), MessageStorageError> {
         self.inner.entity_backlog(address).await
     }
+    async fn checkpoint_state(
+        &self,
+        checkpoint: crate::message_storage::StateCheckpoint,
+    ) -> Result<bool, MessageStorageError> {
+        self.inner.checkpoint_state(checkpoint).await
+    }
+    async fn pending_with_key(
+        &self,
+        address: &EntityAddress,
+        key: &str,
+    ) -> Result<Option<StoredMessage>, MessageStorageError> {
+        self.inner.pending_with_key(address, key).await
+    }
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
         self.inner.record_attempts(ids).await
     }

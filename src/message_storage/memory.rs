@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::storable::{check_message, completion_problem, unstorable_completion};
+use super::storable::{check_message, check_state, completion_problem, unstorable_completion};
 use super::{
     Completion, CompletionOutcome, MessageStorage, MessageStorageError, NewMessage, Reply,
-    SaveOutcome, StorageStats, StoredMessage,
+    SaveOutcome, StateCheckpoint, StorageStats, StoredMessage,
 };
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 
@@ -215,6 +215,34 @@ impl MessageStorage for MemoryMessageStorage {
             DateTime::from_timestamp_millis(ms)
         });
         Ok((backlog.len() as u64, oldest))
+    }
+
+    async fn checkpoint_state(
+        &self,
+        checkpoint: StateCheckpoint,
+    ) -> Result<bool, MessageStorageError> {
+        check_state(&checkpoint.state)?;
+        let mut state = self.lock();
+        if state.epochs.get(&checkpoint.shard) != Some(&checkpoint.epoch) {
+            return Ok(false);
+        }
+        state.states.insert(checkpoint.address, checkpoint.state);
+        Ok(true)
+    }
+
+    async fn pending_with_key(
+        &self,
+        address: &EntityAddress,
+        key: &str,
+    ) -> Result<Option<StoredMessage>, MessageStorageError> {
+        let state = self.lock();
+        Ok(state
+            .messages
+            .values()
+            .find(|(m, processed)| {
+                !processed && &m.address == address && m.idempotency_key.as_deref() == Some(key)
+            })
+            .map(|(m, _)| m.clone()))
     }
 
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {

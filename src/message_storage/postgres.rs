@@ -21,10 +21,10 @@ use tokio::sync::mpsc;
 use self::batcher::{Respond, run_batcher, submit};
 use self::complete::CompleteKind;
 use self::save::SaveKind;
-use super::storable::{check_message, completion_problem, unstorable_completion};
+use super::storable::{check_message, check_state, completion_problem, unstorable_completion};
 use super::{
     Completion, CompletionOutcome, MessageStorage, MessageStorageError, NewMessage, Reply,
-    SaveOutcome, StorageStats, StoredMessage,
+    SaveOutcome, StateCheckpoint, StorageStats, StoredMessage,
 };
 use crate::ids::{ClusterName, EntityAddress, EntityId, EntityType, MessageId, ShardId};
 
@@ -289,6 +289,70 @@ impl MessageStorage for PgMessageStorage {
         .map_err(db_error)?;
         let n: i64 = row.try_get("n").map_err(db_error)?;
         Ok((n.max(0) as u64, row.try_get("oldest").map_err(db_error)?))
+    }
+
+    async fn checkpoint_state(
+        &self,
+        checkpoint: StateCheckpoint,
+    ) -> Result<bool, MessageStorageError> {
+        check_state(&checkpoint.state)?;
+        // FOR SHARE, as a completion: a new owner's epoch bump waits for this write.
+        let written = sqlx::query_scalar::<_, i32>(
+            "WITH owner AS (
+                 SELECT 1 FROM shoal_shards
+                  WHERE cluster = $1 AND shard = $2 AND epoch = $3 FOR SHARE
+             )
+             INSERT INTO shoal_entity_state (cluster, entity_type, entity_id, state, message_id)
+             SELECT $1, $4, $5, $6, $7 FROM owner
+             ON CONFLICT (cluster, entity_type, entity_id) DO UPDATE
+                SET state = EXCLUDED.state, message_id = EXCLUDED.message_id, updated_at = now()
+             RETURNING 1",
+        )
+        .bind(self.inner.cluster.as_str())
+        .bind(checkpoint.shard.lock_key())
+        .bind(checkpoint.epoch.get())
+        .bind(checkpoint.address.entity_type.as_str())
+        .bind(checkpoint.address.entity_id.as_str())
+        .bind(&checkpoint.state)
+        .bind(checkpoint.message_id.get())
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(written.is_some())
+    }
+
+    async fn pending_with_key(
+        &self,
+        address: &EntityAddress,
+        key: &str,
+    ) -> Result<Option<StoredMessage>, MessageStorageError> {
+        // The idempotency key's unique index answers this.
+        let row = sqlx::query(
+            "SELECT id, shard, tag, payload, deliver_at, attempts FROM shoal_messages
+              WHERE cluster = $1 AND entity_type = $2 AND entity_id = $3
+                AND idempotency_key = $4 AND NOT processed",
+        )
+        .bind(self.inner.cluster.as_str())
+        .bind(address.entity_type.as_str())
+        .bind(address.entity_id.as_str())
+        .bind(key)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let shard: i32 = row.try_get("shard").map_err(db_error)?;
+        Ok(Some(StoredMessage {
+            id: MessageId::new(row.try_get("id").map_err(db_error)?),
+            shard: ShardId::new(u32::try_from(shard).unwrap_or_default()),
+            address: address.clone(),
+            tag: row.try_get("tag").map_err(db_error)?,
+            payload: row.try_get("payload").map_err(db_error)?,
+            idempotency_key: Some(key.to_owned()),
+            deliver_at: row.try_get("deliver_at").map_err(db_error)?,
+            attempts: row.try_get("attempts").map_err(db_error)?,
+        }))
     }
 
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {

@@ -65,6 +65,11 @@ fn check_text(field: &str, value: &str) -> Result<(), MessageStorageError> {
     Ok(())
 }
 
+/// Refuses an entity state storage cannot hold, naming the pointer under `state`.
+pub fn check_state(state: &serde_json::Value) -> Result<(), MessageStorageError> {
+    check_json("state", state)
+}
+
 /// Refuses a message storage cannot hold, naming the field (`payload/items/3`,
 /// `idempotency_key`, `tag`). Entity types and ids are validated by their constructors.
 pub fn check_message(message: &NewMessage) -> Result<(), MessageStorageError> {

@@ -22,6 +22,22 @@ enum Stop {
     Cancel,
 }
 
+/// Awaits `work`; if it is still running after `after`, runs `save` beside it and awaits
+/// both, so what `save` writes is written before the caller goes on with `work`'s result.
+pub(crate) async fn with_checkpoint<T>(
+    work: impl Future<Output = T>,
+    save: impl Future<Output = ()>,
+    after: Duration,
+) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        () = tokio::time::sleep(after) => {}
+    }
+    let (done, ()) = tokio::join!(work, save);
+    done
+}
+
 /// Runs attempt `number` of the job in `state`.
 pub(crate) async fn run(
     handler: &Arc<dyn ErasedJob>,

@@ -102,7 +102,7 @@ impl Entity for JobCron {
             "enqueue",
             enqueue,
         )
-        .with_key("enqueue");
+        .with_key(super::entity::ENQUEUE_KEY);
         ctx.send(request)
             .await
             .map_err(|e| HandlerError::retryable("enqueue_failed", e.to_string()))?;

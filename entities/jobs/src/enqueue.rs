@@ -23,6 +23,10 @@ use super::handler::JobHandler;
 use super::key::{JobKey, JobKeyMessage, key_entity_id};
 use super::record::JobBackoff;
 
+/// How long [`enqueue`] from a client waits for the job's first handling (a due job's
+/// first attempt, or recording a later one) before it answers anyway.
+pub const PACE: Duration = Duration::from_millis(250);
+
 /// Who enqueues: a client, or a handler through its context.
 pub trait JobCaller {
     /// A typed handle on entity `id` of type `E`, through this caller.
@@ -159,9 +163,13 @@ pub async fn enqueue(
             .await?;
         id = holder.job_id.unwrap_or(id);
     }
+    // Stored is enough: the job runs from its `enqueue` message (its first attempt in
+    // the same handling when due), and `GET /jobs/{id}` reads a stored `enqueue` its job
+    // has not run yet as the queued job it is. Waiting up to PACE for the handling keeps
+    // a burst of enqueues at the pace the runners take them.
     caller
         .entity_ref::<Job>(&id)
-        .ask(JobMessage::Enqueue(new))
+        .send_paced(JobMessage::Enqueue(new), PACE)
         .await?;
     let status_url = format!("/jobs/{id}");
     Ok(Enqueued { id, status_url })

@@ -102,6 +102,9 @@ pub struct NewJob {
     pub tenant: Option<String>,
 }
 
+/// The idempotency key of a job's `enqueue` message: one per job id.
+pub const ENQUEUE_KEY: &str = "enqueue";
+
 /// The lowest priority.
 pub const LOWEST_PRIORITY: u8 = 9;
 
@@ -143,7 +146,7 @@ impl EntityProtocol for Job {
     }
 
     fn idempotency_key(message: &JobMessage) -> Option<String> {
-        matches!(message, JobMessage::Enqueue(_)).then(|| "enqueue".to_owned())
+        matches!(message, JobMessage::Enqueue(_)).then(|| ENQUEUE_KEY.to_owned())
     }
 
     fn options(&self) -> EntityOptions {
@@ -164,25 +167,93 @@ impl Entity for Job {
         state: &mut JobView,
         message: JobMessage,
     ) -> Result<JobView, HandlerError> {
-        let before = (state.status, state.attempts_made(), state.generation);
+        let mut before = (state.status, state.attempts_made(), state.generation);
         match message {
-            JobMessage::Enqueue(new) => self.enqueue(ctx, state, new).await?,
+            JobMessage::Enqueue(new) => {
+                let recorded = state.status == JobStatus::New;
+                if recorded {
+                    self.enqueue(ctx, state, new).await?;
+                    publish_if_changed(ctx, state, &mut before).await;
+                }
+                if state.status == JobStatus::Queued && state.attempts_made() == 0 {
+                    // Due now: the first attempt runs in this handling and commits with the
+                    // enqueue (one message per job). A redelivery after a crash finds the
+                    // job queued (from its checkpoint, or new again) and runs it.
+                    let generation = state.generation;
+                    self.run(ctx, state, 1, generation, recorded).await?;
+                }
+            }
             JobMessage::Prune { generation } => prune(ctx, state, generation).await?,
             JobMessage::Run {
                 attempt,
                 generation,
-            } => self.run(ctx, state, attempt, generation).await?,
+            } => self.run(ctx, state, attempt, generation, false).await?,
             JobMessage::Retry {} => retry(ctx, state).await?,
             JobMessage::Cancel {} => cancel(state),
             JobMessage::Get {} => {}
         }
-        if (state.status, state.attempts_made(), state.generation) != before
-            && state.status != JobStatus::New
-        {
-            publish_change(ctx, state).await;
-        }
+        publish_if_changed(ctx, state, &mut before).await;
         Ok(state.clone())
     }
+}
+
+/// The record's status, attempt count and generation: what a published change is.
+type Change = (JobStatus, u32, u32);
+
+/// Publishes the job's change if it changed since `before` (then `before` is now).
+async fn publish_if_changed(ctx: &EntityContext, state: &JobView, before: &mut Change) {
+    let now = (state.status, state.attempts_made(), state.generation);
+    if now != *before && state.status != JobStatus::New {
+        publish_change(ctx, state).await;
+    }
+    *before = now;
+}
+
+/// The record of job `id` that `enqueue` (stored as message `message`) makes at `now`,
+/// with the type's defaults and the operator's limits; `None` for a type `registry` does
+/// not have. Also what `GET /jobs/{id}` shows of a stored `enqueue` not run yet.
+pub(crate) fn recorded(
+    registry: &JobRegistry,
+    id: &str,
+    new: NewJob,
+    message: Option<shoal::ids::MessageId>,
+    now: DateTime<Utc>,
+) -> Option<JobView> {
+    let options = registry.get(&new.job_type)?.options();
+    let limits = registry.limits();
+    // Created when its sender stored it (the message id's instant), not when it ran.
+    let created_at = message
+        .and_then(shoal::snowflake::created_at)
+        .map_or(now, |at| at.min(now));
+    let run_at = new.run_at.unwrap_or(created_at).max(created_at);
+    Some(JobView {
+        id: id.to_owned(),
+        job_type: new.job_type,
+        payload: new.payload,
+        key: new.key,
+        status: if run_at > now {
+            JobStatus::Scheduled
+        } else {
+            JobStatus::Queued
+        },
+        // `POST /jobs` refuses more; a job enqueued from Rust is held to the same.
+        max_attempts: new
+            .max_attempts
+            .map_or(options.max_attempts, |n| n.min(limits.max_attempts))
+            .max(1),
+        timeout_ms: new
+            .timeout_ms
+            .unwrap_or(options.timeout.as_millis() as u64)
+            .max(1),
+        backoff: new.backoff.map(|own| own.at_least(limits.min_backoff)),
+        priority: new.priority.unwrap_or(0).min(LOWEST_PRIORITY),
+        tenant: new.tenant,
+        run_at: Some(run_at),
+        next_run_at: Some(run_at),
+        created_at: Some(created_at),
+        updated_at: Some(now),
+        ..JobView::default()
+    })
 }
 
 /// Publishes the job's change to its tenant's stream (topic `job`), if it has a tenant:
@@ -227,42 +298,16 @@ impl Job {
         if state.status != JobStatus::New {
             return Ok(());
         }
-        let handler = self.registry.get(&new.job_type).ok_or_else(|| {
-            HandlerError::permanent("unknown_type", format!("no job type `{}`", new.job_type))
-        })?;
-        let options = handler.options();
-        let limits = self.registry.limits();
         let now = Utc::now();
-        let run_at = new.run_at.unwrap_or(now).max(now);
-        *state = JobView {
-            id: ctx.address.entity_id.to_string(),
-            job_type: new.job_type,
-            payload: new.payload,
-            key: new.key,
-            status: if run_at > now {
-                JobStatus::Scheduled
-            } else {
-                JobStatus::Queued
-            },
-            // `POST /jobs` refuses more; a job enqueued from Rust is held to the same.
-            max_attempts: new
-                .max_attempts
-                .map_or(options.max_attempts, |n| n.min(limits.max_attempts))
-                .max(1),
-            timeout_ms: new
-                .timeout_ms
-                .unwrap_or(options.timeout.as_millis() as u64)
-                .max(1),
-            backoff: new.backoff.map(|own| own.at_least(limits.min_backoff)),
-            priority: new.priority.unwrap_or(0).min(LOWEST_PRIORITY),
-            tenant: new.tenant,
-            run_at: Some(run_at),
-            next_run_at: Some(run_at),
-            created_at: Some(now),
-            updated_at: Some(now),
-            ..JobView::default()
-        };
-        schedule_run(ctx, state, run_at).await
+        let id = ctx.address.entity_id.as_str();
+        let unknown = format!("no job type `{}`", new.job_type);
+        *state = recorded(&self.registry, id, new, ctx.message_id, now)
+            .ok_or_else(|| HandlerError::permanent("unknown_type", unknown))?;
+        let run_at = state.run_at.unwrap_or(now);
+        if run_at > now {
+            return schedule_run(ctx, state, run_at).await;
+        }
+        Ok(())
     }
 
     async fn run(
@@ -271,6 +316,7 @@ impl Job {
         state: &mut JobView,
         attempt: u32,
         generation: u32,
+        unsaved: bool,
     ) -> Result<(), HandlerError> {
         let expected = state.attempts_made() + 1;
         if state.status.is_finished() || generation != state.generation || attempt != expected {
@@ -298,7 +344,15 @@ impl Job {
                 }
             };
         let started_at = Utc::now();
-        let end = attempt::run(&handler, &self.running, state, attempt).await;
+        let work = attempt::run(&handler, &self.running, state, attempt);
+        let end = if unsaved {
+            // A record not stored yet is stored if the attempt outlasts CHECKPOINT_AFTER,
+            // so listings show a long first attempt's job while it runs.
+            let saved = checkpoint(ctx, state);
+            attempt::with_checkpoint(work, saved, CHECKPOINT_AFTER).await
+        } else {
+            work.await
+        };
         let ended_at = Utc::now();
         if let Some(lease) = lease {
             // A failed release expires with the lease TTL.
@@ -427,6 +481,19 @@ fn cancel(state: &mut JobView) {
     state.generation += 1;
     state.updated_at = Some(Utc::now());
     finish(state, JobStatus::Cancelled, Some("cancelled".to_owned()));
+}
+
+/// How long a first attempt run with its enqueue may take before its record is stored
+/// ahead of the completion: a fast job costs no write of its own for it.
+pub const CHECKPOINT_AFTER: Duration = Duration::from_millis(200);
+
+/// Stores the record as it is (queued) while its first attempt runs. A failure is logged:
+/// the completion stores the record in any case, and a fenced write means the shard
+/// moved, which the completion reports.
+async fn checkpoint(ctx: &EntityContext, state: &JobView) {
+    if let Err(error) = ctx.checkpoint(state).await {
+        tracing::warn!(job = %state.id, %error, "could not store the record ahead of its first attempt");
+    }
 }
 
 /// Schedules the next attempt of `state` for `at` (in the completion's outbox).

@@ -268,9 +268,17 @@ fn tenant_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The job as `headers`' caller may see it: a job that does not exist, or belongs to
 /// another tenant than the caller's, is a 404 alike (a tenant learns nothing of others').
-async fn visible(client: &ShoalClient, headers: &HeaderMap, id: &str) -> Result<JobView, ApiError> {
+async fn visible(
+    client: &ShoalClient,
+    registry: &JobRegistry,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<JobView, ApiError> {
     let caller = tenant_of(headers)?;
-    let view = read(client, id).await?;
+    let mut view = read(client, id).await?;
+    if view.status == JobStatus::New {
+        view = stored_enqueue(client, registry, id).await?;
+    }
     if view.status == JobStatus::New || (caller.is_some() && view.tenant != caller) {
         return Err(not_found(id));
     }
@@ -303,11 +311,36 @@ fn not_found(id: &str) -> ApiError {
 )]
 async fn show(
     State(gateway): State<GatewayContext>,
+    Extension(registry): Extension<Arc<JobRegistry>>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = job_id(path)?;
-    Ok(Json(visible(gateway.client(), &headers, &id).await?))
+    Ok(Json(
+        visible(gateway.client(), &registry, &headers, &id).await?,
+    ))
+}
+
+/// A job its record calls new: a stored `enqueue` its job has not run yet (`POST /jobs`
+/// answers once it is stored) is the queued or scheduled job it will be; without one, the
+/// record read again (the `enqueue` may have run between the two reads).
+async fn stored_enqueue(
+    client: &ShoalClient,
+    registry: &JobRegistry,
+    id: &str,
+) -> Result<JobView, ApiError> {
+    let address = super::entity::address(id).map_err(|e| ApiError::bad_path_id("id", e))?;
+    let stored = client
+        .pending_with_key(&address, super::entity::ENQUEUE_KEY)
+        .await?;
+    let pending = stored.and_then(|message| {
+        let new = serde_json::from_value::<NewJob>(message.payload).ok()?;
+        super::entity::recorded(registry, id, new, Some(message.id), chrono::Utc::now())
+    });
+    match pending {
+        Some(view) => Ok(view),
+        None => read(client, id).await,
+    }
 }
 
 /// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
@@ -350,12 +383,13 @@ async fn read(client: &ShoalClient, id: &str) -> Result<JobView, ApiError> {
 )]
 async fn retry(
     State(gateway): State<GatewayContext>,
+    Extension(registry): Extension<Arc<JobRegistry>>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let id = job_id(path)?;
     let client = gateway.client();
-    visible(client, &headers, &id).await?;
+    visible(client, &registry, &headers, &id).await?;
     let view = client
         .entity::<Job>(id.as_str())
         .ask(JobMessage::Retry {})
@@ -379,6 +413,7 @@ async fn retry(
 )]
 async fn cancel(
     State(gateway): State<GatewayContext>,
+    Extension(registry): Extension<Arc<JobRegistry>>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<CancelRequested>), ApiError> {
@@ -386,7 +421,7 @@ async fn cancel(
     // Only the caller's own job, and one that is not over: a cancel that would change
     // nothing says so (a job that finishes between this read and the cancel stays as it
     // finished; `GET /jobs/{id}` tells).
-    let view = visible(gateway.client(), &headers, &id).await?;
+    let view = visible(gateway.client(), &registry, &headers, &id).await?;
     if view.status.is_finished() {
         return Err(ApiError::unprocessable(
             "not_cancellable",
