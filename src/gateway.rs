@@ -47,7 +47,7 @@ use crate::entity::EntityRegistry;
 use crate::message_storage::MessageStorage;
 use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use crate::runner_storage::StorageError;
-use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool};
+use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage, connect_pool_named};
 use crate::transport::http::HttpTransport;
 
 /// Why the gateway could not start.
@@ -69,6 +69,9 @@ pub enum GatewayError {
     Setup(String),
 }
 
+/// The `application_name` of a gateway's Postgres sessions.
+pub const APPLICATION_NAME: &str = "shoal-gateway";
+
 /// What the gateway is started with.
 #[derive(Debug)]
 pub struct GatewayParams {
@@ -80,6 +83,9 @@ pub struct GatewayParams {
     pub metrics: Option<PrometheusHandle>,
     /// The application's routes, served beside the gateway's own.
     pub routes: Vec<AppRouter>,
+    /// The pool the gateway shares with its application ([`GatewayParams::with_pool`]);
+    /// without one it opens `database.pool-max-connections` of its own.
+    pub pool: Option<sqlx::PgPool>,
 }
 
 impl GatewayParams {
@@ -91,7 +97,15 @@ impl GatewayParams {
             registry,
             metrics: None,
             routes: Vec::new(),
+            pool: None,
         }
+    }
+
+    /// Uses `pool` (the one the application's routes hold) instead of a pool of its own,
+    /// so the gateway's connection budget is one pool.
+    pub fn with_pool(mut self, pool: sqlx::PgPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Serves `metrics` at `/metrics`.
@@ -155,7 +169,18 @@ pub async fn run(params: GatewayParams, shutdown: CancellationToken) -> Result<(
     let cors = cors::Cors::new(&params.config.gateway.cors, &document);
     let config = Arc::new(params.config);
     let db = &config.database;
-    let pool = connect_pool(&db.url, db.pool_max_connections, db.connect_timeout).await?;
+    let pool = match params.pool.clone() {
+        Some(pool) => pool,
+        None => {
+            connect_pool_named(
+                &db.url,
+                db.pool_max_connections,
+                db.connect_timeout,
+                APPLICATION_NAME,
+            )
+            .await?
+        }
+    };
     let runners = Arc::new(PgRunnerStorage::new(
         pool.clone(),
         &db.url,

@@ -1,7 +1,10 @@
 //! A runner process: the pool, the ownership loop, the runner's HTTP endpoint, and ordered
 //! shutdown (stop acquiring → drain → release shard by shard → unregister → close pools).
 
+mod connections;
 mod http;
+
+pub use connections::{CONTROL_CONNECTIONS, RunnerConnections};
 
 use std::sync::Arc;
 
@@ -19,9 +22,7 @@ use crate::entity_runtime::{EntityRuntime, RuntimeConfig};
 use crate::ids::RunnerId;
 use crate::message_storage::postgres::{BatchConfig, PgMessageStorage};
 use crate::ownership::{OwnershipConfig, OwnershipHandle, spawn_ownership};
-use crate::runner_storage::postgres::{
-    LockSessionSettings, PgRunnerStorage, ProcessTag, connect_pool_named,
-};
+use crate::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
 use crate::runner_storage::{RunnerRegistration, RunnerStorage, StorageError};
 use crate::singleton::{Lifecycles, Singleton, Singletons};
 use crate::transport::http::HttpTransport;
@@ -62,6 +63,8 @@ pub struct RunnerParams {
     pub singletons: Vec<Singleton>,
     /// The process's metrics exporter, served at `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// The process's pools ([`RunnerConnections::connect`]), shared with the application.
+    pub connections: RunnerConnections,
 }
 
 /// Runs a runner until `shutdown` is cancelled, then shuts it down in order.
@@ -70,17 +73,10 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     let schedules = check_cron_targets(config, &params.registry)?;
     let registry = hosted_types(&params.registry, &config.runner.skip_entity_types)?;
     let db = &config.database;
-    // Every session of this process carries its tag, so peers that find it hung can end
-    // them all (see `runner_storage::RunnerStorage::end_hung`).
-    let tag = ProcessTag::random();
-    let app = tag.pool_application_name();
-    let pool =
-        connect_pool_named(&db.url, db.pool_max_connections, db.connect_timeout, &app).await?;
-    // Liveness reads get their own small pool, so a burst of message work can never delay
-    // the ownership loop's view of who is alive.
-    let control_pool = connect_pool_named(&db.url, 2, db.connect_timeout, &app).await?;
+    let connections = params.connections.clone();
+    let pool = connections.pool().clone();
     let storage = PgRunnerStorage::new(
-        control_pool.clone(),
+        connections.control().clone(),
         &db.url,
         config.cluster.name.clone(),
         LockSessionSettings {
@@ -89,7 +85,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             keepalive_count: config.runner.keepalive_count,
         },
     )?
-    .with_process_tag(tag);
+    .with_process_tag(connections.tag().clone());
     storage
         .ensure_cluster(config.cluster.shards_per_group.get())
         .await?;
@@ -223,8 +219,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
     client_shutdown.cancel();
     sweep_shutdown.cancel();
     let _ = server.await;
-    pool.close().await;
-    control_pool.close().await;
+    connections.close().await;
     result
 }
 

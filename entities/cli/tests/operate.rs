@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use common::gateway::{Gateway, GatewayOptions, HttpResponse};
 use common::{DEADLINE, Runner, TestCluster, TestDb, wait_until};
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 use shoal_testkit::process::signal_pid;
@@ -52,13 +53,16 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
     cluster.name = format!("dev-{}", uuid::Uuid::now_v7().simple());
     let stderr_log = cluster.dir.join("dev.log");
     let mut dev = shoal_command(&cluster.dir)
-        .args(["dev", "--runners", "2", "--gateway-port", "0"])
+        .args(["dev", "--runners", "3", "--gateway-port", "0"])
         .args(["--database-url", &cluster.db.url])
         .env("SHOAL__CLUSTER__NAME", &cluster.name)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(&stderr_log)?))
         .spawn()
         .context("starting shoal dev")?;
+    // A failing check below must not leave the cluster running: `shoal dev` stops its
+    // children on SIGINT, which a plain kill of it would orphan.
+    let stop_dev = StopOnDrop(dev.id());
     let dev_log = || std::fs::read_to_string(&stderr_log).unwrap_or_default();
 
     // Read stdout (in a task, so the pipe never fills) until the gateway URL is printed.
@@ -116,12 +120,83 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
                 .collect::<Vec<_>>(),
         )
     };
-    wait_until(DEADLINE, "shoal status shows 2 live runners", || async {
-        Ok(live_addresses().await?.len() == 2)
+    wait_until(DEADLINE, "shoal status shows 3 live runners", || async {
+        Ok(live_addresses().await?.len() == 3)
     })
     .await?;
     let addresses = live_addresses().await?;
     eprintln!("runners at {addresses:?}");
+
+    // Under load (persisted sends to many entities, jobs, listings, all at once), the
+    // cluster's sessions stay within the 20 `shoal dev` budgets for 3 runners.
+    // Once the ring of watchers has settled: three watchers waiting on three different
+    // runners (a watcher replaced while runners joined ends its session within
+    // `client_connection_check_interval`).
+    wait_until(
+        DEADLINE,
+        "one peer watcher per runner, each on another",
+        || async {
+            let (watchers, watched): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(DISTINCT l.objid) FROM pg_stat_activity a
+               JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' AND NOT l.granted
+              WHERE a.datname = $1 AND a.application_name LIKE 'shoal-watch:%'",
+            )
+            .bind(&cluster.db.name)
+            .fetch_one(&cluster.pool)
+            .await?;
+            Ok((watchers, watched) == (3, 3))
+        },
+    )
+    .await?;
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampling = CancellationToken::new();
+    let sampler = tokio::spawn(sample_sessions(
+        cluster.pool.clone(),
+        cluster.db.name.clone(),
+        peak.clone(),
+        sampling.clone(),
+    ));
+    let sends = (0..600).map(|n| {
+        let http = &http;
+        async move {
+            let path = if n % 3 == 0 {
+                "/jobs".to_owned()
+            } else {
+                format!("/entities/counter/load-{}/increment", n % 150)
+            };
+            let body = if n % 3 == 0 {
+                json!({"type": "diag.noop", "payload": {}})
+            } else {
+                json!({})
+            };
+            let response = http.post_json(&path, &body, &[]).await?;
+            ensure!(
+                response.status.is_success(),
+                "{path}: {} {}",
+                response.status,
+                response.text()
+            );
+            if n % 50 == 0 {
+                let listing = http.get("/jobs?limit=50").await?;
+                ensure!(listing.status == StatusCode::OK, "{}", listing.text());
+            }
+            anyhow::Ok(())
+        }
+    });
+    futures::stream::iter(sends)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()?;
+    sampling.cancel();
+    sampler.await??;
+    let peak = peak.load(Ordering::Relaxed);
+    eprintln!("peak sessions of the dev cluster: {peak}");
+    ensure!(
+        (3..=20).contains(&peak),
+        "shoal dev's 3 runners and gateway held {peak} Postgres sessions (budget 20)"
+    );
 
     // Ctrl-C.
     let pid = dev.id().context("shoal dev already exited")?;
@@ -134,6 +209,7 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
         "shoal dev exited with {status} {:?} after SIGINT",
         started.elapsed()
     );
+    std::mem::forget(stop_dev);
     ensure!(
         status.success(),
         "shoal dev exited with {status}:\n{}",
@@ -141,6 +217,12 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
     );
     let stdout = reader.await?;
     eprintln!("shoal dev stdout:\n{}", stdout.join("\n"));
+    ensure!(
+        stdout
+            .iter()
+            .any(|l| l.starts_with("postgres connections: 3 runners × 6") && l.ends_with("= 20")),
+        "shoal dev printed no connection budget of 20: {stdout:?}"
+    );
 
     // No orphans: nothing listens where the runners and the gateway did, and nobody is alive.
     let gateway_addr = url
@@ -170,6 +252,56 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
         dev_log()
     );
     Ok(())
+}
+
+/// Sends SIGINT to a `shoal dev` process when dropped (a test that fails early) and waits
+/// up to 30 s for it to exit, so it stops its children before its handle's drop kills it.
+struct StopOnDrop(Option<u32>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let Some(pid) = self.0 else { return };
+        if signal_pid(pid, nix::sys::signal::Signal::SIGINT).is_err() {
+            return;
+        }
+        let exited = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+                stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Records in `peak` the most sessions a cluster's processes (runner pools, lock sessions,
+/// watchers, gateway) held on `database` at once, sampling until `stop`.
+async fn sample_sessions(
+    pool: sqlx::PgPool,
+    database: String,
+    peak: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let sessions: Vec<String> = sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity
+              WHERE datname = $1
+                AND (application_name LIKE 'shoal-runner:%' OR application_name LIKE 'shoal-locks:%'
+                     OR application_name LIKE 'shoal-watch:%' OR application_name = 'shoal-gateway')",
+        )
+        .bind(&database)
+        .fetch_all(&pool)
+        .await?;
+        if sessions.len() > peak.fetch_max(sessions.len(), Ordering::Relaxed) {
+            eprintln!("{} sessions: {sessions:?}", sessions.len());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -55,12 +55,14 @@ async fn main() -> anyhow::Result<()> {
         stop.cancel();
     });
 
+    let connections = shoal::runner::RunnerConnections::connect(&config).await?;
     let runner = shoal::runner::run(
         RunnerParams {
             config: config.clone(),
             registry: shoal_example_reminders::registry(redis.clone())?,
             singletons: Vec::new(),
             metrics: None,
+            connections,
         },
         shutdown.clone(),
     );

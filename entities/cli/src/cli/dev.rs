@@ -29,6 +29,10 @@ pub(crate) struct DevArgs {
     /// Redis URL handed to the gateway (default: the configured one, else the local Redis).
     #[arg(long, env = "SHOAL__REDIS__URL")]
     redis_url: Option<String>,
+    /// PostgreSQL connections the whole cluster may open (runners' pools, control
+    /// connections, lock sessions and peer watchers, and the gateway's pool).
+    #[arg(long, default_value_t = 20, env = "SHOAL_DEV_MAX_CONNECTIONS")]
+    max_connections: u32,
 }
 
 impl DevArgs {
@@ -43,6 +47,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     if args.runners == 0 {
         bail!("--runners must be at least 1");
     }
+    let budget = Budget::within(args.max_connections, args.runners)?;
     let config = super::children::with_local_secret(config);
     let shutdown = super::signals::shutdown_on_signals()?;
     ensure_database(&config.database.url).await?;
@@ -72,6 +77,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
             &runner_args,
             &config,
             &redis,
+            &budget.runner_env(),
         )?);
     }
     let port = if args.gateway_port == 0 {
@@ -94,6 +100,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
         &gateway_args,
         &config,
         &redis,
+        &budget.gateway_env(),
     )?);
 
     let url = format!("http://{gateway_listen}");
@@ -103,6 +110,7 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     };
     if result.is_ok() && !shutdown.is_cancelled() {
         println!("gateway: {url}");
+        println!("{}", budget.describe());
         let status = settled_status(&config, args.runners).await?;
         print!("{}", status.to_text());
         println!("try:  curl -X POST {url}/entities/counter/hello/increment -d '{{}}'");
@@ -115,6 +123,86 @@ pub(crate) async fn run(args: &DevArgs, config: ShoalConfig) -> anyhow::Result<(
     // SIGTERM the gateway first, then the runners; SIGKILL whatever outlives the deadline.
     children::stop_all(&mut children).await;
     result
+}
+
+/// How a local cluster's connections are shared out: each runner opens its pool, one
+/// control connection, its lock session and `watch_peers` peer watchers; the gateway opens
+/// its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Budget {
+    runners: u32,
+    runner_pool: u32,
+    watch_peers: u32,
+    gateway_pool: u32,
+}
+
+impl Budget {
+    /// Connections the gateway's pool gets.
+    const GATEWAY_POOL: u32 = 2;
+    /// The smallest pool a runner works well with (one save and one completion batch).
+    const MIN_RUNNER_POOL: u32 = 2;
+
+    /// The largest runner pools that keep the cluster within `max` connections.
+    fn within(max: u32, runners: usize) -> anyhow::Result<Self> {
+        let runners = u32::try_from(runners).context("--runners is too large")?;
+        // A ring of one watcher each: every runner is watched by one peer, which takes
+        // its share of a dead runner's shards at once; the others at their next poll.
+        let watch_peers = u32::from(runners > 1);
+        let fixed = runners * (shoal::runner::CONTROL_CONNECTIONS + 1 + watch_peers);
+        let runner_pool = max.saturating_sub(Self::GATEWAY_POOL + fixed) / runners;
+        if runner_pool < Self::MIN_RUNNER_POOL {
+            let needed = Self::GATEWAY_POOL + fixed + runners * Self::MIN_RUNNER_POOL;
+            bail!(
+                "--max-connections {max} is too few for {runners} runners: they need at least \
+                 {needed}"
+            );
+        }
+        Ok(Self {
+            runners,
+            runner_pool,
+            watch_peers,
+            gateway_pool: Self::GATEWAY_POOL,
+        })
+    }
+
+    fn per_runner(&self) -> u32 {
+        self.runner_pool + shoal::runner::CONTROL_CONNECTIONS + 1 + self.watch_peers
+    }
+
+    fn total(&self) -> u32 {
+        self.runners * self.per_runner() + self.gateway_pool
+    }
+
+    fn runner_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "SHOAL__DATABASE__POOL_MAX_CONNECTIONS",
+                self.runner_pool.to_string(),
+            ),
+            ("SHOAL__RUNNER__WATCH_PEERS", self.watch_peers.to_string()),
+        ]
+    }
+
+    fn gateway_env(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "SHOAL__DATABASE__POOL_MAX_CONNECTIONS",
+            self.gateway_pool.to_string(),
+        )]
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "postgres connections: {} runners × {} (pool {} + control {} + lock session 1 + \
+             watchers {}) + gateway pool {} = {}",
+            self.runners,
+            self.per_runner(),
+            self.runner_pool,
+            shoal::runner::CONTROL_CONNECTIONS,
+            self.watch_peers,
+            self.gateway_pool,
+            self.total()
+        )
+    }
 }
 
 /// The status once every runner holds its share (or after 10 s, whatever it is then).
@@ -175,8 +263,10 @@ fn spawn(
     args: &[&str],
     config: &ShoalConfig,
     redis: &str,
+    budget_env: &[(&str, String)],
 ) -> anyhow::Result<ShoalChild> {
     let mut command = children::shoal_command(args)?;
+    command.envs(budget_env.iter().map(|(k, v)| (*k, v.as_str())));
     command
         .env("SHOAL__CLUSTER__NAME", config.cluster.name.as_str())
         .env("SHOAL__CLUSTER__SECRET", &config.cluster.secret)
@@ -223,5 +313,26 @@ async fn first_exit(children: &mut [ShoalChild]) -> String {
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    #[test]
+    fn three_runners_and_a_gateway_fit_in_twenty() {
+        let budget = Budget::within(20, 3).expect("20 fit 3 runners");
+        assert_eq!(budget.runner_pool, 3);
+        assert_eq!(budget.watch_peers, 1);
+        assert_eq!(budget.total(), 20);
+        for runners in 1..=6 {
+            let budget = Budget::within(40, runners).expect("40 fit up to 6 runners");
+            assert!(budget.total() <= 40, "{budget:?}");
+        }
+        let refused = Budget::within(10, 3)
+            .expect_err("10 are too few")
+            .to_string();
+        assert!(refused.contains("at least 17"), "{refused}");
     }
 }

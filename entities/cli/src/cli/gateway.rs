@@ -41,9 +41,15 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_lazy(&config.database.url)?;
+    // One pool for the gateway and its routes (jobs, history, extraction journal).
+    let db = &config.database;
+    let pool = shoal::runner_storage::postgres::connect_pool_named(
+        &db.url,
+        db.pool_max_connections,
+        db.connect_timeout,
+        shoal::gateway::APPLICATION_NAME,
+    )
+    .await?;
     let store = shoal_jobs::routes::JobStore {
         pool: pool.clone(),
         cluster: config.cluster.name.to_string(),
@@ -70,7 +76,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
     );
     let setup = shoal_extraction::ExtractionSetup {
         config: app.extraction.clone(),
-        pool: Some(pool),
+        pool: Some(pool.clone()),
         cluster: config.cluster.name.to_string(),
         redis: redis.clone(),
         redis_config: config.redis.clone(),
@@ -88,6 +94,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
         &shoal_jobs::webhook::egress::ClusterAddresses::default(),
     )?;
     let params = GatewayParams::new(config, registry)
+        .with_pool(pool)
         .with_metrics(metrics)
         .with_routes(shoal_cli::http::routes_for(
             Some(store),

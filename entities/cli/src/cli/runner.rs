@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use shoal::config::{ConfigLoader, ShoalConfig};
-use shoal::runner::RunnerParams;
+use shoal::runner::{RunnerConnections, RunnerParams};
 use shoal::runner_storage::postgres::{LockSessionSettings, PgRunnerStorage};
 use shoal_jobs::webhook::egress::{ClusterAddresses, nodes};
 
@@ -38,7 +38,10 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
     super::init_logging(&config);
     let shutdown = super::signals::shutdown_on_signals()?;
     let metrics = shoal::metrics::install().map_err(anyhow::Error::msg)?;
-    let pool = job_pool(&config)?;
+    // One pool for the whole process: the runtime's message storage and every
+    // application table (jobs, extraction journal, notification history) share it.
+    let connections = RunnerConnections::connect(&config).await?;
+    let pool = connections.pool().clone();
     let redis = match &config.redis.url {
         Some(_) => Some(shoal::redis::RedisClient::connect(
             &config.redis,
@@ -55,15 +58,10 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
         app.jobs.retention,
         app.jobs.sweep_interval,
     );
-    let extraction_pool = extraction_pool(&config)?;
-    let pruner = shoal_extraction::prune::singleton(
-        extraction_pool.clone(),
-        cluster.clone(),
-        &app.extraction,
-    );
+    let pruner = shoal_extraction::prune::singleton(pool.clone(), cluster.clone(), &app.extraction);
     let setup = shoal_extraction::ExtractionSetup {
         config: app.extraction.clone(),
-        pool: Some(extraction_pool),
+        pool: Some(pool.clone()),
         cluster: config.cluster.name.to_string(),
         redis: redis.clone(),
         redis_config: config.redis.clone(),
@@ -75,6 +73,7 @@ pub(crate) async fn run(config: ShoalConfig, app: shoal_cli::AppConfig) -> anyho
         config,
         singletons: vec![gauges, sweeper, pruner],
         metrics: Some(metrics),
+        connections,
     };
     shoal::runner::run(params, shutdown).await?;
     Ok(())
@@ -111,19 +110,4 @@ fn cluster_addresses(
         LockSessionSettings::default(),
     )?;
     Ok(ClusterAddresses::new(fixed, Some(Arc::new(runners))))
-}
-
-/// A small lazy pool for the extraction journal (checkpoints, events, results).
-fn extraction_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(3)
-        .connect_lazy(&config.database.url)?)
-}
-
-/// A small lazy pool for job types that write to the database (`diag.count`), the job
-/// gauges and the notification history.
-fn job_pool(config: &ShoalConfig) -> anyhow::Result<sqlx::PgPool> {
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_lazy(&config.database.url)?)
 }
