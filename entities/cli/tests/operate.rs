@@ -220,7 +220,7 @@ async fn dev_starts_a_working_cluster_and_stops_cleanly() -> anyhow::Result<()> 
     ensure!(
         stdout
             .iter()
-            .any(|l| l.starts_with("postgres connections: 3 runners × 6") && l.ends_with("= 20")),
+            .any(|l| l.starts_with("postgres connections: 3 runners × 5") && l.ends_with("= 20")),
         "shoal dev printed no connection budget of 20: {stdout:?}"
     );
 
