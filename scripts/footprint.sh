@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Bytes per resident idle entity: starts one runner (resident cap raised above ENTITIES),
+# activates ENTITIES never-seen counter entities with one volatile `get` each
+# (`shoal bench`, CONCURRENCY callers), waits for the resident gauge, and prints one JSON
+# object: the runner's RSS before and after, bytes per resident entity, and the activation
+# rate. Knobs: ENTITIES (200000; 1000000 for the issue's measure), CONCURRENCY (64),
+# SKIP_BUILD, PROFILE. Needs only Postgres.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+entities="${ENTITIES:-200000}"
+concurrency="${CONCURRENCY:-64}"
+db="shoal_footprint_$$"
+dbs+=("$db")
+bench_build
+psql "$base/postgres" -qc "CREATE DATABASE $db"
+url="$base/$db"
+"$bin" migrate --database-url "$url" >/dev/null
+port=$(free_port)
+SHOAL__LOG__FILTER=warn SHOAL__RUNNER__MAX_RESIDENT_ENTITIES=$((entities * 2)) \
+  "$bin" runner --database-url "$url" --listen "127.0.0.1:$port" &
+runner=$!
+pids+=("$runner")
+for _ in $(seq 1 300); do
+  if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
+  sleep 0.2
+done
+rss() { awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$runner/status"; }
+resident() {
+  curl -sf -H "x-shoal-secret: $SHOAL__CLUSTER__SECRET" "http://127.0.0.1:$port/metrics" | awk '/^shoal_entities_resident / {print $2}'
+}
+# Warm the runner up (allocator arenas, the shards' first entities) before the baseline.
+"$bin" bench --database-url "$url" --requests 2000 --entities 1000 --concurrency "$concurrency" \
+  --prefix warm --json >/dev/null
+before=$(rss)
+resident_before=$(resident)
+load=$("$bin" bench --database-url "$url" --requests "$entities" --entities "$entities" \
+  --concurrency "$concurrency" --prefix idle --json)
+for _ in $(seq 1 100); do
+  now=$(resident)
+  if [ "${now%.*}" -ge $((entities + ${resident_before%.*})) ]; then break; fi
+  sleep 0.2
+done
+after=$(rss)
+python3 - "$entities" "$before" "$after" "$resident_before" "$(resident)" "$load" <<'PY'
+import json, sys
+entities, before, after = (int(x) for x in sys.argv[1:4])
+resident_before, resident_after = (int(float(x)) for x in sys.argv[4:6])
+load = json.loads(sys.argv[6])
+added = max(resident_after - resident_before, 1)
+print(json.dumps({
+    "entities": entities,
+    "resident_added": added,
+    "rss_before_bytes": before,
+    "rss_after_bytes": after,
+    "bytes_per_resident_entity": round((after - before) / added),
+    "activations_per_s": load.get("throughput_per_s", load.get("requests_per_s")),
+    "load": load,
+}))
+PY
