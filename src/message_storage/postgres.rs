@@ -203,16 +203,7 @@ impl MessageStorage for PgMessageStorage {
                     continue;
                 }
             };
-            messages.push(StoredMessage {
-                id: MessageId::new(id),
-                shard,
-                address,
-                tag: row.try_get("tag").map_err(db_error)?,
-                payload: row.try_get("payload").map_err(db_error)?,
-                idempotency_key: row.try_get("idempotency_key").map_err(db_error)?,
-                deliver_at: row.try_get("deliver_at").map_err(db_error)?,
-                attempts: row.try_get("attempts").map_err(db_error)?,
-            });
+            messages.push(stored_message(&row, shard, address)?);
         }
         Ok(messages)
     }
@@ -328,7 +319,8 @@ impl MessageStorage for PgMessageStorage {
     ) -> Result<Option<StoredMessage>, MessageStorageError> {
         // The idempotency key's unique index answers this.
         let row = sqlx::query(
-            "SELECT id, shard, tag, payload, deliver_at, attempts FROM shoal_messages
+            "SELECT id, shard, tag, payload, idempotency_key, deliver_at, attempts
+               FROM shoal_messages
               WHERE cluster = $1 AND entity_type = $2 AND entity_id = $3
                 AND idempotency_key = $4 AND NOT processed",
         )
@@ -343,16 +335,8 @@ impl MessageStorage for PgMessageStorage {
             return Ok(None);
         };
         let shard: i32 = row.try_get("shard").map_err(db_error)?;
-        Ok(Some(StoredMessage {
-            id: MessageId::new(row.try_get("id").map_err(db_error)?),
-            shard: ShardId::new(u32::try_from(shard).unwrap_or_default()),
-            address: address.clone(),
-            tag: row.try_get("tag").map_err(db_error)?,
-            payload: row.try_get("payload").map_err(db_error)?,
-            idempotency_key: Some(key.to_owned()),
-            deliver_at: row.try_get("deliver_at").map_err(db_error)?,
-            attempts: row.try_get("attempts").map_err(db_error)?,
-        }))
+        let shard = ShardId::new(u32::try_from(shard).unwrap_or_default());
+        stored_message(&row, shard, address.clone()).map(Some)
     }
 
     async fn record_attempts(&self, ids: &[MessageId]) -> Result<(), MessageStorageError> {
@@ -458,4 +442,23 @@ impl MessageStorage for PgMessageStorage {
             oldest_kept: oldest.and_then(|id| crate::snowflake::created_at(MessageId::new(id))),
         })
     }
+}
+
+/// A message row (`id`, `tag`, `payload`, `idempotency_key`, `deliver_at`, `attempts`) of
+/// `address` in `shard`.
+fn stored_message(
+    row: &sqlx::postgres::PgRow,
+    shard: ShardId,
+    address: EntityAddress,
+) -> Result<StoredMessage, MessageStorageError> {
+    Ok(StoredMessage {
+        id: MessageId::new(row.try_get("id").map_err(db_error)?),
+        shard,
+        address,
+        tag: row.try_get("tag").map_err(db_error)?,
+        payload: row.try_get("payload").map_err(db_error)?,
+        idempotency_key: row.try_get("idempotency_key").map_err(db_error)?,
+        deliver_at: row.try_get("deliver_at").map_err(db_error)?,
+        attempts: row.try_get("attempts").map_err(db_error)?,
+    })
 }
