@@ -279,10 +279,15 @@ async fn visible(
     if view.status == JobStatus::New {
         view = stored_enqueue(client, registry, id).await?;
     }
-    if view.status == JobStatus::New || (caller.is_some() && view.tenant != caller) {
-        return Err(not_found(id));
-    }
-    Ok(view)
+    shown_to(view, caller.as_deref()).ok_or_else(|| not_found(id))
+}
+
+/// `view` if a caller of tenant `caller` may see it: not a job that was never enqueued,
+/// and with a tenant, only that tenant's jobs (`None`: the 404 of no job).
+fn shown_to(view: JobView, caller: Option<&str>) -> Option<JobView> {
+    let hidden = view.status == JobStatus::New
+        || caller.is_some_and(|caller| view.tenant.as_deref() != Some(caller));
+    (!hidden).then_some(view)
 }
 
 fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -333,14 +338,21 @@ async fn stored_enqueue(
     let stored = client
         .pending_with_key(&address, super::entity::ENQUEUE_KEY)
         .await?;
-    let pending = stored.and_then(|message| {
-        let new = serde_json::from_value::<NewJob>(message.payload).ok()?;
-        super::entity::recorded(registry, id, new, Some(message.id), chrono::Utc::now())
-    });
-    match pending {
+    match stored.and_then(|message| pending_view(registry, id, message)) {
         Some(view) => Ok(view),
         None => read(client, id).await,
     }
+}
+
+/// The job a stored `enqueue` not run yet will be: `None` for a message that is not a
+/// `NewJob` of a type `registry` has (what holds the key is then not an enqueue).
+fn pending_view(
+    registry: &JobRegistry,
+    id: &str,
+    message: shoal::message_storage::StoredMessage,
+) -> Option<JobView> {
+    let new = serde_json::from_value::<NewJob>(message.payload).ok()?;
+    super::entity::recorded(registry, id, new, Some(message.id), chrono::Utc::now())
 }
 
 /// How long `GET /jobs/{id}` waits for the job's own reply before looking for a running
@@ -535,6 +547,60 @@ mod tests {
     use utoipa::PartialSchema;
 
     use super::NewJob;
+
+    /// A stored `enqueue` of tenant `acme`'s job, not run yet.
+    fn stored_enqueue(payload: serde_json::Value) -> shoal::message_storage::StoredMessage {
+        let address = super::super::entity::address("0193e3a4-5b6c-7d8e-9f00-112233445566")
+            .expect("a job address");
+        shoal::message_storage::StoredMessage {
+            id: shoal::snowflake::first_id_at(chrono::Utc::now()),
+            shard: shoal::ids::ShardId::new(1),
+            address,
+            tag: "enqueue".to_owned(),
+            payload,
+            idempotency_key: Some(super::super::entity::ENQUEUE_KEY.to_owned()),
+            deliver_at: None,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn a_stored_enqueue_is_shown_only_to_its_tenant() {
+        let mut registry = super::JobRegistry::new();
+        registry
+            .register(crate::diagnostic::Noop)
+            .expect("registers");
+        let id = "0193e3a4-5b6c-7d8e-9f00-112233445566";
+        let new = serde_json::json!({"type": "diag.noop", "payload": {}, "tenant": "acme"});
+        let view = super::pending_view(&registry, id, stored_enqueue(new)).expect("a job");
+        assert_eq!(view.status, super::JobStatus::Queued);
+        assert_eq!(view.tenant.as_deref(), Some("acme"));
+        // Another tenant's token gets the 404 of no job; the owner and an untenanted
+        // (operator) caller see it queued.
+        assert_eq!(super::shown_to(view.clone(), Some("globex")), None);
+        assert_eq!(
+            super::shown_to(view.clone(), Some("acme")),
+            Some(view.clone())
+        );
+        assert_eq!(super::shown_to(view.clone(), None), Some(view));
+
+        // A job without a tenant is no tenant's.
+        let untenanted = serde_json::json!({"type": "diag.noop", "payload": {}});
+        let view = super::pending_view(&registry, id, stored_enqueue(untenanted)).expect("a job");
+        assert_eq!(super::shown_to(view, Some("acme")), None);
+
+        // What holds the key but is no enqueue of a known type shows nothing of itself.
+        for payload in [
+            serde_json::json!({}),
+            serde_json::json!({"type": "diag.unknown", "payload": {}, "tenant": "globex"}),
+            serde_json::json!("x".repeat(1 << 16)),
+        ] {
+            assert_eq!(
+                super::pending_view(&registry, id, stored_enqueue(payload)),
+                None
+            );
+        }
+    }
 
     #[test]
     fn the_documented_key_is_the_key_rule() {
