@@ -80,6 +80,10 @@ pub struct RuntimeConfig {
     pub type_wait_backoff: Duration,
     /// Bytes of recently completed replies the runner remembers (all shards together).
     pub recent_replies_bytes: usize,
+    /// An entity idle this long (and not yet past its type's `max_idle`) goes to sleep: its
+    /// actor stops and the shard keeps its state, so an idle entity costs its state and a
+    /// map entry, not a task. The next message starts an actor from that state.
+    pub sleep_after: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -94,6 +98,7 @@ impl Default for RuntimeConfig {
             restart_backoff: Duration::from_millis(100),
             type_wait_backoff: Duration::from_secs(4),
             recent_replies_bytes: 16 * 1024 * 1024,
+            sleep_after: Duration::from_secs(2),
         }
     }
 }
@@ -104,6 +109,8 @@ pub(crate) struct Shared {
     config: RuntimeConfig,
     runner_id: watch::Receiver<Option<RunnerId>>,
     resident: AtomicUsize,
+    /// Resident entities that have an actor (the rest sleep).
+    awake: AtomicUsize,
     recent: RecentReplies,
     /// How handlers reach other entities; set once, by [`EntityRuntime::connect`].
     client: OnceLock<ShoalClient>,
@@ -157,6 +164,7 @@ impl EntityRuntime {
                 config,
                 runner_id,
                 resident: AtomicUsize::new(0),
+                awake: AtomicUsize::new(0),
                 recent,
                 client: OnceLock::new(),
                 outbound: OnceLock::new(),
@@ -209,6 +217,11 @@ impl EntityRuntime {
     /// Entities resident on this runner.
     pub fn resident(&self) -> usize {
         self.shared.resident.load(Ordering::Relaxed)
+    }
+
+    /// Resident entities that have an actor now (the others sleep as data).
+    pub fn awake(&self) -> usize {
+        self.shared.awake.load(Ordering::Relaxed)
     }
 
     /// Estimated bytes of recently completed replies this runner remembers (at most

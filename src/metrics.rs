@@ -29,6 +29,8 @@ pub const PEER_PROGRESS_GAP: &str = "shoal_peer_progress_gap_seconds";
 
 /// Entities resident on this runner.
 pub const ENTITIES_RESIDENT: &str = "shoal_entities_resident";
+/// Resident entities with an actor (the others sleep as data).
+pub const ENTITIES_AWAKE: &str = "shoal_entities_awake";
 /// Persisted messages completed.
 pub const MESSAGES_PROCESSED: &str = "shoal_messages_processed_total";
 /// Persisted messages delivered again by a backlog scan.
@@ -131,6 +133,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Longest time a live peer showed no progress (seconds), at the last poll."
     );
     describe_gauge!(ENTITIES_RESIDENT, "Entities resident on this runner.");
+    describe_gauge!(
+        ENTITIES_AWAKE,
+        "Resident entities with an actor (the others sleep as data)."
+    );
     describe_counter!(MESSAGES_PROCESSED, "Persisted messages completed.");
     describe_counter!(
         MESSAGES_REDELIVERED,
@@ -222,6 +228,10 @@ pub(crate) fn transport_batch(envelopes: usize) {
 
 pub(crate) fn entities_resident(n: usize) {
     gauge!(ENTITIES_RESIDENT).set(n as f64);
+}
+
+pub(crate) fn entities_awake(n: usize) {
+    gauge!(ENTITIES_AWAKE).set(n as f64);
 }
 
 pub(crate) fn message_processed() {

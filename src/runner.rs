@@ -133,6 +133,7 @@ pub async fn run(params: RunnerParams, shutdown: CancellationToken) -> Result<()
             max_attempts: config.runner.max_delivery_attempts,
             type_wait_backoff: config.runner.type_wait_backoff,
             recent_replies_bytes: config.runner.recent_replies_bytes,
+            sleep_after: config.runner.sleep_after,
             ..RuntimeConfig::default()
         },
         runner_id_rx.clone(),

@@ -54,6 +54,11 @@ pub struct RunnerConfig {
     pub keepalive_count: u32,
     /// Most entities resident on this runner; new ones wait in storage. Default 100000.
     pub max_resident_entities: usize,
+    /// An entity idle this long goes to sleep: its actor stops and its shard keeps its
+    /// state, until the next message starts an actor from it (no hooks run; the type's
+    /// `max_idle` still passivates it). Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub sleep_after: Duration,
     /// Interval of each shard's backlog scan. Default `1s`.
     #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
@@ -92,6 +97,7 @@ impl Default for RunnerConfig {
             keepalive_interval: Duration::from_secs(1),
             keepalive_count: 3,
             max_resident_entities: 100_000,
+            sleep_after: Duration::from_secs(2),
             scan_interval: Duration::from_secs(1),
             max_delivery_attempts: 5,
             type_wait_backoff: Duration::from_secs(4),

@@ -15,6 +15,8 @@
 //! runs out of time fails the actor like a retryable handler failure. On
 //! [`EntityMsg::Passivate`] the actor runs the passivation hook (bounded by
 //! `passivation_timeout`) and stops itself; a plain stop (fencing, shard stop) skips it.
+//! On [`EntityMsg::Sleep`] the actor hands its state to the shard and stops without the
+//! hook: the entity stays activated as data, and the next actor starts from that state.
 //!
 //! Each handling gets a fresh call scope in its context. For a persisted message of a
 //! `persist_state` type the scope holds an outbox: the handler's sends are taken from it
@@ -48,6 +50,8 @@ pub(crate) struct EntityArgs {
     pub(crate) def: Arc<dyn ErasedEntity>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) shard_ref: ActorRef<ShardMsg>,
+    /// The state an earlier actor of this entity handed back when it went to sleep.
+    pub(crate) state: Option<AnyState>,
 }
 
 pub(crate) struct EntityState {
@@ -86,6 +90,8 @@ pub(crate) enum EntityMsg {
     /// The entity is idle or its shard drained: run the passivation hook, tell `done`,
     /// stop. The shard has already forgotten the actor.
     Passivate(oneshot::Sender<()>),
+    /// The entity is idle and has no work: hand the state back (no hook) and stop.
+    Sleep(oneshot::Sender<Option<AnyState>>),
 }
 
 impl Actor for EntityActor {
@@ -96,11 +102,12 @@ impl Actor for EntityActor {
     async fn pre_start(
         &self,
         _myself: ActorRef<EntityMsg>,
-        args: EntityArgs,
+        mut args: EntityArgs,
     ) -> Result<EntityState, ActorProcessingErr> {
+        let state = args.state.take();
         Ok(EntityState {
             args,
-            state: None,
+            state,
             queued: VecDeque::new(),
             running: 0,
             tasks: JoinSet::new(),
@@ -145,6 +152,10 @@ impl Actor for EntityActor {
                 entity.passivate().await;
                 let _ = done.send(());
                 myself.stop(Some("passivated".to_owned()));
+            }
+            EntityMsg::Sleep(give) => {
+                let _ = give.send(entity.state.take());
+                myself.stop(Some("asleep".to_owned()));
             }
         }
         Ok(())
@@ -203,11 +214,7 @@ impl EntityState {
             return;
         };
         let ctx = self.activation_context();
-        let timeout = self.args.def.options().passivation_timeout;
-        let hook = self.args.def.passivate(&ctx, state);
-        if tokio::time::timeout(timeout, hook).await.is_err() {
-            tracing::warn!(entity = %ctx.address, ?timeout, "the passivation hook ran out of time");
-        }
+        passivate_state(self.args.def.as_ref(), &ctx, state).await;
     }
 
     fn activation_context(&self) -> ActivationContext {
@@ -419,6 +426,22 @@ impl EntityState {
             });
         }
         Ok(())
+    }
+}
+
+/// Runs a type's passivation hook on an activated entity's state, cut off at the type's
+/// `passivation_timeout` (from the entity's actor, or from its shard for a sleeping one).
+pub(crate) async fn passivate_state(
+    def: &dyn ErasedEntity,
+    ctx: &ActivationContext,
+    state: AnyState,
+) {
+    let timeout = def.options().passivation_timeout;
+    if tokio::time::timeout(timeout, def.passivate(ctx, state))
+        .await
+        .is_err()
+    {
+        tracing::warn!(entity = %ctx.address, ?timeout, "the passivation hook ran out of time");
     }
 }
 

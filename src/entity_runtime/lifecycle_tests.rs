@@ -132,6 +132,11 @@ struct Fixture {
 }
 
 async fn fixture(hooked: Hooked) -> Fixture {
+    fixture_sleeping(hooked, RuntimeConfig::default().sleep_after).await
+}
+
+/// A fixture whose idle entities go to sleep after `sleep_after`.
+async fn fixture_sleeping(hooked: Hooked, sleep_after: Duration) -> Fixture {
     let mut registry = EntityRegistry::new();
     registry.register(hooked).expect("registers");
     let sharding = Sharding::new(NonZeroU32::new(2).expect("non-zero"));
@@ -139,6 +144,7 @@ async fn fixture(hooked: Hooked) -> Fixture {
         sharding,
         scan_interval: Duration::from_millis(100),
         restart_backoff: Duration::from_millis(50),
+        sleep_after,
         ..RuntimeConfig::default()
     };
     let (runtime, storage) = EntityRuntime::standalone(registry, config).await;
@@ -338,4 +344,94 @@ async fn a_slow_activation_fails_the_delivery_and_the_next_works_once_the_hook_i
         "{:?}",
         hooked.events()
     );
+}
+
+#[tokio::test]
+async fn an_idle_entity_sleeps_as_data_and_wakes_with_its_state_without_the_hooks() {
+    let hooked = Hooked {
+        max_idle: Duration::from_secs(600),
+        ..Hooked::default()
+    };
+    let f = fixture_sleeping(hooked.clone(), Duration::from_millis(50)).await;
+    assert_eq!(value(f.add("z1", 5).await), 5);
+    assert_eq!(value(f.get("z2").await), 0);
+    assert_eq!((f.runtime.resident(), f.runtime.awake()), (2, 2));
+    // Idle past `sleep_after`: no actor is left, but both stay resident.
+    until("both fall asleep", Duration::from_secs(5), || {
+        f.runtime.awake() == 0
+    })
+    .await;
+    assert_eq!(f.runtime.resident(), 2);
+    assert!(f.runtime.entity_status(&address("z1")).await.resident);
+    // Woken by the next message with the state they slept with: the activation hook ran
+    // once each (a reload would run it again), the passivation hook never.
+    assert_eq!(value(f.add("z1", 4).await), 9);
+    assert_eq!(value(f.get("z2").await), 0);
+    assert_eq!(f.runtime.awake(), 2);
+    assert_eq!(hooked.activations.load(Ordering::SeqCst), 2);
+    assert_eq!(hooked.passivations.load(Ordering::SeqCst), 0);
+    // And again: asleep, woken, the same state.
+    until("both fall asleep again", Duration::from_secs(5), || {
+        f.runtime.awake() == 0
+    })
+    .await;
+    assert_eq!(value(f.get("z1").await), 9);
+    assert_eq!(hooked.activations.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_sleeping_entity_past_max_idle_runs_its_passivation_hook_with_its_state() {
+    let hooked = Hooked {
+        max_idle: Duration::from_millis(600),
+        ..Hooked::default()
+    };
+    let f = fixture_sleeping(hooked.clone(), Duration::from_millis(50)).await;
+    assert_eq!(value(f.add("q1", 3).await), 3);
+    until("q1 falls asleep", Duration::from_secs(5), || {
+        f.runtime.awake() == 0
+    })
+    .await;
+    assert_eq!(f.runtime.resident(), 1);
+    let passivated = Event::Passivated {
+        address: address("q1"),
+        state: 3,
+    };
+    until(
+        "the sleeping entity passivates",
+        Duration::from_secs(5),
+        || hooked.events().contains(&passivated),
+    )
+    .await;
+    until("q1 is gone", Duration::from_secs(5), || {
+        f.runtime.resident() == 0
+    })
+    .await;
+    assert_eq!(hooked.passivations.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_drained_shard_runs_the_passivation_hooks_of_its_sleeping_entities() {
+    use crate::ownership::ShardLifecycle;
+    let hooked = Hooked {
+        max_idle: Duration::from_secs(600),
+        ..Hooked::default()
+    };
+    let f = fixture_sleeping(hooked.clone(), Duration::from_millis(50)).await;
+    assert_eq!(value(f.add("d1", 2).await), 2);
+    until("d1 falls asleep", Duration::from_secs(5), || {
+        f.runtime.awake() == 0
+    })
+    .await;
+    f.runtime
+        .drain(f.sharding.shard_of(&address("d1").entity_id))
+        .await;
+    assert!(
+        hooked.events().contains(&Event::Passivated {
+            address: address("d1"),
+            state: 2,
+        }),
+        "{:?}",
+        hooked.events()
+    );
+    assert_eq!(f.runtime.resident(), 0);
 }

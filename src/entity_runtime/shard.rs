@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::bounded::BoundedMap;
 use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
+use crate::entity::AnyState;
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::StoredMessage;
 use crate::transport::{Delivery, DeliveryError, EntityStatus};
@@ -81,12 +82,37 @@ const BACKOFFS_PER_SHARD: usize = 4096;
 /// Shortest interval of the shard's tick (passivation, waiter rechecks).
 const TICK_MIN: Duration = Duration::from_millis(50);
 
+/// How a resident entity is kept.
+enum Life {
+    /// An actor runs it.
+    Awake(ActorRef<EntityMsg>),
+    /// Idle past `sleep_after`: no actor, only the state its last actor built (`None` if
+    /// it never activated). The next message starts an actor from that state; the hooks
+    /// do not run (the entity stays activated).
+    Asleep(Option<AnyState>),
+}
+
 struct Slot {
-    actor: ActorRef<EntityMsg>,
+    life: Life,
     /// Unfinished work by the shard's sequence number, in the order it was handed over.
     pending: VecDeque<(u64, Pending)>,
     last_active: Instant,
     max_idle: Duration,
+}
+
+impl Slot {
+    fn actor(&self) -> Option<&ActorRef<EntityMsg>> {
+        match &self.life {
+            Life::Awake(actor) => Some(actor),
+            Life::Asleep(_) => None,
+        }
+    }
+
+    /// Hands work to the entity's actor (the slot is awake after `activate`).
+    fn send(&self, work: Work) -> bool {
+        self.actor()
+            .is_some_and(|actor| actor.send_message(EntityMsg::Work(work)).is_ok())
+    }
 }
 
 pub(crate) struct ShardState {
@@ -186,7 +212,7 @@ impl Actor for ShardActor {
             ShardMsg::Postponed(id) => {
                 state.in_flight.remove(&id);
             }
-            ShardMsg::Tick => state.tick(&myself),
+            ShardMsg::Tick => state.tick(&myself).await,
             ShardMsg::Status(address, tx) => {
                 let _ = tx.send(state.status(&address));
             }
@@ -299,7 +325,7 @@ impl ShardState {
                     payload,
                     attempts: 0,
                 };
-                if slot.actor.send_message(EntityMsg::Work(work)).is_ok() {
+                if slot.send(work) {
                     slot.pending.push_back((seq, Pending::Volatile(reply)));
                     slot.last_active = Instant::now();
                 } else {
@@ -325,58 +351,97 @@ impl ShardState {
             .map_or(1, |def| option(def.as_ref()))
     }
 
-    /// Starts (or finds) the entity's actor.
+    /// Finds the entity's actor, or starts one: from the state it slept with, or, for an
+    /// entity that is not resident, fresh (if the resident cap and its backoff allow).
     async fn activate(
         &mut self,
         myself: &ActorRef<ShardMsg>,
         address: &EntityAddress,
     ) -> Result<&mut Slot, DeliveryError> {
-        if !self.entities.contains_key(address) {
-            if let Some((_, until)) = self.backoff.get(address)
-                && Instant::now() < *until
-            {
-                return Err(DeliveryError::HandlerFailed(format!(
-                    "{address} is restarting after a failure"
-                )));
+        match self.entities.get_mut(address).map(|slot| &mut slot.life) {
+            Some(Life::Awake(_)) => {}
+            Some(Life::Asleep(state)) => {
+                let state = state.take();
+                match self.spawn_entity(myself, address, state).await {
+                    Ok(actor) => {
+                        if let Some(slot) = self.entities.get_mut(address) {
+                            slot.life = Life::Awake(actor);
+                        }
+                    }
+                    Err(error) => {
+                        self.remove_slot(address, "could not wake");
+                        return Err(error);
+                    }
+                }
             }
-            let def = self
-                .shared
-                .registry
-                .get(&address.entity_type)
-                .cloned()
-                .ok_or_else(|| DeliveryError::UnknownEntityType(address.entity_type.to_string()))?;
-            let resident = &self.shared.resident;
-            if resident.load(Ordering::Relaxed) >= self.shared.config.max_resident_entities {
-                return Err(DeliveryError::Overloaded);
+            None => {
+                if let Some((_, until)) = self.backoff.get(address)
+                    && Instant::now() < *until
+                {
+                    return Err(DeliveryError::HandlerFailed(format!(
+                        "{address} is restarting after a failure"
+                    )));
+                }
+                let max_idle = self
+                    .shared
+                    .registry
+                    .get(&address.entity_type)
+                    .map(|def| def.options().max_idle)
+                    .ok_or_else(|| {
+                        DeliveryError::UnknownEntityType(address.entity_type.to_string())
+                    })?;
+                let resident = &self.shared.resident;
+                if resident.load(Ordering::Relaxed) >= self.shared.config.max_resident_entities {
+                    return Err(DeliveryError::Overloaded);
+                }
+                let actor = self.spawn_entity(myself, address, None).await?;
+                let resident = self.shared.resident.fetch_add(1, Ordering::Relaxed) + 1;
+                crate::metrics::entities_resident(resident);
+                self.entities.insert(
+                    address.clone(),
+                    Slot {
+                        life: Life::Awake(actor),
+                        pending: VecDeque::new(),
+                        last_active: Instant::now(),
+                        max_idle,
+                    },
+                );
             }
-            let max_idle = def.options().max_idle;
-            let args = EntityArgs {
-                address: address.clone(),
-                shard: self.shard,
-                epoch: self.epoch,
-                def,
-                shared: self.shared.clone(),
-                shard_ref: myself.clone(),
-            };
-            let (actor, _) = Actor::spawn_linked(None, EntityActor, args, myself.get_cell())
-                .await
-                .map_err(|e| DeliveryError::HandlerFailed(e.to_string()))?;
-            resident.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::entities_resident(resident.load(Ordering::Relaxed));
-            self.by_actor.insert(actor.get_id(), address.clone());
-            self.entities.insert(
-                address.clone(),
-                Slot {
-                    actor,
-                    pending: VecDeque::new(),
-                    last_active: Instant::now(),
-                    max_idle,
-                },
-            );
         }
         self.entities
             .get_mut(address)
             .ok_or(DeliveryError::ShardMoving(self.shard))
+    }
+
+    /// Starts an actor for the entity, supervised by this shard.
+    async fn spawn_entity(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        address: &EntityAddress,
+        state: Option<AnyState>,
+    ) -> Result<ActorRef<EntityMsg>, DeliveryError> {
+        let def = self
+            .shared
+            .registry
+            .get(&address.entity_type)
+            .cloned()
+            .ok_or_else(|| DeliveryError::UnknownEntityType(address.entity_type.to_string()))?;
+        let args = EntityArgs {
+            address: address.clone(),
+            shard: self.shard,
+            epoch: self.epoch,
+            def,
+            shared: self.shared.clone(),
+            shard_ref: myself.clone(),
+            state,
+        };
+        let (actor, _) = Actor::spawn_linked(None, EntityActor, args, myself.get_cell())
+            .await
+            .map_err(|e| DeliveryError::HandlerFailed(e.to_string()))?;
+        let awake = self.shared.awake.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::metrics::entities_awake(awake);
+        self.by_actor.insert(actor.get_id(), address.clone());
+        Ok(actor)
     }
 
     /// Hands a stored message to its entity if there is room and it keeps the entity's
@@ -417,7 +482,7 @@ impl ShardState {
             payload: message.payload,
             attempts: message.attempts,
         };
-        if slot.actor.send_message(EntityMsg::Work(work)).is_err() {
+        if !slot.send(work) {
             return Dispatch::Stays;
         }
         slot.pending

@@ -571,6 +571,38 @@ async fn a_concurrent_entity_runs_up_to_its_concurrency_at_once() {
 }
 
 #[tokio::test]
+async fn a_concurrent_entity_wakes_from_sleep_with_the_state_its_handlers_shared() {
+    let f = Arc::new(
+        fixture_config(8, Duration::from_secs(60), Duration::ZERO, |config| {
+            config.sleep_after = Duration::from_millis(50);
+        })
+        .await,
+    );
+    let mut asks = Vec::new();
+    for _ in 0..3 {
+        let f = f.clone();
+        asks.push(tokio::spawn(async move {
+            f.ask_wide("s", serde_json::json!({"ms": 150})).await
+        }));
+    }
+    for handle in asks {
+        count(handle.await.expect("joins"));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while f.runtime.awake() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never fell asleep");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.runtime.resident(), 1);
+    // One quick message after waking still sees the most that ever ran at once (3): the
+    // state slept with the entity (a fresh one would say 1).
+    assert_eq!(
+        count(f.ask_wide("s", serde_json::json!({"ms": 1})).await),
+        3
+    );
+}
+
+#[tokio::test]
 async fn a_panic_in_a_concurrent_handler_restarts_the_entity_and_replays_it() {
     let f = Arc::new(fixture(8, Duration::from_secs(60)).await);
     let boom = {

@@ -6,9 +6,11 @@
 //! `client.entity::<Counter>("c1").ask(CounterMessage::Increment { by: 2 })` returns a
 //! [`CounterReply`].
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use shoal::entity::{
-    Entity, EntityContext, EntityProtocol, GatewayAccess, HandlerError, TenantScope,
+    Entity, EntityContext, EntityOptions, EntityProtocol, GatewayAccess, HandlerError, TenantScope,
 };
 use utoipa::ToSchema;
 
@@ -54,6 +56,15 @@ impl EntityProtocol for Counter {
     const ACCESS: GatewayAccess = GatewayAccess::Public(TenantScope::IdPrefix);
     type Message = CounterMessage;
     type Reply = CounterReply;
+
+    /// A counter idle for a while sleeps as data (a few hundred bytes, no actor), so it
+    /// stays resident ten minutes: a returning caller saves the state read.
+    fn options(&self) -> EntityOptions {
+        EntityOptions {
+            max_idle: Duration::from_secs(600),
+            ..EntityOptions::default()
+        }
+    }
 
     fn is_persisted(message: &CounterMessage) -> bool {
         matches!(message, CounterMessage::Increment { .. })
