@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Runs the load matrix (persisted and volatile; 1 runner, then 2) against a fresh cluster in
-# a fresh database and writes one JSON array to bench.json (or $1). Needs only Postgres.
+# a fresh database, then the persisted path against Postgres alone: `shoal bench
+# --persisted` on 1 runner at each of RATIO_CONCURRENCY (64 256) in flight, and, once the
+# cluster has stopped, `storage-ceiling.sh` running the runner's own statements with the
+# same number in flight (the best split into pgbench pipelines × batch). Writes one JSON
+# object {"runs": [...], "versus_postgres": [{concurrency, shoal_per_s, postgres_alone_per_s,
+# ratio, ...}]} to bench.json (or $1). Needs Postgres and pgbench. SKIP_CEILING=1 skips the
+# comparison; SECONDS_EACH (10) is each pgbench run.
 set -euo pipefail
 # Runners and gateways refuse the built-in cluster secret; this cluster gets its own.
 export SHOAL__CLUSTER__SECRET="${SHOAL__CLUSTER__SECRET:-bench-$RANDOM$RANDOM$RANDOM}"
@@ -16,7 +22,7 @@ requests="${SHOAL_BENCH_REQUESTS:-20000}"
 entities="${SHOAL_BENCH_ENTITIES:-1000}"
 concurrency="${SHOAL_BENCH_CONCURRENCY:-64}"
 
-cargo build --release -q -p shoal-cli
+if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release -q -p shoal-cli; fi
 bin=target/release/shoal
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 url="$base/$db"
@@ -41,7 +47,9 @@ wait_owned() {
   echo "cluster did not settle" >&2; exit 1
 }
 
+ratio_concurrency="${RATIO_CONCURRENCY:-64 256}"
 results=()
+persisted_one=()
 for runners in 1 2; do
   while [ "${#pids[@]}" -lt "$runners" ]; do start_runner; done
   wait_owned
@@ -53,5 +61,49 @@ for runners in 1 2; do
       --concurrency "$concurrency" $flag --json)
     results+=("{\"runners\":$runners,${json#\{}")
   done
+  if [ "$runners" = 1 ] && [ -z "${SKIP_CEILING:-}" ]; then
+    for c in $ratio_concurrency; do
+      echo "runners=1 mode=persisted concurrency=$c (against Postgres alone)" >&2
+      json=$("$bin" bench --database-url "$url" --requests "$requests" --entities "$entities" \
+        --concurrency "$c" --persisted --json)
+      persisted_one+=("$json")
+    done
+  fi
 done
-(IFS=,; echo "[${results[*]}]") | tee "$out"
+for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+wait 2>/dev/null || true
+pids=()
+
+ceilings=()
+if [ -z "${SKIP_CEILING:-}" ]; then
+  for c in $ratio_concurrency; do
+    # Every split of c in flight into pipelines × batch, 1 to 16 pipelines.
+    splits=""
+    for p in 1 2 4 8 16; do
+      if [ $((c % p)) -eq 0 ] && [ $((c / p)) -ge 4 ]; then splits="$splits ${p}x$((c / p))"; fi
+    done
+    echo "Postgres alone at $c in flight:$splits" >&2
+    ceilings+=("$(CONFIGS="$splits" SECONDS_EACH="${SECONDS_EACH:-10}" scripts/storage-ceiling.sh)")
+  done
+fi
+
+python3 - "$ratio_concurrency" "[$(IFS=,; echo "${results[*]}")]" \
+  "[$(IFS=,; echo "${persisted_one[*]}")]" "[$(IFS=,; echo "${ceilings[*]}")]" <<'PY' | tee "$out"
+import json, sys
+levels = [int(c) for c in sys.argv[1].split()]
+runs, shoal, ceilings = (json.loads(a) for a in sys.argv[2:5])
+versus = []
+for c, ours, splits in zip(levels, shoal, ceilings):
+    best = max(splits, key=lambda s: s["messages_per_s"])
+    ours_per_s = ours.get("throughput_per_s")
+    versus.append({
+        "concurrency": c,
+        "shoal_per_s": round(ours_per_s),
+        "shoal_p99_ms": ours.get("p99_ms"),
+        "postgres_alone_per_s": best["messages_per_s"],
+        "postgres_alone_split": f'{best["pipelines"]}x{best["batch"]}',
+        "ratio": round(ours_per_s / best["messages_per_s"], 3),
+        "postgres_alone_splits": splits,
+    })
+print(json.dumps({"runs": runs, "versus_postgres": versus}))
+PY

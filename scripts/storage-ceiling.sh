@@ -13,7 +13,7 @@ seconds="${SECONDS_EACH:-15}"
 configs="${CONFIGS:-1x64 2x32 4x16 8x8 2x64 4x32}"
 db="shoal_ceiling_$$"
 
-cargo build --release -q -p shoal-cli
+if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release -q -p shoal-cli; fi
 psql "$base/postgres" -qc "CREATE DATABASE $db"
 work=$(mktemp -d)
 cleanup() {
