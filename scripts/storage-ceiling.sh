@@ -39,9 +39,11 @@ SELECT :base + g, 'ceiling', (:base + g) % 1024, 'counter', 'c-' || ((:base + g)
 ON CONFLICT DO NOTHING
 RETURNING id;
 SQL
-  # The completion statement the runner runs, its array parameters built in SQL.
+  # The completion statement the runner runs, its array parameters built in SQL (no
+  # outbox: its arrays, \$11 to \$19, are empty).
   grep -v '^ *--' src/message_storage/queries/complete_batch.sql \
-    | sed -e "s/\\\$10/ARRAY(SELECT ('{\"count\": ' || g || '}')::jsonb $series)/g" \
+    | sed -e "s/\\\$1[1-9]/'{}'/g" \
+          -e "s/\\\$10/ARRAY(SELECT ('{\"count\": ' || g || '}')::jsonb $series)/g" \
           -e "s/\\\$9/ARRAY(SELECT 'c-' || ((:base + g) % 1000) $series)/g" \
           -e "s/\\\$8/ARRAY(SELECT 'counter'::text $series)/g" \
           -e "s/\\\$7/ARRAY(SELECT ('{\"value\": ' || g || '}')::jsonb $series)/g" \

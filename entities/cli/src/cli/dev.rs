@@ -146,14 +146,19 @@ impl Budget {
 
     /// The largest runner pools that keep the cluster within `max` connections.
     fn within(max: u32, runners: usize) -> anyhow::Result<Self> {
-        let runners = u32::try_from(runners).context("--runners is too large")?;
+        let runners = u32::try_from(runners)
+            .ok()
+            .filter(|n| *n > 0)
+            .context("--runners must be between 1 and 2^32 - 1")?;
         // A ring of one watcher each: every runner is watched by one peer, which takes
         // its share of a dead runner's shards at once; the others at their next poll.
         let watch_peers = u32::from(runners > 1);
-        let fixed = runners * (shoal::runner::CONTROL_CONNECTIONS + 1 + watch_peers);
-        let runner_pool = max.saturating_sub(Self::GATEWAY_POOL + fixed) / runners;
+        let fixed = runners.saturating_mul(shoal::runner::CONTROL_CONNECTIONS + 1 + watch_peers);
+        let runner_pool = max.saturating_sub(Self::GATEWAY_POOL.saturating_add(fixed)) / runners;
         if runner_pool < Self::MIN_RUNNER_POOL {
-            let needed = Self::GATEWAY_POOL + fixed + runners * Self::MIN_RUNNER_POOL;
+            let per_runner =
+                shoal::runner::CONTROL_CONNECTIONS + 1 + watch_peers + Self::MIN_RUNNER_POOL;
+            let needed = u64::from(Self::GATEWAY_POOL) + u64::from(runners) * u64::from(per_runner);
             bail!(
                 "--max-connections {max} is too few for {runners} runners: they need at least \
                  {needed}"
@@ -336,5 +341,11 @@ mod tests {
             .expect_err("10 are too few")
             .to_string();
         assert!(refused.contains("at least 20"), "{refused}");
+        // Absurd sizes are refused with the count, not an overflow.
+        let huge = Budget::within(u32::MAX, 2_000_000_000)
+            .expect_err("too many runners")
+            .to_string();
+        assert!(huge.contains("at least 10000000005"), "{huge}");
+        assert!(Budget::within(20, 0).is_err());
     }
 }
