@@ -23,10 +23,7 @@ SHOAL__LOG__FILTER=warn SHOAL__RUNNER__MAX_RESIDENT_ENTITIES=$((entities * 2)) \
   "$bin" runner --database-url "$url" --listen "127.0.0.1:$port" &
 runner=$!
 pids+=("$runner")
-for _ in $(seq 1 300); do
-  if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-  sleep 0.2
-done
+await_ready "127.0.0.1:$port" /health
 rss() { awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$runner/status"; }
 gauge() {
   curl -sf -H "x-shoal-secret: $SHOAL__CLUSTER__SECRET" "http://127.0.0.1:$port/metrics" | awk -v name="$1" '$1 == name {print $2}'

@@ -17,44 +17,18 @@ load=(--burst "$burst" --concurrency "${CLIENTS:-32}" --rate 100 --seconds 1)
 bench_venv jobs-bench asyncpg==0.32.0 aiohttp==3.14.5
 bench_build
 
-# CPU ticks by process class: runner, gateway, postgres, redis. A backend that exited
-# (the table's pollers and clients disconnect) is in its postmaster's reaped-children
-# time, so postgres counts live processes' own time plus the postmaster's children's.
-# The load driver itself is left out.
-ticks() {
-  for p in /proc/[0-9]*; do
-    cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-80) || continue
-    stat=$(cat "$p/stat" 2>/dev/null) || continue
-    # After the ")" ending the command name: utime, stime, cutime, cstime are fields 12-15.
-    fields="${stat##*) }"
-    case "$cmd" in
-      *" runner "*) class=runner ;; *" gateway "*) class=gateway ;;
-      */postgres\ -D*|*/bin/postgres*)
-        echo "postgres $(echo "$fields" | awk '{print $12 + $13 + $14 + $15}')"
-        continue ;;
-      postgres:*) class=postgres ;; *redis-server*) class=redis ;; *) continue ;;
-    esac
-    echo "$class $(echo "$fields" | awk '{print $12 + $13}')"
-  done | awk '{t[$1] += $2} END {for (c in t) print c, t[c]}'
-}
-# Postgres' counters for database $1 as "commits inserted updated index_reads".
-written() {
-  psql "$base/$1" -Atc "SELECT xact_commit, tup_inserted, tup_updated,
-      (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes)
-      FROM pg_stat_database WHERE datname = current_database()"
-}
 # measure SYSTEM DATABASE COMMAND…: runs the burst, prints the JSON object.
 measure() {
   local system=$1 database=$2
   shift 2
   local hz before after w0 w1 result
   hz=$(getconf CLK_TCK)
-  before=$(ticks); w0=$(written "$database")
+  before=$(cpu_ticks); w0=$(pg_written "$database")
   result=$("$py" scripts/jobs_bench.py "$@" "${load[@]}")
   # The statistics collector publishes a backend's counters within a second of its
   # transaction; the next read sees them.
   sleep 1.5
-  after=$(ticks); w1=$(written "$database")
+  after=$(cpu_ticks); w1=$(pg_written "$database")
   python3 - "$system" "$burst" "$hz" "$before" "$after" "$w0" "$w1" "$result" <<'PY'
 import json, sys
 system, burst, hz, before, after, w0, w1, result = sys.argv[1:]

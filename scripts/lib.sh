@@ -57,12 +57,40 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# await_ready HOST:PORT: waits up to 60 s for the node's /ready; fails the script otherwise.
+# await_ready HOST:PORT [PATH]: waits up to 60 s for the node's PATH (/ready; a runner:
+# /health); fails the script otherwise.
 await_ready() {
   for _ in $(seq 1 300); do
-    if curl -sf "http://$1/ready" >/dev/null; then return; fi
+    if curl -sf "http://$1${2:-/ready}" >/dev/null; then return; fi
     sleep 0.2
   done
   echo "$1 not ready" >&2
   exit 1
+}
+
+# cpu_ticks: CPU ticks by process class (runner, gateway, bench: the `shoal bench` client,
+# postgres, redis). A backend that exited (pollers and clients disconnect) is in its
+# postmaster's reaped-children time, so postgres counts live processes' own time plus the
+# postmaster's children's. Python load drivers and pgbench are left out.
+cpu_ticks() {
+  for p in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-80) || continue
+    stat=$(cat "$p/stat" 2>/dev/null) || continue
+    # After the ")" ending the command name: utime, stime, cutime, cstime are fields 12-15.
+    fields="${stat##*) }"
+    case "$cmd" in
+      *" runner "*) class=runner ;; *" gateway "*) class=gateway ;; *" bench "*) class=bench ;;
+      */postgres\ -D*|*/bin/postgres*)
+        echo "postgres $(echo "$fields" | awk '{print $12 + $13 + $14 + $15}')"
+        continue ;;
+      postgres:*) class=postgres ;; *redis-server*) class=redis ;; *) continue ;;
+    esac
+    echo "$class $(echo "$fields" | awk '{print $12 + $13}')"
+  done | awk '{t[$1] += $2} END {for (c in t) print c, t[c]}'
+}
+# pg_written DATABASE: Postgres' counters for it as "commits inserted updated index_reads".
+pg_written() {
+  psql "$base/$1" -Atc "SELECT xact_commit, tup_inserted, tup_updated,
+      (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes)
+      FROM pg_stat_database WHERE datname = current_database()"
 }

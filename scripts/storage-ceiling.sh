@@ -8,7 +8,7 @@
 #   PIPELINES="1 2 4" BATCHES="64 32 16" SECONDS_EACH=15 scripts/storage-ceiling.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base="${SHOAL_BENCH_DATABASE_BASE:-postgres://postgres@127.0.0.1:5432}"
+source scripts/lib.sh
 seconds="${SECONDS_EACH:-15}"
 configs="${CONFIGS:-1x64 2x32 4x16 8x8 2x64 4x32}"
 db="shoal_ceiling_$$"
@@ -51,7 +51,7 @@ SQL
           -e "s/\\\$5/ARRAY(SELECT 1::int8 $series)/g" \
           -e "s/\\\$4/ARRAY(SELECT ((:base + g) % 1024)::int4 $series)/g" \
           -e "s/\\\$3/ARRAY(SELECT (:base + g)::int8 $series)/g" \
-          -e "s/\\\$2/ARRAY(SELECT DISTINCT ((:base + g) % 1024)::int4 $series)/g" \
+          -e "s/\\\$2/ARRAY(SELECT DISTINCT ((:base + g) % 1024)::int4 $series ORDER BY 1)/g" \
           -e "s/\\\$1/'ceiling'/g"
   echo ';'
 } > "$work/pipeline.sql"
@@ -61,11 +61,16 @@ for config in $configs; do
   pipelines=${config%x*}
   batch=${config#*x}
   echo "pipelines=$pipelines batch=$batch" >&2
+  pg0=$(cpu_ticks | awk '$1 == "postgres" {print $2}')
   out=$(pgbench "$base/$db" -n -c "$pipelines" -j "$pipelines" -T "$seconds" \
     -D n=0 -D b="$batch" -f "$work/pipeline.sql" 2>&1) || { echo "$out" >&2; exit 1; }
+  pg1=$(cpu_ticks | awk '$1 == "postgres" {print $2}')
   tps=$(echo "$out" | awk '/^tps/ {print $3}')
   latency=$(echo "$out" | awk '/^latency average/ {print $4}')
   messages=$(awk -v t="$tps" -v b="$batch" 'BEGIN {printf "%.0f", t * b}')
-  results+=("{\"pipelines\":$pipelines,\"batch\":$batch,\"in_flight\":$((pipelines * batch)),\"messages_per_s\":$messages,\"save_then_complete_ms\":$latency}")
+  # Postgres' CPU (all its processes) per message completed, in microseconds.
+  cpu=$(awk -v d=$((pg1 - pg0)) -v hz="$(getconf CLK_TCK)" -v m="$messages" -v s="$seconds" \
+    'BEGIN {printf "%.0f", d / hz * 1e6 / (m * s)}')
+  results+=("{\"pipelines\":$pipelines,\"batch\":$batch,\"in_flight\":$((pipelines * batch)),\"messages_per_s\":$messages,\"save_then_complete_ms\":$latency,\"postgres_cpu_us_per_message\":$cpu}")
 done
 (IFS=,; echo "[${results[*]}]")

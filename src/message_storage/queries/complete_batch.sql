@@ -6,11 +6,14 @@
 -- $19 deliver_at.
 WITH epochs AS (
     -- FOR SHARE: a new owner's epoch bump waits for this statement's transaction, and this
-    -- statement sees any bump that committed before it.
-    SELECT shard, epoch FROM shoal_shards
-     WHERE cluster = $1 AND shard = ANY($2)
-     ORDER BY shard
-       FOR SHARE
+    -- statement sees any bump that committed before it. One index lookup per shard, in the
+    -- order of $2 (ascending, so concurrent batches lock shards in one order): a scan
+    -- filtered by `shard = ANY($2)` reads every shard row of the cluster per batch.
+    SELECT s.shard, s.epoch
+      FROM unnest($2::int4[]) AS b(shard),
+           LATERAL (SELECT shard, epoch FROM shoal_shards
+                     WHERE cluster = $1 AND shard = b.shard
+                       FOR SHARE) s
 ),
 input AS (
     SELECT * FROM unnest($3::int8[], $4::int4[], $5::int8[], $6::bool[], $7::jsonb[],
