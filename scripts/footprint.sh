@@ -12,18 +12,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 entities="${ENTITIES:-200000}"
 concurrency="${CONCURRENCY:-64}"
-db="shoal_footprint_$$"
-dbs+=("$db")
 bench_build
-psql "$base/postgres" -qc "CREATE DATABASE $db"
-url="$base/$db"
-"$bin" migrate --database-url "$url" >/dev/null
-port=$(free_port)
-SHOAL__LOG__FILTER=warn SHOAL__RUNNER__MAX_RESIDENT_ENTITIES=$((entities * 2)) \
-  "$bin" runner --database-url "$url" --listen "127.0.0.1:$port" &
-runner=$!
-pids+=("$runner")
-await_ready "127.0.0.1:$port" /health
+SHOAL__RUNNER__MAX_RESIDENT_ENTITIES=$((entities * 2)) one_runner footprint
 rss() { awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$runner/status"; }
 gauge() {
   curl -sf -H "x-shoal-secret: $SHOAL__CLUSTER__SECRET" "http://127.0.0.1:$port/metrics" | awk -v name="$1" '$1 == name {print $2}'

@@ -94,3 +94,20 @@ pg_written() {
       (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes)
       FROM pg_stat_database WHERE datname = current_database()"
 }
+
+# one_runner NAME: a fresh database shoal_NAME_$$ (migrated; `url` is set, the exit trap
+# drops it) and one runner on it, listening on a free `port`, its pid in `runner`; returns
+# once its /health answers. The caller's SHOAL__* environment reaches the runner.
+one_runner() {
+  local db="shoal_$1_$$"
+  dbs+=("$db")
+  psql "$base/postgres" -qc "CREATE DATABASE $db"
+  url="$base/$db"
+  "$bin" migrate --database-url "$url" >/dev/null
+  port=$(free_port)
+  SHOAL__LOG__FILTER="${SHOAL__LOG__FILTER:-warn}" \
+    "$bin" runner --database-url "$url" --listen "127.0.0.1:$port" &
+  runner=$!
+  pids+=("$runner")
+  await_ready "127.0.0.1:$port" /health
+}

@@ -14,16 +14,9 @@ requests="${REQUESTS:-30000}"
 entities="${ENTITIES:-1000}"
 concurrency="${CONCURRENCY:-64}"
 pipelines="${PIPELINES:-2}"
-db="shoal_persisted_cost_$$"
-dbs+=("$db")
 bench_build
-psql "$base/postgres" -qc "CREATE DATABASE $db"
-url="$base/$db"
-"$bin" migrate --database-url "$url" >/dev/null
-port=$(free_port)
-SHOAL__LOG__FILTER=warn "$bin" runner --database-url "$url" --listen "127.0.0.1:$port" &
-pids+=($!)
-await_ready "127.0.0.1:$port" /health
+one_runner persisted_cost
+db="${url##*/}"
 load=(--database-url "$url" --entities "$entities" --concurrency "$concurrency" --persisted --json)
 # Warm up: every entity activated, the pools full.
 "$bin" bench "${load[@]}" --requests "$((entities * 2))" --prefix warm >/dev/null 2>&1

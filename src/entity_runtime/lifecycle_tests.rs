@@ -435,3 +435,39 @@ async fn a_drained_shard_runs_the_passivation_hooks_of_its_sleeping_entities() {
     );
     assert_eq!(f.runtime.resident(), 0);
 }
+
+#[tokio::test]
+async fn sleeping_entities_count_against_the_resident_cap() {
+    let hooked = Hooked {
+        max_idle: Duration::from_secs(600),
+        ..Hooked::default()
+    };
+    let mut registry = EntityRegistry::new();
+    registry.register(hooked).expect("registers");
+    let sharding = Sharding::new(NonZeroU32::new(2).expect("non-zero"));
+    let config = RuntimeConfig {
+        sharding,
+        scan_interval: Duration::from_millis(100),
+        sleep_after: Duration::from_millis(50),
+        max_resident_entities: 2,
+        ..RuntimeConfig::default()
+    };
+    let (runtime, storage) = EntityRuntime::standalone(registry, config).await;
+    let f = Fixture {
+        runtime,
+        storage,
+        ids: Snowflake::new(1),
+        sharding,
+    };
+    assert_eq!(value(f.get("c1").await), 0);
+    assert_eq!(value(f.get("c2").await), 0);
+    until("both fall asleep", Duration::from_secs(5), || {
+        f.runtime.awake() == 0
+    })
+    .await;
+    // A flood of new ids finds the cap full although no actor runs: sleeping is cheaper,
+    // not unbounded.
+    let refused = f.get("c3").await.expect_err("the cap is full");
+    assert!(matches!(refused, DeliveryError::Overloaded), "{refused:?}");
+    assert_eq!(value(f.get("c1").await), 0, "a sleeping entity still wakes");
+}

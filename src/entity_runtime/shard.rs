@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::bounded::BoundedMap;
 use super::entity_actor::{EntityActor, EntityArgs, EntityMsg, Work};
-use crate::entity::AnyState;
+use crate::entity::{AnyState, ErasedEntity};
 use crate::ids::{EntityAddress, Epoch, MessageId, ShardId};
 use crate::message_storage::StoredMessage;
 use crate::transport::{Delivery, DeliveryError, EntityStatus};
@@ -362,7 +362,11 @@ impl ShardState {
             Some(Life::Awake(_)) => {}
             Some(Life::Asleep(state)) => {
                 let state = state.take();
-                match self.spawn_entity(myself, address, state).await {
+                let woken = match self.definition(address) {
+                    Ok(def) => self.spawn_entity(myself, address, def, state).await,
+                    Err(error) => Err(error),
+                };
+                match woken {
                     Ok(actor) => {
                         if let Some(slot) = self.entities.get_mut(address) {
                             slot.life = Life::Awake(actor);
@@ -382,19 +386,13 @@ impl ShardState {
                         "{address} is restarting after a failure"
                     )));
                 }
-                let max_idle = self
-                    .shared
-                    .registry
-                    .get(&address.entity_type)
-                    .map(|def| def.options().max_idle)
-                    .ok_or_else(|| {
-                        DeliveryError::UnknownEntityType(address.entity_type.to_string())
-                    })?;
+                let def = self.definition(address)?;
+                let max_idle = def.options().max_idle;
                 let resident = &self.shared.resident;
                 if resident.load(Ordering::Relaxed) >= self.shared.config.max_resident_entities {
                     return Err(DeliveryError::Overloaded);
                 }
-                let actor = self.spawn_entity(myself, address, None).await?;
+                let actor = self.spawn_entity(myself, address, def, None).await?;
                 let resident = self.shared.resident.fetch_add(1, Ordering::Relaxed) + 1;
                 crate::metrics::entities_resident(resident);
                 self.entities.insert(
@@ -413,19 +411,23 @@ impl ShardState {
             .ok_or(DeliveryError::ShardMoving(self.shard))
     }
 
+    /// The entity's type, if this runner hosts it.
+    fn definition(&self, address: &EntityAddress) -> Result<Arc<dyn ErasedEntity>, DeliveryError> {
+        self.shared
+            .registry
+            .get(&address.entity_type)
+            .cloned()
+            .ok_or_else(|| DeliveryError::UnknownEntityType(address.entity_type.to_string()))
+    }
+
     /// Starts an actor for the entity, supervised by this shard.
     async fn spawn_entity(
         &mut self,
         myself: &ActorRef<ShardMsg>,
         address: &EntityAddress,
+        def: Arc<dyn ErasedEntity>,
         state: Option<AnyState>,
     ) -> Result<ActorRef<EntityMsg>, DeliveryError> {
-        let def = self
-            .shared
-            .registry
-            .get(&address.entity_type)
-            .cloned()
-            .ok_or_else(|| DeliveryError::UnknownEntityType(address.entity_type.to_string()))?;
         let args = EntityArgs {
             address: address.clone(),
             shard: self.shard,
